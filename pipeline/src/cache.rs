@@ -1,0 +1,477 @@
+//! Stage keys and the content-addressed artifact store.
+//!
+//! # When does a stage run again?
+//!
+//! A stage is *fresh* when an artifact for its current **stage key** is in the
+//! store; then it never runs. The key is a blake3 hash (hex, 64 chars) of one
+//! canonical JSON document, the *key material*, which the registry keeps
+//! beside each stage run so that `haic-pipe status` can say which part
+//! changed. The material holds:
+//!
+//! | part | what | why |
+//! | --- | --- | --- |
+//! | `kind` | the stage kind (`command`, `train_vq`, ...) | different code |
+//! | `version` | the kind's implementation version, bumped by us whenever its output changes for the same inputs | a fixed bug must not be served from cache |
+//! | `params` | the resolved params, keys sorted, numbers as written; for `command` also `cmd` and the list of `outs` | the user's knobs |
+//! | `inputs` | per input name, the **content digest** of the upstream artifact (not the upstream key) | an upstream that re-runs and gives the same bytes does not re-run its dependents (early cut-off) |
+//! | `deps` | per dep path, the blake3 digest of the file, or of the folder's listing of relative paths and file digests | the data and scripts the stage reads |
+//! | `device` | the device class (`cpu`, `cuda`) for kinds whose results depend on it; absent for the others | GPU and CPU kernels do not give the same bits |
+//!
+//! Deliberately **not** in the key:
+//!
+//! | not in the key | why |
+//! | --- | --- |
+//! | the stage's name | renaming a stage must not throw its results away |
+//! | `resources`, `timeout`, `--jobs`, worker slot, cluster back-end, job id | where and how a stage runs does not change what it computes (except the device class, above) |
+//! | file modification times | only contents count; mtimes only let us skip re-hashing an unchanged file (the stat cache in the registry's `file_hashes`) |
+//! | absolute paths of the pipeline folder or the workspace | moving a project keeps its cache |
+//! | the run id, attempt number, wall-clock time, host name | they differ between runs that compute the same thing |
+//! | environment variables, tool versions outside haic-pipe | not tracked; a `command` stage that depends on one should name it in its params |
+//!
+//! Past mistakes to avoid: hashing the upstream *key* instead of its digest
+//! loses early cut-off; putting the worker slot or absolute paths in the key
+//! makes every machine miss the cache.
+//!
+//! # The store
+//!
+//! `artifacts/<key>/` holds `manifest.json` (every file's relative path, size
+//! and blake3 digest, and the artifact digest over that list) and `data/`.
+//! A stage writes into `artifacts/.staging/<key>.<pid>.<n>/`, and [`ArtifactStore::commit`]
+//! publishes it with one `rename`; a half-written artifact is never visible
+//! under its key. Published files are made read-only.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, IoContext, Result};
+
+/// Domain separator so that a key can never equal some other blake3 hash.
+const KEY_DOMAIN: &[u8] = b"haic-pipe stage key v1\0";
+
+/// Sorts object keys recursively so that equal params hash equally.
+pub fn canonical(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            let sorted: BTreeMap<&String, Value> = m.iter().map(|(k, v)| (k, canonical(v))).collect();
+            let mut out = serde_json::Map::new();
+            for (k, v) in sorted {
+                out.insert(k.clone(), v);
+            }
+            Value::Object(out)
+        }
+        Value::Array(a) => Value::Array(a.iter().map(canonical).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Everything that goes into a stage key (see the module doc).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct KeyMaterial {
+    pub kind: String,
+    pub version: u32,
+    pub params: Value,
+    pub inputs: BTreeMap<String, String>,
+    pub deps: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub device: Option<String>,
+}
+
+impl KeyMaterial {
+    pub fn to_json(&self) -> String {
+        let v = serde_json::json!({
+            "kind": self.kind,
+            "version": self.version,
+            "params": canonical(&self.params),
+            "inputs": self.inputs,
+            "deps": self.deps,
+            "device": self.device,
+        });
+        serde_json::to_string(&v).unwrap_or_default()
+    }
+
+    pub fn key(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(KEY_DOMAIN);
+        h.update(self.to_json().as_bytes());
+        h.finalize().to_hex().to_string()
+    }
+
+    /// Human-readable reasons why `self` (current) differs from `old`.
+    pub fn explain_change(&self, old: &KeyMaterial) -> Vec<String> {
+        let mut why = Vec::new();
+        if self.kind != old.kind {
+            why.push(format!("kind changed: {} -> {}", old.kind, self.kind));
+        }
+        if self.version != old.version {
+            why.push(format!(
+                "stage implementation version changed: {} -> {}",
+                old.version, self.version
+            ));
+        }
+        let (new_p, old_p) = (canonical(&self.params), canonical(&old.params));
+        if let (Value::Object(n), Value::Object(o)) = (&new_p, &old_p) {
+            for (k, v) in n {
+                match o.get(k) {
+                    None => why.push(format!("param `{k}` added ({v})")),
+                    Some(ov) if ov != v => why.push(format!("param `{k}` changed: {ov} -> {v}")),
+                    _ => {}
+                }
+            }
+            for k in o.keys().filter(|k| !n.contains_key(*k)) {
+                why.push(format!("param `{k}` removed"));
+            }
+        }
+        for (name, d) in &self.deps {
+            match old.deps.get(name) {
+                None => why.push(format!("dep `{name}` added")),
+                Some(od) if od != d => why.push(format!("dep `{name}` changed")),
+                _ => {}
+            }
+        }
+        for name in old.deps.keys().filter(|k| !self.deps.contains_key(*k)) {
+            why.push(format!("dep `{name}` removed"));
+        }
+        for (name, d) in &self.inputs {
+            match old.inputs.get(name) {
+                None => why.push(format!("input `{name}` added")),
+                Some(od) if od != d => why.push(format!("input `{name}` changed upstream")),
+                _ => {}
+            }
+        }
+        if self.device != old.device {
+            why.push(format!("device class changed: {:?} -> {:?}", old.device, self.device));
+        }
+        why
+    }
+}
+
+/// blake3 of a file's bytes, hex.
+pub fn hash_file(path: &Path) -> Result<String> {
+    let mut f = fs::File::open(path).ctx(|| format!("opening {}", path.display()))?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf).ctx(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// One file of an artifact or a dep folder.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileEntry {
+    pub path: String,
+    pub bytes: u64,
+    pub digest: String,
+}
+
+/// Lists the regular files under `root` (sorted relative paths). Symbolic links are followed.
+pub fn list_files(root: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![(String::new(), root.to_path_buf())];
+    while let Some((rel, dir)) = stack.pop() {
+        let rd = fs::read_dir(&dir).ctx(|| format!("listing {}", dir.display()))?;
+        for entry in rd {
+            let entry = entry.ctx(|| format!("listing {}", dir.display()))?;
+            let name = entry.file_name();
+            let name = name.to_str().ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: file name is not valid UTF-8",
+                    entry.path().display()
+                ))
+            })?;
+            let child_rel = if rel.is_empty() {
+                name.to_string()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let path = entry.path();
+            let meta = fs::metadata(&path).ctx(|| format!("reading {}", path.display()))?;
+            if meta.is_dir() {
+                stack.push((child_rel, path));
+            } else {
+                out.push((child_rel, path));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Digest over a list of entries: the identity of an artifact's contents.
+pub fn digest_of_entries(files: &[FileEntry]) -> String {
+    let mut h = blake3::Hasher::new();
+    for f in files {
+        h.update(f.path.as_bytes());
+        h.update(b"\0");
+        h.update(f.digest.as_bytes());
+        h.update(b"\n");
+    }
+    h.finalize().to_hex().to_string()
+}
+
+/// What `artifacts/<key>/manifest.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub key: String,
+    pub stage: String,
+    pub kind: String,
+    pub digest: String,
+    pub bytes: u64,
+    pub files: Vec<FileEntry>,
+}
+
+/// A staging folder: write into [`Staging::data`], then [`ArtifactStore::commit`].
+#[derive(Debug)]
+pub struct Staging {
+    pub key: String,
+    pub root: PathBuf,
+}
+
+impl Staging {
+    pub fn data(&self) -> PathBuf {
+        self.root.join("data")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ArtifactStore {
+    root: PathBuf,
+}
+
+static STAGING_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn is_key(key: &str) -> bool {
+    key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+impl ArtifactStore {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        ArtifactStore { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn dir(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    pub fn data_dir(&self, key: &str) -> PathBuf {
+        self.root.join(key).join("data")
+    }
+
+    /// The manifest of a published artifact, or `None` if there is none.
+    /// A manifest that cannot be read means a damaged artifact: an error.
+    pub fn manifest(&self, key: &str) -> Result<Option<Manifest>> {
+        let path = self.dir(key).join("manifest.json");
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::Artifact {
+                key: key.to_string(),
+                message: format!(
+                    "{} is damaged ({e}); remove that folder and run again",
+                    path.display()
+                ),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
+    pub fn begin(&self, key: &str) -> Result<Staging> {
+        let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let root = self
+            .root
+            .join(".staging")
+            .join(format!("{key}.{}.{n}", std::process::id()));
+        if root.exists() {
+            fs::remove_dir_all(&root).ctx(|| format!("clearing {}", root.display()))?;
+        }
+        fs::create_dir_all(root.join("data")).ctx(|| format!("creating {}", root.display()))?;
+        Ok(Staging {
+            key: key.to_string(),
+            root,
+        })
+    }
+
+    /// Hashes the staged files, writes the manifest and publishes the artifact
+    /// with one rename. If another process published the same key first, its
+    /// artifact is kept and this staging folder is dropped.
+    pub fn commit(&self, staging: Staging, stage: &str, kind: &str) -> Result<Manifest> {
+        let data = staging.data();
+        let mut files = Vec::new();
+        for (rel, path) in list_files(&data)? {
+            let meta = fs::metadata(&path).ctx(|| format!("reading {}", path.display()))?;
+            files.push(FileEntry {
+                digest: hash_file(&path)?,
+                bytes: meta.len(),
+                path: rel,
+            });
+            let mut perm = meta.permissions();
+            perm.set_readonly(true);
+            fs::set_permissions(&path, perm).ctx(|| format!("protecting {}", path.display()))?;
+        }
+        let manifest = Manifest {
+            key: staging.key.clone(),
+            stage: stage.to_string(),
+            kind: kind.to_string(),
+            digest: digest_of_entries(&files),
+            bytes: files.iter().map(|f| f.bytes).sum(),
+            files,
+        };
+        let mpath = staging.root.join("manifest.json");
+        let text = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+        fs::write(&mpath, text).ctx(|| format!("writing {}", mpath.display()))?;
+        let target = self.dir(&staging.key);
+        match fs::rename(&staging.root, &target) {
+            Ok(()) => Ok(manifest),
+            Err(_) if target.join("manifest.json").exists() => {
+                let _ = remove_tree(&staging.root);
+                self.manifest(&staging.key)?.ok_or_else(|| Error::Artifact {
+                    key: staging.key.clone(),
+                    message: "vanished while publishing".into(),
+                })
+            }
+            Err(e) => Err(Error::io(
+                format!("publishing {} as {}", staging.root.display(), target.display()),
+                e,
+            )),
+        }
+    }
+
+    /// Re-hashes every file of an artifact against its manifest.
+    pub fn verify(&self, key: &str) -> Result<Manifest> {
+        let m = self.manifest(key)?.ok_or_else(|| Error::Artifact {
+            key: key.to_string(),
+            message: "not in the store".into(),
+        })?;
+        for f in &m.files {
+            let path = self.data_dir(key).join(&f.path);
+            let d = hash_file(&path)?;
+            if d != f.digest {
+                return Err(Error::Artifact {
+                    key: key.to_string(),
+                    message: format!("{} does not match its recorded digest", path.display()),
+                });
+            }
+        }
+        Ok(m)
+    }
+
+    /// Keys of every published artifact.
+    pub fn keys(&self) -> Result<Vec<String>> {
+        let mut keys = Vec::new();
+        let rd = match fs::read_dir(&self.root) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(keys),
+            Err(e) => return Err(Error::io(format!("listing {}", self.root.display()), e)),
+        };
+        for entry in rd.flatten() {
+            if let Some(name) = entry.file_name().to_str()
+                && is_key(name)
+            {
+                keys.push(name.to_string());
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Removes an artifact: renamed aside first so that it vanishes at once.
+    pub fn remove(&self, key: &str) -> Result<u64> {
+        let dir = self.dir(key);
+        let bytes = self.manifest(key).ok().flatten().map(|m| m.bytes).unwrap_or(0);
+        let trash = self
+            .root
+            .join(".staging")
+            .join(format!("trash.{key}.{}", std::process::id()));
+        fs::create_dir_all(self.root.join(".staging")).ctx(|| "creating staging".into())?;
+        fs::rename(&dir, &trash).ctx(|| format!("removing {}", dir.display()))?;
+        remove_tree(&trash)?;
+        Ok(bytes)
+    }
+}
+
+/// Removes a tree even where files were made read-only.
+pub fn remove_tree(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(_) => {
+            make_writable(path);
+            fs::remove_dir_all(path).ctx(|| format!("removing {}", path.display()))
+        }
+    }
+}
+
+fn make_writable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = fs::symlink_metadata(path) {
+        if meta.file_type().is_symlink() {
+            return;
+        }
+        let mut perm = meta.permissions();
+        perm.set_mode(perm.mode() | 0o200);
+        let _ = fs::set_permissions(path, perm);
+        if meta.is_dir()
+            && let Ok(rd) = fs::read_dir(path)
+        {
+            for e in rd.flatten() {
+                make_writable(&e.path());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_params_hash_equal() {
+        let a = KeyMaterial {
+            kind: "command".into(),
+            version: 1,
+            params: serde_json::json!({"b": 1, "a": {"y": 2, "x": 3}}),
+            inputs: BTreeMap::new(),
+            deps: BTreeMap::new(),
+            device: None,
+        };
+        let mut b = a.clone();
+        b.params = serde_json::json!({"a": {"x": 3, "y": 2}, "b": 1});
+        assert_eq!(a.key(), b.key());
+        b.params = serde_json::json!({"a": {"x": 3, "y": 2}, "b": 2});
+        assert_ne!(a.key(), b.key());
+        assert_eq!(b.explain_change(&a), vec!["param `b` changed: 1 -> 2"]);
+    }
+
+    #[test]
+    fn commit_is_all_or_nothing_and_readonly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::new(dir.path().join("artifacts"));
+        let key = "a".repeat(64);
+        let st = store.begin(&key).unwrap();
+        fs::write(st.data().join("x.txt"), b"hello").unwrap();
+        assert!(store.manifest(&key).unwrap().is_none(), "staged is not visible");
+        let m = store.commit(st, "s", "command").unwrap();
+        assert_eq!(m.files.len(), 1);
+        assert_eq!(m.bytes, 5);
+        assert_eq!(store.manifest(&key).unwrap().unwrap().digest, m.digest);
+        let meta = fs::metadata(store.data_dir(&key).join("x.txt")).unwrap();
+        assert!(meta.permissions().readonly());
+        store.verify(&key).unwrap();
+        assert_eq!(store.keys().unwrap(), vec![key.clone()]);
+        store.remove(&key).unwrap();
+        assert!(store.keys().unwrap().is_empty());
+    }
+}

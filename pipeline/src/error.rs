@@ -1,0 +1,101 @@
+//! The engine's one error type. Messages say what was wrong, where, and what to do.
+
+use std::path::PathBuf;
+
+/// A place in a pipeline file (1-based line and column).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourcePos {
+    pub file: PathBuf,
+    pub line: u64,
+    pub column: u64,
+}
+
+impl std::fmt::Display for SourcePos {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}", self.file.display(), self.line, self.column)
+    }
+}
+
+/// An error in a pipeline file: where it is, which stage, what is wrong, what to do.
+#[derive(Debug, Clone)]
+pub struct SpecError {
+    pub pos: SourcePos,
+    pub stage: Option<String>,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl std::fmt::Display for SpecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: ", self.pos)?;
+        if let Some(stage) = &self.stage {
+            write!(f, "stage `{stage}`: ")?;
+        }
+        write!(f, "{}", self.message)?;
+        if let Some(hint) = &self.hint {
+            write!(f, "\n  hint: {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Spec(Box<SpecError>),
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("registry {path}: {message}")]
+    Registry { path: PathBuf, message: String },
+
+    #[error(
+        "workspace {workspace} is in use by haic-pipe pid {pid}; wait for it to finish, or pass --wait to queue behind it"
+    )]
+    Locked { workspace: PathBuf, pid: String },
+
+    #[error("registry query refused: {0}")]
+    QueryRefused(String),
+
+    #[error("artifact {key}: {message}")]
+    Artifact { key: String, message: String },
+
+    #[error("{0}")]
+    Invalid(String),
+
+    #[error("stage `{stage}` failed: {message}")]
+    Stage { stage: String, message: String },
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+impl From<SpecError> for Error {
+    fn from(e: SpecError) -> Self {
+        Error::Spec(Box::new(e))
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Adds the path being worked on to an `io::Error`.
+pub trait IoContext<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::io(what(), e))
+    }
+}

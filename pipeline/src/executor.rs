@@ -1,0 +1,263 @@
+//! Where stages run: worker slots and the local back-end.
+//!
+//! A stage runs as a child process, `haic-pipe worker --job FILE` (the same
+//! command a cluster back-end submits), in its own process group so that
+//! stopping it stops everything it started. The worker dies with the driver
+//! (`PR_SET_PDEATHSIG`), so a killed driver never leaves a stage running
+//! unobserved; `run --resume` then re-runs it from its last checkpoint.
+//!
+//! Slots: `--jobs N` CPU slots (a stage takes `resources.cpus` of them, at most
+//! N), and one slot per GPU device for stages with `resources.gpus > 0`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, IoContext, Result};
+use crate::stage::WorkerEvent;
+
+/// How long a stopped worker gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+pub struct Slots {
+    cpus: Arc<Semaphore>,
+    cpu_total: u32,
+    gpus: Vec<(String, Arc<Semaphore>)>,
+}
+
+/// A held slot; released on drop.
+pub struct SlotGuard {
+    _cpu: Option<OwnedSemaphorePermit>,
+    _gpus: Vec<OwnedSemaphorePermit>,
+    pub device: String,
+}
+
+impl Slots {
+    pub fn new(jobs: u32, gpu_devices: Vec<String>) -> Slots {
+        let jobs = jobs.max(1);
+        Slots {
+            cpus: Arc::new(Semaphore::new(jobs as usize)),
+            cpu_total: jobs,
+            gpus: gpu_devices
+                .into_iter()
+                .map(|d| (d, Arc::new(Semaphore::new(1))))
+                .collect(),
+        }
+    }
+
+    pub fn gpu_count(&self) -> usize {
+        self.gpus.len()
+    }
+
+    /// Waits for `cpus` CPU slots and `gpus` GPU devices.
+    pub async fn acquire(&self, cpus: u32, gpus: u32) -> Result<SlotGuard> {
+        if gpus as usize > self.gpus.len() {
+            return Err(Error::Invalid(format!(
+                "needs {gpus} GPU(s) but this driver has {} (pass --gpus, or run it on a cluster back-end)",
+                self.gpus.len()
+            )));
+        }
+        let n = cpus.clamp(1, self.cpu_total);
+        let cpu = self
+            .cpus
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|_| Error::Invalid("worker slots closed".into()))?;
+        let mut held = Vec::new();
+        let mut names = Vec::new();
+        if gpus > 0 {
+            // Take free devices first; wait on the first ones otherwise (in a
+            // fixed order, so two stages cannot deadlock holding one each).
+            for (name, sem) in &self.gpus {
+                if held.len() == gpus as usize {
+                    break;
+                }
+                if let Ok(p) = sem.clone().try_acquire_owned() {
+                    held.push(p);
+                    names.push(name.clone());
+                }
+            }
+            if held.len() < gpus as usize {
+                held.clear();
+                names.clear();
+                for (name, sem) in self.gpus.iter().take(gpus as usize) {
+                    let p = sem
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| Error::Invalid("GPU slots closed".into()))?;
+                    held.push(p);
+                    names.push(name.clone());
+                }
+            }
+        }
+        Ok(SlotGuard {
+            _cpu: Some(cpu),
+            _gpus: held,
+            device: if names.is_empty() {
+                "cpu".into()
+            } else {
+                names.join(",")
+            },
+        })
+    }
+}
+
+/// How a worker ended.
+#[derive(Debug)]
+pub enum WorkerEnd {
+    /// Exit code 0 and a `published` event.
+    Published { digest: String, bytes: u64 },
+    Failed(String),
+    TimedOut(u64),
+    Interrupted,
+}
+
+/// Starts a local worker for `job_file`, streams its events to `on_event`,
+/// and waits for it (or for `cancel`, or the timeout).
+pub async fn run_local(
+    exe: &Path,
+    job_file: &Path,
+    log_file: &Path,
+    device: &str,
+    timeout_s: Option<u64>,
+    cancel: &CancellationToken,
+    on_pid: impl FnOnce(u32),
+    mut on_event: impl FnMut(WorkerEvent),
+) -> Result<WorkerEnd> {
+    let log = std::fs::File::create(log_file).ctx(|| format!("creating {}", log_file.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("worker")
+        .arg("--job")
+        .arg(job_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .env("HAIC_DEVICE", device)
+        .kill_on_drop(true);
+    if let Some(gpus) = device.strip_prefix("cuda:") {
+        cmd.env("CUDA_VISIBLE_DEVICES", gpus.replace(",cuda:", ","));
+    }
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setpgid(0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .ctx(|| format!("starting worker {} for {}", exe.display(), job_file.display()))?;
+    let pid = child.id().unwrap_or(0);
+    on_pid(pid);
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| Error::Invalid("worker stdout missing".into()))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut published = None;
+    let mut failure = None;
+    let deadline = async {
+        match timeout_s {
+            Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let mut stdout_open = true;
+    let status = loop {
+        tokio::select! {
+            line = lines.next_line(), if stdout_open => match line {
+                Ok(Some(line)) => match serde_json::from_str::<WorkerEvent>(&line) {
+                    Ok(WorkerEvent::Published { digest, bytes, .. }) => published = Some((digest, bytes)),
+                    Ok(WorkerEvent::Failed { message }) => failure = Some(message),
+                    Ok(e) => on_event(e),
+                    Err(_) => {} // not an event line; the worker's contract says it never happens
+                },
+                _ => stdout_open = false,
+            },
+            status = child.wait(), if !stdout_open => {
+                break status.ctx(|| format!("waiting for worker {pid}"))?;
+            }
+            _ = cancel.cancelled() => {
+                stop_group(pid, &mut child).await;
+                return Ok(WorkerEnd::Interrupted);
+            }
+            _ = &mut deadline => {
+                stop_group(pid, &mut child).await;
+                return Ok(WorkerEnd::TimedOut(timeout_s.unwrap_or(0)));
+            }
+        }
+    };
+    Ok(match (status.code(), published, failure) {
+        (Some(0), Some((digest, bytes)), _) => WorkerEnd::Published { digest, bytes },
+        (_, _, Some(msg)) => WorkerEnd::Failed(msg),
+        (Some(code), _, None) => WorkerEnd::Failed(format!(
+            "worker exited with status {code}{}",
+            log_tail(log_file)
+        )),
+        (None, _, None) => {
+            use std::os::unix::process::ExitStatusExt;
+            WorkerEnd::Failed(format!(
+                "worker was killed by signal {}{}",
+                status.signal().unwrap_or(0),
+                log_tail(log_file)
+            ))
+        }
+    })
+}
+
+/// SIGTERM to the worker's process group, SIGKILL after the grace period.
+async fn stop_group(pid: u32, child: &mut tokio::process::Child) {
+    if pid == 0 {
+        let _ = child.kill().await;
+        return;
+    }
+    // SAFETY: plain kill(2) on the process group we created.
+    unsafe {
+        libc::kill(-(pid as i32), libc::SIGTERM);
+    }
+    if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+        unsafe {
+            libc::kill(-(pid as i32), libc::SIGKILL);
+        }
+        let _ = child.wait().await;
+    } else {
+        // The worker is gone; make sure nothing it started lingers.
+        unsafe {
+            libc::kill(-(pid as i32), libc::SIGKILL);
+        }
+    }
+}
+
+/// The last lines of a log, for error messages.
+pub fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return format!(" (log: {})", path.display());
+    }
+    let tail = &lines[lines.len().saturating_sub(5)..];
+    format!(
+        "; last lines of {}:\n    {}",
+        path.display(),
+        tail.join("\n    ")
+    )
+}
+
+/// The path of this executable, for starting workers.
+pub fn current_exe() -> Result<PathBuf> {
+    std::env::current_exe().ctx(|| "finding the haic-pipe executable".into())
+}

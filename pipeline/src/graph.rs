@@ -1,0 +1,256 @@
+//! The stage graph: edges, cycle reports, topological plans, target selection.
+//!
+//! An edge `a -> b` exists when `b` names `a` under `inputs`, or when one of
+//! `b`'s `deps` is (or lies inside, or contains) one of `a`'s `outs`, the way
+//! DVC links stages through files. Execution is in [`crate::run`].
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::error::{Result, SpecError};
+use crate::spec::Pipeline;
+
+#[derive(Debug, Clone)]
+pub struct Graph {
+    /// `upstream[i]`: indices of the stages stage `i` reads from, sorted.
+    pub upstream: Vec<Vec<usize>>,
+    /// `downstream[i]`: indices of the stages that read stage `i`, sorted.
+    pub downstream: Vec<Vec<usize>>,
+    /// A topological order; ties keep the order of the pipeline file.
+    pub order: Vec<usize>,
+}
+
+fn path_overlaps(a: &str, b: &str) -> bool {
+    a == b
+        || (a.len() > b.len() && a.starts_with(b) && a.as_bytes()[b.len()] == b'/')
+        || (b.len() > a.len() && b.starts_with(a) && b.as_bytes()[a.len()] == b'/')
+}
+
+/// Builds the graph and checks it: every input names a stage, no cycles.
+pub fn build(p: &Pipeline) -> Result<Graph> {
+    let n = p.stages.len();
+    let mut upstream: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
+
+    // outs by path for the dep -> out links; exact matches are the common case.
+    let mut out_owner: HashMap<&str, usize> = HashMap::new();
+    for (i, s) in p.stages.iter().enumerate() {
+        for o in &s.outs {
+            out_owner.insert(o.as_str(), i);
+        }
+    }
+    let nested_outs = p.stages.iter().any(|s| !s.outs.is_empty());
+
+    for (i, s) in p.stages.iter().enumerate() {
+        for (input, from) in &s.inputs {
+            match p.index.get(from.as_str()) {
+                Some(&j) if j == i => {
+                    return Err(s
+                        .error(&format!("inputs.{input}"), "a stage cannot read its own output")
+                        .into());
+                }
+                Some(&j) => {
+                    upstream[i].insert(j);
+                }
+                None => {
+                    let mut e = s.error(
+                        &format!("inputs.{input}"),
+                        format!("input `{input}` names stage `{from}`, which does not exist"),
+                    );
+                    e.hint = Some(suggest(from, p));
+                    return Err(e.into());
+                }
+            }
+        }
+        for d in &s.deps {
+            if let Some(&j) = out_owner.get(d.as_str()) {
+                if j == i {
+                    return Err(s
+                        .error(&format!("deps.{d}"), format!("`{d}` is both a dep and an out"))
+                        .into());
+                }
+                upstream[i].insert(j);
+            } else if nested_outs {
+                for (j, other) in p.stages.iter().enumerate() {
+                    if j != i && other.outs.iter().any(|o| path_overlaps(o, d)) {
+                        upstream[i].insert(j);
+                    }
+                }
+            }
+        }
+    }
+
+    let upstream: Vec<Vec<usize>> = upstream.into_iter().map(|s| s.into_iter().collect()).collect();
+    let mut downstream = vec![Vec::new(); n];
+    for (i, ups) in upstream.iter().enumerate() {
+        for &j in ups {
+            downstream[j].push(i);
+        }
+    }
+    if let Some(cycle) = find_cycle(&upstream) {
+        let names: Vec<&str> = cycle.iter().map(|&i| p.stages[i].name.as_str()).collect();
+        let first = &p.stages[cycle[0]];
+        return Err(SpecError {
+            pos: first.pos.clone(),
+            stage: Some(first.name.clone()),
+            message: format!("the stages form a cycle: {}", names.join(" -> ")),
+            hint: Some("a stage may not depend, directly or not, on its own output".into()),
+        }
+        .into());
+    }
+    let order = topo_order(&upstream, &downstream);
+    Ok(Graph {
+        upstream,
+        downstream,
+        order,
+    })
+}
+
+fn suggest(name: &str, p: &Pipeline) -> String {
+    let close: Vec<&str> = p
+        .stages
+        .iter()
+        .map(|s| s.name.as_str())
+        .filter(|s| s.contains(name) || name.contains(s))
+        .take(3)
+        .collect();
+    if close.is_empty() {
+        let all: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).take(10).collect();
+        format!("stages in this file: {}", all.join(", "))
+    } else {
+        format!("did you mean {}?", close.join(" or "))
+    }
+}
+
+/// Iterative DFS; returns the stages of one cycle, the first repeated at the end.
+fn find_cycle(upstream: &[Vec<usize>]) -> Option<Vec<usize>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Open,
+        Done,
+    }
+    let n = upstream.len();
+    let mut mark = vec![Mark::New; n];
+    let mut parent = vec![usize::MAX; n];
+    for root in 0..n {
+        if mark[root] != Mark::New {
+            continue;
+        }
+        let mut stack = vec![(root, 0usize)];
+        mark[root] = Mark::Open;
+        while let Some(&mut (v, ref mut next)) = stack.last_mut() {
+            if *next < upstream[v].len() {
+                let w = upstream[v][*next];
+                *next += 1;
+                match mark[w] {
+                    Mark::New => {
+                        mark[w] = Mark::Open;
+                        parent[w] = v;
+                        stack.push((w, 0));
+                    }
+                    Mark::Open => {
+                        // v reads w and w is an open ancestor: each stage on the DFS
+                        // path flows into its parent, and w flows into v.
+                        let mut out = vec![v];
+                        let mut x = v;
+                        while x != w {
+                            x = parent[x];
+                            out.push(x);
+                        }
+                        out.push(v);
+                        return Some(out);
+                    }
+                    Mark::Done => {}
+                }
+            } else {
+                mark[v] = Mark::Done;
+                stack.pop();
+            }
+        }
+    }
+    None
+}
+
+fn topo_order(upstream: &[Vec<usize>], downstream: &[Vec<usize>]) -> Vec<usize> {
+    let n = upstream.len();
+    let mut indeg: Vec<usize> = upstream.iter().map(Vec::len).collect();
+    let mut ready: BTreeSet<usize> = (0..n).filter(|&i| indeg[i] == 0).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(i) = ready.pop_first() {
+        order.push(i);
+        for &d in &downstream[i] {
+            indeg[d] -= 1;
+            if indeg[d] == 0 {
+                ready.insert(d);
+            }
+        }
+    }
+    order
+}
+
+impl Graph {
+    /// The stages to consider for `targets` (names): those and all they need.
+    /// No targets means every stage.
+    pub fn select(&self, p: &Pipeline, targets: &[String]) -> Result<Vec<bool>> {
+        let n = p.stages.len();
+        if targets.is_empty() {
+            return Ok(vec![true; n]);
+        }
+        let mut keep = vec![false; n];
+        let mut stack = Vec::new();
+        for t in targets {
+            let Some(&i) = p.index.get(t.as_str()) else {
+                return Err(crate::Error::Invalid(format!(
+                    "{}: there is no stage `{t}`; {}",
+                    p.path.display(),
+                    suggest(t, p)
+                )));
+            };
+            stack.push(i);
+        }
+        while let Some(i) = stack.pop() {
+            if !keep[i] {
+                keep[i] = true;
+                stack.extend(&self.upstream[i]);
+            }
+        }
+        Ok(keep)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cycle_is_reported_in_flow_order() {
+        // 0 reads 2, 1 reads 0, 2 reads 1: flow 2 -> 0 -> 1 -> 2.
+        let up = vec![vec![2], vec![0], vec![1]];
+        let c = find_cycle(&up).unwrap();
+        assert_eq!(c.len(), 4);
+        assert_eq!(c.first(), c.last());
+        for w in c.windows(2) {
+            // each next stage reads the previous one
+            assert!(up[w[1]].contains(&w[0]), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn no_cycle_in_a_diamond() {
+        let up = vec![vec![], vec![0], vec![0], vec![1, 2]];
+        assert!(find_cycle(&up).is_none());
+        let mut down = vec![Vec::new(); 4];
+        for (i, u) in up.iter().enumerate() {
+            for &j in u {
+                down[j].push(i);
+            }
+        }
+        assert_eq!(topo_order(&up, &down), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn overlap_is_by_path_component() {
+        assert!(path_overlaps("data/x", "data"));
+        assert!(path_overlaps("data", "data/x"));
+        assert!(!path_overlaps("data2", "data"));
+    }
+}

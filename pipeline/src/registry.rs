@@ -1,0 +1,689 @@
+//! The experiment registry: one SQLite file per workspace, written only by the
+//! driver process (workers report to the driver; they never open it).
+//!
+//! The schema is in `migrations/` and is applied on open. The file runs in WAL
+//! mode, so readers (`haic-pipe registry query`, a notebook) never block the
+//! driver and never see half a transaction. Metrics arrive in batches and are
+//! written one transaction per batch, with `metric_summaries` kept up to date
+//! in the same transaction so that "best runs by X" reads an index, not the
+//! metric history.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, Column, ConnectOptions, Connection, QueryBuilder, Row, TypeInfo, ValueRef};
+use tokio::sync::Mutex;
+
+use crate::error::{Error, Result};
+
+/// Status of a stage run, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageStatus {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Skipped,
+    Interrupted,
+    Cached,
+}
+
+impl StageStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageStatus::Pending => "pending",
+            StageStatus::Running => "running",
+            StageStatus::Succeeded => "succeeded",
+            StageStatus::Failed => "failed",
+            StageStatus::Skipped => "skipped",
+            StageStatus::Interrupted => "interrupted",
+            StageStatus::Cached => "cached",
+        }
+    }
+}
+
+/// One metric point from a worker.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MetricPoint {
+    pub stage_run_id: i64,
+    pub name: String,
+    pub step: i64,
+    pub value: f64,
+}
+
+/// A cached file digest (see `file_hashes` in the schema).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStat {
+    pub size: i64,
+    pub mtime_ns: i64,
+    pub inode: i64,
+    pub digest: String,
+}
+
+/// A stage run as the driver starts it.
+#[derive(Debug, Clone)]
+pub struct NewStageRun<'a> {
+    pub run_id: i64,
+    pub stage: &'a str,
+    pub kind: &'a str,
+    pub key: Option<&'a str>,
+    pub key_material: Option<&'a str>,
+    pub status: StageStatus,
+    pub attempt: i64,
+    pub worker: Option<&'a str>,
+    pub device: Option<&'a str>,
+    pub log_path: Option<&'a str>,
+    pub error: Option<&'a str>,
+}
+
+/// The writer's handle. Cheap to share behind an `Arc`; writes are serialised.
+pub struct Registry {
+    path: PathBuf,
+    conn: Mutex<SqliteConnection>,
+}
+
+fn db_err(path: &Path) -> impl Fn(sqlx::Error) -> Error + '_ {
+    move |e| Error::Registry {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Rows bound per INSERT statement (4 values each, under SQLite's 32766 limit).
+const METRIC_ROWS_PER_STATEMENT: usize = 4000;
+
+impl Registry {
+    /// Opens (creating if needed) the registry and applies pending migrations.
+    pub async fn open(path: &Path) -> Result<Registry> {
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(false)
+            .disable_statement_logging();
+        let mut conn = opts.connect().await.map_err(db_err(path))?;
+        sqlx::migrate!("../migrations")
+            .run(&mut conn)
+            .await
+            .map_err(|e| Error::Registry {
+                path: path.to_path_buf(),
+                message: format!(
+                    "applying the schema failed: {e}; if this registry was written by a newer haic-pipe, use that version"
+                ),
+            })?;
+        Ok(Registry {
+            path: path.to_path_buf(),
+            conn: Mutex::new(conn),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub async fn begin_run(&self, pipeline: &str, digest: &str, targets: &str) -> Result<i64> {
+        let mut c = self.conn.lock().await;
+        let r = sqlx::query(
+            "INSERT INTO runs (pipeline, pipeline_digest, targets, status, driver_pid) VALUES (?, ?, ?, 'running', ?)",
+        )
+        .bind(pipeline)
+        .bind(digest)
+        .bind(targets)
+        .bind(std::process::id() as i64)
+        .execute(&mut *c)
+        .await
+        .map_err(db_err(&self.path))?;
+        Ok(r.last_insert_rowid())
+    }
+
+    /// The newest run of this pipeline, with its status.
+    pub async fn newest_run(&self, pipeline: &str) -> Result<Option<(i64, String, String)>> {
+        let mut c = self.conn.lock().await;
+        let row = sqlx::query(
+            "SELECT id, status, targets FROM runs WHERE pipeline = ? ORDER BY id DESC LIMIT 1",
+        )
+        .bind(pipeline)
+        .fetch_optional(&mut *c)
+        .await
+        .map_err(db_err(&self.path))?;
+        Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+    }
+
+    /// Marks a run as running again (resume) under this driver.
+    pub async fn reopen_run(&self, run_id: i64) -> Result<()> {
+        let mut c = self.conn.lock().await;
+        sqlx::query("UPDATE runs SET status = 'running', finished_at = NULL, driver_pid = ? WHERE id = ?")
+            .bind(std::process::id() as i64)
+            .bind(run_id)
+            .execute(&mut *c)
+            .await
+            .map_err(db_err(&self.path))?;
+        Ok(())
+    }
+
+    /// Stage runs of `run_id` left `running`/`pending` by a driver that died
+    /// become `interrupted`. Returns their stage names.
+    pub async fn reconcile(&self, run_id: i64) -> Result<Vec<String>> {
+        let mut c = self.conn.lock().await;
+        let rows = sqlx::query(
+            "UPDATE stage_runs SET status = 'interrupted',
+                 finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
+                 error = coalesce(error, 'the driver stopped while this stage ran; resumed later')
+             WHERE run_id = ? AND status IN ('running', 'pending') RETURNING stage",
+        )
+        .bind(run_id)
+        .fetch_all(&mut *c)
+        .await
+        .map_err(db_err(&self.path))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    pub async fn finish_run(&self, run_id: i64, status: &str) -> Result<()> {
+        let mut c = self.conn.lock().await;
+        sqlx::query(
+            "UPDATE runs SET status = ?, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
+        )
+        .bind(status)
+        .bind(run_id)
+        .execute(&mut *c)
+        .await
+        .map_err(db_err(&self.path))?;
+        Ok(())
+    }
+
+    /// Highest attempt number of a stage in a run (0 if none).
+    pub async fn last_attempt(&self, run_id: i64, stage: &str) -> Result<i64> {
+        let mut c = self.conn.lock().await;
+        let n: Option<i64> =
+            sqlx::query_scalar("SELECT max(attempt) FROM stage_runs WHERE run_id = ? AND stage = ?")
+                .bind(run_id)
+                .bind(stage)
+                .fetch_one(&mut *c)
+                .await
+                .map_err(db_err(&self.path))?;
+        Ok(n.unwrap_or(0))
+    }
+
+    /// Stages already finished (succeeded or cached) in a run, with their keys.
+    pub async fn finished_stages(&self, run_id: i64) -> Result<HashMap<String, String>> {
+        let mut c = self.conn.lock().await;
+        let rows = sqlx::query(
+            "SELECT stage, key FROM stage_runs WHERE run_id = ? AND status IN ('succeeded', 'cached') AND key IS NOT NULL",
+        )
+        .bind(run_id)
+        .fetch_all(&mut *c)
+        .await
+        .map_err(db_err(&self.path))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Inserts stage runs in one transaction (the plan's cached and skipped stages).
+    pub async fn insert_stage_runs(&self, runs: &[NewStageRun<'_>]) -> Result<Vec<i64>> {
+        let mut c = self.conn.lock().await;
+        let mut tx = c.begin().await.map_err(db_err(&self.path))?;
+        let mut ids = Vec::with_capacity(runs.len());
+        for r in runs {
+            let res = sqlx::query(
+                "INSERT INTO stage_runs (run_id, stage, kind, key, key_material, status, attempt, worker, device, log_path, error, finished_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+                         CASE WHEN ?12 IN ('pending', 'running') THEN NULL ELSE strftime('%Y-%m-%dT%H:%M:%fZ', 'now') END)",
+            )
+            .bind(r.run_id)
+            .bind(r.stage)
+            .bind(r.kind)
+            .bind(r.key)
+            .bind(r.key_material)
+            .bind(r.status.as_str())
+            .bind(r.attempt)
+            .bind(r.worker)
+            .bind(r.device)
+            .bind(r.log_path)
+            .bind(r.error)
+            .bind(r.status.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err(&self.path))?;
+            ids.push(res.last_insert_rowid());
+        }
+        tx.commit().await.map_err(db_err(&self.path))?;
+        Ok(ids)
+    }
+
+    /// Records a stage run that starts now, with its flattened params.
+    pub async fn start_stage_run(&self, r: &NewStageRun<'_>, params: &Value) -> Result<i64> {
+        let id = self.insert_stage_runs(std::slice::from_ref(r)).await?[0];
+        let mut flat = Vec::new();
+        flatten_params("", params, &mut flat);
+        if !flat.is_empty() {
+            let mut c = self.conn.lock().await;
+            let mut qb = QueryBuilder::new("INSERT OR REPLACE INTO params (stage_run_id, name, value) ");
+            qb.push_values(flat, |mut b, (k, v)| {
+                b.push_bind(id).push_bind(k).push_bind(v);
+            });
+            qb.build().execute(&mut *c).await.map_err(db_err(&self.path))?;
+        }
+        Ok(id)
+    }
+
+    pub async fn set_worker(&self, id: i64, worker: &str) -> Result<()> {
+        let mut c = self.conn.lock().await;
+        sqlx::query("UPDATE stage_runs SET worker = ? WHERE id = ?")
+            .bind(worker)
+            .bind(id)
+            .execute(&mut *c)
+            .await
+            .map_err(db_err(&self.path))?;
+        Ok(())
+    }
+
+    pub async fn finish_stage_run(
+        &self,
+        id: i64,
+        status: StageStatus,
+        error: Option<&str>,
+    ) -> Result<()> {
+        let mut c = self.conn.lock().await;
+        sqlx::query(
+            "UPDATE stage_runs SET status = ?, error = ?, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
+        )
+        .bind(status.as_str())
+        .bind(error)
+        .bind(id)
+        .execute(&mut *c)
+        .await
+        .map_err(db_err(&self.path))?;
+        Ok(())
+    }
+
+    /// Records a published artifact and the inputs its stage run read.
+    pub async fn record_artifact(
+        &self,
+        stage_run_id: i64,
+        m: &crate::cache::Manifest,
+        path: &str,
+        lineage: &[(String, String)],
+    ) -> Result<()> {
+        let mut c = self.conn.lock().await;
+        let mut tx = c.begin().await.map_err(db_err(&self.path))?;
+        sqlx::query(
+            "INSERT OR REPLACE INTO artifacts (key, stage, kind, path, digest, bytes, stage_run_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&m.key)
+        .bind(&m.stage)
+        .bind(&m.kind)
+        .bind(path)
+        .bind(&m.digest)
+        .bind(m.bytes as i64)
+        .bind(stage_run_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err(&self.path))?;
+        for (input, key) in lineage {
+            sqlx::query("INSERT OR REPLACE INTO lineage (stage_run_id, input, artifact_key) VALUES (?, ?, ?)")
+                .bind(stage_run_id)
+                .bind(input)
+                .bind(key)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err(&self.path))?;
+        }
+        tx.commit().await.map_err(db_err(&self.path))?;
+        Ok(())
+    }
+
+    /// Writes a batch of metric points and updates their summaries, in one transaction.
+    pub async fn insert_metrics(&self, points: &[MetricPoint]) -> Result<()> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        // Summaries of this batch, merged into the stored ones below.
+        let mut summary: HashMap<(i64, &str), (i64, f64, f64, f64, i64)> = HashMap::new();
+        for p in points {
+            let e = summary
+                .entry((p.stage_run_id, p.name.as_str()))
+                .or_insert((p.step, p.value, p.value, p.value, 0));
+            if p.step >= e.0 {
+                e.0 = p.step;
+                e.1 = p.value;
+            }
+            e.2 = e.2.min(p.value);
+            e.3 = e.3.max(p.value);
+            e.4 += 1;
+        }
+        let mut c = self.conn.lock().await;
+        let mut tx = c.begin().await.map_err(db_err(&self.path))?;
+        for chunk in points.chunks(METRIC_ROWS_PER_STATEMENT) {
+            let mut qb =
+                QueryBuilder::new("INSERT OR REPLACE INTO metrics (stage_run_id, name, step, value) ");
+            qb.push_values(chunk, |mut b, p| {
+                b.push_bind(p.stage_run_id)
+                    .push_bind(p.name.as_str())
+                    .push_bind(p.step)
+                    .push_bind(p.value);
+            });
+            qb.build().execute(&mut *tx).await.map_err(db_err(&self.path))?;
+        }
+        let rows: Vec<_> = summary.into_iter().collect();
+        for chunk in rows.chunks(METRIC_ROWS_PER_STATEMENT / 2) {
+            let mut qb = QueryBuilder::new(
+                "INSERT INTO metric_summaries (stage_run_id, name, last_step, last_value, min_value, max_value, points) ",
+            );
+            qb.push_values(chunk, |mut b, ((id, name), (step, last, min, max, n))| {
+                b.push_bind(*id)
+                    .push_bind(*name)
+                    .push_bind(*step)
+                    .push_bind(*last)
+                    .push_bind(*min)
+                    .push_bind(*max)
+                    .push_bind(*n);
+            });
+            qb.push(
+                " ON CONFLICT (stage_run_id, name) DO UPDATE SET
+                   last_value = CASE WHEN excluded.last_step >= last_step THEN excluded.last_value ELSE last_value END,
+                   last_step = max(last_step, excluded.last_step),
+                   min_value = min(min_value, excluded.min_value),
+                   max_value = max(max_value, excluded.max_value),
+                   points = points + excluded.points",
+            );
+            qb.build().execute(&mut *tx).await.map_err(db_err(&self.path))?;
+        }
+        tx.commit().await.map_err(db_err(&self.path))?;
+        Ok(())
+    }
+
+    pub async fn load_file_stats(&self) -> Result<HashMap<String, FileStat>> {
+        let mut c = self.conn.lock().await;
+        let rows = sqlx::query("SELECT path, size, mtime_ns, inode, digest FROM file_hashes")
+            .fetch_all(&mut *c)
+            .await
+            .map_err(db_err(&self.path))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<String, _>(0),
+                    FileStat {
+                        size: r.get(1),
+                        mtime_ns: r.get(2),
+                        inode: r.get(3),
+                        digest: r.get(4),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    pub async fn save_file_stats(&self, stats: &[(String, FileStat)]) -> Result<()> {
+        if stats.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn.lock().await;
+        let mut tx = c.begin().await.map_err(db_err(&self.path))?;
+        for chunk in stats.chunks(METRIC_ROWS_PER_STATEMENT / 2) {
+            let mut qb = QueryBuilder::new(
+                "INSERT OR REPLACE INTO file_hashes (path, size, mtime_ns, inode, digest) ",
+            );
+            qb.push_values(chunk, |mut b, (p, s)| {
+                b.push_bind(p.as_str())
+                    .push_bind(s.size)
+                    .push_bind(s.mtime_ns)
+                    .push_bind(s.inode)
+                    .push_bind(s.digest.as_str());
+            });
+            qb.build().execute(&mut *tx).await.map_err(db_err(&self.path))?;
+        }
+        tx.commit().await.map_err(db_err(&self.path))?;
+        Ok(())
+    }
+
+    /// Key material of the newest finished stage run of this stage (for `status`).
+    pub async fn last_material(&self, stage: &str) -> Result<Option<String>> {
+        let mut c = self.conn.lock().await;
+        sqlx::query_scalar(
+            "SELECT key_material FROM stage_runs WHERE stage = ? AND status IN ('succeeded', 'cached')
+             AND key_material IS NOT NULL ORDER BY id DESC LIMIT 1",
+        )
+        .bind(stage)
+        .fetch_optional(&mut *c)
+        .await
+        .map_err(db_err(&self.path))
+    }
+
+    /// Newest stage run of this stage with this key: (status, error, run id, driver pid).
+    pub async fn last_for_key(
+        &self,
+        stage: &str,
+        key: &str,
+    ) -> Result<Option<(String, Option<String>, i64)>> {
+        let mut c = self.conn.lock().await;
+        let row = sqlx::query(
+            "SELECT status, error, run_id FROM stage_runs WHERE stage = ? AND key = ? ORDER BY id DESC LIMIT 1",
+        )
+        .bind(stage)
+        .bind(key)
+        .fetch_optional(&mut *c)
+        .await
+        .map_err(db_err(&self.path))?;
+        Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+    }
+
+    /// Artifact keys used by the newest `keep_runs` runs (outputs and lineage).
+    pub async fn keys_in_recent_runs(&self, keep_runs: i64) -> Result<Vec<String>> {
+        let mut c = self.conn.lock().await;
+        let rows = sqlx::query(
+            "WITH recent AS (SELECT id FROM runs ORDER BY id DESC LIMIT ?)
+             SELECT key FROM stage_runs WHERE run_id IN recent AND key IS NOT NULL
+             UNION
+             SELECT l.artifact_key FROM lineage l JOIN stage_runs s ON s.id = l.stage_run_id
+             WHERE s.run_id IN recent",
+        )
+        .bind(keep_runs)
+        .fetch_all(&mut *c)
+        .await
+        .map_err(db_err(&self.path))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    pub async fn forget_artifact(&self, key: &str) -> Result<()> {
+        let mut c = self.conn.lock().await;
+        sqlx::query("DELETE FROM artifacts WHERE key = ?")
+            .bind(key)
+            .execute(&mut *c)
+            .await
+            .map_err(db_err(&self.path))?;
+        Ok(())
+    }
+
+    /// A plain SELECT on the writer connection (for the CLI's own views).
+    pub async fn select(&self, sql: &'static str, binds: &[&str]) -> Result<QueryResult> {
+        let mut c = self.conn.lock().await;
+        let mut q = sqlx::query(sql);
+        for b in binds {
+            q = q.bind(*b);
+        }
+        let rows = q.fetch_all(&mut *c).await.map_err(db_err(&self.path))?;
+        Ok(QueryResult::from_rows(&rows))
+    }
+}
+
+/// Nested params become dotted names: `{opt: {lr: 1}}` -> `opt.lr = 1`.
+fn flatten_params(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                let name = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten_params(&name, v, out);
+            }
+        }
+        Value::String(s) => out.push((prefix.to_string(), s.clone())),
+        other => out.push((prefix.to_string(), other.to_string())),
+    }
+}
+
+/// Rows of a query as JSON values, with column names.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueryResult {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Value>>,
+}
+
+impl QueryResult {
+    fn from_rows(rows: &[SqliteRow]) -> QueryResult {
+        let columns = rows
+            .first()
+            .map(|r| r.columns().iter().map(|c| c.name().to_string()).collect())
+            .unwrap_or_default();
+        let rows = rows
+            .iter()
+            .map(|r| (0..r.len()).map(|i| cell(r, i)).collect())
+            .collect();
+        QueryResult { columns, rows }
+    }
+}
+
+fn cell(r: &SqliteRow, i: usize) -> Value {
+    let Ok(raw) = r.try_get_raw(i) else {
+        return Value::Null;
+    };
+    if raw.is_null() {
+        return Value::Null;
+    }
+    match raw.type_info().name() {
+        "INTEGER" => r.try_get::<i64, _>(i).map(Value::from).unwrap_or(Value::Null),
+        "REAL" => r.try_get::<f64, _>(i).map(Value::from).unwrap_or(Value::Null),
+        "BLOB" => r
+            .try_get::<Vec<u8>, _>(i)
+            .map(|b| Value::String(format!("<{} bytes>", b.len())))
+            .unwrap_or(Value::Null),
+        _ => r.try_get::<String, _>(i).map(Value::from).unwrap_or(Value::Null),
+    }
+}
+
+/// Statements a read-only query may start with.
+const READ_ONLY_STARTS: [&str; 4] = ["select", "with", "explain", "values"];
+
+/// Runs one read-only SQL statement on the registry at `path`.
+///
+/// The connection is opened read-only (SQLite refuses any write), and the
+/// statement must be a single SELECT/WITH/EXPLAIN/VALUES without ATTACH or
+/// extension loading, so the error says what is allowed instead of a bare
+/// "readonly database".
+pub async fn query_read_only(path: &Path, sql: &str) -> Result<QueryResult> {
+    let trimmed = sql.trim().trim_end_matches(';').trim();
+    let lower = trimmed.to_ascii_lowercase();
+    let first = lower.split_whitespace().next().unwrap_or("");
+    if !READ_ONLY_STARTS.contains(&first) {
+        return Err(Error::QueryRefused(format!(
+            "`{}` would change the registry or is not a query; only SELECT, WITH, EXPLAIN and VALUES are allowed",
+            trimmed.chars().take(60).collect::<String>()
+        )));
+    }
+    if trimmed.contains(';') {
+        return Err(Error::QueryRefused(
+            "one statement at a time: remove the `;` inside the query".into(),
+        ));
+    }
+    for word in ["attach", "load_extension", "writefile", "readfile"] {
+        if lower.contains(word) {
+            return Err(Error::QueryRefused(format!(
+                "`{word}` is not allowed in registry queries"
+            )));
+        }
+    }
+    if !path.exists() {
+        return Err(Error::Registry {
+            path: path.to_path_buf(),
+            message: "no registry here yet; run a pipeline first, or pass --workspace".into(),
+        });
+    }
+    let opts = SqliteConnectOptions::from_str("sqlite://")
+        .map_err(db_err(path))?
+        .filename(path)
+        .read_only(true)
+        .busy_timeout(Duration::from_secs(10))
+        .disable_statement_logging();
+    let mut conn = opts.connect().await.map_err(db_err(path))?;
+    let rows = sqlx::query(AssertSqlSafe(trimmed.to_string()))
+        .fetch_all(&mut conn)
+        .await
+        .map_err(|e| match e {
+            sqlx::Error::Database(d) => Error::QueryRefused(d.message().to_string()),
+            other => db_err(path)(other),
+        })?;
+    Ok(QueryResult::from_rows(&rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn metrics_and_summaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let reg = Registry::open(&path).await.unwrap();
+        let run = reg.begin_run("/p.yaml", "d", "").await.unwrap();
+        let id = reg
+            .start_stage_run(
+                &NewStageRun {
+                    run_id: run,
+                    stage: "s",
+                    kind: "command",
+                    key: Some("k"),
+                    key_material: None,
+                    status: StageStatus::Running,
+                    attempt: 1,
+                    worker: None,
+                    device: None,
+                    log_path: None,
+                    error: None,
+                },
+                &serde_json::json!({"aux": "msp", "opt": {"lr": 0.1}}),
+            )
+            .await
+            .unwrap();
+        let pts: Vec<_> = (0..10)
+            .map(|s| MetricPoint {
+                stage_run_id: id,
+                name: "val_bpd".into(),
+                step: s,
+                value: 10.0 - s as f64,
+            })
+            .collect();
+        reg.insert_metrics(&pts[..5]).await.unwrap();
+        reg.insert_metrics(&pts[5..]).await.unwrap();
+        let q = query_read_only(
+            &path,
+            "SELECT last_step, last_value, min_value, points FROM metric_summaries",
+        )
+        .await
+        .unwrap();
+        assert_eq!(q.rows[0], vec![Value::from(9), Value::from(1.0), Value::from(1.0), Value::from(10)]);
+        let q = query_read_only(&path, "select value from params where name = 'opt.lr'")
+            .await
+            .unwrap();
+        assert_eq!(q.rows[0][0], Value::from("0.1"));
+        let e = query_read_only(&path, "DELETE FROM metrics").await.unwrap_err();
+        assert!(e.to_string().contains("only SELECT"), "{e}");
+        let e = query_read_only(&path, "select 1; drop table runs").await.unwrap_err();
+        assert!(e.to_string().contains("one statement"), "{e}");
+        // A write hidden in a CTE is refused by SQLite itself.
+        let e = query_read_only(&path, "WITH x AS (SELECT 1) DELETE FROM runs")
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("refused"), "{e}");
+    }
+}

@@ -1,0 +1,315 @@
+//! The contract between the engine and a stage kind, and the worker side of it.
+//!
+//! A stage kind (in the `stages` crate) implements [`StageKind`]. The driver
+//! never runs one itself: it writes a [`Job`] file and starts
+//! `haic-pipe worker --job FILE`, which calls [`run_job`]. The worker writes
+//! its outputs into a staging folder, publishes them as the artifact of the
+//! stage key, and reports [`WorkerEvent`]s as JSON lines on stdout (its only
+//! use of stdout; diagnostics go to stderr, which the driver sends to the
+//! stage's log file).
+//!
+//! Long stages checkpoint with [`StageContext::save_checkpoint`] into the
+//! stage's scratch folder, which is keyed by the stage key and so survives
+//! interruptions: the next attempt finds it with
+//! [`StageContext::latest_checkpoint`].
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::cache::{ArtifactStore, remove_tree};
+use crate::error::{Error, IoContext, Result};
+use crate::spec::{KindRules, Stage};
+
+/// The error a stage implementation returns; its text ends up in the registry.
+pub type StageError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One kind of stage (`command`, `preprocess`, `train_vq`, ...).
+pub trait StageKind: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Bumped whenever the kind's output changes for the same inputs (in the stage key).
+    fn version(&self) -> u32;
+    /// Whether the stage's results depend on the device class (cpu vs cuda).
+    fn device_dependent(&self) -> bool {
+        false
+    }
+    /// Checks a declared stage when the pipeline is loaded; the error names
+    /// the field (`params.steps`, `cmd`, ...) and says what is wrong.
+    fn check(&self, stage: &Stage) -> std::result::Result<(), (String, String)>;
+    /// Does the work, in a worker process.
+    fn run(&self, ctx: &StageContext) -> std::result::Result<(), StageError>;
+}
+
+/// The stage kinds a binary knows.
+#[derive(Default)]
+pub struct Kinds {
+    kinds: Vec<Box<dyn StageKind>>,
+}
+
+impl Kinds {
+    pub fn new(kinds: Vec<Box<dyn StageKind>>) -> Self {
+        Kinds { kinds }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&dyn StageKind> {
+        self.kinds.iter().find(|k| k.name() == name).map(|b| b.as_ref())
+    }
+}
+
+impl KindRules for Kinds {
+    fn kind_names(&self) -> Vec<&'static str> {
+        self.kinds.iter().map(|k| k.name()).collect()
+    }
+
+    fn check(&self, stage: &Stage) -> Option<std::result::Result<(), (String, String)>> {
+        let kind = self.get(&stage.kind)?;
+        if !stage.params.contains_key("cmd") && kind.name() == "command" {
+            return Some(Err(("kind".into(), "a `command` stage needs a `cmd`".into())));
+        }
+        if stage.params.contains_key("cmd") && kind.name() != "command" && stage.field_pos.contains_key("cmd") {
+            return Some(Err((
+                "cmd".into(),
+                format!("`cmd` is only for `command` stages, not `{}`", stage.kind),
+            )));
+        }
+        Some(kind.check(stage))
+    }
+}
+
+/// What the driver hands a worker (written as JSON to a file).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    pub stage: String,
+    pub kind: String,
+    pub key: String,
+    pub params: Value,
+    /// Input name -> folder holding the upstream artifact's data.
+    pub inputs: BTreeMap<String, PathBuf>,
+    /// Dep path (relative to the pipeline folder) -> absolute path.
+    pub deps: BTreeMap<String, PathBuf>,
+    pub outs: Vec<String>,
+    pub pipeline_dir: PathBuf,
+    pub artifacts_dir: PathBuf,
+    /// `scratch/<key>`: survives attempts; checkpoints live here.
+    pub scratch_dir: PathBuf,
+    pub device: String,
+    pub attempt: i64,
+}
+
+/// What a worker reports on stdout, one JSON object per line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum WorkerEvent {
+    Progress {
+        done: u64,
+        total: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
+    Metric {
+        name: String,
+        step: i64,
+        value: f64,
+    },
+    Checkpoint {
+        step: u64,
+    },
+    Published {
+        key: String,
+        digest: String,
+        bytes: u64,
+    },
+    Failed {
+        message: String,
+    },
+}
+
+/// What a running stage sees: its params, inputs, output folder, checkpoints,
+/// and a way to report progress and metrics.
+pub struct StageContext {
+    pub job: Job,
+    out_dir: PathBuf,
+    events: Mutex<Box<dyn Write + Send>>,
+}
+
+impl StageContext {
+    pub fn new(job: Job, out_dir: PathBuf, events: Box<dyn Write + Send>) -> Self {
+        StageContext {
+            job,
+            out_dir,
+            events: Mutex::new(events),
+        }
+    }
+
+    /// The params, deserialised into the kind's config type.
+    pub fn params<T: serde::de::DeserializeOwned>(&self) -> std::result::Result<T, StageError> {
+        serde_json::from_value(self.job.params.clone())
+            .map_err(|e| format!("stage `{}`: bad params: {e}", self.job.stage).into())
+    }
+
+    /// The data folder of an input artifact.
+    pub fn input(&self, name: &str) -> std::result::Result<&Path, StageError> {
+        self.job.inputs.get(name).map(PathBuf::as_path).ok_or_else(|| {
+            format!(
+                "stage `{}` has no input `{name}`; add it under `inputs:`",
+                self.job.stage
+            )
+            .into()
+        })
+    }
+
+    /// Where the stage writes its outputs; published as one artifact on success.
+    pub fn out_dir(&self) -> &Path {
+        &self.out_dir
+    }
+
+    /// A folder that survives interrupted attempts of this stage key.
+    pub fn scratch_dir(&self) -> &Path {
+        &self.job.scratch_dir
+    }
+
+    fn checkpoints_dir(&self) -> PathBuf {
+        self.job.scratch_dir.join("checkpoints")
+    }
+
+    /// The newest complete checkpoint, if an earlier attempt left one.
+    pub fn latest_checkpoint(&self) -> Option<PathBuf> {
+        let dir = self.checkpoints_dir();
+        let name = std::fs::read_to_string(dir.join("LATEST")).ok()?;
+        let path = dir.join(name.trim());
+        path.is_dir().then_some(path)
+    }
+
+    /// Writes a checkpoint atomically: `write` fills a fresh folder, which
+    /// then becomes the latest by one rename of the `LATEST` pointer. Older
+    /// checkpoints are removed afterwards.
+    pub fn save_checkpoint(
+        &self,
+        step: u64,
+        write: impl FnOnce(&Path) -> std::result::Result<(), StageError>,
+    ) -> std::result::Result<PathBuf, StageError> {
+        let dir = self.checkpoints_dir();
+        std::fs::create_dir_all(&dir)?;
+        let name = format!("step-{step:012}");
+        let tmp = dir.join(format!(".{name}.tmp"));
+        remove_tree(&tmp)?;
+        std::fs::create_dir_all(&tmp)?;
+        write(&tmp)?;
+        let final_dir = dir.join(&name);
+        remove_tree(&final_dir)?;
+        std::fs::rename(&tmp, &final_dir)?;
+        let ptr_tmp = dir.join(".LATEST.tmp");
+        std::fs::write(&ptr_tmp, &name)?;
+        std::fs::rename(&ptr_tmp, dir.join("LATEST"))?;
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            if n.starts_with("step-") && n != name {
+                let _ = remove_tree(&e.path());
+            }
+        }
+        self.emit(&WorkerEvent::Checkpoint { step });
+        Ok(final_dir)
+    }
+
+    pub fn progress(&self, done: u64, total: u64, message: Option<String>) {
+        self.emit(&WorkerEvent::Progress {
+            done,
+            total,
+            message,
+        });
+    }
+
+    pub fn metric(&self, name: &str, step: i64, value: f64) {
+        self.emit(&WorkerEvent::Metric {
+            name: name.to_string(),
+            step,
+            value,
+        });
+    }
+
+    fn emit(&self, e: &WorkerEvent) {
+        emit_to(&self.events, e);
+    }
+}
+
+fn emit_to(out: &Mutex<Box<dyn Write + Send>>, e: &WorkerEvent) {
+    if let Ok(mut w) = out.lock()
+        && let Ok(line) = serde_json::to_string(e)
+    {
+        // A closed pipe means the driver is gone; the stage ends soon anyway.
+        let _ = writeln!(w, "{line}");
+        let _ = w.flush();
+    }
+}
+
+/// Reads a job file.
+pub fn read_job(path: &Path) -> Result<Job> {
+    let bytes = std::fs::read(path).ctx(|| format!("reading job file {}", path.display()))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Invalid(format!("job file {} is not valid: {e}", path.display())))
+}
+
+/// The worker: runs one job, publishes its artifact, reports on `events`.
+/// Returns the process exit code (0 success, 1 stage failure, 2 bad job).
+pub fn run_job(kinds: &Kinds, job: Job, events: Box<dyn Write + Send>) -> i32 {
+    let events = Mutex::new(events);
+    let fail = |msg: String| {
+        emit_to(&events, &WorkerEvent::Failed { message: msg.clone() });
+        eprintln!("haic-pipe worker: {msg}");
+    };
+    let Some(kind) = kinds.get(&job.kind) else {
+        fail(format!("this haic-pipe binary has no stage kind `{}`", job.kind));
+        return 2;
+    };
+    if let Err(e) = std::fs::create_dir_all(&job.scratch_dir) {
+        fail(format!("creating {}: {e}", job.scratch_dir.display()));
+        return 1;
+    }
+    let store = ArtifactStore::new(&job.artifacts_dir);
+    let staging = match store.begin(&job.key) {
+        Ok(s) => s,
+        Err(e) => {
+            fail(e.to_string());
+            return 1;
+        }
+    };
+    let (stage, kind_name, key) = (job.stage.clone(), job.kind.clone(), job.key.clone());
+    let out_events = match events.into_inner() {
+        Ok(w) => w,
+        Err(p) => p.into_inner(),
+    };
+    let ctx = StageContext::new(job, staging.data(), out_events);
+    let result = kind.run(&ctx);
+    let events = ctx.events;
+    let fail = |msg: String| {
+        emit_to(&events, &WorkerEvent::Failed { message: msg.clone() });
+        eprintln!("haic-pipe worker: {msg}");
+    };
+    if let Err(e) = result {
+        let _ = remove_tree(&staging.root);
+        fail(e.to_string());
+        return 1;
+    }
+    match store.commit(staging, &stage, &kind_name) {
+        Ok(m) => {
+            emit_to(
+                &events,
+                &WorkerEvent::Published {
+                    key,
+                    digest: m.digest,
+                    bytes: m.bytes,
+                },
+            );
+            0
+        }
+        Err(e) => {
+            fail(format!("publishing the artifact failed: {e}"));
+            1
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! `haic-pipe status`: per stage, is it cached, stale (and why), running or failed?
+//! Reads only; starts nothing and writes nothing.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::cache::KeyMaterial;
+use crate::error::Result;
+use crate::graph::Graph;
+use crate::hashing::DepHasher;
+use crate::registry::Registry;
+use crate::run::stage_material;
+use crate::spec::Pipeline;
+use crate::stage::Kinds;
+use crate::workspace::Workspace;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StageState {
+    pub stage: String,
+    /// `cached`, `stale`, `running` or `failed`.
+    pub state: String,
+    pub why: Vec<String>,
+    pub key: Option<String>,
+    pub artifact: Option<PathBuf>,
+}
+
+pub async fn status(p: &Pipeline, g: &Graph, kinds: &Kinds, ws: &Workspace) -> Result<Vec<StageState>> {
+    let registry = if ws.registry_path().exists() {
+        Some(Registry::open(&ws.registry_path()).await?)
+    } else {
+        None
+    };
+    let known = match &registry {
+        Some(r) => r.load_file_stats().await?,
+        None => Default::default(),
+    };
+    let mut hasher = DepHasher::new(known);
+    let store = ws.store();
+    let mut digests: Vec<Option<String>> = vec![None; p.stages.len()];
+    let mut out: Vec<Option<StageState>> = vec![None; p.stages.len()];
+    for &i in &g.order {
+        let st = &p.stages[i];
+        let stale_up: Vec<&str> = g.upstream[i]
+            .iter()
+            .filter(|&&u| digests[u].is_none())
+            .map(|&u| p.stages[u].name.as_str())
+            .collect();
+        let mut state = StageState {
+            stage: st.name.clone(),
+            state: "stale".into(),
+            why: Vec::new(),
+            key: None,
+            artifact: None,
+        };
+        if !stale_up.is_empty() {
+            state.why.push(format!("upstream not up to date: {}", stale_up.join(", ")));
+            out[i] = Some(state);
+            continue;
+        }
+        let material = match stage_material(p, kinds, i, &|j| digests[j].clone(), &mut hasher) {
+            Ok(m) => m,
+            Err(e) => {
+                state.why.push(e);
+                out[i] = Some(state);
+                continue;
+            }
+        };
+        let key = material.key();
+        state.key = Some(key.clone());
+        let last = match &registry {
+            Some(r) => r.last_for_key(&st.name, &key).await?,
+            None => None,
+        };
+        if let Some(m) = store.manifest(&key)? {
+            digests[i] = Some(m.digest);
+            state.state = "cached".into();
+            state.artifact = Some(store.data_dir(&key));
+        } else if let Some((s, err, run)) = &last
+            && (s == "running" || s == "failed")
+        {
+            state.state = s.clone();
+            state.why.push(match (s.as_str(), err) {
+                ("failed", Some(e)) => format!("failed in run {run}: {e}"),
+                _ => format!("in run {run}"),
+            });
+        } else {
+            let previous = match &registry {
+                Some(r) => r.last_material(&st.name).await?,
+                None => None,
+            };
+            match previous.and_then(|t| serde_json::from_str::<KeyMaterial>(&t).ok()) {
+                Some(old) => {
+                    let why = material.explain_change(&old);
+                    if why.is_empty() {
+                        state.why.push("its artifact is no longer in the store".into());
+                    } else {
+                        state.why.extend(why);
+                    }
+                }
+                None => state.why.push("never run".into()),
+            }
+        }
+        out[i] = Some(state);
+    }
+    Ok(g.order.iter().filter_map(|&i| out[i].take()).collect())
+}

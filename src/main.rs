@@ -1,0 +1,333 @@
+//! The `haic-pipe` binary: parses arguments and wires the engine (`pipeline`)
+//! to the stage kinds (`stages`). No logic of its own beyond rendering.
+
+mod render;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use pipeline::run::{RunOptions, run};
+use pipeline::stage::Kinds;
+use pipeline::workspace::Workspace;
+use tokio_util::sync::CancellationToken;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "haic-pipe",
+    version,
+    about = "Train and sample hierarchical autoregressive image models as a cached, resumable pipeline"
+)]
+struct Cli {
+    /// The workspace folder (registry, artifacts, logs). Default: `.haic/` beside the pipeline file.
+    #[arg(long, global = true, env = "HAIC_WORKSPACE")]
+    workspace: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a pipeline: cached stages are reused, stale ones run.
+    Run {
+        pipeline: PathBuf,
+        /// Run only these stages and what they need.
+        stages: Vec<String>,
+        /// Continue the newest unfinished run of this pipeline under its run id.
+        #[arg(long)]
+        resume: bool,
+        /// CPU worker slots.
+        #[arg(long, short, default_value_t = default_jobs())]
+        jobs: u32,
+        /// GPU devices to hand out as slots, e.g. `cuda:0,cuda:1`.
+        #[arg(long, value_delimiter = ',')]
+        gpus: Vec<String>,
+        /// Stop everything at the first failure (default: keep going).
+        #[arg(long, conflicts_with = "keep_going")]
+        fail_fast: bool,
+        /// Run independent branches on after a failure (the default).
+        #[arg(long)]
+        keep_going: bool,
+        /// Wait for another run on this workspace instead of failing.
+        #[arg(long)]
+        wait: bool,
+        /// Print events as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per stage: cached, stale (and why), running or failed.
+    Status {
+        pipeline: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Where a stage's artifact is, and its recent runs.
+    Show { pipeline: PathBuf, stage: String },
+    /// Query the experiment registry.
+    Registry {
+        #[command(subcommand)]
+        command: RegistryCmd,
+        /// Find the workspace beside this pipeline file.
+        #[arg(long, short, global = true)]
+        pipeline: Option<PathBuf>,
+    },
+    /// Remove artifacts that no recent run used.
+    Gc {
+        /// Find the workspace beside this pipeline file.
+        pipeline: Option<PathBuf>,
+        /// Keep what the newest N runs produced or read.
+        #[arg(long, default_value_t = 10)]
+        keep_runs: i64,
+        /// Only list what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Run one stage job (started by the driver or a cluster back-end).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        job: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum RegistryCmd {
+    /// Run one read-only SQL statement.
+    Query {
+        sql: String,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// The runs, newest first, with stage counts.
+    Runs {
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+fn default_jobs() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Cmd::Worker { job } = &cli.command {
+        std::process::exit(worker(job));
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("haic-pipe: starting the async runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    let code = match rt.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("haic-pipe: {e:#}");
+            2
+        }
+    };
+    // Do not wait for lingering tasks (a blocked stdin reader, a slow drop).
+    rt.shutdown_background();
+    std::process::exit(code);
+}
+
+fn worker(job: &Path) -> i32 {
+    let kinds = stages::all();
+    match pipeline::stage::read_job(job) {
+        Ok(job) => pipeline::stage::run_job(&kinds, job, Box::new(std::io::stdout())),
+        Err(e) => {
+            eprintln!("haic-pipe worker: {e}");
+            2
+        }
+    }
+}
+
+fn load(pipeline: &Path, kinds: &Kinds) -> Result<pipeline::spec::Pipeline> {
+    Ok(pipeline::spec::load(pipeline, kinds)?)
+}
+
+fn workspace_for(cli_ws: &Option<PathBuf>, pipeline: Option<&Path>) -> Result<Workspace> {
+    match pipeline {
+        Some(p) => Ok(Workspace::locate(p, cli_ws.as_deref())?),
+        None => {
+            let root = cli_ws.clone().unwrap_or_else(|| PathBuf::from(".haic"));
+            Ok(Workspace {
+                root: std::path::absolute(&root).context("resolving the workspace path")?,
+            })
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<i32> {
+    let kinds = Arc::new(stages::all());
+    match cli.command {
+        Cmd::Run {
+            pipeline,
+            stages,
+            resume,
+            jobs,
+            gpus,
+            fail_fast,
+            keep_going: _,
+            wait,
+            json,
+        } => {
+            let p = load(&pipeline, &kinds)?;
+            let ws = Workspace::locate(&pipeline, cli.workspace.as_deref())?;
+            let mode = if json {
+                render::Mode::Json
+            } else if std::io::stderr().is_terminal() {
+                render::Mode::Tty
+            } else {
+                render::Mode::Plain
+            };
+            let sink = render::sink(mode);
+            let cancel = CancellationToken::new();
+            spawn_signal_handler(cancel.clone());
+            let opts = RunOptions {
+                targets: stages,
+                resume,
+                jobs,
+                gpu_devices: gpus,
+                fail_fast,
+                wait_lock: wait,
+            };
+            let summary = run(p, kinds, ws, opts, sink.clone(), cancel).await?;
+            render::finish(mode);
+            Ok(match summary.status.as_str() {
+                "succeeded" => 0,
+                "interrupted" => 130,
+                _ => 1,
+            })
+        }
+        Cmd::Status { pipeline, json } => {
+            let p = load(&pipeline, &kinds)?;
+            let g = pipeline::graph::build(&p)?;
+            let ws = Workspace::locate(&pipeline, cli.workspace.as_deref())?;
+            let states = pipeline::status::status(&p, &g, &kinds, &ws).await?;
+            render::status(&states, json);
+            Ok(if states.iter().all(|s| s.state == "cached") { 0 } else { 1 })
+        }
+        Cmd::Show { pipeline, stage } => {
+            let p = load(&pipeline, &kinds)?;
+            if p.stage(&stage).is_none() {
+                bail!("{}: there is no stage `{stage}`", pipeline.display());
+            }
+            let g = pipeline::graph::build(&p)?;
+            let ws = Workspace::locate(&pipeline, cli.workspace.as_deref())?;
+            let states = pipeline::status::status(&p, &g, &kinds, &ws).await?;
+            let state = states
+                .iter()
+                .find(|s| s.stage == stage)
+                .context("stage missing from status")?;
+            render::show(state, &ws, &p).await?;
+            Ok(0)
+        }
+        Cmd::Registry { command, pipeline } => {
+            let ws = workspace_for(&cli.workspace, pipeline.as_deref())?;
+            let (sql, format): (String, Format) = match command {
+                RegistryCmd::Query { sql, format } => (sql, format),
+                RegistryCmd::Runs { limit, format } => (
+                    format!(
+                        "SELECT r.id AS run, r.status, r.started_at, r.finished_at,
+                           sum(s.status = 'succeeded') AS succeeded, sum(s.status = 'cached') AS cached,
+                           sum(s.status = 'failed') AS failed, sum(s.status = 'skipped') AS skipped,
+                           sum(s.status = 'interrupted') AS interrupted, r.pipeline
+                         FROM runs r LEFT JOIN stage_runs s ON s.run_id = r.id
+                         GROUP BY r.id ORDER BY r.id DESC LIMIT {}",
+                        limit.max(0)
+                    ),
+                    format,
+                ),
+            };
+            let result = pipeline::registry::query_read_only(&ws.registry_path(), &sql).await?;
+            render::table(&result, format);
+            Ok(0)
+        }
+        Cmd::Gc {
+            pipeline,
+            keep_runs,
+            dry_run,
+        } => {
+            let ws = workspace_for(&cli.workspace, pipeline.as_deref())?;
+            let removed = gc(&ws, keep_runs, dry_run).await?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            eprintln!(
+                "{verb} {} artifact(s), {} bytes",
+                removed.0, removed.1
+            );
+            Ok(0)
+        }
+        Cmd::Worker { .. } => unreachable!("handled before the runtime starts"),
+    }
+}
+
+/// Removes artifacts that none of the newest `keep_runs` runs produced or read.
+/// Holds the workspace lock, so it never runs beside a `run`.
+async fn gc(ws: &Workspace, keep_runs: i64, dry_run: bool) -> Result<(usize, u64)> {
+    if !ws.registry_path().exists() {
+        bail!("{}: no registry here; nothing to collect", ws.root.display());
+    }
+    let _lock = ws.lock(false)?;
+    let registry = pipeline::registry::Registry::open(&ws.registry_path()).await?;
+    let keep: std::collections::HashSet<String> = registry
+        .keys_in_recent_runs(keep_runs.max(1))
+        .await?
+        .into_iter()
+        .collect();
+    let store = ws.store();
+    let (mut count, mut bytes) = (0, 0);
+    for key in store.keys()? {
+        if keep.contains(&key) {
+            continue;
+        }
+        let size = store.manifest(&key).ok().flatten().map(|m| m.bytes).unwrap_or(0);
+        println!("{}{key} ({size} bytes)", if dry_run { "would remove " } else { "removed " });
+        if !dry_run {
+            store.remove(&key)?;
+            registry.forget_artifact(&key).await?;
+        }
+        count += 1;
+        bytes += size;
+    }
+    Ok((count, bytes))
+}
+
+/// Ctrl-C or SIGTERM: stop running workers, record them interrupted, exit 130.
+fn spawn_signal_handler(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("haic-pipe: stopping; running stages are recorded as interrupted (resume with --resume)");
+        cancel.cancel();
+    });
+}

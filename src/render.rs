@@ -1,0 +1,306 @@
+//! How the CLI shows things: progress bars on a terminal, plain lines
+//! otherwise, JSON lines for scripts; tables for registry queries.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use pipeline::registry::QueryResult;
+use pipeline::run::{Event, EventSink};
+use pipeline::status::StageState;
+use pipeline::workspace::Workspace;
+use serde_json::Value;
+
+use crate::Format;
+
+#[derive(Clone, Copy, PartialEq)]
+pub enum Mode {
+    Tty,
+    Plain,
+    Json,
+}
+
+struct Bars {
+    multi: MultiProgress,
+    overall: ProgressBar,
+    stages: HashMap<String, ProgressBar>,
+}
+
+static BARS: OnceLock<Mutex<Bars>> = OnceLock::new();
+
+pub fn sink(mode: Mode) -> EventSink {
+    let start = Instant::now();
+    match mode {
+        Mode::Json => Arc::new(|e: &Event| {
+            if let Ok(line) = serde_json::to_string(e) {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{line}");
+            }
+        }),
+        Mode::Plain => Arc::new(move |e: &Event| {
+            if let Some(line) = plain_line(e) {
+                eprintln!("[{:>7.2}s] {line}", start.elapsed().as_secs_f64());
+            }
+        }),
+        Mode::Tty => Arc::new(move |e: &Event| tty_event(e)),
+    }
+}
+
+fn plain_line(e: &Event) -> Option<String> {
+    Some(match e {
+        Event::RunStarted {
+            run_id,
+            resumed,
+            stages,
+            workspace,
+        } => format!(
+            "{} run {run_id}: {stages} stage(s), workspace {workspace}",
+            if *resumed { "resuming" } else { "starting" }
+        ),
+        Event::StageCached { stage } => format!("{stage}: cached"),
+        Event::StageStarted {
+            stage,
+            attempt,
+            device,
+            log,
+        } => format!("{stage}: started (attempt {attempt}, {device}), log {log}"),
+        Event::StageProgress {
+            stage,
+            done,
+            total,
+            message,
+        } => format!(
+            "{stage}: {done}/{total}{}",
+            message.as_deref().map(|m| format!(" {m}")).unwrap_or_default()
+        ),
+        Event::StageFinished {
+            stage,
+            status,
+            seconds,
+            error,
+        } => format!(
+            "{stage}: {} in {seconds:.2}s{}",
+            status.as_str(),
+            error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+        ),
+        Event::RunFinished {
+            run_id,
+            status,
+            counts,
+            seconds,
+        } => {
+            let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+            format!("run {run_id} {status} in {seconds:.2}s: {}", parts.join(", "))
+        }
+        Event::Notice { message } => message.clone(),
+    })
+}
+
+fn tty_event(e: &Event) {
+    let bars = BARS.get_or_init(|| {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let overall = multi.add(ProgressBar::new(0));
+        overall.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} stages {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Mutex::new(Bars {
+            multi,
+            overall,
+            stages: HashMap::new(),
+        })
+    });
+    let Ok(mut b) = bars.lock() else { return };
+    match e {
+        Event::RunStarted { stages, .. } => {
+            b.overall.set_length(*stages as u64);
+            if let Some(line) = plain_line(e) {
+                let _ = b.multi.println(line);
+            }
+        }
+        Event::StageCached { .. } => b.overall.inc(1),
+        Event::StageStarted { stage, .. } => {
+            let pb = b.multi.add(ProgressBar::new(0));
+            pb.set_style(
+                ProgressStyle::with_template("  {prefix:20} [{bar:20}] {pos}/{len} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            pb.set_prefix(stage.clone());
+            b.stages.insert(stage.clone(), pb);
+        }
+        Event::StageProgress {
+            stage,
+            done,
+            total,
+            message,
+        } => {
+            if let Some(pb) = b.stages.get(stage) {
+                pb.set_length(*total);
+                pb.set_position(*done);
+                if let Some(m) = message {
+                    pb.set_message(m.clone());
+                }
+            }
+        }
+        Event::StageFinished { stage, .. } => {
+            if let Some(pb) = b.stages.remove(stage) {
+                pb.finish_and_clear();
+                b.multi.remove(&pb);
+            }
+            b.overall.inc(1);
+            if let Some(line) = plain_line(e) {
+                let _ = b.multi.println(line);
+            }
+        }
+        Event::RunFinished { .. } | Event::Notice { .. } => {
+            if let Some(line) = plain_line(e) {
+                let _ = b.multi.println(line);
+            }
+        }
+    }
+}
+
+pub fn finish(mode: Mode) {
+    if mode == Mode::Tty
+        && let Some(b) = BARS.get()
+        && let Ok(b) = b.lock()
+    {
+        b.overall.finish();
+    }
+}
+
+pub fn status(states: &[StageState], json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(states).unwrap_or_default());
+        return;
+    }
+    let width = states.iter().map(|s| s.stage.len()).max().unwrap_or(5).max(5);
+    for s in states {
+        let why = if s.why.is_empty() {
+            String::new()
+        } else {
+            format!("  ({})", s.why.join("; "))
+        };
+        println!("{:width$}  {:8}{why}", s.stage, s.state);
+    }
+}
+
+pub async fn show(
+    state: &StageState,
+    ws: &Workspace,
+    p: &pipeline::spec::Pipeline,
+) -> anyhow::Result<()> {
+    println!("stage:    {}", state.stage);
+    println!("state:    {}", state.state);
+    if let Some(k) = &state.key {
+        println!("key:      {k}");
+    }
+    match &state.artifact {
+        Some(a) => println!("artifact: {}", a.display()),
+        None => println!("artifact: none for the current key ({})", state.why.join("; ")),
+    }
+    if let Some(st) = p.stage(&state.stage) {
+        for o in &st.outs {
+            println!("out:      {}", p.dir.join(o).display());
+        }
+    }
+    if ws.registry_path().exists() {
+        let sql = format!(
+            "SELECT run_id AS run, attempt, status, started_at, finished_at, worker, log_path, error
+             FROM stage_runs WHERE stage = '{}' ORDER BY id DESC LIMIT 5",
+            state.stage.replace('\'', "''")
+        );
+        let r = pipeline::registry::query_read_only(&ws.registry_path(), &sql).await?;
+        println!("recent runs:");
+        table(&r, Format::Table);
+    }
+    Ok(())
+}
+
+fn cell_text(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub fn table(r: &QueryResult, format: Format) {
+    let mut out = std::io::stdout().lock();
+    match format {
+        Format::Json => {
+            let rows: Vec<serde_json::Map<String, Value>> = r
+                .rows
+                .iter()
+                .map(|row| r.columns.iter().cloned().zip(row.iter().cloned()).collect())
+                .collect();
+            let _ = writeln!(out, "{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
+        }
+        Format::Csv => {
+            let esc = |s: String| {
+                if s.contains([',', '"', '\n']) {
+                    format!("\"{}\"", s.replace('"', "\"\""))
+                } else {
+                    s
+                }
+            };
+            let _ = writeln!(
+                out,
+                "{}",
+                r.columns.iter().cloned().map(esc).collect::<Vec<_>>().join(",")
+            );
+            for row in &r.rows {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    row.iter().map(|v| esc(cell_text(v))).collect::<Vec<_>>().join(",")
+                );
+            }
+        }
+        Format::Table => {
+            if r.columns.is_empty() {
+                let _ = writeln!(out, "(no rows)");
+                return;
+            }
+            let texts: Vec<Vec<String>> = r
+                .rows
+                .iter()
+                .map(|row| {
+                    row.iter()
+                        .map(|v| cell_text(v).replace('\n', " "))
+                        .collect()
+                })
+                .collect();
+            let mut widths: Vec<usize> = r.columns.iter().map(|c| c.len()).collect();
+            for row in &texts {
+                for (w, c) in widths.iter_mut().zip(row) {
+                    *w = (*w).max(c.chars().count().min(60));
+                }
+            }
+            let line = |cells: &[String]| {
+                cells
+                    .iter()
+                    .zip(&widths)
+                    .map(|(c, w)| {
+                        let c: String = c.chars().take(60).collect();
+                        format!("{c:w$}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join("  ")
+                    .trim_end()
+                    .to_string()
+            };
+            let _ = writeln!(out, "{}", line(&r.columns));
+            let _ = writeln!(
+                out,
+                "{}",
+                widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  ")
+            );
+            for row in &texts {
+                let _ = writeln!(out, "{}", line(row));
+            }
+        }
+    }
+}
