@@ -174,7 +174,7 @@ pub fn parse(text: &str, path: &Path, kinds: &dyn KindRules) -> Result<Pipeline>
         let loc = e.location().unwrap_or(Location::UNKNOWN);
         SpecError {
             pos: at(&loc),
-            stage: None,
+            stage: stage_at_line(text, loc.line()),
             message: yaml_message(&e),
             hint: Some("see schemas/pipeline.schema.json for the keys a pipeline file takes".into()),
         }
@@ -347,16 +347,60 @@ pub fn parse(text: &str, path: &Path, kinds: &dyn KindRules) -> Result<Pipeline>
     })
 }
 
-/// The YAML library's message without its own position prefix (we print ours).
+/// The YAML library's message without its own position prefix (we print
+/// ours), followed by its source snippet with the caret.
 fn yaml_message(e: &serde_saphyr::Error) -> String {
-    let text = e.to_string();
-    let first = text.lines().next().unwrap_or("invalid YAML").trim();
-    // serde-saphyr prefixes "error: line L column C: "; keep only the message.
-    let msg = match first.rfind(": ") {
-        Some(i) if first[..i].contains("line") => &first[i + 2..],
+    let text = e
+        .to_string()
+        .replace(", set DuplicateKeyPolicy in Options if acceptable", "")
+        .replace("invalid u64", "expected a whole number >= 0")
+        .replace("invalid u32", "expected a whole number >= 0")
+        .replace("expected mapping start", "expected a map (`key: value` entries) here");
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or("invalid YAML").trim();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let msg = match (first.starts_with("line "), first.find(": ")) {
+        (true, Some(i)) => &first[i + 2..],
         _ => first,
     };
-    msg.strip_prefix("error: ").unwrap_or(msg).to_string()
+    let msg = match msg.strip_prefix("duplicate mapping key: ") {
+        Some(k) => format!("`{k}` is written twice in the same map; names must be unique"),
+        None => msg.to_string(),
+    };
+    let snippet: Vec<&str> = lines.filter(|l| !l.trim_start().starts_with("-->")).collect();
+    if snippet.is_empty() {
+        msg
+    } else {
+        format!("{msg}\n{}", snippet.join("\n"))
+    }
+}
+
+/// The stage whose block holds `line` (1-based), found from the text alone:
+/// used for errors the YAML library reports before we know any stage.
+fn stage_at_line(text: &str, line: u64) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let stages_at = lines.iter().position(|l| l.trim_end() == "stages:")?;
+    let is_content = |l: &str| !l.trim().is_empty() && !l.trim_start().starts_with('#');
+    let first = lines[stages_at + 1..].iter().find(|l| is_content(l))?;
+    let indent = first.len() - first.trim_start().len();
+    if indent == 0 {
+        return None;
+    }
+    let upto = (line as usize).min(lines.len());
+    for l in lines[stages_at + 1..upto].iter().rev() {
+        if !is_content(l) {
+            continue;
+        }
+        let this = l.len() - l.trim_start().len();
+        if this < indent {
+            return None;
+        }
+        if this == indent {
+            let name = l.trim_start().split(':').next()?.trim();
+            return Some(name.trim_matches(['"', '\'']).to_string());
+        }
+    }
+    None
 }
 
 fn check_name(name: &str) -> std::result::Result<(), String> {

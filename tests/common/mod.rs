@@ -1,0 +1,111 @@
+//! Helpers for end-to-end tests of the `haic-pipe` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_haic-pipe")
+}
+
+/// A throw-away project folder with a pipeline file.
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    pub fn new(pipeline: &str) -> Project {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("pipeline.yaml"), pipeline).expect("write pipeline");
+        Project { dir }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn pipeline(&self) -> PathBuf {
+        self.path("pipeline.yaml")
+    }
+
+    pub fn write(&self, rel: &str, text: &str) {
+        let p = self.path(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(p, text).expect("write");
+    }
+
+    pub fn read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.path(rel)).unwrap_or_else(|e| panic!("reading {rel}: {e}"))
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.args(args).current_dir(self.dir.path()).env_remove("HAIC_WORKSPACE");
+        c
+    }
+
+    /// Runs `haic-pipe ARGS` in the project folder.
+    pub fn haic(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("running haic-pipe")
+    }
+
+    pub fn run(&self, extra: &[&str]) -> Output {
+        let mut args = vec!["run", "pipeline.yaml"];
+        args.extend_from_slice(extra);
+        self.haic(&args)
+    }
+
+    /// Rows of a registry query as JSON objects.
+    pub fn query(&self, sql: &str) -> Vec<Value> {
+        let out = self.haic(&["registry", "-p", "pipeline.yaml", "query", sql, "--format", "json"]);
+        assert!(out.status.success(), "query failed: {}", stderr(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("query output is JSON");
+        v.as_array().cloned().unwrap_or_default()
+    }
+
+    /// `stage -> status` of the stage runs of one run.
+    pub fn statuses(&self, run: i64) -> Vec<(String, String)> {
+        self.query(&format!(
+            "SELECT stage, status FROM stage_runs WHERE run_id = {run} ORDER BY id"
+        ))
+        .into_iter()
+        .map(|r| {
+            (
+                r["stage"].as_str().unwrap_or_default().to_string(),
+                r["status"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+    }
+
+    pub fn artifact_count(&self) -> usize {
+        count_artifacts(&self.path(".haic/artifacts"))
+    }
+}
+
+pub fn count_artifacts(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().len() == 64)
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+pub fn sorted(mut v: Vec<(String, String)>) -> Vec<(String, String)> {
+    v.sort();
+    v
+}
+
+pub fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
+    sorted(items.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect())
+}

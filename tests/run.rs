@@ -1,0 +1,293 @@
+//! End-to-end tests of `haic-pipe run`: caching, re-runs, failures, resume.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Project, pairs, sorted, stderr};
+
+const CHAIN: &str = r#"
+stages:
+  a:
+    kind: command
+    cmd: "printf '${text}' > a.txt"
+    params: {text: hello}
+    outs: [a.txt]
+  b:
+    kind: command
+    cmd: "tr a-z A-Z < a.txt > b.txt; echo ${suffix} >> b.txt"
+    params: {suffix: one}
+    deps: [a.txt]
+    outs: [b.txt]
+  c:
+    kind: command
+    cmd: "wc -c < b.txt > c.txt"
+    deps: [b.txt]
+    outs: [c.txt]
+  d:
+    kind: command
+    cmd: "echo independent > d.txt"
+    outs: [d.txt]
+"#;
+
+#[test]
+fn second_run_is_all_cached_and_restores_outs() {
+    let p = Project::new(CHAIN);
+    let out = p.run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(p.read("b.txt"), "HELLOone\n");
+    assert_eq!(p.artifact_count(), 4);
+    assert_eq!(
+        sorted(p.statuses(1)),
+        pairs(&[("a", "succeeded"), ("b", "succeeded"), ("c", "succeeded"), ("d", "succeeded")])
+    );
+
+    std::fs::remove_file(p.path("b.txt")).unwrap();
+    let out = p.run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        sorted(p.statuses(2)),
+        pairs(&[("a", "cached"), ("b", "cached"), ("c", "cached"), ("d", "cached")])
+    );
+    assert_eq!(p.read("b.txt"), "HELLOone\n", "a cache hit restores a deleted out");
+    assert_eq!(p.artifact_count(), 4);
+    let logs = std::fs::read_dir(p.path(".haic/logs")).unwrap().count();
+    assert_eq!(logs, 4, "cached stages start no worker");
+}
+
+#[test]
+fn param_change_reruns_exactly_the_downstream_stages() {
+    let p = Project::new(CHAIN);
+    assert!(p.run(&[]).status.success());
+    std::fs::write(p.pipeline(), CHAIN.replace("suffix: one", "suffix: two")).unwrap();
+
+    let st = p.haic(&["status", "pipeline.yaml"]);
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(text.contains("param `suffix` changed: \"one\" -> \"two\""), "{text}");
+    assert!(text.contains("upstream not up to date: b"), "{text}");
+
+    let out = p.run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        sorted(p.statuses(2)),
+        pairs(&[("a", "cached"), ("b", "succeeded"), ("c", "succeeded"), ("d", "cached")])
+    );
+    assert_eq!(p.read("b.txt"), "HELLOtwo\n");
+
+    // Early cut-off: `a` re-runs with a different command giving the same
+    // bytes; its dependents keep their keys.
+    let same_bytes = CHAIN
+        .replace("suffix: one", "suffix: two")
+        .replace("printf '${text}' > a.txt", "printf '%s' '${text}' > a.txt");
+    std::fs::write(p.pipeline(), same_bytes).unwrap();
+    let out = p.run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        sorted(p.statuses(3)),
+        pairs(&[("a", "succeeded"), ("b", "cached"), ("c", "cached"), ("d", "cached")])
+    );
+}
+
+#[test]
+fn a_changed_dep_file_reruns_its_stage() {
+    let p = Project::new(
+        "stages:\n  s:\n    kind: command\n    cmd: cat in.txt > out.txt\n    deps: [in.txt]\n    outs: [out.txt]\n",
+    );
+    p.write("in.txt", "v1\n");
+    assert!(p.run(&[]).status.success());
+    p.write("in.txt", "v2 longer\n");
+    let st = String::from_utf8_lossy(&p.haic(&["status", "pipeline.yaml"]).stdout).to_string();
+    assert!(st.contains("dep `in.txt` changed"), "{st}");
+    assert!(p.run(&[]).status.success());
+    assert_eq!(p.statuses(2), pairs(&[("s", "succeeded")]));
+    assert_eq!(p.read("out.txt"), "v2 longer\n");
+}
+
+#[test]
+fn a_failed_stage_skips_its_dependents_and_independent_branches_finish() {
+    let p = Project::new(&CHAIN.replace(
+        "tr a-z A-Z < a.txt > b.txt; echo ${suffix} >> b.txt",
+        "echo broken >&2; exit 3",
+    ));
+    let out = p.run(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(
+        sorted(p.statuses(1)),
+        pairs(&[("a", "succeeded"), ("b", "failed"), ("c", "skipped"), ("d", "succeeded")])
+    );
+    let err = p.query("SELECT error, log_path FROM stage_runs WHERE stage = 'b'");
+    assert!(err[0]["error"].as_str().unwrap().contains("exited with status 3"));
+    let log = std::fs::read_to_string(err[0]["log_path"].as_str().unwrap()).unwrap();
+    assert!(log.contains("broken"), "the command's stderr is in the stage log: {log}");
+    let skipped = p.query("SELECT error FROM stage_runs WHERE stage = 'c'");
+    assert_eq!(skipped[0]["error"], "upstream stage `b` failed");
+    assert_eq!(p.artifact_count(), 2, "only a and d published");
+    assert!(!p.path("b.txt").exists() && !p.path("c.txt").exists());
+    let run = p.query("SELECT status FROM runs WHERE id = 1");
+    assert_eq!(run[0]["status"], "failed");
+}
+
+#[test]
+fn fail_fast_stops_the_other_branches() {
+    let p = Project::new(
+        "stages:\n  bad:\n    kind: command\n    cmd: sleep 0.3; exit 1\n  slow:\n    kind: command\n    cmd: sleep 30; echo x > x.txt\n    outs: [x.txt]\n",
+    );
+    let t = Instant::now();
+    let out = p.run(&["--fail-fast", "--jobs", "2"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(t.elapsed() < Duration::from_secs(20), "the slow stage was stopped");
+    assert_eq!(
+        sorted(p.statuses(1)),
+        pairs(&[("bad", "failed"), ("slow", "interrupted")])
+    );
+}
+
+#[test]
+fn only_the_named_targets_and_their_upstream_run() {
+    let p = Project::new(CHAIN);
+    let out = p.run(&["b"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(sorted(p.statuses(1)), pairs(&[("a", "succeeded"), ("b", "succeeded")]));
+    let out = p.run(&["nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("there is no stage `nope`"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_stage_that_runs_too_long_fails_with_its_timeout() {
+    let p = Project::new("stages:\n  s:\n    kind: command\n    cmd: sleep 20\n    timeout: 1\n");
+    let t = Instant::now();
+    let out = p.run(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(t.elapsed() < Duration::from_secs(15));
+    let e = p.query("SELECT error FROM stage_runs");
+    assert!(e[0]["error"].as_str().unwrap().contains("timed out after 1 s"), "{e:?}");
+}
+
+#[test]
+fn inputs_pass_artifact_folders_and_lineage_is_recorded() {
+    let p = Project::new(
+        "stages:\n  a:\n    kind: command\n    cmd: echo data > a.txt\n    outs: [a.txt]\n  b:\n    kind: command\n    cmd: cat $HAIC_INPUT_SRC/a.txt > b.txt\n    inputs: {src: a}\n    outs: [b.txt]\n",
+    );
+    let out = p.run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(p.read("b.txt"), "data\n");
+    let rows = p.query(
+        "SELECT l.input, a.stage FROM lineage l JOIN artifacts a ON a.key = l.artifact_key",
+    );
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["input"], "src");
+    assert_eq!(rows[0]["stage"], "a");
+}
+
+/// Starts `run` in the background and waits until `marker` exists.
+fn start_and_wait_for(p: &Project, marker: &str, extra: &[&str]) -> std::process::Child {
+    let mut args = vec!["run", "pipeline.yaml"];
+    args.extend_from_slice(extra);
+    let child = p
+        .cmd(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn driver");
+    let t = Instant::now();
+    while !p.path(marker).exists() {
+        assert!(t.elapsed() < Duration::from_secs(30), "{marker} never appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// `slow` counts to 40 in its scratch folder (its own checkpoint), ~50 ms a step.
+const RESUMABLE: &str = r#"
+stages:
+  first:
+    kind: command
+    cmd: "echo first > first.txt"
+    outs: [first.txt]
+  slow:
+    kind: command
+    cmd: >-
+      n=$(cat "$HAIC_SCRATCH/n" 2>/dev/null || echo 0);
+      echo "start at $n" >> "$HAIC_PIPELINE_DIR/starts.log";
+      while [ "$n" -lt 40 ]; do
+        n=$((n+1)); echo $n > "$HAIC_SCRATCH/n.tmp"; mv "$HAIC_SCRATCH/n.tmp" "$HAIC_SCRATCH/n";
+        [ "$n" -eq 5 ] && touch "$HAIC_PIPELINE_DIR/running.flag";
+        sleep 0.05;
+      done;
+      cat first.txt > slow.txt; echo $n >> slow.txt
+    deps: [first.txt]
+    outs: [slow.txt]
+"#;
+
+#[test]
+fn kill_9_of_the_driver_then_resume_finishes_the_same_run() {
+    let p = Project::new(RESUMABLE);
+    let mut driver = start_and_wait_for(&p, "running.flag", &[]);
+    driver.kill().expect("SIGKILL the driver");
+    let _ = driver.wait();
+    let rows = p.query("SELECT stage, status FROM stage_runs ORDER BY id");
+    assert_eq!(rows.last().unwrap()["status"], "running", "left running by the dead driver");
+
+    let out = p.run(&["--resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("marked interrupted: slow"), "{}", stderr(&out));
+    assert_eq!(p.read("slow.txt"), "first\n40\n");
+    let runs = p.query("SELECT id, status FROM runs");
+    assert_eq!(runs.len(), 1, "resume continues the same run id");
+    assert_eq!(runs[0]["status"], "succeeded");
+    let hist = p.query("SELECT stage, status, attempt FROM stage_runs ORDER BY id");
+    let first_runs: Vec<_> = hist.iter().filter(|r| r["stage"] == "first").collect();
+    assert_eq!(first_runs.len(), 1, "the finished stage is not re-run: {hist:?}");
+    let slow: Vec<(String, i64)> = hist
+        .iter()
+        .filter(|r| r["stage"] == "slow")
+        .map(|r| (r["status"].as_str().unwrap().to_string(), r["attempt"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(slow, vec![("interrupted".into(), 1), ("succeeded".into(), 2)]);
+    let starts = p.read("starts.log");
+    let second_start: i64 = starts.lines().nth(1).unwrap()[9..].parse().unwrap();
+    assert!(second_start >= 5, "continued from its checkpoint: {starts}");
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_resume_completes() {
+    let p = Project::new(RESUMABLE);
+    let driver = start_and_wait_for(&p, "running.flag", &[]);
+    send_signal(driver.id(), "TERM");
+    let out = driver.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    let hist = p.query("SELECT stage, status FROM stage_runs ORDER BY id");
+    assert_eq!(hist.last().unwrap()["status"], "interrupted");
+    assert_eq!(p.query("SELECT status FROM runs")[0]["status"], "interrupted");
+    let out = p.run(&["--resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(p.query("SELECT status FROM runs")[0]["status"], "succeeded");
+}
+
+#[test]
+fn a_second_run_on_the_same_workspace_is_refused_at_once() {
+    let p = Project::new(RESUMABLE);
+    let mut first = start_and_wait_for(&p, "running.flag", &[]);
+    let t = Instant::now();
+    let out = p.run(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let msg = stderr(&out);
+    assert!(
+        msg.contains(&format!("in use by haic-pipe pid {}", first.id())),
+        "{msg}"
+    );
+    assert!(msg.contains("--wait"), "{msg}");
+    first.kill().unwrap();
+    let _ = first.wait();
+}
+
+fn send_signal(pid: u32, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
