@@ -228,7 +228,11 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             let ws = Workspace::locate(&pipeline, cli.workspace.as_deref())?;
             let states = pipeline::status::status(&p, &g, &kinds, &ws).await?;
             render::status(&states, json);
-            Ok(if states.iter().all(|s| s.state == "cached") { 0 } else { 1 })
+            Ok(if states.iter().all(|s| s.state == "cached") {
+                0
+            } else {
+                1
+            })
         }
         Cmd::Show { pipeline, stage } => {
             let p = load(&pipeline, &kinds)?;
@@ -274,10 +278,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             let ws = workspace_for(&cli.workspace, pipeline.as_deref())?;
             let removed = gc(&ws, keep_runs, dry_run).await?;
             let verb = if dry_run { "would remove" } else { "removed" };
-            eprintln!(
-                "{verb} {} artifact(s), {} bytes",
-                removed.0, removed.1
-            );
+            eprintln!("{verb} {} artifact(s), {} bytes", removed.0, removed.1);
             Ok(0)
         }
         Cmd::Worker { .. } => unreachable!("handled before the runtime starts"),
@@ -288,7 +289,10 @@ async fn dispatch(cli: Cli) -> Result<i32> {
 /// Holds the workspace lock, so it never runs beside a `run`.
 async fn gc(ws: &Workspace, keep_runs: i64, dry_run: bool) -> Result<(usize, u64)> {
     if !ws.registry_path().exists() {
-        bail!("{}: no registry here; nothing to collect", ws.root.display());
+        bail!(
+            "{}: no registry here; nothing to collect",
+            ws.root.display()
+        );
     }
     let _lock = ws.lock(false)?;
     let registry = pipeline::registry::Registry::open(&ws.registry_path()).await?;
@@ -303,8 +307,16 @@ async fn gc(ws: &Workspace, keep_runs: i64, dry_run: bool) -> Result<(usize, u64
         if keep.contains(&key) {
             continue;
         }
-        let size = store.manifest(&key).ok().flatten().map(|m| m.bytes).unwrap_or(0);
-        println!("{}{key} ({size} bytes)", if dry_run { "would remove " } else { "removed " });
+        let size = store
+            .manifest(&key)
+            .ok()
+            .flatten()
+            .map(|m| m.bytes)
+            .unwrap_or(0);
+        println!(
+            "{}{key} ({size} bytes)",
+            if dry_run { "would remove " } else { "removed " }
+        );
         if !dry_run {
             store.remove(&key)?;
             registry.forget_artifact(&key).await?;
@@ -318,16 +330,18 @@ async fn gc(ws: &Workspace, keep_runs: i64, dry_run: bool) -> Result<(usize, u64
 /// Ctrl-C or SIGTERM: stop running workers, record them interrupted, exit 130.
 fn spawn_signal_handler(cancel: CancellationToken) {
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            Ok(s) => s,
-            Err(_) => return,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        eprintln!("haic-pipe: stopping; running stages are recorded as interrupted (resume with --resume)");
+        eprintln!(
+            "haic-pipe: stopping; running stages are recorded as interrupted (resume with --resume)"
+        );
         cancel.cancel();
     });
 }

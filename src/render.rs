@@ -73,7 +73,10 @@ fn plain_line(e: &Event) -> Option<String> {
             message,
         } => format!(
             "{stage}: {done}/{total}{}",
-            message.as_deref().map(|m| format!(" {m}")).unwrap_or_default()
+            message
+                .as_deref()
+                .map(|m| format!(" {m}"))
+                .unwrap_or_default()
         ),
         Event::StageFinished {
             stage,
@@ -83,7 +86,10 @@ fn plain_line(e: &Event) -> Option<String> {
         } => format!(
             "{stage}: {} in {seconds:.2}s{}",
             status.as_str(),
-            error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+            error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
         ),
         Event::RunFinished {
             run_id,
@@ -92,7 +98,10 @@ fn plain_line(e: &Event) -> Option<String> {
             seconds,
         } => {
             let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
-            format!("run {run_id} {status} in {seconds:.2}s: {}", parts.join(", "))
+            format!(
+                "run {run_id} {status} in {seconds:.2}s: {}",
+                parts.join(", ")
+            )
         }
         Event::Notice { message } => message.clone(),
     })
@@ -173,10 +182,18 @@ pub fn finish(mode: Mode) {
 
 pub fn status(states: &[StageState], json: bool) {
     if json {
-        println!("{}", serde_json::to_string_pretty(states).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(states).unwrap_or_default()
+        );
         return;
     }
-    let width = states.iter().map(|s| s.stage.len()).max().unwrap_or(5).max(5);
+    let width = states
+        .iter()
+        .map(|s| s.stage.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
     for s in states {
         let why = if s.why.is_empty() {
             String::new()
@@ -199,7 +216,10 @@ pub async fn show(
     }
     match &state.artifact {
         Some(a) => println!("artifact: {}", a.display()),
-        None => println!("artifact: none for the current key ({})", state.why.join("; ")),
+        None => println!(
+            "artifact: none for the current key ({})",
+            state.why.join("; ")
+        ),
     }
     if let Some(st) = p.stage(&state.stage) {
         for o in &st.outs {
@@ -236,7 +256,11 @@ pub fn table(r: &QueryResult, format: Format) {
                 .iter()
                 .map(|row| r.columns.iter().cloned().zip(row.iter().cloned()).collect())
                 .collect();
-            let _ = writeln!(out, "{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&rows).unwrap_or_default()
+            );
         }
         Format::Csv => {
             let esc = |s: String| {
@@ -249,13 +273,21 @@ pub fn table(r: &QueryResult, format: Format) {
             let _ = writeln!(
                 out,
                 "{}",
-                r.columns.iter().cloned().map(esc).collect::<Vec<_>>().join(",")
+                r.columns
+                    .iter()
+                    .cloned()
+                    .map(esc)
+                    .collect::<Vec<_>>()
+                    .join(",")
             );
             for row in &r.rows {
                 let _ = writeln!(
                     out,
                     "{}",
-                    row.iter().map(|v| esc(cell_text(v))).collect::<Vec<_>>().join(",")
+                    row.iter()
+                        .map(|v| esc(cell_text(v)))
+                        .collect::<Vec<_>>()
+                        .join(",")
                 );
             }
         }
@@ -296,7 +328,11 @@ pub fn table(r: &QueryResult, format: Format) {
             let _ = writeln!(
                 out,
                 "{}",
-                widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  ")
+                widths
+                    .iter()
+                    .map(|w| "-".repeat(*w))
+                    .collect::<Vec<_>>()
+                    .join("  ")
             );
             for row in &texts {
                 let _ = writeln!(out, "{}", line(row));

@@ -39,7 +39,12 @@ fn second_run_is_all_cached_and_restores_outs() {
     assert_eq!(p.artifact_count(), 4);
     assert_eq!(
         sorted(p.statuses(1)),
-        pairs(&[("a", "succeeded"), ("b", "succeeded"), ("c", "succeeded"), ("d", "succeeded")])
+        pairs(&[
+            ("a", "succeeded"),
+            ("b", "succeeded"),
+            ("c", "succeeded"),
+            ("d", "succeeded")
+        ])
     );
 
     std::fs::remove_file(p.path("b.txt")).unwrap();
@@ -47,9 +52,18 @@ fn second_run_is_all_cached_and_restores_outs() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
         sorted(p.statuses(2)),
-        pairs(&[("a", "cached"), ("b", "cached"), ("c", "cached"), ("d", "cached")])
+        pairs(&[
+            ("a", "cached"),
+            ("b", "cached"),
+            ("c", "cached"),
+            ("d", "cached")
+        ])
     );
-    assert_eq!(p.read("b.txt"), "HELLOone\n", "a cache hit restores a deleted out");
+    assert_eq!(
+        p.read("b.txt"),
+        "HELLOone\n",
+        "a cache hit restores a deleted out"
+    );
     assert_eq!(p.artifact_count(), 4);
     let logs = std::fs::read_dir(p.path(".haic/logs")).unwrap().count();
     assert_eq!(logs, 4, "cached stages start no worker");
@@ -63,14 +77,22 @@ fn param_change_reruns_exactly_the_downstream_stages() {
 
     let st = p.haic(&["status", "pipeline.yaml"]);
     let text = String::from_utf8_lossy(&st.stdout);
-    assert!(text.contains("param `suffix` changed: \"one\" -> \"two\""), "{text}");
+    assert!(
+        text.contains("param `suffix` changed: \"one\" -> \"two\""),
+        "{text}"
+    );
     assert!(text.contains("upstream not up to date: b"), "{text}");
 
     let out = p.run(&[]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
         sorted(p.statuses(2)),
-        pairs(&[("a", "cached"), ("b", "succeeded"), ("c", "succeeded"), ("d", "cached")])
+        pairs(&[
+            ("a", "cached"),
+            ("b", "succeeded"),
+            ("c", "succeeded"),
+            ("d", "cached")
+        ])
     );
     assert_eq!(p.read("b.txt"), "HELLOtwo\n");
 
@@ -84,7 +106,12 @@ fn param_change_reruns_exactly_the_downstream_stages() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
         sorted(p.statuses(3)),
-        pairs(&[("a", "succeeded"), ("b", "cached"), ("c", "cached"), ("d", "cached")])
+        pairs(&[
+            ("a", "succeeded"),
+            ("b", "cached"),
+            ("c", "cached"),
+            ("d", "cached")
+        ])
     );
 }
 
@@ -113,12 +140,25 @@ fn a_failed_stage_skips_its_dependents_and_independent_branches_finish() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert_eq!(
         sorted(p.statuses(1)),
-        pairs(&[("a", "succeeded"), ("b", "failed"), ("c", "skipped"), ("d", "succeeded")])
+        pairs(&[
+            ("a", "succeeded"),
+            ("b", "failed"),
+            ("c", "skipped"),
+            ("d", "succeeded")
+        ])
     );
     let err = p.query("SELECT error, log_path FROM stage_runs WHERE stage = 'b'");
-    assert!(err[0]["error"].as_str().unwrap().contains("exited with status 3"));
+    assert!(
+        err[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("exited with status 3")
+    );
     let log = std::fs::read_to_string(err[0]["log_path"].as_str().unwrap()).unwrap();
-    assert!(log.contains("broken"), "the command's stderr is in the stage log: {log}");
+    assert!(
+        log.contains("broken"),
+        "the command's stderr is in the stage log: {log}"
+    );
     let skipped = p.query("SELECT error FROM stage_runs WHERE stage = 'c'");
     assert_eq!(skipped[0]["error"], "upstream stage `b` failed");
     assert_eq!(p.artifact_count(), 2, "only a and d published");
@@ -135,7 +175,10 @@ fn fail_fast_stops_the_other_branches() {
     let t = Instant::now();
     let out = p.run(&["--fail-fast", "--jobs", "2"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(t.elapsed() < Duration::from_secs(20), "the slow stage was stopped");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "the slow stage was stopped"
+    );
     assert_eq!(
         sorted(p.statuses(1)),
         pairs(&[("bad", "failed"), ("slow", "interrupted")])
@@ -147,10 +190,17 @@ fn only_the_named_targets_and_their_upstream_run() {
     let p = Project::new(CHAIN);
     let out = p.run(&["b"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(sorted(p.statuses(1)), pairs(&[("a", "succeeded"), ("b", "succeeded")]));
+    assert_eq!(
+        sorted(p.statuses(1)),
+        pairs(&[("a", "succeeded"), ("b", "succeeded")])
+    );
     let out = p.run(&["nope"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("there is no stage `nope`"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("there is no stage `nope`"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -161,7 +211,13 @@ fn a_stage_that_runs_too_long_fails_with_its_timeout() {
     assert_eq!(out.status.code(), Some(1));
     assert!(t.elapsed() < Duration::from_secs(15));
     let e = p.query("SELECT error FROM stage_runs");
-    assert!(e[0]["error"].as_str().unwrap().contains("timed out after 1 s"), "{e:?}");
+    assert!(
+        e[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("timed out after 1 s"),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -172,9 +228,8 @@ fn inputs_pass_artifact_folders_and_lineage_is_recorded() {
     let out = p.run(&[]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(p.read("b.txt"), "data\n");
-    let rows = p.query(
-        "SELECT l.input, a.stage FROM lineage l JOIN artifacts a ON a.key = l.artifact_key",
-    );
+    let rows = p
+        .query("SELECT l.input, a.stage FROM lineage l JOIN artifacts a ON a.key = l.artifact_key");
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["input"], "src");
     assert_eq!(rows[0]["stage"], "a");
@@ -192,7 +247,10 @@ fn start_and_wait_for(p: &Project, marker: &str, extra: &[&str]) -> std::process
         .expect("spawn driver");
     let t = Instant::now();
     while !p.path(marker).exists() {
-        assert!(t.elapsed() < Duration::from_secs(30), "{marker} never appeared");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{marker} never appeared"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child
@@ -227,24 +285,44 @@ fn kill_9_of_the_driver_then_resume_finishes_the_same_run() {
     driver.kill().expect("SIGKILL the driver");
     let _ = driver.wait();
     let rows = p.query("SELECT stage, status FROM stage_runs ORDER BY id");
-    assert_eq!(rows.last().unwrap()["status"], "running", "left running by the dead driver");
+    assert_eq!(
+        rows.last().unwrap()["status"],
+        "running",
+        "left running by the dead driver"
+    );
 
     let out = p.run(&["--resume"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("marked interrupted: slow"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("marked interrupted: slow"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(p.read("slow.txt"), "first\n40\n");
     let runs = p.query("SELECT id, status FROM runs");
     assert_eq!(runs.len(), 1, "resume continues the same run id");
     assert_eq!(runs[0]["status"], "succeeded");
     let hist = p.query("SELECT stage, status, attempt FROM stage_runs ORDER BY id");
     let first_runs: Vec<_> = hist.iter().filter(|r| r["stage"] == "first").collect();
-    assert_eq!(first_runs.len(), 1, "the finished stage is not re-run: {hist:?}");
+    assert_eq!(
+        first_runs.len(),
+        1,
+        "the finished stage is not re-run: {hist:?}"
+    );
     let slow: Vec<(String, i64)> = hist
         .iter()
         .filter(|r| r["stage"] == "slow")
-        .map(|r| (r["status"].as_str().unwrap().to_string(), r["attempt"].as_i64().unwrap()))
+        .map(|r| {
+            (
+                r["status"].as_str().unwrap().to_string(),
+                r["attempt"].as_i64().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(slow, vec![("interrupted".into(), 1), ("succeeded".into(), 2)]);
+    assert_eq!(
+        slow,
+        vec![("interrupted".into(), 1), ("succeeded".into(), 2)]
+    );
     let starts = p.read("starts.log");
     let second_start: i64 = starts.lines().nth(1).unwrap()[9..].parse().unwrap();
     assert!(second_start >= 5, "continued from its checkpoint: {starts}");
@@ -259,7 +337,10 @@ fn sigterm_stops_cleanly_and_resume_completes() {
     assert_eq!(out.status.code(), Some(130));
     let hist = p.query("SELECT stage, status FROM stage_runs ORDER BY id");
     assert_eq!(hist.last().unwrap()["status"], "interrupted");
-    assert_eq!(p.query("SELECT status FROM runs")[0]["status"], "interrupted");
+    assert_eq!(
+        p.query("SELECT status FROM runs")[0]["status"],
+        "interrupted"
+    );
     let out = p.run(&["--resume"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(p.query("SELECT status FROM runs")[0]["status"], "succeeded");

@@ -58,7 +58,8 @@ const KEY_DOMAIN: &[u8] = b"haic-pipe stage key v1\0";
 pub fn canonical(v: &Value) -> Value {
     match v {
         Value::Object(m) => {
-            let sorted: BTreeMap<&String, Value> = m.iter().map(|(k, v)| (k, canonical(v))).collect();
+            let sorted: BTreeMap<&String, Value> =
+                m.iter().map(|(k, v)| (k, canonical(v))).collect();
             let mut out = serde_json::Map::new();
             for (k, v) in sorted {
                 out.insert(k.clone(), v);
@@ -145,7 +146,10 @@ impl KeyMaterial {
             }
         }
         if self.device != old.device {
-            why.push(format!("device class changed: {:?} -> {:?}", old.device, self.device));
+            why.push(format!(
+                "device class changed: {:?} -> {:?}",
+                old.device, self.device
+            ));
         }
         why
     }
@@ -157,7 +161,9 @@ pub fn hash_file(path: &Path) -> Result<String> {
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let n = f.read(&mut buf).ctx(|| format!("reading {}", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .ctx(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -276,13 +282,15 @@ impl ArtifactStore {
     pub fn manifest(&self, key: &str) -> Result<Option<Manifest>> {
         let path = self.dir(key).join("manifest.json");
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::Artifact {
-                key: key.to_string(),
-                message: format!(
-                    "{} is damaged ({e}); remove that folder and run again",
-                    path.display()
-                ),
-            }),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| Error::Artifact {
+                    key: key.to_string(),
+                    message: format!(
+                        "{} is damaged ({e}); remove that folder and run again",
+                        path.display()
+                    ),
+                }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
         }
@@ -343,7 +351,11 @@ impl ArtifactStore {
                 })
             }
             Err(e) => Err(Error::io(
-                format!("publishing {} as {}", staging.root.display(), target.display()),
+                format!(
+                    "publishing {} as {}",
+                    staging.root.display(),
+                    target.display()
+                ),
                 e,
             )),
         }
@@ -390,7 +402,12 @@ impl ArtifactStore {
     /// Removes an artifact: renamed aside first so that it vanishes at once.
     pub fn remove(&self, key: &str) -> Result<u64> {
         let dir = self.dir(key);
-        let bytes = self.manifest(key).ok().flatten().map(|m| m.bytes).unwrap_or(0);
+        let bytes = self
+            .manifest(key)
+            .ok()
+            .flatten()
+            .map(|m| m.bytes)
+            .unwrap_or(0);
         let trash = self
             .root
             .join(".staging")
@@ -462,7 +479,10 @@ mod tests {
         let key = "a".repeat(64);
         let st = store.begin(&key).unwrap();
         fs::write(st.data().join("x.txt"), b"hello").unwrap();
-        assert!(store.manifest(&key).unwrap().is_none(), "staged is not visible");
+        assert!(
+            store.manifest(&key).unwrap().is_none(),
+            "staged is not visible"
+        );
         let m = store.commit(st, "s", "command").unwrap();
         assert_eq!(m.files.len(), 1);
         assert_eq!(m.bytes, 5);

@@ -114,24 +114,39 @@ impl Slots {
 #[derive(Debug)]
 pub enum WorkerEnd {
     /// Exit code 0 and a `published` event.
-    Published { digest: String, bytes: u64 },
+    Published {
+        digest: String,
+        bytes: u64,
+    },
     Failed(String),
     TimedOut(u64),
     Interrupted,
 }
 
-/// Starts a local worker for `job_file`, streams its events to `on_event`,
+/// What the local back-end needs to start one worker.
+pub struct WorkerLaunch<'a> {
+    pub exe: &'a Path,
+    pub job_file: &'a Path,
+    pub log_file: &'a Path,
+    pub device: &'a str,
+    pub timeout_s: Option<u64>,
+}
+
+/// Starts a local worker for the job, streams its events to `on_event`,
 /// and waits for it (or for `cancel`, or the timeout).
 pub async fn run_local(
-    exe: &Path,
-    job_file: &Path,
-    log_file: &Path,
-    device: &str,
-    timeout_s: Option<u64>,
+    launch: WorkerLaunch<'_>,
     cancel: &CancellationToken,
     on_pid: impl FnOnce(u32),
     mut on_event: impl FnMut(WorkerEvent),
 ) -> Result<WorkerEnd> {
+    let WorkerLaunch {
+        exe,
+        job_file,
+        log_file,
+        device,
+        timeout_s,
+    } = launch;
     let log = std::fs::File::create(log_file).ctx(|| format!("creating {}", log_file.display()))?;
     let mut cmd = Command::new(exe);
     cmd.arg("worker")
@@ -157,9 +172,13 @@ pub async fn run_local(
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
-        .ctx(|| format!("starting worker {} for {}", exe.display(), job_file.display()))?;
+    let mut child = cmd.spawn().ctx(|| {
+        format!(
+            "starting worker {} for {}",
+            exe.display(),
+            job_file.display()
+        )
+    })?;
     let pid = child.id().unwrap_or(0);
     on_pid(pid);
     let stdout = child
@@ -229,7 +248,10 @@ async fn stop_group(pid: u32, child: &mut tokio::process::Child) {
     unsafe {
         libc::kill(-(pid as i32), libc::SIGTERM);
     }
-    if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+    if tokio::time::timeout(STOP_GRACE, child.wait())
+        .await
+        .is_err()
+    {
         unsafe {
             libc::kill(-(pid as i32), libc::SIGKILL);
         }

@@ -44,7 +44,10 @@ pub fn build(p: &Pipeline) -> Result<Graph> {
             match p.index.get(from.as_str()) {
                 Some(&j) if j == i => {
                     return Err(s
-                        .error(&format!("inputs.{input}"), "a stage cannot read its own output")
+                        .error(
+                            &format!("inputs.{input}"),
+                            "a stage cannot read its own output",
+                        )
                         .into());
                 }
                 Some(&j) => {
@@ -64,7 +67,10 @@ pub fn build(p: &Pipeline) -> Result<Graph> {
             if let Some(&j) = out_owner.get(d.as_str()) {
                 if j == i {
                     return Err(s
-                        .error(&format!("deps.{d}"), format!("`{d}` is both a dep and an out"))
+                        .error(
+                            &format!("deps.{d}"),
+                            format!("`{d}` is both a dep and an out"),
+                        )
                         .into());
                 }
                 upstream[i].insert(j);
@@ -78,7 +84,10 @@ pub fn build(p: &Pipeline) -> Result<Graph> {
         }
     }
 
-    let upstream: Vec<Vec<usize>> = upstream.into_iter().map(|s| s.into_iter().collect()).collect();
+    let upstream: Vec<Vec<usize>> = upstream
+        .into_iter()
+        .map(|s| s.into_iter().collect())
+        .collect();
     let mut downstream = vec![Vec::new(); n];
     for (i, ups) in upstream.iter().enumerate() {
         for &j in ups {
@@ -156,7 +165,10 @@ fn find_cycle(upstream: &[Vec<usize>]) -> Option<Vec<usize>> {
                             x = parent[x];
                             out.push(x);
                         }
-                        out.push(v);
+                        // Start at the stage declared first, for a stable message.
+                        let first = (0..out.len()).min_by_key(|&k| out[k]).unwrap_or(0);
+                        out.rotate_left(first);
+                        out.push(out[0]);
                         return Some(out);
                     }
                     Mark::Done => {}

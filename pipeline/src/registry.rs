@@ -17,7 +17,9 @@ use serde_json::Value;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, Column, ConnectOptions, Connection, QueryBuilder, Row, TypeInfo, ValueRef};
+use sqlx::{
+    AssertSqlSafe, Column, ConnectOptions, Connection, QueryBuilder, Row, TypeInfo, ValueRef,
+};
 use tokio::sync::Mutex;
 
 use crate::error::{Error, Result};
@@ -96,6 +98,15 @@ fn db_err(path: &Path) -> impl Fn(sqlx::Error) -> Error + '_ {
     }
 }
 
+/// One metric's points within one batch, merged into `metric_summaries`.
+struct BatchSummary {
+    last_step: i64,
+    last: f64,
+    min: f64,
+    max: f64,
+    points: i64,
+}
+
 /// Rows bound per INSERT statement (4 values each, under SQLite's 32766 limit).
 const METRIC_ROWS_PER_STATEMENT: usize = 4000;
 
@@ -161,12 +172,14 @@ impl Registry {
     /// Marks a run as running again (resume) under this driver.
     pub async fn reopen_run(&self, run_id: i64) -> Result<()> {
         let mut c = self.conn.lock().await;
-        sqlx::query("UPDATE runs SET status = 'running', finished_at = NULL, driver_pid = ? WHERE id = ?")
-            .bind(std::process::id() as i64)
-            .bind(run_id)
-            .execute(&mut *c)
-            .await
-            .map_err(db_err(&self.path))?;
+        sqlx::query(
+            "UPDATE runs SET status = 'running', finished_at = NULL, driver_pid = ? WHERE id = ?",
+        )
+        .bind(std::process::id() as i64)
+        .bind(run_id)
+        .execute(&mut *c)
+        .await
+        .map_err(db_err(&self.path))?;
         Ok(())
     }
 
@@ -203,13 +216,14 @@ impl Registry {
     /// Highest attempt number of a stage in a run (0 if none).
     pub async fn last_attempt(&self, run_id: i64, stage: &str) -> Result<i64> {
         let mut c = self.conn.lock().await;
-        let n: Option<i64> =
-            sqlx::query_scalar("SELECT max(attempt) FROM stage_runs WHERE run_id = ? AND stage = ?")
-                .bind(run_id)
-                .bind(stage)
-                .fetch_one(&mut *c)
-                .await
-                .map_err(db_err(&self.path))?;
+        let n: Option<i64> = sqlx::query_scalar(
+            "SELECT max(attempt) FROM stage_runs WHERE run_id = ? AND stage = ?",
+        )
+        .bind(run_id)
+        .bind(stage)
+        .fetch_one(&mut *c)
+        .await
+        .map_err(db_err(&self.path))?;
         Ok(n.unwrap_or(0))
     }
 
@@ -265,11 +279,15 @@ impl Registry {
         flatten_params("", params, &mut flat);
         if !flat.is_empty() {
             let mut c = self.conn.lock().await;
-            let mut qb = QueryBuilder::new("INSERT OR REPLACE INTO params (stage_run_id, name, value) ");
+            let mut qb =
+                QueryBuilder::new("INSERT OR REPLACE INTO params (stage_run_id, name, value) ");
             qb.push_values(flat, |mut b, (k, v)| {
                 b.push_bind(id).push_bind(k).push_bind(v);
             });
-            qb.build().execute(&mut *c).await.map_err(db_err(&self.path))?;
+            qb.build()
+                .execute(&mut *c)
+                .await
+                .map_err(db_err(&self.path))?;
         }
         Ok(id)
     }
@@ -346,45 +364,55 @@ impl Registry {
             return Ok(());
         }
         // Summaries of this batch, merged into the stored ones below.
-        let mut summary: HashMap<(i64, &str), (i64, f64, f64, f64, i64)> = HashMap::new();
+        let mut summary: HashMap<(i64, &str), BatchSummary> = HashMap::new();
         for p in points {
             let e = summary
                 .entry((p.stage_run_id, p.name.as_str()))
-                .or_insert((p.step, p.value, p.value, p.value, 0));
-            if p.step >= e.0 {
-                e.0 = p.step;
-                e.1 = p.value;
+                .or_insert(BatchSummary {
+                    last_step: p.step,
+                    last: p.value,
+                    min: p.value,
+                    max: p.value,
+                    points: 0,
+                });
+            if p.step >= e.last_step {
+                e.last_step = p.step;
+                e.last = p.value;
             }
-            e.2 = e.2.min(p.value);
-            e.3 = e.3.max(p.value);
-            e.4 += 1;
+            e.min = e.min.min(p.value);
+            e.max = e.max.max(p.value);
+            e.points += 1;
         }
         let mut c = self.conn.lock().await;
         let mut tx = c.begin().await.map_err(db_err(&self.path))?;
         for chunk in points.chunks(METRIC_ROWS_PER_STATEMENT) {
-            let mut qb =
-                QueryBuilder::new("INSERT OR REPLACE INTO metrics (stage_run_id, name, step, value) ");
+            let mut qb = QueryBuilder::new(
+                "INSERT OR REPLACE INTO metrics (stage_run_id, name, step, value) ",
+            );
             qb.push_values(chunk, |mut b, p| {
                 b.push_bind(p.stage_run_id)
                     .push_bind(p.name.as_str())
                     .push_bind(p.step)
                     .push_bind(p.value);
             });
-            qb.build().execute(&mut *tx).await.map_err(db_err(&self.path))?;
+            qb.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err(&self.path))?;
         }
         let rows: Vec<_> = summary.into_iter().collect();
         for chunk in rows.chunks(METRIC_ROWS_PER_STATEMENT / 2) {
             let mut qb = QueryBuilder::new(
                 "INSERT INTO metric_summaries (stage_run_id, name, last_step, last_value, min_value, max_value, points) ",
             );
-            qb.push_values(chunk, |mut b, ((id, name), (step, last, min, max, n))| {
+            qb.push_values(chunk, |mut b, ((id, name), s)| {
                 b.push_bind(*id)
                     .push_bind(*name)
-                    .push_bind(*step)
-                    .push_bind(*last)
-                    .push_bind(*min)
-                    .push_bind(*max)
-                    .push_bind(*n);
+                    .push_bind(s.last_step)
+                    .push_bind(s.last)
+                    .push_bind(s.min)
+                    .push_bind(s.max)
+                    .push_bind(s.points);
             });
             qb.push(
                 " ON CONFLICT (stage_run_id, name) DO UPDATE SET
@@ -394,7 +422,10 @@ impl Registry {
                    max_value = max(max_value, excluded.max_value),
                    points = points + excluded.points",
             );
-            qb.build().execute(&mut *tx).await.map_err(db_err(&self.path))?;
+            qb.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err(&self.path))?;
         }
         tx.commit().await.map_err(db_err(&self.path))?;
         Ok(())
@@ -439,7 +470,10 @@ impl Registry {
                     .push_bind(s.inode)
                     .push_bind(s.digest.as_str());
             });
-            qb.build().execute(&mut *tx).await.map_err(db_err(&self.path))?;
+            qb.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err(&self.path))?;
         }
         tx.commit().await.map_err(db_err(&self.path))?;
         Ok(())
@@ -562,13 +596,22 @@ fn cell(r: &SqliteRow, i: usize) -> Value {
         return Value::Null;
     }
     match raw.type_info().name() {
-        "INTEGER" => r.try_get::<i64, _>(i).map(Value::from).unwrap_or(Value::Null),
-        "REAL" => r.try_get::<f64, _>(i).map(Value::from).unwrap_or(Value::Null),
+        "INTEGER" => r
+            .try_get::<i64, _>(i)
+            .map(Value::from)
+            .unwrap_or(Value::Null),
+        "REAL" => r
+            .try_get::<f64, _>(i)
+            .map(Value::from)
+            .unwrap_or(Value::Null),
         "BLOB" => r
             .try_get::<Vec<u8>, _>(i)
             .map(|b| Value::String(format!("<{} bytes>", b.len())))
             .unwrap_or(Value::Null),
-        _ => r.try_get::<String, _>(i).map(Value::from).unwrap_or(Value::Null),
+        _ => r
+            .try_get::<String, _>(i)
+            .map(Value::from)
+            .unwrap_or(Value::Null),
     }
 }
 
@@ -671,14 +714,26 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!(q.rows[0], vec![Value::from(9), Value::from(1.0), Value::from(1.0), Value::from(10)]);
+        assert_eq!(
+            q.rows[0],
+            vec![
+                Value::from(9),
+                Value::from(1.0),
+                Value::from(1.0),
+                Value::from(10)
+            ]
+        );
         let q = query_read_only(&path, "select value from params where name = 'opt.lr'")
             .await
             .unwrap();
         assert_eq!(q.rows[0][0], Value::from("0.1"));
-        let e = query_read_only(&path, "DELETE FROM metrics").await.unwrap_err();
+        let e = query_read_only(&path, "DELETE FROM metrics")
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("only SELECT"), "{e}");
-        let e = query_read_only(&path, "select 1; drop table runs").await.unwrap_err();
+        let e = query_read_only(&path, "select 1; drop table runs")
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("one statement"), "{e}");
         // A write hidden in a CTE is refused by SQLite itself.
         let e = query_read_only(&path, "WITH x AS (SELECT 1) DELETE FROM runs")

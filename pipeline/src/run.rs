@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::{ArtifactStore, KeyMaterial, Manifest, digest_of_entries};
 use crate::error::{Error, IoContext, Result};
-use crate::executor::{Slots, WorkerEnd, current_exe, run_local};
+use crate::executor::{Slots, WorkerEnd, WorkerLaunch, current_exe, run_local};
 use crate::graph::{self, Graph};
 use crate::hashing::DepHasher;
 use crate::registry::{MetricPoint, NewStageRun, Registry, StageStatus};
@@ -175,12 +175,19 @@ pub async fn run(
         }
         (true, _) => {
             sink(&Event::Notice {
-                message: "nothing to resume (no unfinished run of this pipeline); starting a new run"
-                    .into(),
+                message:
+                    "nothing to resume (no unfinished run of this pipeline); starting a new run"
+                        .into(),
             });
-            registry.begin_run(&pipeline_key, &digest, &targets.join(" ")).await?
+            registry
+                .begin_run(&pipeline_key, &digest, &targets.join(" "))
+                .await?
         }
-        (false, _) => registry.begin_run(&pipeline_key, &digest, &targets.join(" ")).await?,
+        (false, _) => {
+            registry
+                .begin_run(&pipeline_key, &digest, &targets.join(" "))
+                .await?
+        }
     };
     let selected = g.select(&p, &targets)?;
     let n_selected = selected.iter().filter(|s| **s).count();
@@ -262,7 +269,10 @@ async fn write_metrics(
             }
         }
         if let Err(e) = registry.insert_metrics(&batch).await {
-            eprintln!("haic-pipe: could not record {} metric points: {e}", batch.len());
+            eprintln!(
+                "haic-pipe: could not record {} metric points: {e}",
+                batch.len()
+            );
         }
         batch.clear();
     }
@@ -299,14 +309,12 @@ impl Driver {
 
     fn counts(&self, selected: &[bool]) -> BTreeMap<String, usize> {
         let mut counts = BTreeMap::new();
-        for i in 0..self.p.stages.len() {
-            if selected[i] {
-                let status = self
-                    .outcome(i)
-                    .map(|o| o.status.as_str())
-                    .unwrap_or("skipped");
-                *counts.entry(status.to_string()).or_insert(0) += 1;
-            }
+        for (i, _) in selected.iter().enumerate().filter(|(_, s)| **s) {
+            let status = self
+                .outcome(i)
+                .map(|o| o.status.as_str())
+                .unwrap_or("skipped");
+            *counts.entry(status.to_string()).or_insert(0) += 1;
         }
         counts
     }
@@ -427,8 +435,17 @@ impl Driver {
 
     /// The key material of stage `i`; its upstream outcomes must be known.
     fn material(&self, i: usize) -> std::result::Result<KeyMaterial, String> {
-        let mut hasher = self.hasher.lock().map_err(|_| "hasher poisoned".to_string())?;
-        stage_material(&self.p, &self.kinds, i, &|j| self.outcome(j)?.digest, &mut hasher)
+        let mut hasher = self
+            .hasher
+            .lock()
+            .map_err(|_| "hasher poisoned".to_string())?;
+        stage_material(
+            &self.p,
+            &self.kinds,
+            i,
+            &|j| self.outcome(j)?.digest,
+            &mut hasher,
+        )
     }
 
     /// Copies a command stage's outs from the store into the pipeline folder,
@@ -473,7 +490,12 @@ impl Driver {
         Ok(())
     }
 
-    async fn record_unstarted(&self, i: usize, status: StageStatus, error: Option<String>) -> StageStatus {
+    async fn record_unstarted(
+        &self,
+        i: usize,
+        status: StageStatus,
+        error: Option<String>,
+    ) -> StageStatus {
         let st = &self.p.stages[i];
         let row = NewStageRun {
             run_id: self.run_id,
@@ -534,7 +556,9 @@ impl Driver {
         let material = match self.material(i) {
             Ok(m) => m,
             Err(msg) => {
-                let s = self.record_unstarted(i, StageStatus::Failed, Some(msg)).await;
+                let s = self
+                    .record_unstarted(i, StageStatus::Failed, Some(msg))
+                    .await;
                 if self.fail_fast {
                     self.cancel.cancel();
                 }
@@ -616,10 +640,10 @@ impl Driver {
             }
         };
         let attempt = self.registry.last_attempt(self.run_id, &st.name).await? + 1;
-        let log = self
-            .ws
-            .logs()
-            .join(format!("run{:05}-{}-attempt{attempt}.log", self.run_id, st.name));
+        let log = self.ws.logs().join(format!(
+            "run{:05}-{}-attempt{attempt}.log",
+            self.run_id, st.name
+        ));
         let log_str = log.display().to_string();
         let mat = material.to_json();
         let id = self
@@ -682,11 +706,13 @@ impl Driver {
 
         let mut worker_pid = 0;
         let end = run_local(
-            &self.exe,
-            &job_file,
-            &log,
-            &slot.device,
-            st.timeout_s,
+            WorkerLaunch {
+                exe: &self.exe,
+                job_file: &job_file,
+                log_file: &log,
+                device: &slot.device,
+                timeout_s: st.timeout_s,
+            },
             &self.cancel,
             |pid| worker_pid = pid,
             |e| match e {
@@ -731,10 +757,16 @@ impl Driver {
             Ok(WorkerEnd::Published { .. }) => match self.store.manifest(key) {
                 Ok(Some(m)) => {
                     let path = self.store.dir(key).display().to_string();
-                    self.registry.record_artifact(id, &m, &path, &lineage).await?;
+                    self.registry
+                        .record_artifact(id, &m, &path, &lineage)
+                        .await?;
                     match self.restore_outs(i, &m) {
                         Ok(()) => (StageStatus::Succeeded, None, Some(m.digest)),
-                        Err(e) => (StageStatus::Failed, Some(format!("restoring outs: {e}")), None),
+                        Err(e) => (
+                            StageStatus::Failed,
+                            Some(format!("restoring outs: {e}")),
+                            None,
+                        ),
                     }
                 }
                 Ok(None) => (
@@ -858,7 +890,8 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
             copy_tree(&e.path(), &dst.join(e.file_name()))?;
         }
     } else {
-        std::fs::copy(src, dst).ctx(|| format!("copying {} to {}", src.display(), dst.display()))?;
+        std::fs::copy(src, dst)
+            .ctx(|| format!("copying {} to {}", src.display(), dst.display()))?;
         // Store files are read-only; the user's copy is theirs to edit.
         let mode = meta.permissions().mode() | 0o200;
         std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode))

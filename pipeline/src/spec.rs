@@ -176,7 +176,9 @@ pub fn parse(text: &str, path: &Path, kinds: &dyn KindRules) -> Result<Pipeline>
             pos: at(&loc),
             stage: stage_at_line(text, loc.line()),
             message: yaml_message(&e),
-            hint: Some("see schemas/pipeline.schema.json for the keys a pipeline file takes".into()),
+            hint: Some(
+                "see schemas/pipeline.schema.json for the keys a pipeline file takes".into(),
+            ),
         }
     })?;
     let file_pos = SourcePos {
@@ -233,8 +235,7 @@ pub fn parse(text: &str, path: &Path, kinds: &dyn KindRules) -> Result<Pipeline>
             }
             .into()
         };
-        check_name(&stage_name)
-            .map_err(|m| spec_err(&name.referenced, m, Some(name_hint())))?;
+        check_name(&stage_name).map_err(|m| spec_err(&name.referenced, m, Some(name_hint())))?;
         let st = &st.value;
         let mut field_pos = HashMap::new();
         field_pos.insert("kind".to_string(), at(&st.kind.referenced));
@@ -260,7 +261,11 @@ pub fn parse(text: &str, path: &Path, kinds: &dyn KindRules) -> Result<Pipeline>
         let mut deps = Vec::new();
         for d in &st.deps {
             let p = clean_relative(&d.value).map_err(|m| {
-                spec_err(&d.referenced, format!("dep `{}`: {m}", d.value), Some(path_hint()))
+                spec_err(
+                    &d.referenced,
+                    format!("dep `{}`: {m}", d.value),
+                    Some(path_hint()),
+                )
             })?;
             field_pos.insert(format!("deps.{p}"), at(&d.referenced));
             deps.push(p);
@@ -268,7 +273,11 @@ pub fn parse(text: &str, path: &Path, kinds: &dyn KindRules) -> Result<Pipeline>
         let mut outs = Vec::new();
         for o in &st.outs {
             let p = clean_relative(&o.value).map_err(|m| {
-                spec_err(&o.referenced, format!("out `{}`: {m}", o.value), Some(path_hint()))
+                spec_err(
+                    &o.referenced,
+                    format!("out `{}`: {m}", o.value),
+                    Some(path_hint()),
+                )
             })?;
             if let Some(other) = all_outs.insert(p.clone(), stage_name.clone()) {
                 return Err(spec_err(
@@ -294,7 +303,9 @@ pub fn parse(text: &str, path: &Path, kinds: &dyn KindRules) -> Result<Pipeline>
             return Err(spec_err(
                 &st.outs[0].referenced,
                 "`outs` is only for stages with a `cmd`".into(),
-                Some("built-in kinds write their outputs into the artifact store themselves".into()),
+                Some(
+                    "built-in kinds write their outputs into the artifact store themselves".into(),
+                ),
             ));
         }
         if let Some(t) = &st.timeout {
@@ -355,7 +366,10 @@ fn yaml_message(e: &serde_saphyr::Error) -> String {
         .replace(", set DuplicateKeyPolicy in Options if acceptable", "")
         .replace("invalid u64", "expected a whole number >= 0")
         .replace("invalid u32", "expected a whole number >= 0")
-        .replace("expected mapping start", "expected a map (`key: value` entries) here");
+        .replace(
+            "expected mapping start",
+            "expected a map (`key: value` entries) here",
+        );
     let mut lines = text.lines();
     let first = lines.next().unwrap_or("invalid YAML").trim();
     let first = first.strip_prefix("error: ").unwrap_or(first);
@@ -367,7 +381,9 @@ fn yaml_message(e: &serde_saphyr::Error) -> String {
         Some(k) => format!("`{k}` is written twice in the same map; names must be unique"),
         None => msg.to_string(),
     };
-    let snippet: Vec<&str> = lines.filter(|l| !l.trim_start().starts_with("-->")).collect();
+    let snippet: Vec<&str> = lines
+        .filter(|l| !l.trim_start().starts_with("-->"))
+        .collect();
     if snippet.is_empty() {
         msg
     } else {
@@ -593,7 +609,10 @@ mod tests {
         assert_eq!(a.params["s"], serde_json::json!("n=3"));
         assert_eq!(a.params["lit"], serde_json::json!("${n}"));
         assert_eq!(a.params["cmd"], serde_json::json!("echo x 3"));
-        assert_eq!(p.stage("b").unwrap().params["cmd"], serde_json::json!("echo 3"));
+        assert_eq!(
+            p.stage("b").unwrap().params["cmd"],
+            serde_json::json!("echo 3")
+        );
     }
 
     #[test]

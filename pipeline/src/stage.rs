@@ -56,7 +56,10 @@ impl Kinds {
     }
 
     pub fn get(&self, name: &str) -> Option<&dyn StageKind> {
-        self.kinds.iter().find(|k| k.name() == name).map(|b| b.as_ref())
+        self.kinds
+            .iter()
+            .find(|k| k.name() == name)
+            .map(|b| b.as_ref())
     }
 }
 
@@ -68,9 +71,15 @@ impl KindRules for Kinds {
     fn check(&self, stage: &Stage) -> Option<std::result::Result<(), (String, String)>> {
         let kind = self.get(&stage.kind)?;
         if !stage.params.contains_key("cmd") && kind.name() == "command" {
-            return Some(Err(("kind".into(), "a `command` stage needs a `cmd`".into())));
+            return Some(Err((
+                "kind".into(),
+                "a `command` stage needs a `cmd`".into(),
+            )));
         }
-        if stage.params.contains_key("cmd") && kind.name() != "command" && stage.field_pos.contains_key("cmd") {
+        if stage.params.contains_key("cmd")
+            && kind.name() != "command"
+            && stage.field_pos.contains_key("cmd")
+        {
             return Some(Err((
                 "cmd".into(),
                 format!("`cmd` is only for `command` stages, not `{}`", stage.kind),
@@ -153,13 +162,17 @@ impl StageContext {
 
     /// The data folder of an input artifact.
     pub fn input(&self, name: &str) -> std::result::Result<&Path, StageError> {
-        self.job.inputs.get(name).map(PathBuf::as_path).ok_or_else(|| {
-            format!(
-                "stage `{}` has no input `{name}`; add it under `inputs:`",
-                self.job.stage
-            )
-            .into()
-        })
+        self.job
+            .inputs
+            .get(name)
+            .map(PathBuf::as_path)
+            .ok_or_else(|| {
+                format!(
+                    "stage `{}` has no input `{name}`; add it under `inputs:`",
+                    self.job.stage
+                )
+                .into()
+            })
     }
 
     /// Where the stage writes its outputs; published as one artifact on success.
@@ -259,11 +272,19 @@ pub fn read_job(path: &Path) -> Result<Job> {
 pub fn run_job(kinds: &Kinds, job: Job, events: Box<dyn Write + Send>) -> i32 {
     let events = Mutex::new(events);
     let fail = |msg: String| {
-        emit_to(&events, &WorkerEvent::Failed { message: msg.clone() });
+        emit_to(
+            &events,
+            &WorkerEvent::Failed {
+                message: msg.clone(),
+            },
+        );
         eprintln!("haic-pipe worker: {msg}");
     };
     let Some(kind) = kinds.get(&job.kind) else {
-        fail(format!("this haic-pipe binary has no stage kind `{}`", job.kind));
+        fail(format!(
+            "this haic-pipe binary has no stage kind `{}`",
+            job.kind
+        ));
         return 2;
     };
     if let Err(e) = std::fs::create_dir_all(&job.scratch_dir) {
@@ -287,7 +308,12 @@ pub fn run_job(kinds: &Kinds, job: Job, events: Box<dyn Write + Send>) -> i32 {
     let result = kind.run(&ctx);
     let events = ctx.events;
     let fail = |msg: String| {
-        emit_to(&events, &WorkerEvent::Failed { message: msg.clone() });
+        emit_to(
+            &events,
+            &WorkerEvent::Failed {
+                message: msg.clone(),
+            },
+        );
         eprintln!("haic-pipe worker: {msg}");
     };
     if let Err(e) = result {

@@ -25,7 +25,12 @@ pub struct StageState {
     pub artifact: Option<PathBuf>,
 }
 
-pub async fn status(p: &Pipeline, g: &Graph, kinds: &Kinds, ws: &Workspace) -> Result<Vec<StageState>> {
+pub async fn status(
+    p: &Pipeline,
+    g: &Graph,
+    kinds: &Kinds,
+    ws: &Workspace,
+) -> Result<Vec<StageState>> {
     let registry = if ws.registry_path().exists() {
         Some(Registry::open(&ws.registry_path()).await?)
     } else {
@@ -54,7 +59,9 @@ pub async fn status(p: &Pipeline, g: &Graph, kinds: &Kinds, ws: &Workspace) -> R
             artifact: None,
         };
         if !stale_up.is_empty() {
-            state.why.push(format!("upstream not up to date: {}", stale_up.join(", ")));
+            state
+                .why
+                .push(format!("upstream not up to date: {}", stale_up.join(", ")));
             out[i] = Some(state);
             continue;
         }
@@ -93,7 +100,9 @@ pub async fn status(p: &Pipeline, g: &Graph, kinds: &Kinds, ws: &Workspace) -> R
                 Some(old) => {
                     let why = material.explain_change(&old);
                     if why.is_empty() {
-                        state.why.push("its artifact is no longer in the store".into());
+                        state
+                            .why
+                            .push("its artifact is no longer in the store".into());
                     } else {
                         state.why.extend(why);
                     }

@@ -40,7 +40,8 @@ impl Workspace {
     pub fn create(&self) -> Result<()> {
         for d in ["artifacts/.staging", "scratch", "logs"] {
             let p = self.root.join(d);
-            std::fs::create_dir_all(&p).ctx(|| format!("creating workspace folder {}", p.display()))?;
+            std::fs::create_dir_all(&p)
+                .ctx(|| format!("creating workspace folder {}", p.display()))?;
         }
         Ok(())
     }
@@ -87,13 +88,19 @@ impl Workspace {
                 let pid = holder.trim();
                 return Err(Error::Locked {
                     workspace: self.root.clone(),
-                    pid: if pid.is_empty() { "?".into() } else { pid.to_string() },
+                    pid: if pid.is_empty() {
+                        "?".into()
+                    } else {
+                        pid.to_string()
+                    },
                 });
             }
             return Err(Error::io(format!("locking {}", path.display()), err));
         }
-        file.set_len(0).ctx(|| format!("writing {}", path.display()))?;
-        file.rewind().ctx(|| format!("writing {}", path.display()))?;
+        file.set_len(0)
+            .ctx(|| format!("writing {}", path.display()))?;
+        file.rewind()
+            .ctx(|| format!("writing {}", path.display()))?;
         write!(file, "{}", std::process::id()).ctx(|| format!("writing {}", path.display()))?;
         Ok(WorkspaceLock { _file: file })
     }

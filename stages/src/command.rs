@@ -92,7 +92,13 @@ impl StageKind for Command {
         for (name, dir) in &job.inputs {
             let var: String = name
                 .chars()
-                .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_uppercase()
+                    } else {
+                        '_'
+                    }
+                })
                 .collect();
             command.env(format!("HAIC_INPUT_{var}"), dir);
         }

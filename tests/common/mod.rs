@@ -44,7 +44,9 @@ impl Project {
 
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin());
-        c.args(args).current_dir(self.dir.path()).env_remove("HAIC_WORKSPACE");
+        c.args(args)
+            .current_dir(self.dir.path())
+            .env_remove("HAIC_WORKSPACE");
         c
     }
 
@@ -61,7 +63,15 @@ impl Project {
 
     /// Rows of a registry query as JSON objects.
     pub fn query(&self, sql: &str) -> Vec<Value> {
-        let out = self.haic(&["registry", "-p", "pipeline.yaml", "query", sql, "--format", "json"]);
+        let out = self.haic(&[
+            "registry",
+            "-p",
+            "pipeline.yaml",
+            "query",
+            sql,
+            "--format",
+            "json",
+        ]);
         assert!(out.status.success(), "query failed: {}", stderr(&out));
         let v: Value = serde_json::from_slice(&out.stdout).expect("query output is JSON");
         v.as_array().cloned().unwrap_or_default()
@@ -89,11 +99,7 @@ impl Project {
 
 pub fn count_artifacts(dir: &Path) -> usize {
     std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| e.file_name().len() == 64)
-                .count()
-        })
+        .map(|rd| rd.flatten().filter(|e| e.file_name().len() == 64).count())
         .unwrap_or(0)
 }
 
@@ -107,5 +113,10 @@ pub fn sorted(mut v: Vec<(String, String)>) -> Vec<(String, String)> {
 }
 
 pub fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
-    sorted(items.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect())
+    sorted(
+        items
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect(),
+    )
 }

@@ -1,0 +1,137 @@
+//! The read-side commands: registry queries, status, show, gc.
+
+mod common;
+
+use common::{Project, stderr};
+
+const TWO: &str = "stages:\n  a:\n    kind: command\n    cmd: echo ${v} > a.txt\n    params: {v: 1}\n    outs: [a.txt]\n  b:\n    kind: command\n    cmd: cat a.txt a.txt > b.txt\n    deps: [a.txt]\n    outs: [b.txt]\n";
+
+#[test]
+fn registry_query_is_read_only_and_speaks_three_formats() {
+    let p = Project::new(TWO);
+    assert!(p.run(&[]).status.success());
+    for (sql, why) in [
+        ("DELETE FROM runs", "only SELECT"),
+        ("UPDATE runs SET status = 'x'", "only SELECT"),
+        ("select 1; drop table runs", "one statement"),
+        ("ATTACH DATABASE '/tmp/x.db' AS x", "only SELECT"),
+        (
+            "SELECT load_extension('x')",
+            "`load_extension` is not allowed",
+        ),
+        (
+            "WITH x AS (SELECT 1) INSERT INTO runs (pipeline) SELECT 1 FROM x",
+            "refused",
+        ),
+        ("SELECT nope FROM runs", "no such column"),
+    ] {
+        let out = p.haic(&["registry", "-p", "pipeline.yaml", "query", sql]);
+        assert_eq!(out.status.code(), Some(2), "{sql}");
+        assert!(stderr(&out).contains(why), "{sql}: {}", stderr(&out));
+    }
+    assert_eq!(
+        p.query("SELECT count(*) AS n FROM runs")[0]["n"],
+        1,
+        "nothing was written"
+    );
+
+    let csv = p.haic(&[
+        "registry",
+        "-p",
+        "pipeline.yaml",
+        "query",
+        "SELECT stage, status FROM stage_runs ORDER BY id",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&csv.stdout),
+        "stage,status\na,succeeded\nb,succeeded\n"
+    );
+    let table = p.haic(&[
+        "registry",
+        "-p",
+        "pipeline.yaml",
+        "query",
+        "SELECT name, value FROM params ORDER BY 1",
+    ]);
+    let t = String::from_utf8_lossy(&table.stdout);
+    assert!(t.contains("cmd") && t.contains("echo 1 > a.txt"), "{t}");
+    let runs = p.haic(&["registry", "-p", "pipeline.yaml", "runs"]);
+    let r = String::from_utf8_lossy(&runs.stdout);
+    assert!(
+        r.lines().nth(2).unwrap_or("").starts_with("1    succeeded"),
+        "{r}"
+    );
+    // The workspace can also be named directly.
+    let out = p.haic(&[
+        "registry",
+        "--workspace",
+        ".haic",
+        "query",
+        "SELECT 7 AS x",
+        "--format",
+        "json",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"x\": 7"));
+}
+
+#[test]
+fn a_registry_that_does_not_exist_is_named() {
+    let p = Project::new(TWO);
+    let out = p.haic(&["registry", "-p", "pipeline.yaml", "query", "SELECT 1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("no registry here yet"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn show_names_the_artifact_and_gc_removes_only_unused_ones() {
+    let p = Project::new(TWO);
+    assert!(p.run(&[]).status.success());
+    let show = p.haic(&["show", "pipeline.yaml", "b"]);
+    let s = String::from_utf8_lossy(&show.stdout).to_string();
+    assert!(
+        s.contains("state:    cached") && s.contains("artifact: "),
+        "{s}"
+    );
+    let art = s.lines().find(|l| l.starts_with("artifact: ")).unwrap()[10..]
+        .trim()
+        .to_string();
+    assert_eq!(
+        std::fs::read_to_string(format!("{art}/b.txt")).unwrap(),
+        "1\n1\n"
+    );
+
+    // Three more runs with other params: the first artifacts fall out of the last 2 runs.
+    for v in 2..=4 {
+        std::fs::write(p.pipeline(), TWO.replace("{v: 1}", &format!("{{v: {v}}}"))).unwrap();
+        assert!(p.run(&[]).status.success());
+    }
+    assert_eq!(p.artifact_count(), 8);
+    let dry = p.haic(&["gc", "pipeline.yaml", "--keep-runs", "2", "--dry-run"]);
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    assert_eq!(
+        String::from_utf8_lossy(&dry.stdout).lines().count(),
+        4,
+        "{}",
+        String::from_utf8_lossy(&dry.stdout)
+    );
+    assert_eq!(p.artifact_count(), 8, "dry run removes nothing");
+    let gc = p.haic(&["gc", "pipeline.yaml", "--keep-runs", "2"]);
+    assert!(gc.status.success(), "{}", stderr(&gc));
+    assert_eq!(p.artifact_count(), 4);
+    // The newest run is still fully cached.
+    assert!(p.run(&[]).status.success());
+    assert_eq!(
+        p.statuses(5).iter().filter(|(_, s)| s == "cached").count(),
+        2
+    );
+    // And the removed one re-runs when asked for again.
+    std::fs::write(p.pipeline(), TWO).unwrap();
+    let st = String::from_utf8_lossy(&p.haic(&["status", "pipeline.yaml"]).stdout).to_string();
+    assert!(st.contains("a      stale"), "{st}");
+}

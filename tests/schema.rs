@@ -1,0 +1,63 @@
+//! `schemas/pipeline.schema.json` accepts every shipped pipeline and rejects
+//! what the loader rejects structurally, so editors flag the same mistakes.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+fn schema() -> jsonschema::Validator {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/pipeline.schema.json"),
+    )
+    .expect("reading the schema");
+    let schema: Value = serde_json::from_str(&text).expect("the schema is JSON");
+    jsonschema::validator_for(&schema).expect("the schema is a valid JSON Schema")
+}
+
+fn yaml(text: &str) -> Value {
+    serde_saphyr::from_str(text).expect("valid YAML")
+}
+
+#[test]
+fn every_shipped_pipeline_validates() {
+    let v = schema();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("pipelines/") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let doc = yaml(&std::fs::read_to_string(&path).expect("read"));
+        let errors: Vec<String> = v
+            .iter_errors(&doc)
+            .map(|e| format!("{e} at {}", e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{}: {}",
+            path.display(),
+            errors.join("; ")
+        );
+        seen += 1;
+    }
+    assert!(seen >= 1, "no pipelines found under {}", dir.display());
+}
+
+#[test]
+fn the_schema_rejects_structural_mistakes() {
+    let v = schema();
+    for bad in [
+        "stagez: {a: {kind: command, cmd: x}}",
+        "stages: {a: {kind: command}}",
+        "stages: {a: {kind: command, cmd: x, bogus: 1}}",
+        "stages: {a: {kind: train_vq, cmd: x}}",
+        "stages: {a: {kind: command, cmd: x, resources: {gpus: -1}}}",
+        "stages: {9a: {kind: command, cmd: x}}",
+        "stages: {a: {kind: command, cmd: x, outs: [/abs]}}",
+        "stages: {}",
+    ] {
+        assert!(!v.is_valid(&yaml(bad)), "the schema accepted: {bad}");
+    }
+    assert!(v.is_valid(&yaml("stages: {a: {kind: train_vq, inputs: {images: p}, params: {steps: 2}, resources: {gpus: 1}}}")));
+}
