@@ -33,7 +33,6 @@ CREATE TABLE stage_runs (
 );
 CREATE INDEX stage_runs_run ON stage_runs (run_id, stage);
 CREATE INDEX stage_runs_stage ON stage_runs (stage, id);
-CREATE INDEX stage_runs_key ON stage_runs (key);
 
 -- Params of each executed stage run, flattened (nested keys joined with '.').
 CREATE TABLE params (

@@ -41,7 +41,10 @@ pub fn sink(mode: Mode) -> EventSink {
         }),
         Mode::Plain => Arc::new(move |e: &Event| {
             if let Some(line) = plain_line(e) {
-                eprintln!("[{:>7.2}s] {line}", start.elapsed().as_secs_f64());
+                // One write per line: stderr is unbuffered, and a 10,000-stage
+                // no-op run prints 10,000 lines.
+                let text = format!("[{:>7.2}s] {line}\n", start.elapsed().as_secs_f64());
+                let _ = std::io::stderr().lock().write_all(text.as_bytes());
             }
         }),
         Mode::Tty => Arc::new(move |e: &Event| tty_event(e)),

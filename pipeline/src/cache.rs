@@ -83,23 +83,67 @@ pub struct KeyMaterial {
     pub device: Option<String>,
 }
 
+/// Serialises a JSON value with object keys sorted, without copying it.
+struct Canonical<'a>(&'a Value);
+
+impl Serialize for Canonical<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        match self.0 {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort_unstable();
+                let mut map = s.serialize_map(Some(keys.len()))?;
+                for k in keys {
+                    map.serialize_entry(k, &Canonical(&m[k]))?;
+                }
+                map.end()
+            }
+            Value::Array(a) => {
+                let mut seq = s.serialize_seq(Some(a.len()))?;
+                for v in a {
+                    seq.serialize_element(&Canonical(v))?;
+                }
+                seq.end()
+            }
+            other => other.serialize(s),
+        }
+    }
+}
+
+/// The key material as it is hashed and stored (field order fixed here).
+#[derive(Serialize)]
+struct KeyJson<'a> {
+    kind: &'a str,
+    version: u32,
+    params: Canonical<'a>,
+    inputs: &'a BTreeMap<String, String>,
+    deps: &'a BTreeMap<String, String>,
+    device: &'a Option<String>,
+}
+
 impl KeyMaterial {
     pub fn to_json(&self) -> String {
-        let v = serde_json::json!({
-            "kind": self.kind,
-            "version": self.version,
-            "params": canonical(&self.params),
-            "inputs": self.inputs,
-            "deps": self.deps,
-            "device": self.device,
-        });
-        serde_json::to_string(&v).unwrap_or_default()
+        serde_json::to_string(&KeyJson {
+            kind: &self.kind,
+            version: self.version,
+            params: Canonical(&self.params),
+            inputs: &self.inputs,
+            deps: &self.deps,
+            device: &self.device,
+        })
+        .unwrap_or_default()
     }
 
+    /// The stage key: blake3 over a domain tag and the canonical JSON.
     pub fn key(&self) -> String {
+        Self::key_of_json(&self.to_json())
+    }
+
+    pub fn key_of_json(json: &str) -> String {
         let mut h = blake3::Hasher::new();
         h.update(KEY_DOMAIN);
-        h.update(self.to_json().as_bytes());
+        h.update(json.as_bytes());
         h.finalize().to_hex().to_string()
     }
 

@@ -107,6 +107,9 @@ struct BatchSummary {
     points: i64,
 }
 
+/// Stage-run rows per INSERT statement (13 values each).
+const STAGE_RUN_ROWS_PER_STATEMENT: usize = 2000;
+
 /// Rows bound per INSERT statement (4 values each, under SQLite's 32766 limit).
 const METRIC_ROWS_PER_STATEMENT: usize = 4000;
 
@@ -120,6 +123,8 @@ impl Registry {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(30))
             .foreign_keys(false)
+            // 32 MiB of page cache: a 10,000-stage run inserts 10,000 rows at once.
+            .pragma("cache_size", "-32768")
             .disable_statement_logging();
         let mut conn = opts.connect().await.map_err(db_err(path))?;
         sqlx::migrate!("../migrations")
@@ -240,33 +245,43 @@ impl Registry {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    /// Inserts stage runs in one transaction (the plan's cached and skipped stages).
+    /// Inserts stage runs in one transaction (the plan's cached and skipped
+    /// stages), many rows per statement.
     pub async fn insert_stage_runs(&self, runs: &[NewStageRun<'_>]) -> Result<Vec<i64>> {
         let mut c = self.conn.lock().await;
         let mut tx = c.begin().await.map_err(db_err(&self.path))?;
-        let mut ids = Vec::with_capacity(runs.len());
-        for r in runs {
-            let res = sqlx::query(
-                "INSERT INTO stage_runs (run_id, stage, kind, key, key_material, status, attempt, worker, device, log_path, error, finished_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                         CASE WHEN ?12 IN ('pending', 'running') THEN NULL ELSE strftime('%Y-%m-%dT%H:%M:%fZ', 'now') END)",
-            )
-            .bind(r.run_id)
-            .bind(r.stage)
-            .bind(r.kind)
-            .bind(r.key)
-            .bind(r.key_material)
-            .bind(r.status.as_str())
-            .bind(r.attempt)
-            .bind(r.worker)
-            .bind(r.device)
-            .bind(r.log_path)
-            .bind(r.error)
-            .bind(r.status.as_str())
-            .execute(&mut *tx)
+        let now: String = sqlx::query_scalar("SELECT strftime('%Y-%m-%dT%H:%M:%fZ', 'now')")
+            .fetch_one(&mut *tx)
             .await
             .map_err(db_err(&self.path))?;
-            ids.push(res.last_insert_rowid());
+        let mut ids = Vec::with_capacity(runs.len());
+        for chunk in runs.chunks(STAGE_RUN_ROWS_PER_STATEMENT) {
+            let mut qb = QueryBuilder::new(
+                "INSERT INTO stage_runs (run_id, stage, kind, key, key_material, status, attempt, worker, device, log_path, error, started_at, finished_at) ",
+            );
+            qb.push_values(chunk, |mut b, r| {
+                let open = matches!(r.status, StageStatus::Pending | StageStatus::Running);
+                b.push_bind(r.run_id)
+                    .push_bind(r.stage)
+                    .push_bind(r.kind)
+                    .push_bind(r.key)
+                    .push_bind(r.key_material)
+                    .push_bind(r.status.as_str())
+                    .push_bind(r.attempt)
+                    .push_bind(r.worker)
+                    .push_bind(r.device)
+                    .push_bind(r.log_path)
+                    .push_bind(r.error)
+                    .push_bind(now.clone())
+                    .push_bind((!open).then(|| now.clone()));
+            });
+            qb.push(" RETURNING id");
+            let rows = qb
+                .build()
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err(&self.path))?;
+            ids.extend(rows.iter().map(|r| r.get::<i64, _>(0)));
         }
         tx.commit().await.map_err(db_err(&self.path))?;
         Ok(ids)
@@ -429,6 +444,32 @@ impl Registry {
         }
         tx.commit().await.map_err(db_err(&self.path))?;
         Ok(())
+    }
+
+    /// Drains metric points from workers until every sender is gone, writing
+    /// whatever has queued up as one batch (one transaction) at a time.
+    pub async fn write_metrics(
+        self: std::sync::Arc<Self>,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<MetricPoint>,
+    ) {
+        const BATCH: usize = 50_000;
+        let mut batch = Vec::with_capacity(1024);
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = self.insert_metrics(&batch).await {
+                eprintln!(
+                    "haic-pipe: could not record {} metric points: {e}",
+                    batch.len()
+                );
+            }
+            batch.clear();
+        }
     }
 
     pub async fn load_file_stats(&self) -> Result<HashMap<String, FileStat>> {

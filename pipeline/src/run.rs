@@ -199,7 +199,7 @@ pub async fn run(
     });
 
     let (mtx, mrx) = tokio::sync::mpsc::unbounded_channel();
-    let metrics_task = tokio::spawn(write_metrics(registry.clone(), mrx));
+    let metrics_task = tokio::spawn(registry.clone().write_metrics(mrx));
     let hasher = DepHasher::new(registry.load_file_stats().await?);
     let n = p.stages.len();
     let finished_sink = sink.clone();
@@ -254,30 +254,6 @@ pub async fn run(
     })
 }
 
-async fn write_metrics(
-    registry: Arc<Registry>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<MetricPoint>,
-) {
-    const BATCH: usize = 50_000;
-    let mut batch = Vec::with_capacity(1024);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = registry.insert_metrics(&batch).await {
-            eprintln!(
-                "haic-pipe: could not record {} metric points: {e}",
-                batch.len()
-            );
-        }
-        batch.clear();
-    }
-}
-
 struct StageAction {
     driver: Arc<Driver>,
     index: usize,
@@ -329,7 +305,9 @@ impl Driver {
     async fn drive(self: Arc<Self>, selected: &[bool]) -> Result<()> {
         let finished_before = self.registry.finished_stages(self.run_id).await?;
         let mut pending = Vec::new();
-        let mut cached_rows: Vec<(usize, String, String)> = Vec::new();
+        // Cached rows carry no key material: the stage run that produced the
+        // artifact has it, and `status` reads it from there.
+        let mut cached_rows: Vec<(usize, String)> = Vec::new();
         for &i in &self.g.order {
             if !selected[i] {
                 continue;
@@ -365,7 +343,7 @@ impl Driver {
                         },
                     );
                     if finished_before.get(&self.p.stages[i].name) != Some(&key) {
-                        cached_rows.push((i, key, material.to_json()));
+                        cached_rows.push((i, key));
                     }
                 }
                 _ => pending.push(i),
@@ -373,12 +351,12 @@ impl Driver {
         }
         let rows: Vec<NewStageRun> = cached_rows
             .iter()
-            .map(|(i, key, mat)| NewStageRun {
+            .map(|(i, key)| NewStageRun {
                 run_id: self.run_id,
                 stage: &self.p.stages[*i].name,
                 kind: &self.p.stages[*i].kind,
                 key: Some(key),
-                key_material: Some(mat),
+                key_material: None,
                 status: StageStatus::Cached,
                 attempt: 1,
                 worker: None,
@@ -388,7 +366,7 @@ impl Driver {
             })
             .collect();
         self.registry.insert_stage_runs(&rows).await?;
-        for (i, _, _) in &cached_rows {
+        for (i, _) in &cached_rows {
             (self.sink)(&Event::StageCached {
                 stage: self.p.stages[*i].name.clone(),
             });
@@ -570,13 +548,12 @@ impl Driver {
             Ok(Some(m)) => {
                 let restored = self.restore_outs(i, &m);
                 if restored.is_ok() {
-                    let mat = material.to_json();
                     let row = NewStageRun {
                         run_id: self.run_id,
                         stage: &st.name,
                         kind: &st.kind,
                         key: Some(&key),
-                        key_material: Some(&mat),
+                        key_material: None,
                         status: StageStatus::Cached,
                         attempt: 1,
                         worker: None,

@@ -75,15 +75,18 @@ pub async fn status(
         };
         let key = material.key();
         state.key = Some(key.clone());
-        let last = match &registry {
-            Some(r) => r.last_for_key(&st.name, &key).await?,
-            None => None,
-        };
         if let Some(m) = store.manifest(&key)? {
             digests[i] = Some(m.digest);
             state.state = "cached".into();
             state.artifact = Some(store.data_dir(&key));
-        } else if let Some((s, err, run)) = &last
+            out[i] = Some(state);
+            continue;
+        }
+        let last = match &registry {
+            Some(r) => r.last_for_key(&st.name, &key).await?,
+            None => None,
+        };
+        if let Some((s, err, run)) = &last
             && (s == "running" || s == "failed")
         {
             state.state = s.clone();
