@@ -372,3 +372,67 @@ fn send_signal(pid: u32, sig: &str) {
         .expect("kill");
     assert!(status.success());
 }
+
+#[test]
+fn metrics_written_by_a_command_reach_the_registry() {
+    let p = Project::new(
+        r#"
+stages:
+  train:
+    kind: command
+    cmd: >-
+      for i in 1 2 3 4 5; do echo "loss $i $(echo "scale=2; 1/$i" | bc 2>/dev/null || echo 0.$i)" >> "$HAIC_METRICS"; done;
+      echo "val_bpd 5 3.25" >> "$HAIC_METRICS"; echo "nan_metric 1 nan" >> "$HAIC_METRICS";
+      printf 'val_bpd 6 3.0' >> "$HAIC_METRICS"; touch done.txt
+    params: {aux: msp}
+    outs: [done.txt]
+"#,
+    );
+    let out = p.run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows = p.query(
+        "SELECT name, count(*) AS n, max(step) AS last FROM metrics GROUP BY name ORDER BY name",
+    );
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(
+        (rows[0]["name"].as_str(), rows[0]["n"].as_i64()),
+        (Some("loss"), Some(5))
+    );
+    assert_eq!(
+        (rows[1]["name"].as_str(), rows[1]["last"].as_i64()),
+        (Some("val_bpd"), Some(6))
+    );
+    let best = p.query(
+        "SELECT s.last_value, s.min_value FROM metric_summaries s JOIN params p
+         ON p.stage_run_id = s.stage_run_id AND p.name = 'aux' AND p.value = 'msp' WHERE s.name = 'val_bpd'",
+    );
+    assert_eq!(best[0]["last_value"], 3.0);
+    assert_eq!(best[0]["min_value"], 3.0);
+    let log = p.query("SELECT log_path FROM stage_runs")[0]["log_path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(
+        log.contains("metric `nan_metric` at step 1 is NaN; not recorded"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_malformed_metric_line_fails_the_stage_with_its_line_number() {
+    let p = Project::new(
+        "stages:\n  s:\n    kind: command\n    cmd: echo 'loss 1 0.5' >> $HAIC_METRICS; echo 'oops' >> $HAIC_METRICS\n",
+    );
+    let out = p.run(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let e = p.query("SELECT error FROM stage_runs");
+    assert!(
+        e[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("line 2 of $HAIC_METRICS is `oops`"),
+        "{e:?}"
+    );
+    assert_eq!(p.artifact_count(), 0);
+}

@@ -374,13 +374,23 @@ impl Registry {
     }
 
     /// Writes a batch of metric points and updates their summaries, in one transaction.
+    /// Points whose value is NaN or infinite are not stored (SQLite would turn
+    /// them into NULL); their count is reported on stderr.
     pub async fn insert_metrics(&self, points: &[MetricPoint]) -> Result<()> {
+        let finite: Vec<&MetricPoint> = points.iter().filter(|p| p.value.is_finite()).collect();
+        if finite.len() < points.len() {
+            eprintln!(
+                "haic-pipe: {} metric point(s) with a NaN or infinite value were not recorded",
+                points.len() - finite.len()
+            );
+        }
+        let points = finite;
         if points.is_empty() {
             return Ok(());
         }
         // Summaries of this batch, merged into the stored ones below.
         let mut summary: HashMap<(i64, &str), BatchSummary> = HashMap::new();
-        for p in points {
+        for p in &points {
             let e = summary
                 .entry((p.stage_run_id, p.name.as_str()))
                 .or_insert(BatchSummary {

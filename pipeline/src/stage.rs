@@ -237,7 +237,13 @@ impl StageContext {
         });
     }
 
+    /// Reports a metric point. NaN and infinite values cannot be stored (JSON
+    /// has no spelling for them); they are noted in the stage log instead.
     pub fn metric(&self, name: &str, step: i64, value: f64) {
+        if !value.is_finite() {
+            eprintln!("metric `{name}` at step {step} is {value}; not recorded");
+            return;
+        }
         self.emit(&WorkerEvent::Metric {
             name: name.to_string(),
             step,
@@ -337,5 +343,52 @@ pub fn run_job(kinds: &Kinds, job: Job, events: Box<dyn Write + Send>) -> i32 {
             fail(format!("publishing the artifact failed: {e}"));
             1
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context(scratch: &Path) -> StageContext {
+        let job = Job {
+            stage: "s".into(),
+            kind: "k".into(),
+            key: "0".repeat(64),
+            params: serde_json::json!({}),
+            inputs: BTreeMap::new(),
+            deps: BTreeMap::new(),
+            outs: vec![],
+            pipeline_dir: scratch.to_path_buf(),
+            artifacts_dir: scratch.join("artifacts"),
+            scratch_dir: scratch.to_path_buf(),
+            device: "cpu".into(),
+            attempt: 1,
+        };
+        StageContext::new(job, scratch.join("out"), Box::new(std::io::sink()))
+    }
+
+    #[test]
+    fn checkpoints_replace_each_other_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        assert!(ctx.latest_checkpoint().is_none());
+        ctx.save_checkpoint(1, |d| Ok(std::fs::write(d.join("state"), "one")?))
+            .unwrap();
+        let two = ctx
+            .save_checkpoint(2, |d| Ok(std::fs::write(d.join("state"), "two")?))
+            .unwrap();
+        assert_eq!(ctx.latest_checkpoint().as_deref(), Some(two.as_path()));
+        assert_eq!(std::fs::read_to_string(two.join("state")).unwrap(), "two");
+        assert!(!dir.path().join("checkpoints/step-000000000001").exists());
+        // A checkpoint whose writer fails never becomes the latest.
+        let failed = ctx.save_checkpoint(3, |d| {
+            std::fs::write(d.join("state"), "half")?;
+            Err("disk full".into())
+        });
+        assert!(failed.is_err());
+        assert_eq!(ctx.latest_checkpoint().as_deref(), Some(two.as_path()));
+        // A new context over the same scratch folder (the next attempt) finds it.
+        assert_eq!(context(dir.path()).latest_checkpoint(), Some(two));
     }
 }

@@ -18,10 +18,14 @@
 //! | `HAIC_SCRATCH` | a folder kept across interrupted attempts of this stage key (for the command's own checkpoints) |
 //! | `HAIC_INPUT_<NAME>` | for each entry under `inputs:`, the folder of that upstream artifact (name upper-cased) |
 //! | `HAIC_DEVICE` | `cpu` or the GPU device(s) the slot gave it |
+//! | `HAIC_METRICS` | a file the command may append metric lines to, `name step value` (e.g. `echo "loss 10 0.37" >> "$HAIC_METRICS"`); they reach the registry while the command runs |
 
+use std::io::BufRead;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use pipeline::spec::Stage;
 use pipeline::stage::{StageContext, StageError, StageKind};
@@ -72,6 +76,10 @@ impl StageKind for Command {
         }
         let state = ctx.scratch_dir().join("state");
         std::fs::create_dir_all(&state)?;
+        let metrics_file = ctx
+            .scratch_dir()
+            .join(format!("metrics-attempt{}.txt", job.attempt));
+        std::fs::write(&metrics_file, b"")?;
 
         // The command's output goes to the stage log (our stderr); our stdout
         // carries events for the driver only.
@@ -88,7 +96,8 @@ impl StageKind for Command {
             .env("HAIC_STAGE", &job.stage)
             .env("HAIC_PIPELINE_DIR", &job.pipeline_dir)
             .env("HAIC_SCRATCH", &state)
-            .env("HAIC_DEVICE", &job.device);
+            .env("HAIC_DEVICE", &job.device)
+            .env("HAIC_METRICS", &metrics_file);
         for (name, dir) in &job.inputs {
             let var: String = name
                 .chars()
@@ -110,9 +119,21 @@ impl StageKind for Command {
             });
         }
         eprintln!("$ {cmd}");
-        let status = command
-            .status()
+        let mut child = command
+            .spawn()
             .map_err(|e| format!("starting `sh -c {cmd:?}`: {e}"))?;
+        let done = AtomicBool::new(false);
+        let (status, metrics) = std::thread::scope(|s| {
+            let tail = s.spawn(|| forward_metrics(ctx, &metrics_file, &done));
+            let status = child.wait();
+            done.store(true, Ordering::Release);
+            let metrics = tail
+                .join()
+                .unwrap_or_else(|_| Err("metrics reader panicked".into()));
+            (status, metrics)
+        });
+        let status = status.map_err(|e| format!("waiting for `sh -c {cmd:?}`: {e}"))?;
+        metrics?;
         if !status.success() {
             let how = match status.code() {
                 Some(c) => format!("exited with status {c}"),
@@ -137,6 +158,53 @@ impl StageKind for Command {
         pipeline::cache::remove_tree(&sandbox)?;
         Ok(())
     }
+}
+
+/// Forwards `name step value` lines from the metrics file as they appear,
+/// until `done` is set and the file is drained.
+fn forward_metrics(ctx: &StageContext, path: &Path, done: &AtomicBool) -> Result<(), StageError> {
+    let mut reader = std::io::BufReader::new(std::fs::File::open(path)?);
+    let mut line = String::new();
+    let mut number = 0;
+    loop {
+        let finished = done.load(Ordering::Acquire);
+        loop {
+            reader.read_line(&mut line)?;
+            // A line without its newline may still be being written, unless
+            // the command has exited.
+            let complete = if finished {
+                !line.is_empty()
+            } else {
+                line.ends_with('\n')
+            };
+            if !complete {
+                break;
+            }
+            number += 1;
+            let text = line.trim();
+            if !text.is_empty() {
+                let (name, step, value) = parse_metric_line(text).ok_or_else(|| {
+                    format!(
+                        "line {number} of $HAIC_METRICS is `{text}`; write `name step value`, e.g. `loss 10 0.37`"
+                    )
+                })?;
+                ctx.metric(name, step, value);
+            }
+            line.clear();
+        }
+        if finished {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn parse_metric_line(text: &str) -> Option<(&str, i64, f64)> {
+    let mut parts = text.split_whitespace();
+    let name = parts.next()?;
+    let step = parts.next()?.parse().ok()?;
+    let value = parts.next()?.parse().ok()?;
+    parts.next().is_none().then_some((name, step, value))
 }
 
 fn dup_stderr() -> Result<Stdio, StageError> {
