@@ -42,19 +42,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "lr": 1e-4 * (1 + i % 7) as f64,
             "seed": i,
         });
-        let row = NewStageRun {
-            run_id: run,
-            stage: "vq1",
-            kind: "train_vq",
-            key: None,
-            key_material: None,
-            status: StageStatus::Succeeded,
-            attempt: 1,
-            worker: None,
-            device: None,
-            log_path: None,
-            error: None,
-        };
+        let row = NewStageRun::new(run, "vq1", "train_vq", StageStatus::Succeeded);
         ids.push(reg.start_stage_run(&row, &params).await?);
     }
     let t_runs = t.elapsed().as_secs_f64();

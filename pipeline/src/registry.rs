@@ -85,6 +85,25 @@ pub struct NewStageRun<'a> {
     pub error: Option<&'a str>,
 }
 
+impl<'a> NewStageRun<'a> {
+    /// A row with only the required fields; set the others with `..`.
+    pub fn new(run_id: i64, stage: &'a str, kind: &'a str, status: StageStatus) -> Self {
+        NewStageRun {
+            run_id,
+            stage,
+            kind,
+            key: None,
+            key_material: None,
+            status,
+            attempt: 1,
+            worker: None,
+            device: None,
+            log_path: None,
+            error: None,
+        }
+    }
+}
+
 /// The writer's handle. Cheap to share behind an `Arc`; writes are serialised.
 pub struct Registry {
     path: PathBuf,
@@ -733,17 +752,8 @@ mod tests {
         let id = reg
             .start_stage_run(
                 &NewStageRun {
-                    run_id: run,
-                    stage: "s",
-                    kind: "command",
                     key: Some("k"),
-                    key_material: None,
-                    status: StageStatus::Running,
-                    attempt: 1,
-                    worker: None,
-                    device: None,
-                    log_path: None,
-                    error: None,
+                    ..NewStageRun::new(run, "s", "command", StageStatus::Running)
                 },
                 &serde_json::json!({"aux": "msp", "opt": {"lr": 0.1}}),
             )

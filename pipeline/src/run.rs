@@ -351,18 +351,12 @@ impl Driver {
         }
         let rows: Vec<NewStageRun> = cached_rows
             .iter()
-            .map(|(i, key)| NewStageRun {
-                run_id: self.run_id,
-                stage: &self.p.stages[*i].name,
-                kind: &self.p.stages[*i].kind,
-                key: Some(key),
-                key_material: None,
-                status: StageStatus::Cached,
-                attempt: 1,
-                worker: None,
-                device: None,
-                log_path: None,
-                error: None,
+            .map(|(i, key)| {
+                let st = &self.p.stages[*i];
+                NewStageRun {
+                    key: Some(key),
+                    ..NewStageRun::new(self.run_id, &st.name, &st.kind, StageStatus::Cached)
+                }
             })
             .collect();
         self.registry.insert_stage_runs(&rows).await?;
@@ -476,17 +470,8 @@ impl Driver {
     ) -> StageStatus {
         let st = &self.p.stages[i];
         let row = NewStageRun {
-            run_id: self.run_id,
-            stage: &st.name,
-            kind: &st.kind,
-            key: None,
-            key_material: None,
-            status,
-            attempt: 1,
-            worker: None,
-            device: None,
-            log_path: None,
             error: error.as_deref(),
+            ..NewStageRun::new(self.run_id, &st.name, &st.kind, status)
         };
         if let Err(e) = self.registry.insert_stage_runs(&[row]).await {
             self.sink_notice(format!("registry: {e}"));
@@ -549,17 +534,8 @@ impl Driver {
                 let restored = self.restore_outs(i, &m);
                 if restored.is_ok() {
                     let row = NewStageRun {
-                        run_id: self.run_id,
-                        stage: &st.name,
-                        kind: &st.kind,
                         key: Some(&key),
-                        key_material: None,
-                        status: StageStatus::Cached,
-                        attempt: 1,
-                        worker: None,
-                        device: None,
-                        log_path: None,
-                        error: None,
+                        ..NewStageRun::new(self.run_id, &st.name, &st.kind, StageStatus::Cached)
                     };
                     if let Err(e) = self.registry.insert_stage_runs(&[row]).await {
                         self.sink_notice(format!("registry: {e}"));
@@ -627,17 +603,13 @@ impl Driver {
             .registry
             .start_stage_run(
                 &NewStageRun {
-                    run_id: self.run_id,
-                    stage: &st.name,
-                    kind: &st.kind,
                     key: Some(key),
                     key_material: Some(&mat),
-                    status: StageStatus::Running,
                     attempt,
                     worker: Some("local"),
                     device: Some(&slot.device),
                     log_path: Some(&log_str),
-                    error: None,
+                    ..NewStageRun::new(self.run_id, &st.name, &st.kind, StageStatus::Running)
                 },
                 &Value::Object(st.params.clone()),
             )

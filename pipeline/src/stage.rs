@@ -266,6 +266,12 @@ fn emit_to(out: &Mutex<Box<dyn Write + Send>>, e: &WorkerEvent) {
     }
 }
 
+/// Tells the driver (event) and the stage log (stderr) why the stage failed.
+fn report_failure(events: &Mutex<Box<dyn Write + Send>>, message: String) {
+    eprintln!("haic-pipe worker: {message}");
+    emit_to(events, &WorkerEvent::Failed { message });
+}
+
 /// Reads a job file.
 pub fn read_job(path: &Path) -> Result<Job> {
     let bytes = std::fs::read(path).ctx(|| format!("reading job file {}", path.display()))?;
@@ -277,15 +283,7 @@ pub fn read_job(path: &Path) -> Result<Job> {
 /// Returns the process exit code (0 success, 1 stage failure, 2 bad job).
 pub fn run_job(kinds: &Kinds, job: Job, events: Box<dyn Write + Send>) -> i32 {
     let events = Mutex::new(events);
-    let fail = |msg: String| {
-        emit_to(
-            &events,
-            &WorkerEvent::Failed {
-                message: msg.clone(),
-            },
-        );
-        eprintln!("haic-pipe worker: {msg}");
-    };
+    let fail = |msg: String| report_failure(&events, msg);
     let Some(kind) = kinds.get(&job.kind) else {
         fail(format!(
             "this haic-pipe binary has no stage kind `{}`",
@@ -313,15 +311,7 @@ pub fn run_job(kinds: &Kinds, job: Job, events: Box<dyn Write + Send>) -> i32 {
     let ctx = StageContext::new(job, staging.data(), out_events);
     let result = kind.run(&ctx);
     let events = ctx.events;
-    let fail = |msg: String| {
-        emit_to(
-            &events,
-            &WorkerEvent::Failed {
-                message: msg.clone(),
-            },
-        );
-        eprintln!("haic-pipe worker: {msg}");
-    };
+    let fail = |msg: String| report_failure(&events, msg);
     if let Err(e) = result {
         let _ = remove_tree(&staging.root);
         fail(e.to_string());
