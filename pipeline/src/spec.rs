@@ -6,6 +6,7 @@
 //! checks (missing inputs, cycles) live in [`crate::graph`].
 //!
 //! ```yaml
+//! root: ..                         # deps/outs are relative to this (default: the file's folder)
 //! vars: {steps: 2000}              # values that `${steps}` refers to
 //! defaults: {resources: {cpus: 1}, timeout: 3600}
 //! stages:
@@ -101,7 +102,8 @@ impl Stage {
 pub struct Pipeline {
     /// The pipeline file, absolute.
     pub path: PathBuf,
-    /// The folder the file sits in: deps and outs are relative to it.
+    /// The root folder (the file's folder, or its `root:`): deps and outs
+    /// are relative to it and may not leave it.
     pub dir: PathBuf,
     pub stages: Vec<Stage>,
     pub index: HashMap<String, usize>,
@@ -120,11 +122,17 @@ pub trait KindRules {
     /// Checks a stage of a known kind; `None` if the kind is unknown.
     /// The error names the field (`params.steps`, `cmd`, ...) it is about.
     fn check(&self, stage: &Stage) -> Option<std::result::Result<(), (String, String)>>;
+    /// Paths the stage's params name that it reads (see `StageKind::implicit_deps`).
+    fn implicit_deps(&self, _stage: &Stage) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPipeline {
+    /// The folder that deps and outs are relative to, relative to this file.
+    root: Option<Spanned<String>>,
     #[serde(default)]
     vars: IndexMap<Spanned<String>, Spanned<Value>>,
     #[serde(default)]
@@ -196,10 +204,22 @@ pub fn parse(text: &str, path: &Path, kinds: &dyn KindRules) -> Result<Pipeline>
         .into());
     };
     let defaults = raw.defaults.unwrap_or_default();
-    let dir = path
+    let file_dir = path
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
+    let dir = match &raw.root {
+        None => file_dir,
+        Some(r) => {
+            let joined = file_dir.join(&r.value);
+            std::fs::canonicalize(&joined).map_err(|e| SpecError {
+                pos: at(&r.referenced),
+                stage: None,
+                message: format!("root `{}` ({}): {e}", r.value, joined.display()),
+                hint: Some("`root` is a folder, relative to the pipeline file".into()),
+            })?
+        }
+    };
 
     let vars: HashMap<String, (Value, SourcePos)> = raw
         .vars
@@ -346,6 +366,17 @@ pub fn parse(text: &str, path: &Path, kinds: &dyn KindRules) -> Result<Pipeline>
             }
             Some(Err((field, message))) => return Err(stage.error(&field, message).into()),
             Some(Ok(())) => {}
+        }
+        let mut stage = stage;
+        for d in kinds.implicit_deps(&stage) {
+            let p = clean_relative(&d)
+                .map_err(|m| stage.error("kind", format!("params name the path `{d}`: {m}")))?;
+            if !stage.deps.contains(&p) {
+                stage
+                    .field_pos
+                    .insert(format!("deps.{p}"), stage.pos_of("kind"));
+                stage.deps.push(p);
+            }
         }
         index.insert(stage_name, stages.len());
         stages.push(stage);

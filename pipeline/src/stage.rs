@@ -40,6 +40,12 @@ pub trait StageKind: Send + Sync {
     /// Checks a declared stage when the pipeline is loaded; the error names
     /// the field (`params.steps`, `cmd`, ...) and says what is wrong.
     fn check(&self, stage: &Stage) -> std::result::Result<(), (String, String)>;
+    /// Files the stage reads that its params name (e.g. a data source), as
+    /// written there; the engine adds them to the stage's deps, so their
+    /// contents enter the stage key and a stage writing them becomes upstream.
+    fn implicit_deps(&self, _stage: &Stage) -> Vec<String> {
+        Vec::new()
+    }
     /// Does the work, in a worker process.
     fn run(&self, ctx: &StageContext) -> std::result::Result<(), StageError>;
 }
@@ -86,6 +92,12 @@ impl KindRules for Kinds {
             )));
         }
         Some(kind.check(stage))
+    }
+
+    fn implicit_deps(&self, stage: &Stage) -> Vec<String> {
+        self.get(&stage.kind)
+            .map(|k| k.implicit_deps(stage))
+            .unwrap_or_default()
     }
 }
 

@@ -1,0 +1,59 @@
+//! The stages crate's one error type. Data errors name the file and, where
+//! there is one, the record, and say what to do.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad input data: the file, the record (0-based) if known, what is wrong.
+    #[error("{}{}: {message}", .file.display(), record.map(|r| format!(", record {r}")).unwrap_or_default())]
+    Data {
+        file: PathBuf,
+        record: Option<u64>,
+        message: String,
+    },
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{context}: {source}")]
+    Parquet {
+        context: String,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+
+    #[error("{context}: {source}")]
+    Arrow {
+        context: String,
+        #[source]
+        source: arrow_schema::ArrowError,
+    },
+
+    /// A param that is valid YAML but not a valid setting.
+    #[error("{0}")]
+    Params(String),
+}
+
+impl Error {
+    pub fn data(file: impl Into<PathBuf>, record: Option<u64>, message: impl Into<String>) -> Self {
+        Error::Data {
+            file: file.into(),
+            record,
+            message: message.into(),
+        }
+    }
+
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
