@@ -87,11 +87,33 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Data sets: `data fetch NAME` downloads a well-known one.
+    Data {
+        #[command(subcommand)]
+        command: DataCmd,
+    },
     /// Run one stage job (started by the driver or a cluster back-end).
     #[command(hide = true)]
     Worker {
         #[arg(long)]
         job: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Download mnist, fashion-mnist or cifar10, checksummed, resumable.
+    Fetch {
+        name: String,
+        /// Where the files go (default: data/NAME).
+        #[arg(long)]
+        dest: Option<PathBuf>,
+        /// Fetch the same file names from this base URL instead.
+        #[arg(long)]
+        mirror: Option<String>,
+        /// A JSON catalogue of data sets to use instead of the built-in one.
+        #[arg(long)]
+        catalog: Option<PathBuf>,
     },
 }
 
@@ -279,6 +301,27 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             let removed = gc(&ws, keep_runs, dry_run).await?;
             let verb = if dry_run { "would remove" } else { "removed" };
             eprintln!("{verb} {} artifact(s), {} bytes", removed.0, removed.1);
+            Ok(0)
+        }
+        Cmd::Data {
+            command:
+                DataCmd::Fetch {
+                    name,
+                    dest,
+                    mirror,
+                    catalog,
+                },
+        } => {
+            let set = stages::data::fetch::find(&name, catalog.as_deref())?;
+            let dest = dest.unwrap_or_else(|| PathBuf::from("data").join(&name));
+            eprintln!("fetching {name} ({}) into {}", set.licence, dest.display());
+            tokio::task::spawn_blocking(move || {
+                stages::data::fetch::fetch(&set, &dest, mirror.as_deref(), &mut |line| {
+                    eprintln!("  {line}")
+                })
+            })
+            .await
+            .context("the download task stopped")??;
             Ok(0)
         }
         Cmd::Worker { .. } => unreachable!("handled before the runtime starts"),

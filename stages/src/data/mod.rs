@@ -5,6 +5,7 @@
 //! preprocess of a large source holds one shard, not the data set, in memory.
 
 pub mod cifar;
+pub mod fetch;
 pub mod folder;
 pub mod hub_parquet;
 pub mod idx;
