@@ -408,3 +408,53 @@ fn bad_preprocess_params_are_spec_errors() {
         stderr(&out)
     );
 }
+
+/// An independent reader: pyarrow (from the venv `.ci/run` makes; the test
+/// is a no-op where `HAIC_PYARROW_PYTHON` is not set).
+#[test]
+fn pyarrow_reads_the_table_back() {
+    let Ok(python) = std::env::var("HAIC_PYARROW_PYTHON") else {
+        eprintln!("HAIC_PYARROW_PYTHON is not set; skipping the pyarrow cross-check");
+        return;
+    };
+    let p = Project::new(&fashion_pipeline(
+        "      validation: {fraction: 0.1, seed: 0}",
+    ));
+    assert!(p.run(&[]).status.success());
+    let dir = table_dir(&p);
+    let script = r#"
+import json, sys, pyarrow.parquet as pq, numpy as np
+d = sys.argv[1]
+index = json.load(open(d + "/table.json"))
+total, rows, shapes = 0, {}, set()
+for split, info in index["splits"].items():
+    for f in info["files"]:
+        t = pq.read_table(d + "/" + f)
+        md = {k.decode(): v.decode() for k, v in t.schema.metadata.items()}
+        h, w, c = (int(md["haic." + k]) for k in ("height", "width", "channels"))
+        px = np.frombuffer(b"".join(t.column("pixels").to_pylist()), np.uint8).reshape(-1, h, w, c)
+        shapes.add(px.shape[1:])
+        total += int(px.astype(np.int64).sum())
+        rows[split] = rows.get(split, 0) + px.shape[0]
+        assert (t.column("label").to_numpy() < 10).all()
+print(json.dumps({"total": total, "rows": rows, "shapes": sorted(list(s) for s in shapes)}))
+"#;
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["total"], 573_133_949u64 + 114_072_606u64);
+    assert_eq!(
+        v["rows"],
+        serde_json::json!({"train": 9000, "val": 1000, "test": 2000})
+    );
+    assert_eq!(v["shapes"], serde_json::json!([[32, 32, 1]]));
+}
