@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Project, stderr};
+use common::{Project, assert_error, stderr};
 
 const TWO: &str = "stages:\n  a:\n    kind: command\n    cmd: echo ${v} > a.txt\n    params: {v: 1}\n    outs: [a.txt]\n  b:\n    kind: command\n    cmd: cat a.txt a.txt > b.txt\n    deps: [a.txt]\n    outs: [b.txt]\n";
 
@@ -80,12 +80,7 @@ fn registry_query_is_read_only_and_speaks_three_formats() {
 fn a_registry_that_does_not_exist_is_named() {
     let p = Project::new(TWO);
     let out = p.haic(&["registry", "-p", "pipeline.yaml", "query", "SELECT 1"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("no registry here yet"),
-        "{}",
-        stderr(&out)
-    );
+    assert_error(&out, 2, "no registry here yet");
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Project, stderr};
+use common::{Project, assert_error, stderr};
 use md5::{Digest, Md5};
 
 fn shipped(name: &str) -> Vec<u8> {
@@ -200,12 +200,7 @@ fn a_checksum_mismatch_discards_the_download() {
         "--dest",
         "got",
     ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("checksum mismatch"),
-        "{}",
-        stderr(&out)
-    );
+    assert_error(&out, 2, "checksum mismatch");
     assert!(!p.path("got/t10k-labels-idx1-ubyte.gz").exists());
     assert!(!p.path("got/.t10k-labels-idx1-ubyte.gz.part").exists());
 
@@ -220,12 +215,7 @@ fn a_checksum_mismatch_discards_the_download() {
         "--dest",
         "got",
     ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("the server answered HTTP 404"),
-        "{}",
-        stderr(&out)
-    );
+    assert_error(&out, 2, "the server answered HTTP 404");
 }
 
 #[test]
@@ -277,10 +267,9 @@ fn an_archive_is_unpacked_to_the_listed_members_only() {
 fn an_unknown_data_set_lists_the_known_ones() {
     let p = Project::new("stages: {}\n");
     let out = p.haic(&["data", "fetch", "imagenet"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("no data set `imagenet`; known: mnist, fashion-mnist, cifar10"),
-        "{}",
-        stderr(&out)
+    assert_error(
+        &out,
+        2,
+        "no data set `imagenet`; known: mnist, fashion-mnist, cifar10",
     );
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Project, stderr};
+use common::{Project, assert_error, stderr};
 
 struct Case {
     name: &'static str,
@@ -247,10 +247,5 @@ fn status_of_a_malformed_pipeline_fails_the_same_way() {
 fn a_missing_pipeline_file_is_named() {
     let p = Project::new("stages: {}\n");
     let out = p.haic(&["run", "nope.yaml"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("reading nope.yaml"),
-        "{}",
-        stderr(&out)
-    );
+    assert_error(&out, 2, "reading nope.yaml");
 }

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{Project, stderr};
+use common::{Project, assert_error, stderr};
 use stages::data::cifar::{Variant, encode_batch};
 use stages::data::idx::write_idx;
 use stages::data::table::{Row, TableIndex, TableMeta, read_file};
@@ -391,22 +391,12 @@ fn bad_preprocess_params_are_spec_errors() {
         "stages:\n  prep:\n    kind: preprocess\n    params:\n      source: {format: tiff, train: x}\n",
     );
     let out = p.run(&[]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("stage `prep`: params: unknown variant `tiff`"),
-        "{}",
-        stderr(&out)
-    );
+    assert_error(&out, 2, "stage `prep`: params: unknown variant `tiff`");
     let p = Project::new(
         "stages:\n  prep:\n    kind: preprocess\n    params:\n      source: {format: idx, train: {images: ../../x, labels: lab.idx}}\n",
     );
     let out = p.run(&[]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("leaves the pipeline folder"),
-        "{}",
-        stderr(&out)
-    );
+    assert_error(&out, 2, "leaves the pipeline folder");
 }
 
 /// An independent reader: pyarrow (from the venv `.ci/run` makes; the test

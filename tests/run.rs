@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Project, pairs, sorted, stderr};
+use common::{Project, assert_error, pairs, sorted, stderr};
 
 const CHAIN: &str = r#"
 stages:
@@ -195,12 +195,7 @@ fn only_the_named_targets_and_their_upstream_run() {
         pairs(&[("a", "succeeded"), ("b", "succeeded")])
     );
     let out = p.run(&["nope"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("there is no stage `nope`"),
-        "{}",
-        stderr(&out)
-    );
+    assert_error(&out, 2, "there is no stage `nope`");
 }
 
 #[test]
