@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{Project, assert_error, pairs, sorted, stderr};
@@ -277,8 +278,21 @@ stages:
 fn kill_9_of_the_driver_then_resume_finishes_the_same_run() {
     let p = Project::new(RESUMABLE);
     let mut driver = start_and_wait_for(&p, "running.flag", &[]);
+    let worker = p.query("SELECT worker FROM stage_runs WHERE stage = 'slow'")[0]["worker"]
+        .as_str()
+        .and_then(|w| w.strip_prefix("local:"))
+        .map(str::to_string)
+        .expect("the running stage names its worker");
     driver.kill().expect("SIGKILL the driver");
     let _ = driver.wait();
+    let t = Instant::now();
+    while Path::new(&format!("/proc/{worker}")).exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the worker outlived the driver"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let rows = p.query("SELECT stage, status FROM stage_runs ORDER BY id");
     assert_eq!(
         rows.last().unwrap()["status"],
@@ -430,4 +444,54 @@ fn a_malformed_metric_line_fails_the_stage_with_its_line_number() {
         "{e:?}"
     );
     assert_eq!(p.artifact_count(), 0);
+}
+
+#[test]
+fn json_events_describe_the_run_for_scripts() {
+    let p = Project::new(CHAIN);
+    let out = p.run(&["--json", "--jobs", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every stdout line is a JSON event"))
+        .collect();
+    assert_eq!(events.first().unwrap()["event"], "run_started");
+    assert_eq!(events.first().unwrap()["stages"], 4);
+    let last = events.last().unwrap();
+    assert_eq!(last["event"], "run_finished");
+    assert_eq!(last["status"], "succeeded");
+    assert_eq!(last["counts"]["succeeded"], 4);
+    let finished = events
+        .iter()
+        .filter(|e| e["event"] == "stage_finished")
+        .count();
+    assert_eq!(finished, 4);
+}
+
+#[test]
+fn a_killed_worker_fails_its_stage_and_resume_runs_it_again() {
+    let p = Project::new(RESUMABLE);
+    let mut driver = start_and_wait_for(&p, "running.flag", &[]);
+    let worker = p.query("SELECT worker FROM stage_runs WHERE stage = 'slow'");
+    let pid: u32 = worker[0]["worker"]
+        .as_str()
+        .and_then(|w| w.strip_prefix("local:"))
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("the running stage names its worker: {worker:?}"));
+    send_signal(pid, "KILL");
+    let status = driver.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "the run fails, the driver survives");
+    let e = p.query("SELECT status, error FROM stage_runs WHERE stage = 'slow'");
+    assert_eq!(e[0]["status"], "failed");
+    assert!(
+        e[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("killed by signal 9"),
+        "{e:?}"
+    );
+    let out = p.run(&["--resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(p.read("slow.txt"), "first\n40\n");
+    assert_eq!(p.query("SELECT count(*) AS n FROM runs")[0]["n"], 1);
 }

@@ -132,14 +132,16 @@ pub struct WorkerLaunch<'a> {
     pub timeout_s: Option<u64>,
 }
 
-/// Starts a local worker for the job, streams its events to `on_event`,
-/// and waits for it (or for `cancel`, or the timeout).
-pub async fn run_local(
-    launch: WorkerLaunch<'_>,
-    cancel: &CancellationToken,
-    on_pid: impl FnOnce(u32),
-    mut on_event: impl FnMut(WorkerEvent),
-) -> Result<WorkerEnd> {
+/// A started local worker.
+pub struct LocalWorker {
+    child: tokio::process::Child,
+    pub pid: u32,
+    log_file: PathBuf,
+    timeout_s: Option<u64>,
+}
+
+/// Starts a local worker for the job, in its own process group, dying with us.
+pub fn spawn_local(launch: WorkerLaunch<'_>) -> Result<LocalWorker> {
     let WorkerLaunch {
         exe,
         job_file,
@@ -172,70 +174,88 @@ pub async fn run_local(
             Ok(())
         });
     }
-    let mut child = cmd.spawn().ctx(|| {
+    let child = cmd.spawn().ctx(|| {
         format!(
             "starting worker {} for {}",
             exe.display(),
             job_file.display()
         )
     })?;
-    let pid = child.id().unwrap_or(0);
-    on_pid(pid);
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| Error::Invalid("worker stdout missing".into()))?;
-    let mut lines = BufReader::new(stdout).lines();
-    let mut published = None;
-    let mut failure = None;
-    let deadline = async {
-        match timeout_s {
-            Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(deadline);
-    let mut stdout_open = true;
-    let status = loop {
-        tokio::select! {
-            line = lines.next_line(), if stdout_open => match line {
-                Ok(Some(line)) => match serde_json::from_str::<WorkerEvent>(&line) {
-                    Ok(WorkerEvent::Published { digest, bytes, .. }) => published = Some((digest, bytes)),
-                    Ok(WorkerEvent::Failed { message }) => failure = Some(message),
-                    Ok(e) => on_event(e),
-                    Err(_) => {} // not an event line; the worker's contract says it never happens
-                },
-                _ => stdout_open = false,
-            },
-            status = child.wait(), if !stdout_open => {
-                break status.ctx(|| format!("waiting for worker {pid}"))?;
-            }
-            _ = cancel.cancelled() => {
-                stop_group(pid, &mut child).await;
-                return Ok(WorkerEnd::Interrupted);
-            }
-            _ = &mut deadline => {
-                stop_group(pid, &mut child).await;
-                return Ok(WorkerEnd::TimedOut(timeout_s.unwrap_or(0)));
-            }
-        }
-    };
-    Ok(match (status.code(), published, failure) {
-        (Some(0), Some((digest, bytes)), _) => WorkerEnd::Published { digest, bytes },
-        (_, _, Some(msg)) => WorkerEnd::Failed(msg),
-        (Some(code), _, None) => WorkerEnd::Failed(format!(
-            "worker exited with status {code}{}",
-            log_tail(log_file)
-        )),
-        (None, _, None) => {
-            use std::os::unix::process::ExitStatusExt;
-            WorkerEnd::Failed(format!(
-                "worker was killed by signal {}{}",
-                status.signal().unwrap_or(0),
-                log_tail(log_file)
-            ))
-        }
+    Ok(LocalWorker {
+        pid: child.id().unwrap_or(0),
+        child,
+        log_file: log_file.to_path_buf(),
+        timeout_s,
     })
+}
+
+impl LocalWorker {
+    /// Streams the worker's events to `on_event` and waits for it (or for
+    /// `cancel`, or the timeout, which stop its process group).
+    pub async fn wait(
+        mut self,
+        cancel: &CancellationToken,
+        mut on_event: impl FnMut(WorkerEvent),
+    ) -> Result<WorkerEnd> {
+        let (pid, timeout_s) = (self.pid, self.timeout_s);
+        let stdout = self
+            .child
+            .stdout
+            .take()
+            .ok_or_else(|| Error::Invalid("worker stdout missing".into()))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let mut published = None;
+        let mut failure = None;
+        let deadline = async {
+            match timeout_s {
+                Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
+        let mut stdout_open = true;
+        let status = loop {
+            tokio::select! {
+                line = lines.next_line(), if stdout_open => match line {
+                    Ok(Some(line)) => match serde_json::from_str::<WorkerEvent>(&line) {
+                        Ok(WorkerEvent::Published { digest, bytes, .. }) => published = Some((digest, bytes)),
+                        Ok(WorkerEvent::Failed { message }) => failure = Some(message),
+                        Ok(e) => on_event(e),
+                        Err(_) => {} // not an event line; the worker's contract says it never happens
+                    },
+                    _ => stdout_open = false,
+                },
+                status = self.child.wait(), if !stdout_open => {
+                    break status.ctx(|| format!("waiting for worker {pid}"))?;
+                }
+                _ = cancel.cancelled() => {
+                    stop_group(pid, &mut self.child).await;
+                    return Ok(WorkerEnd::Interrupted);
+                }
+                _ = &mut deadline => {
+                    stop_group(pid, &mut self.child).await;
+                    return Ok(WorkerEnd::TimedOut(timeout_s.unwrap_or(0)));
+                }
+            }
+        };
+        let log_file = &self.log_file;
+        Ok(match (status.code(), published, failure) {
+            (Some(0), Some((digest, bytes)), _) => WorkerEnd::Published { digest, bytes },
+            (_, _, Some(msg)) => WorkerEnd::Failed(msg),
+            (Some(code), _, None) => WorkerEnd::Failed(format!(
+                "worker exited with status {code}{}",
+                log_tail(log_file)
+            )),
+            (None, _, None) => {
+                use std::os::unix::process::ExitStatusExt;
+                WorkerEnd::Failed(format!(
+                    "worker was killed by signal {}{}",
+                    status.signal().unwrap_or(0),
+                    log_tail(log_file)
+                ))
+            }
+        })
+    }
 }
 
 /// SIGTERM to the worker's process group, SIGKILL after the grace period.

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::{ArtifactStore, KeyMaterial, Manifest, digest_of_entries};
 use crate::error::{Error, IoContext, Result};
-use crate::executor::{Slots, WorkerEnd, WorkerLaunch, current_exe, run_local};
+use crate::executor::{Slots, WorkerEnd, WorkerLaunch, current_exe, spawn_local};
 use crate::graph::{self, Graph};
 use crate::hashing::DepHasher;
 use crate::registry::{MetricPoint, NewStageRun, Registry, StageStatus};
@@ -653,47 +653,47 @@ impl Driver {
         let job_json = serde_json::to_vec_pretty(&job).unwrap_or_default();
         std::fs::write(&job_file, job_json).ctx(|| format!("writing {}", job_file.display()))?;
 
-        let mut worker_pid = 0;
-        let end = run_local(
-            WorkerLaunch {
-                exe: &self.exe,
-                job_file: &job_file,
-                log_file: &log,
-                device: &slot.device,
-                timeout_s: st.timeout_s,
-            },
-            &self.cancel,
-            |pid| worker_pid = pid,
-            |e| match e {
-                WorkerEvent::Progress {
-                    done,
-                    total,
-                    message,
-                } => (self.sink)(&Event::StageProgress {
-                    stage: st.name.clone(),
-                    done,
-                    total,
-                    message,
-                }),
-                WorkerEvent::Metric { name, step, value } => {
-                    let _ = self.metrics.send(MetricPoint {
-                        stage_run_id: id,
-                        name,
-                        step,
-                        value,
-                    });
-                }
-                _ => {}
-            },
-        )
-        .await;
+        let on_event = |e| match e {
+            WorkerEvent::Progress {
+                done,
+                total,
+                message,
+            } => (self.sink)(&Event::StageProgress {
+                stage: st.name.clone(),
+                done,
+                total,
+                message,
+            }),
+            WorkerEvent::Metric { name, step, value } => {
+                let _ = self.metrics.send(MetricPoint {
+                    stage_run_id: id,
+                    name,
+                    step,
+                    value,
+                });
+            }
+            _ => {}
+        };
+        let launch = WorkerLaunch {
+            exe: &self.exe,
+            job_file: &job_file,
+            log_file: &log,
+            device: &slot.device,
+            timeout_s: st.timeout_s,
+        };
+        let end = match spawn_local(launch) {
+            Ok(worker) => {
+                // Recorded while it runs, so that a stopped driver's successor
+                // (and a person) can see which process it was.
+                let _ = self
+                    .registry
+                    .set_worker(id, &format!("local:{}", worker.pid))
+                    .await;
+                worker.wait(&self.cancel, on_event).await
+            }
+            Err(e) => Err(e),
+        };
         drop(slot);
-        if worker_pid != 0 {
-            let _ = self
-                .registry
-                .set_worker(id, &format!("local:{worker_pid}"))
-                .await;
-        }
         let lineage: Vec<(String, String)> = st
             .inputs
             .iter()
