@@ -229,7 +229,11 @@ pub async fn run(
     drop(driver);
     let _ = metrics_task.await;
     registry.save_file_stats(&updates).await?;
-    result?;
+    if let Err(e) = result {
+        // The engine itself failed (not a stage): close the run as failed.
+        let _ = registry.finish_run(run_id, "failed").await;
+        return Err(e);
+    }
     let bad = counts.get("failed").copied().unwrap_or(0)
         + counts.get("skipped").copied().unwrap_or(0)
         + counts.get("interrupted").copied().unwrap_or(0);
