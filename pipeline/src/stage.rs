@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::cache::{ArtifactStore, remove_tree};
+use crate::cache::{ArtifactStore, FileEntry, hash_file, list_files, remove_tree};
 use crate::error::{Error, IoContext, Result};
 use crate::spec::{KindRules, Stage};
 
@@ -99,6 +99,38 @@ impl KindRules for Kinds {
             .map(|k| k.implicit_deps(stage))
             .unwrap_or_default()
     }
+}
+
+/// A usable checkpoint: its step and the folder `save_checkpoint` filled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub step: u64,
+    pub dir: PathBuf,
+}
+
+/// The digest record inside every checkpoint folder.
+const CHECKPOINT_RECORD: &str = "CHECKPOINT.json";
+
+/// Checks a checkpoint folder against its digest record.
+fn verify_checkpoint(dir: &Path) -> std::result::Result<(), String> {
+    let text = std::fs::read(dir.join(CHECKPOINT_RECORD))
+        .map_err(|e| format!("no {CHECKPOINT_RECORD}: {e}"))?;
+    let record: Value = serde_json::from_slice(&text)
+        .map_err(|e| format!("{CHECKPOINT_RECORD} is not valid: {e}"))?;
+    let files: Vec<FileEntry> = serde_json::from_value(record["files"].clone())
+        .map_err(|e| format!("{CHECKPOINT_RECORD} is not valid: {e}"))?;
+    for f in &files {
+        let path = dir.join(&f.path);
+        let digest = hash_file(&path).map_err(|e| e.to_string())?;
+        if digest != f.digest {
+            return Err(format!("{} does not match its recorded digest", f.path));
+        }
+    }
+    let on_disk = list_files(dir).map_err(|e| e.to_string())?.len();
+    if on_disk != files.len() + 1 {
+        return Err("its files differ from the recorded list".into());
+    }
+    Ok(())
 }
 
 /// What the driver hands a worker (written as JSON to a file).
@@ -201,17 +233,44 @@ impl StageContext {
         self.job.scratch_dir.join("checkpoints")
     }
 
-    /// The newest complete checkpoint, if an earlier attempt left one.
-    pub fn latest_checkpoint(&self) -> Option<PathBuf> {
+    /// The newest checkpoint whose files all match their recorded digests.
+    /// A damaged one (a bit flip, a truncated file) is set aside as
+    /// `damaged-step-N` with a warning in the stage log, and the previous good
+    /// one is used; with none left the stage starts over, also with a warning.
+    pub fn latest_checkpoint(&self) -> Option<Checkpoint> {
         let dir = self.checkpoints_dir();
-        let name = std::fs::read_to_string(dir.join("LATEST")).ok()?;
-        let path = dir.join(name.trim());
-        path.is_dir().then_some(path)
+        let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
+            .ok()?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                let step = name.strip_prefix("step-")?.parse().ok()?;
+                Some((step, e.path()))
+            })
+            .collect();
+        found.sort_by(|a, b| b.0.cmp(&a.0));
+        let any = !found.is_empty();
+        for (step, path) in found {
+            match verify_checkpoint(&path) {
+                Ok(()) => return Some(Checkpoint { step, dir: path }),
+                Err(why) => {
+                    eprintln!(
+                        "warning: checkpoint {} is damaged ({why}); set aside, trying the previous one",
+                        path.display()
+                    );
+                    let _ = std::fs::rename(&path, dir.join(format!("damaged-step-{step:012}")));
+                }
+            }
+        }
+        if any {
+            eprintln!("warning: no usable checkpoint is left; the stage starts from the beginning");
+        }
+        None
     }
 
-    /// Writes a checkpoint atomically: `write` fills a fresh folder, which
-    /// then becomes the latest by one rename of the `LATEST` pointer. Older
-    /// checkpoints are removed afterwards.
+    /// Writes a checkpoint atomically: `write` fills a fresh folder, a
+    /// `CHECKPOINT.json` records every file's digest, and one rename makes it
+    /// visible. The previous checkpoint is kept as a fallback; older ones go.
     pub fn save_checkpoint(
         &self,
         step: u64,
@@ -224,18 +283,32 @@ impl StageContext {
         remove_tree(&tmp)?;
         std::fs::create_dir_all(&tmp)?;
         write(&tmp)?;
+        let mut files = Vec::new();
+        for (rel, path) in list_files(&tmp)? {
+            files.push(FileEntry {
+                bytes: std::fs::metadata(&path)?.len(),
+                digest: hash_file(&path)?,
+                path: rel,
+            });
+        }
+        let record = serde_json::json!({"step": step, "files": files});
+        std::fs::write(
+            tmp.join(CHECKPOINT_RECORD),
+            serde_json::to_vec_pretty(&record)?,
+        )?;
         let final_dir = dir.join(&name);
         remove_tree(&final_dir)?;
         std::fs::rename(&tmp, &final_dir)?;
-        let ptr_tmp = dir.join(".LATEST.tmp");
-        std::fs::write(&ptr_tmp, &name)?;
-        std::fs::rename(&ptr_tmp, dir.join("LATEST"))?;
-        for e in std::fs::read_dir(&dir)?.flatten() {
-            let n = e.file_name();
-            let n = n.to_string_lossy();
-            if n.starts_with("step-") && n != name {
-                let _ = remove_tree(&e.path());
-            }
+        let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)?
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().to_string();
+                Some((n.strip_prefix("step-")?.parse().ok()?, e.path()))
+            })
+            .collect();
+        steps.sort_by(|a, b| b.0.cmp(&a.0));
+        for (_, old) in steps.iter().skip(2) {
+            let _ = remove_tree(old);
         }
         self.emit(&WorkerEvent::Checkpoint { step });
         Ok(final_dir)
@@ -375,22 +448,55 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ctx = context(dir.path());
         assert!(ctx.latest_checkpoint().is_none());
-        ctx.save_checkpoint(1, |d| Ok(std::fs::write(d.join("state"), "one")?))
+        for step in 1..=3 {
+            ctx.save_checkpoint(step, |d| {
+                Ok(std::fs::write(d.join("state"), format!("s{step}"))?)
+            })
             .unwrap();
-        let two = ctx
-            .save_checkpoint(2, |d| Ok(std::fs::write(d.join("state"), "two")?))
-            .unwrap();
-        assert_eq!(ctx.latest_checkpoint().as_deref(), Some(two.as_path()));
-        assert_eq!(std::fs::read_to_string(two.join("state")).unwrap(), "two");
-        assert!(!dir.path().join("checkpoints/step-000000000001").exists());
-        // A checkpoint whose writer fails never becomes the latest.
-        let failed = ctx.save_checkpoint(3, |d| {
+        }
+        let latest = ctx.latest_checkpoint().unwrap();
+        assert_eq!(latest.step, 3);
+        assert_eq!(
+            std::fs::read_to_string(latest.dir.join("state")).unwrap(),
+            "s3"
+        );
+        assert!(
+            !dir.path().join("checkpoints/step-000000000001").exists(),
+            "only two are kept"
+        );
+        // A checkpoint whose writer fails never becomes visible.
+        let failed = ctx.save_checkpoint(4, |d| {
             std::fs::write(d.join("state"), "half")?;
             Err("disk full".into())
         });
         assert!(failed.is_err());
-        assert_eq!(ctx.latest_checkpoint().as_deref(), Some(two.as_path()));
+        assert_eq!(ctx.latest_checkpoint().unwrap().step, 3);
         // A new context over the same scratch folder (the next attempt) finds it.
-        assert_eq!(context(dir.path()).latest_checkpoint(), Some(two));
+        assert_eq!(context(dir.path()).latest_checkpoint().unwrap().step, 3);
+    }
+
+    #[test]
+    fn a_damaged_checkpoint_is_set_aside_for_the_previous_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        ctx.save_checkpoint(1, |d| Ok(std::fs::write(d.join("w"), [1u8; 64])?))
+            .unwrap();
+        let two = ctx
+            .save_checkpoint(2, |d| Ok(std::fs::write(d.join("w"), [2u8; 64])?))
+            .unwrap();
+        // Flip one bit of the newest.
+        let mut bytes = std::fs::read(two.join("w")).unwrap();
+        bytes[10] ^= 1;
+        std::fs::write(two.join("w"), bytes).unwrap();
+        let got = ctx.latest_checkpoint().unwrap();
+        assert_eq!(got.step, 1, "fell back to the previous good checkpoint");
+        assert!(
+            dir.path()
+                .join("checkpoints/damaged-step-000000000002")
+                .exists()
+        );
+        // Truncate the last good one too: nothing usable is left.
+        std::fs::write(got.dir.join("w"), [1u8; 10]).unwrap();
+        assert!(ctx.latest_checkpoint().is_none());
     }
 }
