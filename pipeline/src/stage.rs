@@ -111,6 +111,22 @@ pub struct Checkpoint {
 /// The digest record inside every checkpoint folder.
 const CHECKPOINT_RECORD: &str = "CHECKPOINT.json";
 
+/// The `step-N` folders under `dir`, newest first.
+fn checkpoint_steps(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().to_string();
+                    Some((name.strip_prefix("step-")?.parse().ok()?, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    steps.sort_by_key(|s| std::cmp::Reverse(s.0));
+    steps
+}
+
 /// Checks a checkpoint folder against its digest record.
 fn verify_checkpoint(dir: &Path) -> std::result::Result<(), String> {
     let text = std::fs::read(dir.join(CHECKPOINT_RECORD))
@@ -239,16 +255,7 @@ impl StageContext {
     /// one is used; with none left the stage starts over, also with a warning.
     pub fn latest_checkpoint(&self) -> Option<Checkpoint> {
         let dir = self.checkpoints_dir();
-        let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
-            .ok()?
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().to_string();
-                let step = name.strip_prefix("step-")?.parse().ok()?;
-                Some((step, e.path()))
-            })
-            .collect();
-        found.sort_by(|a, b| b.0.cmp(&a.0));
+        let found = checkpoint_steps(&dir);
         let any = !found.is_empty();
         for (step, path) in found {
             match verify_checkpoint(&path) {
@@ -299,15 +306,7 @@ impl StageContext {
         let final_dir = dir.join(&name);
         remove_tree(&final_dir)?;
         std::fs::rename(&tmp, &final_dir)?;
-        let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)?
-            .flatten()
-            .filter_map(|e| {
-                let n = e.file_name().to_string_lossy().to_string();
-                Some((n.strip_prefix("step-")?.parse().ok()?, e.path()))
-            })
-            .collect();
-        steps.sort_by(|a, b| b.0.cmp(&a.0));
-        for (_, old) in steps.iter().skip(2) {
+        for (_, old) in checkpoint_steps(&dir).iter().skip(2) {
             let _ = remove_tree(old);
         }
         self.emit(&WorkerEvent::Checkpoint { step });
