@@ -11,6 +11,7 @@ pub mod error;
 pub mod executor;
 pub mod graph;
 pub mod hashing;
+pub mod outs;
 pub mod registry;
 pub mod run;
 pub mod spec;

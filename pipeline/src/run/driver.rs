@@ -1,23 +1,9 @@
-//! The driver: plans a run, executes what is stale through dagrs, records
-//! everything in the registry. Only this code writes the registry.
-//!
-//! A run goes in two phases:
-//!
-//! 1. **Plan**, in topological order, without starting anything: a stage
-//!    whose upstream stages are all fresh gets its key computed; if the store
-//!    has that key's artifact, the stage is `cached`. This is all a no-op
-//!    re-run does, in one registry transaction.
-//! 2. **Execute** the rest as a dagrs graph. Each node first awaits the
-//!    outcome of every upstream node (dagrs edges order nothing by
-//!    themselves), then skips itself if one of them did not succeed,
-//!    otherwise computes its key (upstream digests are known now), checks the
-//!    cache once more, waits for a worker slot and runs a worker process.
-//!    Failures never stop independent branches unless `--fail-fast`;
-//!    cancellation (Ctrl-C, SIGTERM, `--fail-fast`) is our own token, since
-//!    dropping dagrs' future does not stop its nodes.
+//! The driver's state and its two phases (see the module doc of
+//! [`crate::run`]): planning fresh stages, and executing the rest as dagrs
+//! nodes that run worker processes.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -25,87 +11,23 @@ use dagrs::{
     Action, Content, DefaultNode, EnvVar, Graph as DagGraph, InChannels, Node, NodeId, NodeTable,
     OutChannels, Output, async_trait::async_trait,
 };
-use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{ArtifactStore, KeyMaterial, Manifest, digest_of_entries};
+use crate::cache::{ArtifactStore, KeyMaterial, Manifest};
 use crate::error::{Error, IoContext, Result};
-use crate::executor::{Slots, WorkerEnd, WorkerLaunch, current_exe, spawn_local};
-use crate::graph::{self, Graph};
+use crate::executor::{Slots, WorkerEnd, WorkerLaunch, spawn_local};
+use crate::graph::Graph;
 use crate::hashing::DepHasher;
 use crate::registry::{MetricPoint, NewStageRun, Registry, StageStatus};
 use crate::spec::Pipeline;
 use crate::stage::{Job, Kinds, WorkerEvent};
 use crate::workspace::Workspace;
 
-#[derive(Debug, Clone, Default)]
-pub struct RunOptions {
-    /// Stage names; empty means all. Their upstream stages come along.
-    pub targets: Vec<String>,
-    pub resume: bool,
-    pub jobs: u32,
-    pub gpu_devices: Vec<String>,
-    pub fail_fast: bool,
-    pub wait_lock: bool,
-}
-
-/// What the driver reports as it goes; the CLI renders these.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum Event {
-    RunStarted {
-        run_id: i64,
-        resumed: bool,
-        stages: usize,
-        workspace: String,
-    },
-    StageCached {
-        stage: String,
-    },
-    StageStarted {
-        stage: String,
-        attempt: i64,
-        device: String,
-        log: String,
-    },
-    StageProgress {
-        stage: String,
-        done: u64,
-        total: u64,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        message: Option<String>,
-    },
-    StageFinished {
-        stage: String,
-        status: StageStatus,
-        seconds: f64,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        error: Option<String>,
-    },
-    RunFinished {
-        run_id: i64,
-        status: String,
-        counts: BTreeMap<String, usize>,
-        seconds: f64,
-    },
-    Notice {
-        message: String,
-    },
-}
-
-pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;
+use super::{Event, EventSink, stage_material};
 
 #[derive(Debug, Clone)]
-pub struct RunSummary {
-    pub run_id: i64,
-    /// `succeeded`, `failed` or `interrupted`.
-    pub status: String,
-    pub counts: BTreeMap<String, usize>,
-}
-
-#[derive(Debug, Clone)]
-struct Outcome {
+pub(super) struct Outcome {
     status: StageStatus,
     key: Option<String>,
     digest: Option<String>,
@@ -117,145 +39,22 @@ impl Outcome {
     }
 }
 
-struct Driver {
-    p: Pipeline,
-    g: Graph,
-    kinds: Arc<Kinds>,
-    ws: Workspace,
-    store: ArtifactStore,
-    registry: Arc<Registry>,
-    run_id: i64,
-    outcomes: Mutex<Vec<Option<Outcome>>>,
-    hasher: Mutex<DepHasher>,
-    cancel: CancellationToken,
-    slots: Slots,
-    sink: EventSink,
-    fail_fast: bool,
-    exe: PathBuf,
-    metrics: tokio::sync::mpsc::UnboundedSender<MetricPoint>,
-}
-
-/// Runs (or resumes) a pipeline. `cancel` stops it cleanly (Ctrl-C).
-pub async fn run(
-    p: Pipeline,
-    kinds: Arc<Kinds>,
-    ws: Workspace,
-    opts: RunOptions,
-    sink: EventSink,
-    cancel: CancellationToken,
-) -> Result<RunSummary> {
-    let started = Instant::now();
-    let g = graph::build(&p)?;
-    let _lock = ws.lock(opts.wait_lock)?;
-    let registry = Arc::new(Registry::open(&ws.registry_path()).await?);
-    let pipeline_key = p.path.display().to_string();
-    let text = std::fs::read(&p.path).ctx(|| format!("reading {}", p.path.display()))?;
-    let digest = blake3::hash(&text).to_hex().to_string();
-
-    let mut targets = opts.targets.clone();
-    let mut resumed = false;
-    let run_id = match (opts.resume, registry.newest_run(&pipeline_key).await?) {
-        (true, Some((id, status, old_targets))) if status != "succeeded" => {
-            registry.reopen_run(id).await?;
-            let stopped = registry.reconcile(id).await?;
-            if !stopped.is_empty() {
-                sink(&Event::Notice {
-                    message: format!(
-                        "run {id}: {} left running by a stopped driver, marked interrupted: {}",
-                        stopped.len(),
-                        stopped.join(", ")
-                    ),
-                });
-            }
-            if targets.is_empty() && !old_targets.is_empty() {
-                targets = old_targets.split(' ').map(str::to_string).collect();
-            }
-            resumed = true;
-            id
-        }
-        (true, _) => {
-            sink(&Event::Notice {
-                message:
-                    "nothing to resume (no unfinished run of this pipeline); starting a new run"
-                        .into(),
-            });
-            registry
-                .begin_run(&pipeline_key, &digest, &targets.join(" "))
-                .await?
-        }
-        (false, _) => {
-            registry
-                .begin_run(&pipeline_key, &digest, &targets.join(" "))
-                .await?
-        }
-    };
-    let selected = g.select(&p, &targets)?;
-    let n_selected = selected.iter().filter(|s| **s).count();
-    sink(&Event::RunStarted {
-        run_id,
-        resumed,
-        stages: n_selected,
-        workspace: ws.root.display().to_string(),
-    });
-
-    let (mtx, mrx) = tokio::sync::mpsc::unbounded_channel();
-    let metrics_task = tokio::spawn(registry.clone().write_metrics(mrx));
-    let hasher = DepHasher::new(registry.load_file_stats().await?);
-    let n = p.stages.len();
-    let finished_sink = sink.clone();
-    let driver = Arc::new(Driver {
-        store: ws.store(),
-        slots: Slots::new(opts.jobs, opts.gpu_devices.clone()),
-        outcomes: Mutex::new(vec![None; n]),
-        hasher: Mutex::new(hasher),
-        fail_fast: opts.fail_fast,
-        exe: current_exe()?,
-        metrics: mtx,
-        p,
-        g,
-        kinds,
-        ws,
-        registry: registry.clone(),
-        run_id,
-        cancel,
-        sink,
-    });
-
-    let result = driver.clone().drive(&selected).await;
-    // Close the metrics channel (the driver holds the last sender) and flush.
-    let counts = driver.counts(&selected);
-    let interrupted = driver.cancel.is_cancelled() && !driver.fail_fast;
-    let updates = driver.take_file_stats();
-    drop(driver);
-    let _ = metrics_task.await;
-    registry.save_file_stats(&updates).await?;
-    if let Err(e) = result {
-        // The engine itself failed (not a stage): close the run as failed.
-        let _ = registry.finish_run(run_id, "failed").await;
-        return Err(e);
-    }
-    let bad = counts.get("failed").copied().unwrap_or(0)
-        + counts.get("skipped").copied().unwrap_or(0)
-        + counts.get("interrupted").copied().unwrap_or(0);
-    let status = if interrupted {
-        "interrupted"
-    } else if bad > 0 {
-        "failed"
-    } else {
-        "succeeded"
-    };
-    registry.finish_run(run_id, status).await?;
-    finished_sink(&Event::RunFinished {
-        run_id,
-        status: status.to_string(),
-        counts: counts.clone(),
-        seconds: started.elapsed().as_secs_f64(),
-    });
-    Ok(RunSummary {
-        run_id,
-        status: status.to_string(),
-        counts,
-    })
+pub(super) struct Driver {
+    pub(super) p: Pipeline,
+    pub(super) g: Graph,
+    pub(super) kinds: Arc<Kinds>,
+    pub(super) ws: Workspace,
+    pub(super) store: ArtifactStore,
+    pub(super) registry: Arc<Registry>,
+    pub(super) run_id: i64,
+    pub(super) outcomes: Mutex<Vec<Option<Outcome>>>,
+    pub(super) hasher: Mutex<DepHasher>,
+    pub(super) cancel: CancellationToken,
+    pub(super) slots: Slots,
+    pub(super) sink: EventSink,
+    pub(super) fail_fast: bool,
+    pub(super) exe: PathBuf,
+    pub(super) metrics: tokio::sync::mpsc::UnboundedSender<MetricPoint>,
 }
 
 struct StageAction {
@@ -277,7 +76,7 @@ impl Action for StageAction {
 }
 
 impl Driver {
-    fn outcome(&self, i: usize) -> Option<Outcome> {
+    pub(super) fn outcome(&self, i: usize) -> Option<Outcome> {
         self.outcomes.lock().ok().and_then(|o| o[i].clone())
     }
 
@@ -287,7 +86,7 @@ impl Driver {
         }
     }
 
-    fn counts(&self, selected: &[bool]) -> BTreeMap<String, usize> {
+    pub(super) fn counts(&self, selected: &[bool]) -> BTreeMap<String, usize> {
         let mut counts = BTreeMap::new();
         for (i, _) in selected.iter().enumerate().filter(|(_, s)| **s) {
             let status = self
@@ -299,14 +98,14 @@ impl Driver {
         counts
     }
 
-    fn take_file_stats(&self) -> Vec<(String, crate::registry::FileStat)> {
+    pub(super) fn take_file_stats(&self) -> Vec<(String, crate::registry::FileStat)> {
         self.hasher
             .lock()
             .map(|mut h| h.take_updates())
             .unwrap_or_default()
     }
 
-    async fn drive(self: Arc<Self>, selected: &[bool]) -> Result<()> {
+    pub(super) async fn drive(self: Arc<Self>, selected: &[bool]) -> Result<()> {
         let finished_before = self.registry.finished_stages(self.run_id).await?;
         let mut pending = Vec::new();
         // Cached rows carry no key material: the stage run that produced the
@@ -424,46 +223,8 @@ impl Driver {
         )
     }
 
-    /// Copies a command stage's outs from the store into the pipeline folder,
-    /// unless they are there already with the same contents. Each out appears
-    /// by one rename, never half-written.
     fn restore_outs(&self, i: usize, m: &Manifest) -> Result<()> {
-        let st = &self.p.stages[i];
-        for out in &st.outs {
-            let dst = self.p.dir.join(out);
-            let prefix = format!("{out}/");
-            let entries: Vec<_> = m
-                .files
-                .iter()
-                .filter(|f| f.path == *out || f.path.starts_with(&prefix))
-                .cloned()
-                .collect();
-            let is_file = entries.len() == 1 && entries[0].path == *out;
-            let want = if is_file {
-                entries[0].digest.clone()
-            } else {
-                let rel: Vec<_> = entries
-                    .iter()
-                    .map(|f| crate::cache::FileEntry {
-                        path: f.path[prefix.len()..].to_string(),
-                        ..f.clone()
-                    })
-                    .collect();
-                digest_of_entries(&rel)
-            };
-            if dst.exists() {
-                let mut h = self
-                    .hasher
-                    .lock()
-                    .map_err(|_| Error::Invalid("hasher poisoned".into()))?;
-                if h.hash_path(&dst).ok().as_deref() == Some(want.as_str()) {
-                    continue;
-                }
-            }
-            let src = self.store.data_dir(&m.key).join(out);
-            copy_into_place(&src, &dst)?;
-        }
-        Ok(())
+        crate::outs::restore(&self.p, &self.p.stages[i], &self.store, m, &self.hasher)
     }
 
     async fn record_unstarted(
@@ -766,89 +527,4 @@ impl Driver {
         }
         Ok(status)
     }
-}
-
-/// The key material of stage `i` (see [`crate::cache`]); `digest_of(j)` gives
-/// the artifact digest of upstream stage `j`, if it has one.
-pub(crate) fn stage_material(
-    p: &Pipeline,
-    kinds: &Kinds,
-    i: usize,
-    digest_of: &dyn Fn(usize) -> Option<String>,
-    hasher: &mut DepHasher,
-) -> std::result::Result<KeyMaterial, String> {
-    let st = &p.stages[i];
-    let kind = kinds
-        .get(&st.kind)
-        .ok_or_else(|| format!("unknown kind `{}`", st.kind))?;
-    let mut inputs = BTreeMap::new();
-    for (name, up) in &st.inputs {
-        let digest = digest_of(p.index[up.as_str()])
-            .ok_or_else(|| format!("input `{name}`: stage `{up}` has no artifact yet"))?;
-        inputs.insert(name.clone(), digest);
-    }
-    let mut deps = BTreeMap::new();
-    for d in &st.deps {
-        let path = p.dir.join(d);
-        if !path.exists() {
-            return Err(format!(
-                "dep `{d}` does not exist ({}); create it, or add the stage that writes it as an out",
-                path.display()
-            ));
-        }
-        let digest = hasher.hash_path(&path).map_err(|e| e.to_string())?;
-        deps.insert(d.clone(), digest);
-    }
-    Ok(KeyMaterial {
-        kind: st.kind.clone(),
-        version: kind.version(),
-        params: Value::Object(st.params.clone()),
-        inputs,
-        deps,
-        device: kind
-            .device_dependent()
-            .then(|| if st.resources.gpus > 0 { "cuda" } else { "cpu" }.to_string()),
-    })
-}
-
-/// Copies `src` (file or folder) to `dst` through a temporary sibling and one rename.
-fn copy_into_place(src: &Path, dst: &Path) -> Result<()> {
-    let parent = dst.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
-    let name = dst
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.haic-tmp-{}", std::process::id()));
-    crate::cache::remove_tree(&tmp)?;
-    copy_tree(src, &tmp)?;
-    if dst.is_dir() {
-        let old = parent.join(format!(".{name}.haic-old-{}", std::process::id()));
-        std::fs::rename(dst, &old).ctx(|| format!("replacing {}", dst.display()))?;
-        std::fs::rename(&tmp, dst).ctx(|| format!("replacing {}", dst.display()))?;
-        crate::cache::remove_tree(&old)?;
-    } else {
-        std::fs::rename(&tmp, dst).ctx(|| format!("replacing {}", dst.display()))?;
-    }
-    Ok(())
-}
-
-fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(src).ctx(|| format!("reading {}", src.display()))?;
-    if meta.is_dir() {
-        std::fs::create_dir_all(dst).ctx(|| format!("creating {}", dst.display()))?;
-        for e in std::fs::read_dir(src).ctx(|| format!("listing {}", src.display()))? {
-            let e = e.ctx(|| format!("listing {}", src.display()))?;
-            copy_tree(&e.path(), &dst.join(e.file_name()))?;
-        }
-    } else {
-        std::fs::copy(src, dst)
-            .ctx(|| format!("copying {} to {}", src.display(), dst.display()))?;
-        // Store files are read-only; the user's copy is theirs to edit.
-        let mode = meta.permissions().mode() | 0o200;
-        std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode))
-            .ctx(|| format!("setting permissions of {}", dst.display()))?;
-    }
-    Ok(())
 }

@@ -1,0 +1,114 @@
+//! Read-only access to the registry: `haic-pipe registry query`.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteRow};
+use sqlx::{AssertSqlSafe, Column, ConnectOptions, Row, TypeInfo, ValueRef};
+
+use super::db_err;
+use crate::error::{Error, Result};
+
+/// Rows of a query as JSON values, with column names.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueryResult {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Value>>,
+}
+
+impl QueryResult {
+    pub(crate) fn from_rows(rows: &[SqliteRow]) -> QueryResult {
+        let columns = rows
+            .first()
+            .map(|r| r.columns().iter().map(|c| c.name().to_string()).collect())
+            .unwrap_or_default();
+        let rows = rows
+            .iter()
+            .map(|r| (0..r.len()).map(|i| cell(r, i)).collect())
+            .collect();
+        QueryResult { columns, rows }
+    }
+}
+
+fn cell(r: &SqliteRow, i: usize) -> Value {
+    let Ok(raw) = r.try_get_raw(i) else {
+        return Value::Null;
+    };
+    if raw.is_null() {
+        return Value::Null;
+    }
+    match raw.type_info().name() {
+        "INTEGER" => r
+            .try_get::<i64, _>(i)
+            .map(Value::from)
+            .unwrap_or(Value::Null),
+        "REAL" => r
+            .try_get::<f64, _>(i)
+            .map(Value::from)
+            .unwrap_or(Value::Null),
+        "BLOB" => r
+            .try_get::<Vec<u8>, _>(i)
+            .map(|b| Value::String(format!("<{} bytes>", b.len())))
+            .unwrap_or(Value::Null),
+        _ => r
+            .try_get::<String, _>(i)
+            .map(Value::from)
+            .unwrap_or(Value::Null),
+    }
+}
+
+/// Statements a read-only query may start with.
+const READ_ONLY_STARTS: [&str; 4] = ["select", "with", "explain", "values"];
+
+/// Runs one read-only SQL statement on the registry at `path`.
+///
+/// The connection is opened read-only (SQLite refuses any write), and the
+/// statement must be a single SELECT/WITH/EXPLAIN/VALUES without ATTACH or
+/// extension loading, so the error says what is allowed instead of a bare
+/// "readonly database".
+pub async fn query_read_only(path: &Path, sql: &str) -> Result<QueryResult> {
+    let trimmed = sql.trim().trim_end_matches(';').trim();
+    let lower = trimmed.to_ascii_lowercase();
+    let first = lower.split_whitespace().next().unwrap_or("");
+    if !READ_ONLY_STARTS.contains(&first) {
+        return Err(Error::QueryRefused(format!(
+            "`{}` would change the registry or is not a query; only SELECT, WITH, EXPLAIN and VALUES are allowed",
+            trimmed.chars().take(60).collect::<String>()
+        )));
+    }
+    if trimmed.contains(';') {
+        return Err(Error::QueryRefused(
+            "one statement at a time: remove the `;` inside the query".into(),
+        ));
+    }
+    for word in ["attach", "load_extension", "writefile", "readfile"] {
+        if lower.contains(word) {
+            return Err(Error::QueryRefused(format!(
+                "`{word}` is not allowed in registry queries"
+            )));
+        }
+    }
+    if !path.exists() {
+        return Err(Error::Registry {
+            path: path.to_path_buf(),
+            message: "no registry here yet; run a pipeline first, or pass --workspace".into(),
+        });
+    }
+    let opts = SqliteConnectOptions::from_str("sqlite://")
+        .map_err(db_err(path))?
+        .filename(path)
+        .read_only(true)
+        .busy_timeout(Duration::from_secs(10))
+        .disable_statement_logging();
+    let mut conn = opts.connect().await.map_err(db_err(path))?;
+    let rows = sqlx::query(AssertSqlSafe(trimmed.to_string()))
+        .fetch_all(&mut conn)
+        .await
+        .map_err(|e| match e {
+            sqlx::Error::Database(d) => Error::QueryRefused(d.message().to_string()),
+            other => db_err(path)(other),
+        })?;
+    Ok(QueryResult::from_rows(&rows))
+}

@@ -1,0 +1,270 @@
+//! The driver: plans a run, executes what is stale through dagrs, records
+//! everything in the registry. Only this code writes the registry.
+//!
+//! A run goes in two phases:
+//!
+//! 1. **Plan**, in topological order, without starting anything: a stage
+//!    whose upstream stages are all fresh gets its key computed; if the store
+//!    has that key's artifact, the stage is `cached`. This is all a no-op
+//!    re-run does, in one registry transaction.
+//! 2. **Execute** the rest as a dagrs graph. Each node first awaits the
+//!    outcome of every upstream node (dagrs edges order nothing by
+//!    themselves), then skips itself if one of them did not succeed,
+//!    otherwise computes its key (upstream digests are known now), checks the
+//!    cache once more, waits for a worker slot and runs a worker process.
+//!    Failures never stop independent branches unless `--fail-fast`;
+//!    cancellation (Ctrl-C, SIGTERM, `--fail-fast`) is our own token, since
+//!    dropping dagrs' future does not stop its nodes.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::KeyMaterial;
+use crate::error::{IoContext, Result};
+use crate::executor::{Slots, current_exe};
+use crate::graph;
+use crate::hashing::DepHasher;
+use crate::registry::{Registry, StageStatus};
+use crate::spec::Pipeline;
+use crate::stage::Kinds;
+use crate::workspace::Workspace;
+
+mod driver;
+
+use driver::Driver;
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stage names; empty means all. Their upstream stages come along.
+    pub targets: Vec<String>,
+    pub resume: bool,
+    pub jobs: u32,
+    pub gpu_devices: Vec<String>,
+    pub fail_fast: bool,
+    pub wait_lock: bool,
+}
+
+/// What the driver reports as it goes; the CLI renders these.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    RunStarted {
+        run_id: i64,
+        resumed: bool,
+        stages: usize,
+        workspace: String,
+    },
+    StageCached {
+        stage: String,
+    },
+    StageStarted {
+        stage: String,
+        attempt: i64,
+        device: String,
+        log: String,
+    },
+    StageProgress {
+        stage: String,
+        done: u64,
+        total: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
+    StageFinished {
+        stage: String,
+        status: StageStatus,
+        seconds: f64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    RunFinished {
+        run_id: i64,
+        status: String,
+        counts: BTreeMap<String, usize>,
+        seconds: f64,
+    },
+    Notice {
+        message: String,
+    },
+}
+
+pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;
+
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub run_id: i64,
+    /// `succeeded`, `failed` or `interrupted`.
+    pub status: String,
+    pub counts: BTreeMap<String, usize>,
+}
+
+/// Runs (or resumes) a pipeline. `cancel` stops it cleanly (Ctrl-C).
+pub async fn run(
+    p: Pipeline,
+    kinds: Arc<Kinds>,
+    ws: Workspace,
+    opts: RunOptions,
+    sink: EventSink,
+    cancel: CancellationToken,
+) -> Result<RunSummary> {
+    let started = Instant::now();
+    let g = graph::build(&p)?;
+    let _lock = ws.lock(opts.wait_lock)?;
+    let registry = Arc::new(Registry::open(&ws.registry_path()).await?);
+    let pipeline_key = p.path.display().to_string();
+    let text = std::fs::read(&p.path).ctx(|| format!("reading {}", p.path.display()))?;
+    let digest = blake3::hash(&text).to_hex().to_string();
+
+    let mut targets = opts.targets.clone();
+    let mut resumed = false;
+    let run_id = match (opts.resume, registry.newest_run(&pipeline_key).await?) {
+        (true, Some((id, status, old_targets))) if status != "succeeded" => {
+            registry.reopen_run(id).await?;
+            let stopped = registry.reconcile(id).await?;
+            if !stopped.is_empty() {
+                sink(&Event::Notice {
+                    message: format!(
+                        "run {id}: {} left running by a stopped driver, marked interrupted: {}",
+                        stopped.len(),
+                        stopped.join(", ")
+                    ),
+                });
+            }
+            if targets.is_empty() && !old_targets.is_empty() {
+                targets = old_targets.split(' ').map(str::to_string).collect();
+            }
+            resumed = true;
+            id
+        }
+        (true, _) => {
+            sink(&Event::Notice {
+                message:
+                    "nothing to resume (no unfinished run of this pipeline); starting a new run"
+                        .into(),
+            });
+            registry
+                .begin_run(&pipeline_key, &digest, &targets.join(" "))
+                .await?
+        }
+        (false, _) => {
+            registry
+                .begin_run(&pipeline_key, &digest, &targets.join(" "))
+                .await?
+        }
+    };
+    let selected = g.select(&p, &targets)?;
+    let n_selected = selected.iter().filter(|s| **s).count();
+    sink(&Event::RunStarted {
+        run_id,
+        resumed,
+        stages: n_selected,
+        workspace: ws.root.display().to_string(),
+    });
+
+    let (mtx, mrx) = tokio::sync::mpsc::unbounded_channel();
+    let metrics_task = tokio::spawn(registry.clone().write_metrics(mrx));
+    let hasher = DepHasher::new(registry.load_file_stats().await?);
+    let n = p.stages.len();
+    let finished_sink = sink.clone();
+    let driver = Arc::new(Driver {
+        store: ws.store(),
+        slots: Slots::new(opts.jobs, opts.gpu_devices.clone()),
+        outcomes: Mutex::new(vec![None; n]),
+        hasher: Mutex::new(hasher),
+        fail_fast: opts.fail_fast,
+        exe: current_exe()?,
+        metrics: mtx,
+        p,
+        g,
+        kinds,
+        ws,
+        registry: registry.clone(),
+        run_id,
+        cancel,
+        sink,
+    });
+
+    let result = driver.clone().drive(&selected).await;
+    // Close the metrics channel (the driver holds the last sender) and flush.
+    let counts = driver.counts(&selected);
+    let interrupted = driver.cancel.is_cancelled() && !driver.fail_fast;
+    let updates = driver.take_file_stats();
+    drop(driver);
+    let _ = metrics_task.await;
+    registry.save_file_stats(&updates).await?;
+    if let Err(e) = result {
+        // The engine itself failed (not a stage): close the run as failed.
+        let _ = registry.finish_run(run_id, "failed").await;
+        return Err(e);
+    }
+    let bad = counts.get("failed").copied().unwrap_or(0)
+        + counts.get("skipped").copied().unwrap_or(0)
+        + counts.get("interrupted").copied().unwrap_or(0);
+    let status = if interrupted {
+        "interrupted"
+    } else if bad > 0 {
+        "failed"
+    } else {
+        "succeeded"
+    };
+    registry.finish_run(run_id, status).await?;
+    finished_sink(&Event::RunFinished {
+        run_id,
+        status: status.to_string(),
+        counts: counts.clone(),
+        seconds: started.elapsed().as_secs_f64(),
+    });
+    Ok(RunSummary {
+        run_id,
+        status: status.to_string(),
+        counts,
+    })
+}
+
+/// The key material of stage `i` (see [`crate::cache`]); `digest_of(j)` gives
+/// the artifact digest of upstream stage `j`, if it has one.
+pub(crate) fn stage_material(
+    p: &Pipeline,
+    kinds: &Kinds,
+    i: usize,
+    digest_of: &dyn Fn(usize) -> Option<String>,
+    hasher: &mut DepHasher,
+) -> std::result::Result<KeyMaterial, String> {
+    let st = &p.stages[i];
+    let kind = kinds
+        .get(&st.kind)
+        .ok_or_else(|| format!("unknown kind `{}`", st.kind))?;
+    let mut inputs = BTreeMap::new();
+    for (name, up) in &st.inputs {
+        let digest = digest_of(p.index[up.as_str()])
+            .ok_or_else(|| format!("input `{name}`: stage `{up}` has no artifact yet"))?;
+        inputs.insert(name.clone(), digest);
+    }
+    let mut deps = BTreeMap::new();
+    for d in &st.deps {
+        let path = p.dir.join(d);
+        if !path.exists() {
+            return Err(format!(
+                "dep `{d}` does not exist ({}); create it, or add the stage that writes it as an out",
+                path.display()
+            ));
+        }
+        let digest = hasher.hash_path(&path).map_err(|e| e.to_string())?;
+        deps.insert(d.clone(), digest);
+    }
+    Ok(KeyMaterial {
+        kind: st.kind.clone(),
+        version: kind.version(),
+        params: Value::Object(st.params.clone()),
+        inputs,
+        deps,
+        device: kind
+            .device_dependent()
+            .then(|| if st.resources.gpus > 0 { "cuda" } else { "cpu" }.to_string()),
+    })
+}
