@@ -299,6 +299,11 @@ fn kill_9_of_the_driver_then_resume_finishes_the_same_run() {
         "running",
         "left running by the dead driver"
     );
+    let st = String::from_utf8_lossy(&p.haic(&["status", "pipeline.yaml"]).stdout).to_string();
+    assert!(
+        st.contains("slow   interrupted") && st.contains("--resume"),
+        "{st}"
+    );
 
     let out = p.run(&["--resume"]);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -18,7 +18,7 @@ use crate::workspace::Workspace;
 #[derive(Debug, Clone, Serialize)]
 pub struct StageState {
     pub stage: String,
-    /// `cached`, `stale`, `running` or `failed`.
+    /// `cached`, `stale`, `running`, `interrupted` or `failed`.
     pub state: String,
     pub why: Vec<String>,
     pub key: Option<String>,
@@ -86,12 +86,20 @@ pub async fn status(
             Some(r) => r.last_for_key(&st.name, &key).await?,
             None => None,
         };
-        if let Some((s, err, run)) = &last
+        if let Some((s, err, run, driver)) = &last
             && (s == "running" || s == "failed")
         {
-            state.state = s.clone();
-            state.why.push(match (s.as_str(), err) {
+            let driver_alive = driver.is_some_and(is_haic_process);
+            state.state = if s == "running" && !driver_alive {
+                "interrupted".to_string()
+            } else {
+                s.clone()
+            };
+            state.why.push(match (state.state.as_str(), err) {
                 ("failed", Some(e)) => format!("failed in run {run}: {e}"),
+                ("interrupted", _) => {
+                    format!("run {run}'s driver is gone; `haic-pipe run --resume` continues it")
+                }
                 _ => format!("in run {run}"),
             });
         } else {
@@ -116,4 +124,11 @@ pub async fn status(
         out[i] = Some(state);
     }
     Ok(g.order.iter().filter_map(|&i| out[i].take()).collect())
+}
+
+/// Whether `pid` is a live haic-pipe process (a driver that may still write).
+fn is_haic_process(pid: i64) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains("haic-pipe"))
+        .unwrap_or(false)
 }

@@ -561,22 +561,24 @@ impl Registry {
         .map_err(db_err(&self.path))
     }
 
-    /// Newest stage run of this stage with this key: (status, error, run id, driver pid).
+    /// Newest stage run of this stage with this key: (status, error, run
+    /// id, the pid of that run's driver).
     pub async fn last_for_key(
         &self,
         stage: &str,
         key: &str,
-    ) -> Result<Option<(String, Option<String>, i64)>> {
+    ) -> Result<Option<(String, Option<String>, i64, Option<i64>)>> {
         let mut c = self.conn.lock().await;
         let row = sqlx::query(
-            "SELECT status, error, run_id FROM stage_runs WHERE stage = ? AND key = ? ORDER BY id DESC LIMIT 1",
+            "SELECT s.status, s.error, s.run_id, r.driver_pid FROM stage_runs s JOIN runs r ON r.id = s.run_id
+             WHERE s.stage = ? AND s.key = ? ORDER BY s.id DESC LIMIT 1",
         )
         .bind(stage)
         .bind(key)
         .fetch_optional(&mut *c)
         .await
         .map_err(db_err(&self.path))?;
-        Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+        Ok(row.map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
     }
 
     /// Artifact keys used by the newest `keep_runs` runs (outputs and lineage).
