@@ -391,7 +391,11 @@ fn bad_preprocess_params_are_spec_errors() {
         "stages:\n  prep:\n    kind: preprocess\n    params:\n      source: {format: tiff, train: x}\n",
     );
     let out = p.run(&[]);
-    assert_error(&out, 2, "stage `prep`: params: unknown variant `tiff`");
+    assert_error(
+        &out,
+        2,
+        "pipeline.yaml:5:15: stage `prep`: params: source.format: unknown variant `tiff`",
+    );
     let p = Project::new(
         "stages:\n  prep:\n    kind: preprocess\n    params:\n      source: {format: idx, train: {images: ../../x, labels: lab.idx}}\n",
     );

@@ -139,11 +139,23 @@ impl Source {
     }
 }
 
-fn parse_config(params: &serde_json::Map<String, Value>) -> Result<Config, String> {
-    let mut p = params.clone();
-    // `cmd`/`outs` never reach non-command kinds; nothing else to strip.
-    p.remove("cmd");
-    serde_json::from_value(Value::Object(p)).map_err(|e| e.to_string())
+/// The params as a [`Config`]; an error names the param path (`source.train`).
+fn parse_config(params: &serde_json::Map<String, Value>) -> Result<Config, (String, String)> {
+    serde_path_to_error::deserialize(Value::Object(params.clone())).map_err(|e| {
+        let path = e.path().to_string();
+        let first = path.split(['.', '[']).next().unwrap_or("").to_string();
+        let field = if first.is_empty() || first == "?" {
+            "kind".to_string()
+        } else {
+            format!("params.{first}")
+        };
+        let at = if path == "." {
+            String::new()
+        } else {
+            format!("{path}: ")
+        };
+        (field, format!("params: {at}{}", e.into_inner()))
+    })
 }
 
 pub struct Preprocess;
@@ -158,8 +170,7 @@ impl StageKind for Preprocess {
     }
 
     fn check(&self, stage: &Stage) -> Result<(), (String, String)> {
-        let cfg = parse_config(&stage.params)
-            .map_err(|m| ("kind".to_string(), format!("params: {m}")))?;
+        let cfg = parse_config(&stage.params)?;
         if let Some(v) = &cfg.validation
             && !(v.fraction > 0.0 && v.fraction < 1.0)
         {
@@ -199,7 +210,7 @@ impl StageKind for Preprocess {
             Value::Object(m) => m.clone(),
             _ => serde_json::Map::new(),
         };
-        let cfg = parse_config(&params).map_err(|m| Error::Params(format!("params: {m}")))?;
+        let cfg = parse_config(&params).map_err(|(_, m)| Error::Params(m))?;
         let root = ctx.job.pipeline_dir.clone();
         let resolve = |p: &str| -> Result<PathBuf, Error> {
             Ok(root.join(clean_relative(p).map_err(|m| Error::Params(format!("`{p}`: {m}")))?))
