@@ -24,7 +24,6 @@ use std::io::BufRead;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use pipeline::spec::Stage;
@@ -122,11 +121,14 @@ impl StageKind for Command {
         let mut child = command
             .spawn()
             .map_err(|e| format!("starting `sh -c {cmd:?}`: {e}"))?;
-        let done = AtomicBool::new(false);
+        let (exited, wake) = std::sync::mpsc::channel::<()>();
         let (status, metrics) = std::thread::scope(|s| {
-            let tail = s.spawn(|| forward_metrics(ctx, &metrics_file, &done));
+            let file = &metrics_file;
+            let tail = s.spawn(move || forward_metrics(ctx, file, wake));
             let status = child.wait();
-            done.store(true, Ordering::Release);
+            // Wakes the reader at once (a sleeping reader would add its poll
+            // interval to every command stage).
+            drop(exited);
             let metrics = tail
                 .join()
                 .unwrap_or_else(|_| Err("metrics reader panicked".into()));
@@ -161,13 +163,17 @@ impl StageKind for Command {
 }
 
 /// Forwards `name step value` lines from the metrics file as they appear,
-/// until `done` is set and the file is drained.
-fn forward_metrics(ctx: &StageContext, path: &Path, done: &AtomicBool) -> Result<(), StageError> {
+/// until the command has exited (`wake` disconnects) and the file is drained.
+fn forward_metrics(
+    ctx: &StageContext,
+    path: &Path,
+    wake: std::sync::mpsc::Receiver<()>,
+) -> Result<(), StageError> {
     let mut reader = std::io::BufReader::new(std::fs::File::open(path)?);
     let mut line = String::new();
     let mut number = 0;
+    let mut finished = false;
     loop {
-        let finished = done.load(Ordering::Acquire);
         loop {
             reader.read_line(&mut line)?;
             // A line without its newline may still be being written, unless
@@ -195,7 +201,11 @@ fn forward_metrics(ctx: &StageContext, path: &Path, done: &AtomicBool) -> Result
         if finished {
             return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(50));
+        // Poll every 50 ms while the command runs; one last pass after it exits.
+        finished = matches!(
+            wake.recv_timeout(Duration::from_millis(50)),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
+        );
     }
 }
 
