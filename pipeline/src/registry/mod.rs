@@ -17,7 +17,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteQueryResult, SqliteRow,
+    SqliteSynchronous,
+};
 use sqlx::{ConnectOptions, Connection, QueryBuilder, Row};
 use tokio::sync::Mutex;
 
@@ -128,6 +131,8 @@ struct BatchSummary {
 /// Stage-run rows per INSERT statement (13 values each).
 const STAGE_RUN_ROWS_PER_STATEMENT: usize = 2000;
 
+type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
+
 /// Rows bound per INSERT statement (4 values each, under SQLite's 32766 limit).
 const METRIC_ROWS_PER_STATEMENT: usize = 4000;
 
@@ -160,79 +165,79 @@ impl Registry {
         })
     }
 
+    /// Runs one statement on the writer connection.
+    async fn execute(&self, q: Query<'_>) -> Result<SqliteQueryResult> {
+        let mut c = self.conn.lock().await;
+        q.execute(&mut *c).await.map_err(db_err(&self.path))
+    }
+
+    async fn fetch_all(&self, q: Query<'_>) -> Result<Vec<SqliteRow>> {
+        let mut c = self.conn.lock().await;
+        q.fetch_all(&mut *c).await.map_err(db_err(&self.path))
+    }
+
+    async fn fetch_optional(&self, q: Query<'_>) -> Result<Option<SqliteRow>> {
+        let mut c = self.conn.lock().await;
+        q.fetch_optional(&mut *c).await.map_err(db_err(&self.path))
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
 
     pub async fn begin_run(&self, pipeline: &str, digest: &str, targets: &str) -> Result<i64> {
-        let mut c = self.conn.lock().await;
-        let r = sqlx::query(
+        let r = self.execute(sqlx::query(
             "INSERT INTO runs (pipeline, pipeline_digest, targets, status, driver_pid) VALUES (?, ?, ?, 'running', ?)",
         )
         .bind(pipeline)
         .bind(digest)
         .bind(targets)
-        .bind(std::process::id() as i64)
-        .execute(&mut *c)
-        .await
-        .map_err(db_err(&self.path))?;
+        .bind(std::process::id() as i64)).await?;
         Ok(r.last_insert_rowid())
     }
 
     /// The newest run of this pipeline, with its status.
     pub async fn newest_run(&self, pipeline: &str) -> Result<Option<(i64, String, String)>> {
-        let mut c = self.conn.lock().await;
-        let row = sqlx::query(
+        let row = self.fetch_optional(sqlx::query(
             "SELECT id, status, targets FROM runs WHERE pipeline = ? ORDER BY id DESC LIMIT 1",
         )
-        .bind(pipeline)
-        .fetch_optional(&mut *c)
-        .await
-        .map_err(db_err(&self.path))?;
+        .bind(pipeline)).await?;
         Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
     }
 
     /// Marks a run as running again (resume) under this driver.
     pub async fn reopen_run(&self, run_id: i64) -> Result<()> {
-        let mut c = self.conn.lock().await;
-        sqlx::query(
+        self.execute(sqlx::query(
             "UPDATE runs SET status = 'running', finished_at = NULL, driver_pid = ? WHERE id = ?",
         )
         .bind(std::process::id() as i64)
-        .bind(run_id)
-        .execute(&mut *c)
-        .await
-        .map_err(db_err(&self.path))?;
+        .bind(run_id)).await?;
         Ok(())
     }
 
     /// Stage runs of `run_id` left `running`/`pending` by a driver that died
     /// become `interrupted`. Returns their stage names.
     pub async fn reconcile(&self, run_id: i64) -> Result<Vec<String>> {
-        let mut c = self.conn.lock().await;
-        let rows = sqlx::query(
-            "UPDATE stage_runs SET status = 'interrupted',
+        let rows = self
+            .fetch_all(
+                sqlx::query(
+                    "UPDATE stage_runs SET status = 'interrupted',
                  finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
                  error = coalesce(error, 'the driver stopped while this stage ran; resumed later')
              WHERE run_id = ? AND status IN ('running', 'pending') RETURNING stage",
-        )
-        .bind(run_id)
-        .fetch_all(&mut *c)
-        .await
-        .map_err(db_err(&self.path))?;
+                )
+                .bind(run_id),
+            )
+            .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     pub async fn finish_run(&self, run_id: i64, status: &str) -> Result<()> {
-        let mut c = self.conn.lock().await;
-        sqlx::query(
+        self.execute(sqlx::query(
             "UPDATE runs SET status = ?, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
         )
         .bind(status)
-        .bind(run_id)
-        .execute(&mut *c)
-        .await
-        .map_err(db_err(&self.path))?;
+        .bind(run_id)).await?;
         Ok(())
     }
 
@@ -252,14 +257,10 @@ impl Registry {
 
     /// Stages already finished (succeeded or cached) in a run, with their keys.
     pub async fn finished_stages(&self, run_id: i64) -> Result<HashMap<String, String>> {
-        let mut c = self.conn.lock().await;
-        let rows = sqlx::query(
+        let rows = self.fetch_all(sqlx::query(
             "SELECT stage, key FROM stage_runs WHERE run_id = ? AND status IN ('succeeded', 'cached') AND key IS NOT NULL",
         )
-        .bind(run_id)
-        .fetch_all(&mut *c)
-        .await
-        .map_err(db_err(&self.path))?;
+        .bind(run_id)).await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
@@ -326,13 +327,12 @@ impl Registry {
     }
 
     pub async fn set_worker(&self, id: i64, worker: &str) -> Result<()> {
-        let mut c = self.conn.lock().await;
-        sqlx::query("UPDATE stage_runs SET worker = ? WHERE id = ?")
-            .bind(worker)
-            .bind(id)
-            .execute(&mut *c)
-            .await
-            .map_err(db_err(&self.path))?;
+        self.execute(
+            sqlx::query("UPDATE stage_runs SET worker = ? WHERE id = ?")
+                .bind(worker)
+                .bind(id),
+        )
+        .await?;
         Ok(())
     }
 
@@ -342,16 +342,12 @@ impl Registry {
         status: StageStatus,
         error: Option<&str>,
     ) -> Result<()> {
-        let mut c = self.conn.lock().await;
-        sqlx::query(
+        self.execute(sqlx::query(
             "UPDATE stage_runs SET status = ?, error = ?, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
         )
         .bind(status.as_str())
         .bind(error)
-        .bind(id)
-        .execute(&mut *c)
-        .await
-        .map_err(db_err(&self.path))?;
+        .bind(id)).await?;
         Ok(())
     }
 
@@ -501,11 +497,11 @@ impl Registry {
     }
 
     pub async fn load_file_stats(&self) -> Result<HashMap<String, FileStat>> {
-        let mut c = self.conn.lock().await;
-        let rows = sqlx::query("SELECT path, size, mtime_ns, inode, digest FROM file_hashes")
-            .fetch_all(&mut *c)
-            .await
-            .map_err(db_err(&self.path))?;
+        let rows = self
+            .fetch_all(sqlx::query(
+                "SELECT path, size, mtime_ns, inode, digest FROM file_hashes",
+            ))
+            .await?;
         Ok(rows
             .iter()
             .map(|r| {
@@ -568,43 +564,35 @@ impl Registry {
         stage: &str,
         key: &str,
     ) -> Result<Option<(String, Option<String>, i64, Option<i64>)>> {
-        let mut c = self.conn.lock().await;
-        let row = sqlx::query(
+        let row = self.fetch_optional(sqlx::query(
             "SELECT s.status, s.error, s.run_id, r.driver_pid FROM stage_runs s JOIN runs r ON r.id = s.run_id
              WHERE s.stage = ? AND s.key = ? ORDER BY s.id DESC LIMIT 1",
         )
         .bind(stage)
-        .bind(key)
-        .fetch_optional(&mut *c)
-        .await
-        .map_err(db_err(&self.path))?;
+        .bind(key)).await?;
         Ok(row.map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
     }
 
     /// Artifact keys used by the newest `keep_runs` runs (outputs and lineage).
     pub async fn keys_in_recent_runs(&self, keep_runs: i64) -> Result<Vec<String>> {
-        let mut c = self.conn.lock().await;
-        let rows = sqlx::query(
-            "WITH recent AS (SELECT id FROM runs ORDER BY id DESC LIMIT ?)
+        let rows = self
+            .fetch_all(
+                sqlx::query(
+                    "WITH recent AS (SELECT id FROM runs ORDER BY id DESC LIMIT ?)
              SELECT key FROM stage_runs WHERE run_id IN recent AND key IS NOT NULL
              UNION
              SELECT l.artifact_key FROM lineage l JOIN stage_runs s ON s.id = l.stage_run_id
              WHERE s.run_id IN recent",
-        )
-        .bind(keep_runs)
-        .fetch_all(&mut *c)
-        .await
-        .map_err(db_err(&self.path))?;
+                )
+                .bind(keep_runs),
+            )
+            .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     pub async fn forget_artifact(&self, key: &str) -> Result<()> {
-        let mut c = self.conn.lock().await;
-        sqlx::query("DELETE FROM artifacts WHERE key = ?")
-            .bind(key)
-            .execute(&mut *c)
-            .await
-            .map_err(db_err(&self.path))?;
+        self.execute(sqlx::query("DELETE FROM artifacts WHERE key = ?").bind(key))
+            .await?;
         Ok(())
     }
 
