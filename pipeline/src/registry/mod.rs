@@ -186,32 +186,35 @@ impl Registry {
     }
 
     pub async fn begin_run(&self, pipeline: &str, digest: &str, targets: &str) -> Result<i64> {
-        let r = self.execute(sqlx::query(
+        let q = sqlx::query(
             "INSERT INTO runs (pipeline, pipeline_digest, targets, status, driver_pid) VALUES (?, ?, ?, 'running', ?)",
         )
         .bind(pipeline)
         .bind(digest)
         .bind(targets)
-        .bind(std::process::id() as i64)).await?;
+        .bind(std::process::id() as i64);
+        let r = self.execute(q).await?;
         Ok(r.last_insert_rowid())
     }
 
     /// The newest run of this pipeline, with its status.
     pub async fn newest_run(&self, pipeline: &str) -> Result<Option<(i64, String, String)>> {
-        let row = self.fetch_optional(sqlx::query(
+        let q = sqlx::query(
             "SELECT id, status, targets FROM runs WHERE pipeline = ? ORDER BY id DESC LIMIT 1",
         )
-        .bind(pipeline)).await?;
+        .bind(pipeline);
+        let row = self.fetch_optional(q).await?;
         Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
     }
 
     /// Marks a run as running again (resume) under this driver.
     pub async fn reopen_run(&self, run_id: i64) -> Result<()> {
-        self.execute(sqlx::query(
+        let q = sqlx::query(
             "UPDATE runs SET status = 'running', finished_at = NULL, driver_pid = ? WHERE id = ?",
         )
         .bind(std::process::id() as i64)
-        .bind(run_id)).await?;
+        .bind(run_id);
+        self.execute(q).await?;
         Ok(())
     }
 
@@ -233,11 +236,12 @@ impl Registry {
     }
 
     pub async fn finish_run(&self, run_id: i64, status: &str) -> Result<()> {
-        self.execute(sqlx::query(
+        let q = sqlx::query(
             "UPDATE runs SET status = ?, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
         )
         .bind(status)
-        .bind(run_id)).await?;
+        .bind(run_id);
+        self.execute(q).await?;
         Ok(())
     }
 
@@ -257,10 +261,11 @@ impl Registry {
 
     /// Stages already finished (succeeded or cached) in a run, with their keys.
     pub async fn finished_stages(&self, run_id: i64) -> Result<HashMap<String, String>> {
-        let rows = self.fetch_all(sqlx::query(
+        let q = sqlx::query(
             "SELECT stage, key FROM stage_runs WHERE run_id = ? AND status IN ('succeeded', 'cached') AND key IS NOT NULL",
         )
-        .bind(run_id)).await?;
+        .bind(run_id);
+        let rows = self.fetch_all(q).await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
@@ -342,12 +347,13 @@ impl Registry {
         status: StageStatus,
         error: Option<&str>,
     ) -> Result<()> {
-        self.execute(sqlx::query(
+        let q = sqlx::query(
             "UPDATE stage_runs SET status = ?, error = ?, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
         )
         .bind(status.as_str())
         .bind(error)
-        .bind(id)).await?;
+        .bind(id);
+        self.execute(q).await?;
         Ok(())
     }
 
@@ -564,12 +570,13 @@ impl Registry {
         stage: &str,
         key: &str,
     ) -> Result<Option<(String, Option<String>, i64, Option<i64>)>> {
-        let row = self.fetch_optional(sqlx::query(
+        let q = sqlx::query(
             "SELECT s.status, s.error, s.run_id, r.driver_pid FROM stage_runs s JOIN runs r ON r.id = s.run_id
              WHERE s.stage = ? AND s.key = ? ORDER BY s.id DESC LIMIT 1",
         )
         .bind(stage)
-        .bind(key)).await?;
+        .bind(key);
+        let row = self.fetch_optional(q).await?;
         Ok(row.map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
     }
 
