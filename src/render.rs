@@ -203,7 +203,8 @@ pub fn status(states: &[StageState], json: bool) {
         } else {
             format!("  ({})", s.why.join("; "))
         };
-        println!("{:width$}  {:8}{why}", s.stage, s.state);
+        let line = format!("{:width$}  {:8}{why}", s.stage, s.state);
+        println!("{}", line.trim_end());
     }
 }
 
