@@ -76,12 +76,6 @@ impl KindRules for Kinds {
 
     fn check(&self, stage: &Stage) -> Option<std::result::Result<(), (String, String)>> {
         let kind = self.get(&stage.kind)?;
-        if !stage.params.contains_key("cmd") && kind.name() == "command" {
-            return Some(Err((
-                "kind".into(),
-                "a `command` stage needs a `cmd`".into(),
-            )));
-        }
         if stage.params.contains_key("cmd")
             && kind.name() != "command"
             && stage.field_pos.contains_key("cmd")

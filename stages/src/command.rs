@@ -44,7 +44,8 @@ impl StageKind for Command {
         match stage.params.get("cmd") {
             Some(serde_json::Value::String(s)) if !s.trim().is_empty() => Ok(()),
             Some(serde_json::Value::String(_)) => Err(("cmd".into(), "`cmd` is empty".into())),
-            _ => Err(("cmd".into(), "`cmd` must be a string".into())),
+            Some(_) => Err(("cmd".into(), "`cmd` must be a string".into())),
+            None => Err(("kind".into(), "a `command` stage needs a `cmd`".into())),
         }
     }
 
