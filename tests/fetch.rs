@@ -109,6 +109,20 @@ fn catalog(p: &Project, base: &str, files: &[(&str, String)]) -> PathBuf {
     path
 }
 
+/// `haic-pipe data fetch fm-small --catalog CAT --dest got`.
+fn fetch_into_got(p: &Project, cat: &Path) -> std::process::Output {
+    let cat = cat.to_str().unwrap();
+    p.haic(&[
+        "data",
+        "fetch",
+        "fm-small",
+        "--catalog",
+        cat,
+        "--dest",
+        "got",
+    ])
+}
+
 #[test]
 fn a_broken_download_resumes_and_lands_only_when_its_checksum_matches() {
     let p = Project::new("stages: {}\n");
@@ -126,17 +140,7 @@ fn a_broken_download_resumes_and_lands_only_when_its_checksum_matches() {
             ("t10k-images-idx3-ubyte.gz", md5_hex(&images)),
         ],
     );
-    let args = [
-        "data",
-        "fetch",
-        "fm-small",
-        "--catalog",
-        cat.to_str().unwrap(),
-        "--dest",
-        "got",
-    ];
-
-    let first = p.haic(&args);
+    let first = fetch_into_got(&p, &cat);
     assert_eq!(first.status.code(), Some(2), "{}", stderr(&first));
     assert!(
         stderr(&first).contains("run the same command again to resume"),
@@ -156,7 +160,7 @@ fn a_broken_download_resumes_and_lands_only_when_its_checksum_matches() {
         .len();
     assert_eq!(part, images.len() as u64 / 2);
 
-    let second = p.haic(&args);
+    let second = fetch_into_got(&p, &cat);
     assert!(second.status.success(), "{}", stderr(&second));
     let err = stderr(&second);
     assert!(
@@ -191,30 +195,14 @@ fn a_checksum_mismatch_discards_the_download() {
             ("missing.gz", "0".repeat(32)),
         ],
     );
-    let out = p.haic(&[
-        "data",
-        "fetch",
-        "fm-small",
-        "--catalog",
-        cat.to_str().unwrap(),
-        "--dest",
-        "got",
-    ]);
+    let out = fetch_into_got(&p, &cat);
     assert_error(&out, 2, "checksum mismatch");
     assert!(!p.path("got/t10k-labels-idx1-ubyte.gz").exists());
     assert!(!p.path("got/.t10k-labels-idx1-ubyte.gz.part").exists());
 
     // A file the server does not have.
     let cat = catalog(&p, &base, &[("missing.gz", "0".repeat(32))]);
-    let out = p.haic(&[
-        "data",
-        "fetch",
-        "fm-small",
-        "--catalog",
-        cat.to_str().unwrap(),
-        "--dest",
-        "got",
-    ]);
+    let out = fetch_into_got(&p, &cat);
     assert_error(&out, 2, "the server answered HTTP 404");
 }
 
