@@ -1,21 +1,31 @@
 //! haic-pipe's stage kinds, one per module. Each implements
 //! [`pipeline::stage::StageKind`]; [`all`] lists them for the binary.
 //!
-//! Today: `command` (any shell step, cached like the built-in kinds) and
-//! `preprocess` (image sources -> Parquet image tables, readers in [`data`]).
-//! The model kinds (train_vq, encode, train_ar, sample, evaluate,
-//! human_eval_export) arrive with their issues.
+//! Today: `command` (any shell step, cached like the built-in kinds),
+//! `preprocess` (image sources -> Parquet image tables, readers in [`data`]),
+//! `train_vq` (one level of the hierarchy; models in [`models`]) and
+//! `encode` (a trained level -> a code table). The AR kinds (train_ar,
+//! sample, evaluate, human_eval_export) arrive with their issues.
 
 pub mod command;
 pub mod data;
+pub mod encode;
 pub mod error;
+pub mod models;
+pub mod params;
 pub mod preprocess;
+pub mod rng;
+pub mod train_vq;
 
 use pipeline::stage::{Kinds, StageKind};
 
 /// Every stage kind this build knows.
 pub fn all() -> Kinds {
-    let kinds: Vec<Box<dyn StageKind>> =
-        vec![Box::new(command::Command), Box::new(preprocess::Preprocess)];
+    let kinds: Vec<Box<dyn StageKind>> = vec![
+        Box::new(command::Command),
+        Box::new(preprocess::Preprocess),
+        Box::new(train_vq::TrainVq),
+        Box::new(encode::Encode),
+    ];
     Kinds::new(kinds)
 }

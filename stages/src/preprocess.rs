@@ -38,6 +38,7 @@ use crate::data::table::{ShardWriter, TABLE_FORMAT, TableIndex, TableMeta};
 use crate::data::transform::Transforms;
 use crate::data::{Sample, SampleSource};
 use crate::error::Error;
+use crate::rng::SplitMix64;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -141,21 +142,7 @@ impl Source {
 
 /// The params as a [`Config`]; an error names the param path (`source.train`).
 fn parse_config(params: &serde_json::Map<String, Value>) -> Result<Config, (String, String)> {
-    serde_path_to_error::deserialize(Value::Object(params.clone())).map_err(|e| {
-        let path = e.path().to_string();
-        let first = path.split(['.', '[']).next().unwrap_or("").to_string();
-        let field = if first.is_empty() || first == "?" {
-            "kind".to_string()
-        } else {
-            format!("params.{first}")
-        };
-        let at = if path == "." {
-            String::new()
-        } else {
-            format!("{path}: ")
-        };
-        (field, format!("params: {at}{}", e.into_inner()))
-    })
+    crate::params::parse(params)
 }
 
 pub struct Preprocess;
@@ -206,11 +193,8 @@ impl StageKind for Preprocess {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
-        let params = match &ctx.job.params {
-            Value::Object(m) => m.clone(),
-            _ => serde_json::Map::new(),
-        };
-        let cfg = parse_config(&params).map_err(|(_, m)| Error::Params(m))?;
+        let cfg = parse_config(&crate::params::object(&ctx.job.params))
+            .map_err(|(_, m)| Error::Params(m))?;
         let root = ctx.job.pipeline_dir.clone();
         let resolve = |p: &str| -> Result<PathBuf, Error> {
             Ok(root.join(clean_relative(p).map_err(|m| Error::Params(format!("`{p}`: {m}")))?))
@@ -337,30 +321,13 @@ fn open_sources(
 /// `n` flags, `round(fraction * n)` of them set, chosen by a seeded shuffle.
 pub fn validation_mask(n: u64, fraction: f64, seed: u64) -> Vec<bool> {
     let mut order: Vec<u64> = (0..n).collect();
-    let mut rng = SplitMix64(seed ^ 0x6a09_e667_f3bc_c909);
-    for i in (1..order.len()).rev() {
-        let j = (rng.next() % (i as u64 + 1)) as usize;
-        order.swap(i, j);
-    }
+    SplitMix64(seed ^ 0x6a09_e667_f3bc_c909).shuffle(&mut order);
     let k = ((n as f64) * fraction).round() as usize;
     let mut mask = vec![false; n as usize];
     for &i in &order[..k.min(order.len())] {
         mask[i as usize] = true;
     }
     mask
-}
-
-/// A small, well-known PRNG (Steele et al.), enough for a seeded shuffle.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
 }
 
 /// Applies transforms, caps and subsets, and writes rows into per-split shards.

@@ -5,10 +5,12 @@
 //! preprocess of a large source holds one shard, not the data set, in memory.
 
 pub mod cifar;
+pub mod code_table;
 pub mod fetch;
 pub mod folder;
 pub mod hub_parquet;
 pub mod idx;
+pub mod level_table;
 pub mod table;
 pub mod transform;
 

@@ -1,0 +1,422 @@
+//! 2-d convolutions as im2col + one matmul, with col2im as the backward.
+//!
+//! candle's CPU `conv2d` backward and its `conv_transpose2d` are nested
+//! loops (a profile of a level-1 training step put over 70 % of the time
+//! there). [`Im2Col`] and [`Col2Im`] are adjoint linear maps, each the
+//! other's gradient, so a convolution becomes `matmul(im2col(x), W)` and a
+//! transposed one `col2im(matmul(x, W))`; the matmuls are candle's gemm.
+//! Both kernels work image by image in parallel, each image in a fixed order,
+//! so results do not depend on the thread count.
+//!
+//! Layers keep PyTorch's weight layout and names (`weight` O x C x k x k,
+//! `bias`); on other devices than the CPU they call candle's own ops (the
+//! reference the tests compare against).
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Tensor};
+use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, Init, VarBuilder};
+use rayon::prelude::*;
+
+/// Where each kernel tap of each output position reads in an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// The image: channels, height, width.
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl Geometry {
+    pub fn out_h(&self) -> usize {
+        (self.h + 2 * self.pad - self.k) / self.stride + 1
+    }
+
+    pub fn out_w(&self) -> usize {
+        (self.w + 2 * self.pad - self.k) / self.stride + 1
+    }
+
+    /// Length of one column row: C * k * k.
+    fn row_len(&self) -> usize {
+        self.c * self.k * self.k
+    }
+
+    fn cols_per_image(&self) -> usize {
+        self.out_h() * self.out_w() * self.row_len()
+    }
+
+    fn image_len(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    /// Calls `f(col_index, image_index)` for every in-bounds tap of one image.
+    #[inline]
+    fn for_each_tap(&self, mut f: impl FnMut(usize, usize)) {
+        let (k, s, p) = (self.k, self.stride, self.pad);
+        let (ow, row_len) = (self.out_w(), self.row_len());
+        for oy in 0..self.out_h() {
+            for ox in 0..ow {
+                let row = (oy * ow + ox) * row_len;
+                for c in 0..self.c {
+                    for ky in 0..k {
+                        let iy = (oy * s + ky) as isize - p as isize;
+                        if iy < 0 || iy >= self.h as isize {
+                            continue;
+                        }
+                        for kx in 0..k {
+                            let ix = (ox * s + kx) as isize - p as isize;
+                            if ix < 0 || ix >= self.w as isize {
+                                continue;
+                            }
+                            f(
+                                row + (c * k + ky) * k + kx,
+                                (c * self.h + iy as usize) * self.w + ix as usize,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op} needs a contiguous input");
+    };
+    Ok(&storage.as_slice::<f32>()?[start..end])
+}
+
+/// Images (B, C, H, W) -> columns (B, OH*OW, C*k*k).
+#[derive(Debug, Clone, Copy)]
+pub struct Im2Col(pub Geometry);
+
+/// Columns (B, OH*OW, C*k*k) -> images (B, C, H, W), overlapping taps summed.
+#[derive(Debug, Clone, Copy)]
+pub struct Col2Im(pub Geometry);
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let x = contiguous_f32(storage, layout, "im2col")?;
+        let b = layout.shape().dims()[0];
+        let mut out = vec![0f32; b * g.cols_per_image()];
+        out.par_chunks_mut(g.cols_per_image())
+            .zip(x.par_chunks(g.image_len()))
+            .for_each(|(cols, img)| g.for_each_tap(|ci, ii| cols[ci] = img[ii]));
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((b, g.out_h() * g.out_w(), g.row_len())),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(Col2Im(self.0))?))
+    }
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "col2im"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let cols = contiguous_f32(storage, layout, "col2im")?;
+        let b = layout.shape().dims()[0];
+        let mut out = vec![0f32; b * g.image_len()];
+        out.par_chunks_mut(g.image_len())
+            .zip(cols.par_chunks(g.cols_per_image()))
+            .for_each(|(img, c)| g.for_each_tap(|ci, ii| img[ii] += c[ci]));
+        Ok((CpuStorage::F32(out), Shape::from((b, g.c, g.h, g.w))))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(Im2Col(self.0))?))
+    }
+}
+
+/// A conv2d layer (`weight` O x C x k x k, `bias` O).
+pub struct Conv {
+    weight: Tensor,
+    bias: Tensor,
+    k: usize,
+    cfg: Conv2dConfig,
+}
+
+impl Conv {
+    /// Initialised like `candle_nn::conv2d` (Kaiming normal, uniform bias).
+    pub fn new(
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let weight = vb.get_with_hints(
+            (c_out, c_in, k, k),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
+        let bound = 1.0 / (c_in as f64).sqrt();
+        let bias = vb.get_with_hints(
+            c_out,
+            "bias",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        Ok(Conv {
+            weight,
+            bias,
+            k,
+            cfg: Conv2dConfig {
+                padding: pad,
+                stride,
+                ..Default::default()
+            },
+        })
+    }
+
+    /// candle's own conv2d (non-CPU devices; the tests' reference).
+    pub fn forward_reference(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.cfg.padding, self.cfg.stride, 1, 1)?;
+        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+    }
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if !x.device().is_cpu() {
+            return self.forward_reference(x);
+        }
+        let (b, c, h, w) = x.dims4()?;
+        let g = Geometry {
+            c,
+            h,
+            w,
+            k: self.k,
+            stride: self.cfg.stride,
+            pad: self.cfg.padding,
+        };
+        let o = self.weight.dim(0)?;
+        let cols = x.contiguous()?.apply_op1(Im2Col(g))?; // B, L, CKK
+        let l = g.out_h() * g.out_w();
+        let wm = self.weight.reshape((o, g.row_len()))?;
+        let y = cols.reshape((b * l, g.row_len()))?.matmul(&wm.t()?)?; // B*L, O
+        let y = y.broadcast_add(&self.bias.unsqueeze(0)?)?;
+        y.reshape((b, l, o))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, o, g.out_h(), g.out_w()))
+    }
+}
+
+/// A transposed conv2d layer (`weight` C_in x C_out x k x k, `bias` C_out):
+/// the adjoint of a convolution, used to upsample.
+pub struct ConvTranspose {
+    weight: Tensor,
+    bias: Tensor,
+    k: usize,
+    cfg: ConvTranspose2dConfig,
+}
+
+impl ConvTranspose {
+    /// Initialised like `candle_nn::conv_transpose2d`.
+    pub fn new(
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let bound = 1.0 / (c_out as f64).sqrt() / k as f64;
+        let init = Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        Ok(ConvTranspose {
+            weight: vb.get_with_hints((c_in, c_out, k, k), "weight", init)?,
+            bias: vb.get_with_hints(c_out, "bias", init)?,
+            k,
+            cfg: ConvTranspose2dConfig {
+                padding: pad,
+                stride,
+                ..Default::default()
+            },
+        })
+    }
+
+    pub fn forward_reference(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.conv_transpose2d(&self.weight, self.cfg.padding, 0, self.cfg.stride, 1)?;
+        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+    }
+}
+
+impl Module for ConvTranspose {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if !x.device().is_cpu() {
+            return self.forward_reference(x);
+        }
+        let (b, c_in, h, w) = x.dims4()?;
+        let c_out = self.weight.dim(1)?;
+        let (k, s, p) = (self.k, self.cfg.stride, self.cfg.padding);
+        // The output image is the input of the convolution this is the adjoint of.
+        let g = Geometry {
+            c: c_out,
+            h: (h - 1) * s + k - 2 * p,
+            w: (w - 1) * s + k - 2 * p,
+            k,
+            stride: s,
+            pad: p,
+        };
+        let xr = x.reshape((b, c_in, h * w))?.transpose(1, 2)?.contiguous()?; // B, L, C_in
+        let wm = self.weight.reshape((c_in, g.row_len()))?;
+        let cols = xr
+            .reshape((b * h * w, c_in))?
+            .matmul(&wm)?
+            .reshape((b, h * w, g.row_len()))?;
+        let y = cols.apply_op1(Col2Im(g))?;
+        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::vars::SeededVars;
+    use candle_core::{Device, Var};
+
+    fn input(shape: (usize, usize, usize, usize), seed: u64) -> Var {
+        let mut r = crate::rng::SplitMix64(seed);
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let v: Vec<f32> = (0..n).map(|_| r.normal() as f32).collect();
+        Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    fn close(a: &Tensor, b: &Tensor, what: &str) {
+        assert_eq!(a.dims(), b.dims(), "{what}");
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-4, "{what}: max difference {d}");
+    }
+
+    /// Output, input gradient and weight gradient equal candle's own op.
+    fn compare(layer: &dyn Fn(&Tensor, bool) -> Tensor, vars: &SeededVars, x: &Var, what: &str) {
+        let fast = layer(x.as_tensor(), false);
+        let slow = layer(x.as_tensor(), true);
+        close(&fast, &slow, what);
+        // A weighting so the gradient is not uniform.
+        let wgt = input(
+            {
+                let d = fast.dims4().unwrap();
+                (d.0, d.1, d.2, d.3)
+            },
+            99,
+        );
+        let gf = (fast * wgt.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gs = (slow * wgt.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close(
+            gf.get(x).unwrap(),
+            gs.get(x).unwrap(),
+            &format!("{what}: input gradient"),
+        );
+        for (name, v) in vars.all() {
+            close(
+                gf.get(&v).unwrap(),
+                gs.get(&v).unwrap(),
+                &format!("{what}: gradient of {name}"),
+            );
+        }
+    }
+
+    #[test]
+    fn convolutions_match_candle_forward_and_backward() {
+        let dev = Device::Cpu;
+        for (k, s, p, hw) in [(3, 1, 1, 7), (4, 2, 1, 8), (1, 1, 0, 5), (3, 2, 0, 9)] {
+            let vars = SeededVars::new(1);
+            let conv = Conv::new(3, 5, k, s, p, vars.var_builder(&dev)).unwrap();
+            let x = input((2, 3, hw, hw), 2);
+            compare(
+                &|x, reference| {
+                    if reference {
+                        conv.forward_reference(x).unwrap()
+                    } else {
+                        conv.forward(x).unwrap()
+                    }
+                },
+                &vars,
+                &x,
+                &format!("conv k{k} s{s} p{p}"),
+            );
+        }
+    }
+
+    #[test]
+    fn transposed_convolutions_match_candle_forward_and_backward() {
+        let dev = Device::Cpu;
+        for (k, s, p, hw) in [(4, 2, 1, 4), (3, 1, 1, 5), (2, 2, 0, 3)] {
+            let vars = SeededVars::new(3);
+            let up = ConvTranspose::new(4, 3, k, s, p, vars.var_builder(&dev)).unwrap();
+            let x = input((2, 4, hw, hw), 4);
+            compare(
+                &|x, reference| {
+                    if reference {
+                        up.forward_reference(x).unwrap()
+                    } else {
+                        up.forward(x).unwrap()
+                    }
+                },
+                &vars,
+                &x,
+                &format!("conv_transpose k{k} s{s} p{p}"),
+            );
+        }
+    }
+}

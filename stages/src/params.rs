@@ -1,0 +1,35 @@
+//! Stage params -> a kind's typed config, with errors that name the param.
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// Deserialises `params`; an error is `(field, message)`, the field being
+/// the param path's first part (`params.source`) for the spec's position
+/// lookup, the message naming the whole path (`params: source.train: ...`).
+pub fn parse<T: DeserializeOwned>(
+    params: &serde_json::Map<String, Value>,
+) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(Value::Object(params.clone())).map_err(|e| {
+        let path = e.path().to_string();
+        let first = path.split(['.', '[']).next().unwrap_or("").to_string();
+        let field = if first.is_empty() || first == "?" {
+            "kind".to_string()
+        } else {
+            format!("params.{first}")
+        };
+        let at = if path == "." {
+            String::new()
+        } else {
+            format!("{path}: ")
+        };
+        (field, format!("params: {at}{}", e.into_inner()))
+    })
+}
+
+/// The job's params as an object (absent params are an empty one).
+pub fn object(params: &Value) -> serde_json::Map<String, Value> {
+    match params {
+        Value::Object(m) => m.clone(),
+        _ => serde_json::Map::new(),
+    }
+}

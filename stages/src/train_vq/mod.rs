@@ -1,0 +1,511 @@
+//! The `train_vq` stage: learns one level of the hierarchy (encoder,
+//! quantiser, auxiliary decoder) on an image table (level 1) or on the code
+//! table of the level below.
+//!
+//! ```yaml
+//! vq1:
+//!   kind: train_vq
+//!   inputs: {table: prep}           # a preprocess or encode stage
+//!   params:
+//!     steps: 2000
+//!     batch_size: 64
+//!     seed: 0
+//!     encoder: {hidden: 64, res_blocks: 2, res_hidden: 32, downsample: 2, dim: 64}
+//!     quantiser: {codebook_size: 512, decay: 0.99, epsilon: 1.0e-5, beta: 0.25,
+//!                 dead_below: 1.0, reseed_every: 100}
+//!     decoder: {kind: ff, pixel_loss: mse}   # or kind: msp, mask: {shape: rectangles, ratio: 0.5}
+//!     optimizer: {lr: 3.0e-4, schedule: cosine, warmup_steps: 100, grad_clip: 1.0}
+//!     validate_every: 200           # on `validation_split` (default val), first `validation_rows`
+//!     checkpoint_every: 100
+//! ```
+//!
+//! Output: `model.safetensors` (encoder + codebook), `aux_decoder.safetensors`,
+//! `level.json` (everything needed to rebuild the level) and `metrics.json`
+//! (the last validation).
+//!
+//! **Bit-exact resume.** Every `checkpoint_every` steps the scratch folder
+//! gets the weights, the optimiser's moments, the quantiser's EMA state, the
+//! generators' states and the data cursor. Initialisation, data order, masks
+//! and re-seeding draw from [`SplitMix64`] streams of the seed; reductions run
+//! in a fixed order; so a run killed at any step and resumed ends with the
+//! same bytes as one that was never stopped (on the same CPU and thread count).
+
+pub mod level;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use pipeline::spec::Stage;
+use pipeline::stage::{StageContext, StageError, StageKind};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::data::level_table::{BatchStream, Cursor, LevelTable, Rows};
+use crate::error::Error;
+use crate::models::aux_decoder::AuxDecoderConfig;
+use crate::models::encoder::{EncoderConfig, InputKind};
+use crate::models::optim::{AdamW, OptimConfig};
+use crate::models::quantiser::{QuantiserConfig, usage};
+use crate::rng::SplitMix64;
+use level::{LevelConfig, VqLevel};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub steps: u64,
+    #[serde(default = "batch_size")]
+    pub batch_size: usize,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub encoder: EncoderConfig,
+    #[serde(default)]
+    pub quantiser: QuantiserConfig,
+    #[serde(default)]
+    pub decoder: AuxDecoderConfig,
+    #[serde(default)]
+    pub optimizer: OptimConfig,
+    #[serde(default = "validate_every")]
+    pub validate_every: u64,
+    #[serde(default = "validation_split")]
+    pub validation_split: String,
+    #[serde(default = "validation_rows")]
+    pub validation_rows: usize,
+    #[serde(default = "checkpoint_every")]
+    pub checkpoint_every: u64,
+    #[serde(default = "log_every")]
+    pub log_every: u64,
+}
+
+impl Config {
+    pub fn level(&self) -> LevelConfig {
+        LevelConfig {
+            encoder: self.encoder.clone(),
+            quantiser: self.quantiser.clone(),
+            decoder: self.decoder.clone(),
+        }
+    }
+}
+
+fn batch_size() -> usize {
+    64
+}
+fn validate_every() -> u64 {
+    200
+}
+fn validation_split() -> String {
+    "val".into()
+}
+fn validation_rows() -> usize {
+    1000
+}
+fn checkpoint_every() -> u64 {
+    100
+}
+fn log_every() -> u64 {
+    10
+}
+
+fn parse_config(
+    params: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Config, (String, String)> {
+    let cfg: Config = crate::params::parse(params)?;
+    let bad = |field: &str, msg: String| Err((format!("params.{field}"), msg));
+    if cfg.steps == 0 {
+        return bad("steps", "steps must be at least 1".into());
+    }
+    if cfg.batch_size == 0 {
+        return bad("batch_size", "batch_size must be at least 1".into());
+    }
+    let k = cfg.quantiser.codebook_size;
+    if !(1..=65536).contains(&k) {
+        return bad(
+            "quantiser",
+            format!(
+                "quantiser.codebook_size is {k}; it must be 1 to 65536 (codes are stored as u16)"
+            ),
+        );
+    }
+    let q = &cfg.quantiser;
+    if !(0.0..1.0).contains(&q.decay) {
+        return bad(
+            "quantiser",
+            format!("quantiser.decay is {}; it must be in [0, 1)", q.decay),
+        );
+    }
+    if cfg.encoder.dim == 0 || cfg.encoder.hidden == 0 {
+        return bad(
+            "encoder",
+            "encoder.dim and encoder.hidden must be at least 1".into(),
+        );
+    }
+    if cfg.encoder.downsample > 8 {
+        return bad(
+            "encoder",
+            "encoder.downsample is the exponent s of 2^s; it must be at most 8".into(),
+        );
+    }
+    if let Err(m) = cfg.decoder.mask.check() {
+        return bad("decoder", format!("decoder.mask: {m}"));
+    }
+    if cfg.optimizer.lr.is_nan() || cfg.optimizer.lr <= 0.0 {
+        return bad(
+            "optimizer",
+            format!("optimizer.lr is {}; it must be positive", cfg.optimizer.lr),
+        );
+    }
+    if cfg.validate_every == 0 || cfg.checkpoint_every == 0 || cfg.log_every == 0 {
+        return bad(
+            "validate_every",
+            "validate_every, checkpoint_every and log_every must be at least 1".into(),
+        );
+    }
+    Ok(cfg)
+}
+
+pub struct TrainVq;
+
+impl StageKind for TrainVq {
+    fn name(&self) -> &'static str {
+        "train_vq"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn device_dependent(&self) -> bool {
+        true
+    }
+
+    fn check(&self, stage: &Stage) -> Result<(), (String, String)> {
+        parse_config(&stage.params)?;
+        if !stage.inputs.contains_key("table") {
+            return Err((
+                "inputs".into(),
+                "train_vq needs `inputs: {table: STAGE}`, a preprocess or encode stage".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
+        let cfg = parse_config(&crate::params::object(&ctx.job.params))
+            .map_err(|(_, m)| Error::Params(m))?;
+        let device = device(&ctx.job.device)?;
+        let table = LevelTable::open(ctx.input("table")?)?;
+        Trainer::new(ctx, cfg, table, device)?.run()
+    }
+}
+
+/// The compute device of a job (`cpu`; CUDA arrives with its issue).
+pub fn device(name: &str) -> Result<Device, Error> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        other => Err(Error::Params(format!(
+            "device `{other}`: this build trains on `cpu` only; run the stage with `device: cpu`"
+        ))),
+    }
+}
+
+/// Everything a checkpoint holds besides tensors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainState {
+    step: u64,
+    cursor: Cursor,
+    mask_rng: u64,
+    reseed_rng: u64,
+    optimizer_steps: u64,
+}
+
+struct Trainer<'a> {
+    ctx: &'a StageContext,
+    cfg: Config,
+    table: LevelTable,
+    level: VqLevel,
+    opt: AdamW,
+    stream: BatchStream,
+    mask_rng: SplitMix64,
+    reseed_rng: SplitMix64,
+    step: u64,
+    validation: Option<Rows>,
+}
+
+fn candle_err(context: &'static str) -> impl Fn(candle_core::Error) -> Error {
+    move |e| Error::Params(format!("{context}: {e}"))
+}
+
+impl<'a> Trainer<'a> {
+    fn new(
+        ctx: &'a StageContext,
+        cfg: Config,
+        table: LevelTable,
+        device: Device,
+    ) -> Result<Self, StageError> {
+        let level = VqLevel::new(&cfg.level(), &table, cfg.seed, &device)?;
+        let opt = AdamW::new(level.trainable(), cfg.optimizer.clone())
+            .map_err(candle_err("optimizer"))?;
+        let validation = match table.splits.get(&cfg.validation_split) {
+            Some(s) if s.rows > 0 => {
+                Some(table.read_split(&cfg.validation_split, Some(cfg.validation_rows))?)
+            }
+            _ => {
+                return Err(Error::Params(format!(
+                    "params.validation_split: the input table has no rows in split `{}`; give preprocess a `validation: {{fraction: 0.1}}` or set `validation_split` to one of: {}",
+                    cfg.validation_split,
+                    table.splits.keys().cloned().collect::<Vec<_>>().join(", ")
+                ))
+                .into());
+            }
+        };
+        Ok(Trainer {
+            stream: BatchStream::new(&table, "train", cfg.seed, Cursor::default())?,
+            mask_rng: SplitMix64::stream(cfg.seed, "mask"),
+            reseed_rng: SplitMix64::stream(cfg.seed, "reseed"),
+            step: 0,
+            ctx,
+            level,
+            opt,
+            table,
+            cfg,
+            validation,
+        })
+    }
+
+    fn save_checkpoint(&self) -> Result<(), StageError> {
+        let state = TrainState {
+            step: self.step,
+            cursor: self.stream.cursor,
+            mask_rng: self.mask_rng.0,
+            reseed_rng: self.reseed_rng.0,
+            optimizer_steps: self.opt.steps,
+        };
+        let mut tensors: std::collections::HashMap<String, Tensor> =
+            std::collections::HashMap::new();
+        for (name, var) in self.level.vars.all() {
+            tensors.insert(format!("model.{name}"), var.as_tensor().clone());
+        }
+        tensors.extend(
+            self.level
+                .quantiser
+                .state("quantiser.")
+                .map_err(candle_err("checkpoint"))?,
+        );
+        tensors.extend(self.opt.state("optim."));
+        self.ctx.save_checkpoint(self.step, |dir| {
+            candle_core::safetensors::save(&tensors, dir.join("state.safetensors"))?;
+            std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&state)?)?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    fn restore(&mut self, dir: &Path) -> Result<(), StageError> {
+        let state: TrainState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
+        let file = dir.join("state.safetensors");
+        let tensors: BTreeMap<String, Tensor> =
+            candle_core::safetensors::load(&file, &self.level.device)?
+                .into_iter()
+                .collect();
+        self.level.vars.load(&tensors, "model.", &file)?;
+        self.level.quantiser.load_state(&tensors, "quantiser.")?;
+        self.opt
+            .load_state(&tensors, "optim.", state.optimizer_steps)?;
+        self.stream.cursor = state.cursor;
+        self.mask_rng = SplitMix64(state.mask_rng);
+        self.reseed_rng = SplitMix64(state.reseed_rng);
+        self.step = state.step;
+        Ok(())
+    }
+
+    fn run(mut self) -> Result<(), StageError> {
+        let ctx = self.ctx;
+        if let Some(ck) = ctx.latest_checkpoint() {
+            self.restore(&ck.dir)
+                .map_err(|e| format!("restoring checkpoint {}: {e}", ck.dir.display()))?;
+            eprintln!("resuming from the checkpoint at step {}", self.step);
+        }
+        eprintln!(
+            "train_vq: {} parameters; input {}x{} {:?} -> codes {}x{} of {}",
+            self.level.vars.parameter_count(),
+            self.level.info.input_height,
+            self.level.info.input_width,
+            self.level.info.input,
+            self.level.info.code_height,
+            self.level.info.code_width,
+            self.cfg.quantiser.codebook_size
+        );
+        if let (InputKind::Pixels { .. }, Some(v)) = (self.table.input, &self.validation) {
+            ctx.metric(
+                "val.pixel_variance",
+                0,
+                pixel_variance(v, self.table.values_per_row),
+            );
+        }
+        let total = self.cfg.steps;
+        let b = self.cfg.batch_size;
+        let mut last_log = (Instant::now(), self.step);
+        let mut last = None;
+        while self.step < total {
+            let rows = self.stream.next_batch(b)?;
+            let batch = self.level.batch(&rows)?;
+            let loss = self
+                .level
+                .loss(&batch, &mut self.mask_rng)
+                .map_err(candle_err("forward"))?;
+            let grads = loss.total.backward().map_err(candle_err("backward"))?;
+            let lr = self.cfg.optimizer.lr_at(self.step, total);
+            let grad_norm = self.opt.step(&grads, lr).map_err(candle_err("optimizer"))?;
+            let q = &mut self.level.quantiser;
+            q.ema_update(&loss.z, &loss.codes)
+                .map_err(candle_err("EMA update"))?;
+            self.step += 1;
+            let reseed = q.cfg.reseed_every;
+            let mut reseeded = 0;
+            if reseed > 0 && self.step.is_multiple_of(reseed) {
+                reseeded = q
+                    .reseed_dead(&loss.z, &mut self.reseed_rng)
+                    .map_err(candle_err("re-seeding"))?;
+            }
+            let s = self.step as i64;
+            if self.step.is_multiple_of(self.cfg.log_every) || self.step == total {
+                let (t0, s0) = last_log;
+                let images = ((self.step - s0) as usize * b) as f64;
+                ctx.metric(
+                    "train.loss",
+                    s,
+                    loss.total.to_scalar::<f32>().unwrap_or(f32::NAN) as f64,
+                );
+                ctx.metric("train.reconstruction", s, loss.reconstruction);
+                ctx.metric("train.commitment", s, loss.commitment);
+                ctx.metric("train.lr", s, lr);
+                ctx.metric("train.grad_norm", s, grad_norm);
+                ctx.metric(
+                    "train.dead_codes",
+                    s,
+                    self.level.quantiser.dead_codes().len() as f64,
+                );
+                ctx.metric(
+                    "train.images_per_s",
+                    s,
+                    images / t0.elapsed().as_secs_f64().max(1e-9),
+                );
+                last_log = (Instant::now(), self.step);
+            }
+            if reseeded > 0 {
+                ctx.metric("train.reseeded_codes", s, reseeded as f64);
+            }
+            if self.step.is_multiple_of(self.cfg.validate_every) || self.step == total {
+                last = Some(self.validate()?);
+            }
+            if self.step.is_multiple_of(self.cfg.checkpoint_every) && self.step < total {
+                self.save_checkpoint()?;
+            }
+            ctx.progress(
+                self.step,
+                total,
+                Some(format!("loss {:.4}", loss.reconstruction)),
+            );
+        }
+        let out = ctx.out_dir();
+        self.level.save(out)?;
+        let summary = match last {
+            Some(v) => v,
+            None => self.validate()?,
+        };
+        std::fs::write(
+            out.join("metrics.json"),
+            serde_json::to_vec_pretty(&summary)?,
+        )?;
+        Ok(())
+    }
+
+    /// Validation on the held-out rows; reports and returns the measures.
+    fn validate(&self) -> Result<serde_json::Value, StageError> {
+        let Some(rows) = &self.validation else {
+            return Ok(json!({}));
+        };
+        let per = self.table.values_per_row;
+        let k = self.cfg.quantiser.codebook_size;
+        let mut hist = vec![0u64; k];
+        let (mut loss, mut sq, mut correct, mut scored) = (0.0, 0.0, 0.0, 0.0);
+        // The same masks at every validation: comparable across steps.
+        let mut mask_rng = SplitMix64::stream(self.cfg.seed, "validation/mask");
+        let b = self.cfg.batch_size;
+        for start in (0..rows.len()).step_by(b) {
+            let end = (start + b).min(rows.len());
+            let chunk = Rows {
+                ids: rows.ids[start..end].to_vec(),
+                labels: rows.labels[start..end].to_vec(),
+                values: rows.values[start * per..end * per].to_vec(),
+            };
+            let batch = self.level.batch(&chunk)?;
+            let mask = self
+                .level
+                .draw_mask(chunk.len(), &mut mask_rng)
+                .map_err(candle_err("mask"))?;
+            let e = self
+                .level
+                .evaluate(&batch, mask.as_ref())
+                .map_err(candle_err("validation"))?;
+            loss += e.loss * chunk.len() as f64;
+            sq += e.squared_error;
+            correct += e.correct.unwrap_or(0.0);
+            scored += e.scored;
+            for c in e.codes {
+                hist[c as usize] += 1;
+            }
+        }
+        let s = self.step as i64;
+        let n = rows.len() as f64;
+        let (perplexity, unused) = usage(&hist);
+        let mut out = json!({
+            "step": self.step,
+            "loss": loss / n,
+            "perplexity": perplexity,
+            "unused_codes": unused,
+        });
+        self.ctx.metric("val.loss", s, loss / n);
+        self.ctx.metric("val.perplexity", s, perplexity);
+        self.ctx.metric("val.unused_codes", s, unused as f64);
+        match self.table.input {
+            InputKind::Pixels { .. } => {
+                let mse = sq / scored.max(1.0);
+                let psnr = 10.0 * (1.0 / mse).log10();
+                self.ctx.metric("val.mse", s, mse);
+                self.ctx.metric("val.psnr", s, psnr);
+                out["mse"] = json!(mse);
+                out["psnr"] = json!(psnr);
+            }
+            InputKind::Codes { .. } => {
+                let acc = correct / scored.max(1.0);
+                self.ctx.metric("val.accuracy", s, acc);
+                out["accuracy"] = json!(acc);
+            }
+        }
+        eprintln!("step {}: validation {out}", self.step);
+        Ok(out)
+    }
+}
+
+/// The mean over pixel positions and channels of the variance across images,
+/// on the [0, 1] scale: the MSE of predicting every value by its mean.
+fn pixel_variance(rows: &Rows, per: usize) -> f64 {
+    let n = rows.len() as f64;
+    let mut sum = vec![0f64; per];
+    let mut sum_sq = vec![0f64; per];
+    for row in rows.values.chunks_exact(per) {
+        for (i, &v) in row.iter().enumerate() {
+            let x = v as f64 / 255.0;
+            sum[i] += x;
+            sum_sq[i] += x * x;
+        }
+    }
+    sum.iter()
+        .zip(&sum_sq)
+        .map(|(s, q)| q / n - (s / n).powi(2))
+        .sum::<f64>()
+        / per as f64
+}
