@@ -56,8 +56,16 @@ fn the_schema_rejects_structural_mistakes() {
         "stages: {9a: {kind: command, cmd: x}}",
         "stages: {a: {kind: command, cmd: x, outs: [/abs]}}",
         "stages: {}",
+        "stages: {a: {kind: train_vq, params: {batch_size: 2}}}",
+        "stages: {a: {kind: train_vq, params: {steps: 2, encoder: {downsampel: 2}}}}",
+        "stages: {a: {kind: train_vq, params: {steps: 2, decoder: {kind: mlp}}}}",
+        "stages: {a: {kind: train_vq, params: {steps: 2, quantiser: {codebook_size: 70000}}}}",
+        "stages: {a: {kind: encode, params: {batch: 2}}}",
     ] {
         assert!(!v.is_valid(&yaml(bad)), "the schema accepted: {bad}");
     }
     assert!(v.is_valid(&yaml("stages: {a: {kind: train_vq, inputs: {images: p}, params: {steps: 2}, resources: {gpus: 1}}}")));
+    assert!(v.is_valid(&yaml(
+        "stages: {a: {kind: train_vq, params: {steps: 2, decoder: {kind: \"${x}\"}}}}"
+    )));
 }

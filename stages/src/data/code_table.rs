@@ -16,12 +16,9 @@ use arrow_array::{
     Array, FixedSizeListArray, Int32Array, Int64Array, RecordBatch, StringArray, UInt16Array,
 };
 use arrow_schema::{DataType, Field, Schema};
-use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
-use super::table::{ROW_GROUP_ROWS, SplitIndex};
+use super::table::{SplitIndex, write_parquet};
 use crate::error::{Error, Result};
 
 pub const CODE_TABLE_FORMAT: &str = "haic code table v1";
@@ -174,25 +171,6 @@ impl CodeShardWriter {
         self.flush()?;
         Ok(self.index)
     }
-}
-
-/// One zstd Parquet file with row groups of [`ROW_GROUP_ROWS`].
-pub fn write_parquet(path: &Path, schema: Arc<Schema>, batch: &RecordBatch) -> Result<()> {
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
-        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-        .set_created_by(format!("haic-pipe {}", env!("CARGO_PKG_VERSION")))
-        .build();
-    let file = std::fs::File::create(path)
-        .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-    let pq = |e| Error::Parquet {
-        context: format!("writing {}", path.display()),
-        source: e,
-    };
-    let mut w = ArrowWriter::try_new(file, schema, Some(props)).map_err(pq)?;
-    w.write(batch).map_err(pq)?;
-    w.close().map_err(pq)?;
-    Ok(())
 }
 
 /// A code table file's rows: ids, labels and the codes, row after row.

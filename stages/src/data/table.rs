@@ -213,20 +213,7 @@ impl ShardWriter {
             context: format!("building {name}"),
             source: e,
         })?;
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
-            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-            .set_created_by(format!("haic-pipe {}", env!("CARGO_PKG_VERSION")))
-            .build();
-        let file = std::fs::File::create(&path)
-            .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-        let pq = |e| Error::Parquet {
-            context: format!("writing {}", path.display()),
-            source: e,
-        };
-        let mut w = ArrowWriter::try_new(file, self.schema.clone(), Some(props)).map_err(pq)?;
-        w.write(&batch).map_err(pq)?;
-        w.close().map_err(pq)?;
+        write_parquet(&path, self.schema.clone(), &batch)?;
         self.index.files.push(name);
         Ok(())
     }
@@ -235,6 +222,25 @@ impl ShardWriter {
         self.flush()?;
         Ok(self.index)
     }
+}
+
+/// One zstd Parquet file with row groups of [`ROW_GROUP_ROWS`].
+pub fn write_parquet(path: &Path, schema: Arc<Schema>, batch: &RecordBatch) -> Result<()> {
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .set_created_by(format!("haic-pipe {}", env!("CARGO_PKG_VERSION")))
+        .build();
+    let file = std::fs::File::create(path)
+        .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+    let pq = |e| Error::Parquet {
+        context: format!("writing {}", path.display()),
+        source: e,
+    };
+    let mut w = ArrowWriter::try_new(file, schema, Some(props)).map_err(pq)?;
+    w.write(batch).map_err(pq)?;
+    w.close().map_err(pq)?;
+    Ok(())
 }
 
 /// One row read back from a table.

@@ -12,9 +12,19 @@
 //! `bias`); on other devices than the CPU they call candle's own ops (the
 //! reference the tests compare against).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Tensor};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, Init, VarBuilder};
 use rayon::prelude::*;
+
+/// Multiply-add FLOPs (2 per MAC) of the forward matmuls of every
+/// convolution since the start, for benchmarks that report a FLOP rate.
+pub static FORWARD_FLOPS: AtomicU64 = AtomicU64::new(0);
+
+fn count_flops(rows: usize, inner: usize, cols: usize) {
+    FORWARD_FLOPS.fetch_add((2 * rows * inner * cols) as u64, Ordering::Relaxed);
+}
 
 /// Where each kernel tap of each output position reads in an image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,6 +242,7 @@ impl Module for Conv {
         let cols = x.contiguous()?.apply_op1(Im2Col(g))?; // B, L, CKK
         let l = g.out_h() * g.out_w();
         let wm = self.weight.reshape((o, g.row_len()))?;
+        count_flops(b * l, g.row_len(), o);
         let y = cols.reshape((b * l, g.row_len()))?.matmul(&wm.t()?)?; // B*L, O
         let y = y.broadcast_add(&self.bias.unsqueeze(0)?)?;
         y.reshape((b, l, o))?
@@ -302,6 +313,7 @@ impl Module for ConvTranspose {
         };
         let xr = x.reshape((b, c_in, h * w))?.transpose(1, 2)?.contiguous()?; // B, L, C_in
         let wm = self.weight.reshape((c_in, g.row_len()))?;
+        count_flops(b * h * w, c_in, g.row_len());
         let cols = xr
             .reshape((b * h * w, c_in))?
             .matmul(&wm)?
@@ -337,10 +349,27 @@ mod tests {
         assert!(d < 1e-4, "{what}: max difference {d}");
     }
 
+    /// A layer with candle's own op beside it.
+    trait WithReference: Module {
+        fn reference(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+    }
+
+    impl WithReference for Conv {
+        fn reference(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            self.forward_reference(x)
+        }
+    }
+
+    impl WithReference for ConvTranspose {
+        fn reference(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            self.forward_reference(x)
+        }
+    }
+
     /// Output, input gradient and weight gradient equal candle's own op.
-    fn compare(layer: &dyn Fn(&Tensor, bool) -> Tensor, vars: &SeededVars, x: &Var, what: &str) {
-        let fast = layer(x.as_tensor(), false);
-        let slow = layer(x.as_tensor(), true);
+    fn compare(layer: &dyn WithReference, vars: &SeededVars, x: &Var, what: &str) {
+        let fast = layer.forward(x.as_tensor()).unwrap();
+        let slow = layer.reference(x.as_tensor()).unwrap();
         close(&fast, &slow, what);
         // A weighting so the gradient is not uniform.
         let wgt = input(
@@ -383,18 +412,7 @@ mod tests {
             let vars = SeededVars::new(1);
             let conv = Conv::new(3, 5, k, s, p, vars.var_builder(&dev)).unwrap();
             let x = input((2, 3, hw, hw), 2);
-            compare(
-                &|x, reference| {
-                    if reference {
-                        conv.forward_reference(x).unwrap()
-                    } else {
-                        conv.forward(x).unwrap()
-                    }
-                },
-                &vars,
-                &x,
-                &format!("conv k{k} s{s} p{p}"),
-            );
+            compare(&conv, &vars, &x, &format!("conv k{k} s{s} p{p}"));
         }
     }
 
@@ -405,18 +423,7 @@ mod tests {
             let vars = SeededVars::new(3);
             let up = ConvTranspose::new(4, 3, k, s, p, vars.var_builder(&dev)).unwrap();
             let x = input((2, 4, hw, hw), 4);
-            compare(
-                &|x, reference| {
-                    if reference {
-                        up.forward_reference(x).unwrap()
-                    } else {
-                        up.forward(x).unwrap()
-                    }
-                },
-                &vars,
-                &x,
-                &format!("conv_transpose k{k} s{s} p{p}"),
-            );
+            compare(&up, &vars, &x, &format!("conv_transpose k{k} s{s} p{p}"));
         }
     }
 }

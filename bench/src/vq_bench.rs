@@ -1,0 +1,168 @@
+//! Level-1 VQ training throughput on the CPU, beside this machine's matmul
+//! peak as candle's gemm reaches it.
+//!
+//! `cargo run --release -p haic-bench --bin vq-bench [-- STEPS]`
+//!
+//! For each configuration it times full training steps at batch 64 on
+//! 32x32x1 inputs (batch tensors, forward, backward, AdamW, EMA update; the
+//! pixel values are random, which changes no cost), after 3 warm-up steps,
+//! and prints the median step time, images/s, the FLOPs of a step and the
+//! fraction of the matmul peak. FLOPs per step = 3 x the forward matmul
+//! FLOPs of the convolutions (counted as they run; the backward does two
+//! matmuls of the forward's size per layer) + 3 x the quantiser's distance
+//! matmul; elementwise work is not counted.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use stages::data::level_table::{LevelTable, Rows};
+use stages::models::aux_decoder::{AuxDecoderConfig, AuxKind};
+use stages::models::conv::FORWARD_FLOPS;
+use stages::models::encoder::{EncoderConfig, InputKind};
+use stages::models::optim::{AdamW, OptimConfig};
+use stages::models::quantiser::QuantiserConfig;
+use stages::rng::SplitMix64;
+use stages::train_vq::level::{LevelConfig, VqLevel};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const BATCH: usize = 64;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median GFLOP/s of an n x n by n x n f32 matmul.
+fn matmul_peak(n: usize) -> candle_core::Result<f64> {
+    let dev = Device::Cpu;
+    let a = Tensor::ones((n, n), candle_core::DType::F32, &dev)?;
+    let b = Tensor::ones((n, n), candle_core::DType::F32, &dev)?;
+    let mut rates = Vec::new();
+    for i in 0..12 {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        c.sum_all()?.to_scalar::<f32>()?;
+        if i >= 2 {
+            rates.push(2.0 * (n * n * n) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        }
+    }
+    Ok(median(rates))
+}
+
+fn table() -> LevelTable {
+    LevelTable {
+        dir: "synthetic".into(),
+        input: InputKind::Pixels { channels: 1 },
+        height: 32,
+        width: 32,
+        values_per_row: 32 * 32,
+        class_names: vec!["x".into()],
+        splits: Default::default(),
+    }
+}
+
+fn run(
+    name: &str,
+    cfg: &LevelConfig,
+    steps: usize,
+    peak: f64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let dev = Device::Cpu;
+    let mut level = VqLevel::new(cfg, &table(), 0, &dev)?;
+    let mut opt = AdamW::new(level.trainable(), OptimConfig::default())?;
+    let mut rng = SplitMix64(1);
+    let mut mask_rng = SplitMix64(2);
+    let mut times = Vec::new();
+    let mut flops = 0u64;
+    for i in 0..steps + 3 {
+        let rows = Rows {
+            ids: (0..BATCH as i64).collect(),
+            labels: vec![0; BATCH],
+            values: (0..BATCH * 1024).map(|_| rng.below(256) as u16).collect(),
+        };
+        let before = FORWARD_FLOPS.load(Ordering::Relaxed);
+        let t = Instant::now();
+        let batch = level.batch(&rows)?;
+        let loss = level.loss(&batch, &mut mask_rng)?;
+        let after = FORWARD_FLOPS.load(Ordering::Relaxed);
+        let grads = loss.total.backward()?;
+        opt.step(&grads, 1e-3)?;
+        level.quantiser.ema_update(&loss.z, &loss.codes)?;
+        if i >= 3 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+        let n_vectors = loss.codes.len();
+        let quantiser = 2 * n_vectors * cfg.encoder.dim * cfg.quantiser.codebook_size;
+        flops = 3 * (after - before) + 3 * quantiser as u64;
+    }
+    let step = median(times);
+    let gflops = flops as f64 / 1e9;
+    println!(
+        "{name:<28} {:>8.1} ms/step  {:>7.1} images/s  {:>6.2} GFLOP/step  {:>6.1} GFLOP/s  {:>5.1} % of matmul peak  ({} parameters)",
+        step * 1e3,
+        BATCH as f64 / step,
+        gflops,
+        gflops / step,
+        100.0 * gflops / step / peak,
+        level.vars.parameter_count()
+    );
+    Ok(())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let steps: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let peak = matmul_peak(1024)?;
+    println!(
+        "matmul peak (candle gemm, 1024^3 f32, {} threads): {peak:.1} GFLOP/s",
+        rayon::current_num_threads()
+    );
+    let small = |kind| LevelConfig {
+        encoder: EncoderConfig {
+            hidden: 32,
+            res_blocks: 2,
+            res_hidden: 16,
+            downsample: 2,
+            dim: 32,
+            ..Default::default()
+        },
+        quantiser: QuantiserConfig {
+            codebook_size: 128,
+            ..Default::default()
+        },
+        decoder: AuxDecoderConfig {
+            kind,
+            hidden: 32,
+            res_blocks: 2,
+            res_hidden: 16,
+            ..Default::default()
+        },
+    };
+    let default = |kind| LevelConfig {
+        decoder: AuxDecoderConfig {
+            kind,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    run("tiny.yaml level 1, ff", &small(AuxKind::Ff), steps, peak)?;
+    run("tiny.yaml level 1, msp", &small(AuxKind::Msp), steps, peak)?;
+    run(
+        "defaults (hidden 64), ff",
+        &default(AuxKind::Ff),
+        steps,
+        peak,
+    )?;
+    run(
+        "defaults (hidden 64), msp",
+        &default(AuxKind::Msp),
+        steps,
+        peak,
+    )?;
+    Ok(())
+}
