@@ -38,7 +38,6 @@ stages:{PREP}
     inputs: {{table: prep}}
     params:
       batch_size: 16
-      optimizer: {{lr: 0.003}}
       validation_rows: 100
 {params}
 "#,
@@ -47,7 +46,7 @@ stages:{PREP}
     )
 }
 
-/// `params` plus a small encoder, quantiser and decoder where it names none.
+/// `params` plus a small encoder, quantiser, decoder and optimizer where it names none.
 fn with_defaults(params: &str) -> String {
     let mut out = params.to_string();
     for (key, value) in [
@@ -60,6 +59,7 @@ fn with_defaults(params: &str) -> String {
             "decoder",
             "{kind: ff, hidden: 16, res_blocks: 1, res_hidden: 8}",
         ),
+        ("optimizer", "{lr: 0.003}"),
     ] {
         if !params.contains(&format!("{key}:")) {
             out.push_str(&format!("\n      {key}: {value}"));

@@ -10,7 +10,8 @@
 //! fraction of the matmul peak. FLOPs per step = 3 x the forward matmul
 //! FLOPs of the convolutions (counted as they run; the backward does two
 //! matmuls of the forward's size per layer) + 3 x the quantiser's distance
-//! matmul; elementwise work is not counted.
+//! matmul; elementwise work is not counted. One line repeats the first
+//! configuration with candle's own convolutions (the "before").
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -18,7 +19,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use stages::data::level_table::{LevelTable, Rows};
 use stages::models::aux_decoder::{AuxDecoderConfig, AuxKind};
-use stages::models::conv::FORWARD_FLOPS;
+use stages::models::conv::{FORWARD_FLOPS, USE_CANDLE_CONVS};
 use stages::models::encoder::{EncoderConfig, InputKind};
 use stages::models::optim::{AdamW, OptimConfig};
 use stages::models::quantiser::QuantiserConfig;
@@ -151,6 +152,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..Default::default()
     };
     run("tiny.yaml level 1, ff", &small(AuxKind::Ff), steps, peak)?;
+    USE_CANDLE_CONVS.store(true, Ordering::Relaxed);
+    run(
+        "  the same, candle's convs",
+        &small(AuxKind::Ff),
+        steps.min(5),
+        peak,
+    )?;
+    USE_CANDLE_CONVS.store(false, Ordering::Relaxed);
     run("tiny.yaml level 1, msp", &small(AuxKind::Msp), steps, peak)?;
     run(
         "defaults (hidden 64), ff",

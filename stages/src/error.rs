@@ -34,6 +34,14 @@ pub enum Error {
         source: arrow_schema::ArrowError,
     },
 
+    /// A tensor computation failed (shapes, devices, a file candle could not read).
+    #[error("{context}: {source}")]
+    Candle {
+        context: String,
+        #[source]
+        source: candle_core::Error,
+    },
+
     /// A param that is valid YAML but not a valid setting.
     #[error("{0}")]
     Params(String),
@@ -45,6 +53,14 @@ impl Error {
             file: file.into(),
             record,
             message: message.into(),
+        }
+    }
+
+    /// Wraps a candle error with what was being done.
+    pub fn candle(context: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
+        move |source| Error::Candle {
+            context: context.to_string(),
+            source,
         }
     }
 

@@ -12,7 +12,7 @@
 //! `bias`); on other devices than the CPU they call candle's own ops (the
 //! reference the tests compare against).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Tensor};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, Init, VarBuilder};
@@ -21,6 +21,14 @@ use rayon::prelude::*;
 /// Multiply-add FLOPs (2 per MAC) of the forward matmuls of every
 /// convolution since the start, for benchmarks that report a FLOP rate.
 pub static FORWARD_FLOPS: AtomicU64 = AtomicU64::new(0);
+
+/// Makes every layer use candle's own ops on the CPU too: the "before" of
+/// `bench/src/vq_bench.rs`'s side-by-side.
+pub static USE_CANDLE_CONVS: AtomicBool = AtomicBool::new(false);
+
+fn use_reference(x: &Tensor) -> bool {
+    !x.device().is_cpu() || USE_CANDLE_CONVS.load(Ordering::Relaxed)
+}
 
 fn count_flops(rows: usize, inner: usize, cols: usize) {
     FORWARD_FLOPS.fetch_add((2 * rows * inner * cols) as u64, Ordering::Relaxed);
@@ -226,9 +234,6 @@ impl Conv {
 
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if !x.device().is_cpu() {
-            return self.forward_reference(x);
-        }
         let (b, c, h, w) = x.dims4()?;
         let g = Geometry {
             c,
@@ -239,10 +244,13 @@ impl Module for Conv {
             pad: self.cfg.padding,
         };
         let o = self.weight.dim(0)?;
-        let cols = x.contiguous()?.apply_op1(Im2Col(g))?; // B, L, CKK
         let l = g.out_h() * g.out_w();
-        let wm = self.weight.reshape((o, g.row_len()))?;
         count_flops(b * l, g.row_len(), o);
+        if use_reference(x) {
+            return self.forward_reference(x);
+        }
+        let cols = x.contiguous()?.apply_op1(Im2Col(g))?; // B, L, CKK
+        let wm = self.weight.reshape((o, g.row_len()))?;
         let y = cols.reshape((b * l, g.row_len()))?.matmul(&wm.t()?)?; // B*L, O
         let y = y.broadcast_add(&self.bias.unsqueeze(0)?)?;
         y.reshape((b, l, o))?
@@ -296,9 +304,6 @@ impl ConvTranspose {
 
 impl Module for ConvTranspose {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if !x.device().is_cpu() {
-            return self.forward_reference(x);
-        }
         let (b, c_in, h, w) = x.dims4()?;
         let c_out = self.weight.dim(1)?;
         let (k, s, p) = (self.k, self.cfg.stride, self.cfg.padding);
@@ -311,9 +316,12 @@ impl Module for ConvTranspose {
             stride: s,
             pad: p,
         };
+        count_flops(b * h * w, c_in, g.row_len());
+        if use_reference(x) {
+            return self.forward_reference(x);
+        }
         let xr = x.reshape((b, c_in, h * w))?.transpose(1, 2)?.contiguous()?; // B, L, C_in
         let wm = self.weight.reshape((c_in, g.row_len()))?;
-        count_flops(b * h * w, c_in, g.row_len());
         let cols = xr
             .reshape((b * h * w, c_in))?
             .matmul(&wm)?

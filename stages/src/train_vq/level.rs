@@ -77,10 +77,6 @@ pub struct VqLevel {
     pub device: Device,
 }
 
-fn candle(context: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
-    move |e| Error::Params(format!("{context}: {e}"))
-}
-
 impl VqLevel {
     /// A freshly initialised level for `table`'s rows.
     pub fn new(cfg: &LevelConfig, table: &LevelTable, seed: u64, device: &Device) -> Result<Self> {
@@ -109,7 +105,7 @@ impl VqLevel {
         let cfg = &info.level;
         let vars = SeededVars::new(info.seed);
         let vb = vars.var_builder(device);
-        let err = candle("building the model");
+        let err = Error::candle("building the model");
         let encoder = Encoder::new(&cfg.encoder, info.input, vb.pp("encoder")).map_err(&err)?;
         let decoder = AuxDecoder::new(
             &cfg.decoder,
@@ -144,7 +140,7 @@ impl VqLevel {
     /// Table rows -> tensors.
     pub fn batch(&self, rows: &Rows) -> Result<Batch> {
         let (b, h, w) = (rows.len(), self.info.input_height, self.info.input_width);
-        let err = candle("building a batch");
+        let err = Error::candle("building a batch");
         let (input, classes) = match self.info.input {
             InputKind::Pixels { channels: c } => {
                 // HWC rows -> CHW planes.
@@ -323,7 +319,7 @@ impl VqLevel {
             "quantiser.codebook".into(),
             self.quantiser.codebook().clone(),
         );
-        let err = candle("writing the model");
+        let err = Error::candle("writing the model");
         candle_core::safetensors::save(&model, dir.join("model.safetensors")).map_err(&err)?;
         candle_core::safetensors::save(&aux, dir.join("aux_decoder.safetensors")).map_err(&err)?;
         let path = dir.join("level.json");

@@ -233,10 +233,6 @@ struct Trainer<'a> {
     validation: Option<Rows>,
 }
 
-fn candle_err(context: &'static str) -> impl Fn(candle_core::Error) -> Error {
-    move |e| Error::Params(format!("{context}: {e}"))
-}
-
 impl<'a> Trainer<'a> {
     fn new(
         ctx: &'a StageContext,
@@ -246,7 +242,7 @@ impl<'a> Trainer<'a> {
     ) -> Result<Self, StageError> {
         let level = VqLevel::new(&cfg.level(), &table, cfg.seed, &device)?;
         let opt = AdamW::new(level.trainable(), cfg.optimizer.clone())
-            .map_err(candle_err("optimizer"))?;
+            .map_err(Error::candle("optimizer"))?;
         let validation = match table.splits.get(&cfg.validation_split) {
             Some(s) if s.rows > 0 => {
                 Some(table.read_split(&cfg.validation_split, Some(cfg.validation_rows))?)
@@ -291,7 +287,7 @@ impl<'a> Trainer<'a> {
             self.level
                 .quantiser
                 .state("quantiser.")
-                .map_err(candle_err("checkpoint"))?,
+                .map_err(Error::candle("checkpoint"))?,
         );
         tensors.extend(self.opt.state("optim."));
         self.ctx.save_checkpoint(self.step, |dir| {
@@ -354,20 +350,33 @@ impl<'a> Trainer<'a> {
             let loss = self
                 .level
                 .loss(&batch, &mut self.mask_rng)
-                .map_err(candle_err("forward"))?;
-            let grads = loss.total.backward().map_err(candle_err("backward"))?;
+                .map_err(Error::candle("forward"))?;
+            if !(loss.reconstruction.is_finite() && loss.commitment.is_finite()) {
+                return Err(format!(
+                    "the loss became {} at step {} (reconstruction {}, commitment {}); lower `optimizer.lr` or set `optimizer.grad_clip` and run again",
+                    loss.reconstruction + loss.commitment,
+                    self.step + 1,
+                    loss.reconstruction,
+                    loss.commitment
+                )
+                .into());
+            }
+            let grads = loss.total.backward().map_err(Error::candle("backward"))?;
             let lr = self.cfg.optimizer.lr_at(self.step, total);
-            let grad_norm = self.opt.step(&grads, lr).map_err(candle_err("optimizer"))?;
+            let grad_norm = self
+                .opt
+                .step(&grads, lr)
+                .map_err(Error::candle("optimizer"))?;
             let q = &mut self.level.quantiser;
             q.ema_update(&loss.z, &loss.codes)
-                .map_err(candle_err("EMA update"))?;
+                .map_err(Error::candle("EMA update"))?;
             self.step += 1;
             let reseed = q.cfg.reseed_every;
             let mut reseeded = 0;
             if reseed > 0 && self.step.is_multiple_of(reseed) {
                 reseeded = q
                     .reseed_dead(&loss.z, &mut self.reseed_rng)
-                    .map_err(candle_err("re-seeding"))?;
+                    .map_err(Error::candle("re-seeding"))?;
             }
             let s = self.step as i64;
             if self.step.is_multiple_of(self.cfg.log_every) || self.step == total {
@@ -445,11 +454,11 @@ impl<'a> Trainer<'a> {
             let mask = self
                 .level
                 .draw_mask(chunk.len(), &mut mask_rng)
-                .map_err(candle_err("mask"))?;
+                .map_err(Error::candle("mask"))?;
             let e = self
                 .level
                 .evaluate(&batch, mask.as_ref())
-                .map_err(candle_err("validation"))?;
+                .map_err(Error::candle("validation"))?;
             loss += e.loss * chunk.len() as f64;
             sq += e.squared_error;
             correct += e.correct.unwrap_or(0.0);
