@@ -11,7 +11,8 @@
 //! FLOPs of the convolutions (counted as they run; the backward does two
 //! matmuls of the forward's size per layer) + 3 x the quantiser's distance
 //! matmul; elementwise work is not counted. One line repeats the first
-//! configuration with candle's own convolutions (the "before").
+//! configuration with candle's own convolutions (the "before"). First, the
+//! nearest-code search with the argmin kernel and with candle's argmin.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -21,6 +22,7 @@ use stages::data::level_table::{LevelTable, Rows};
 use stages::models::aux_decoder::{AuxDecoderConfig, AuxKind};
 use stages::models::conv::{FORWARD_FLOPS, USE_CANDLE_CONVS};
 use stages::models::encoder::{EncoderConfig, InputKind};
+use stages::models::nearest::{ArgminRows, code_distances, nearest_code, nearest_code_reference};
 use stages::models::optim::{AdamW, OptimConfig};
 use stages::models::quantiser::QuantiserConfig;
 use stages::rng::SplitMix64;
@@ -51,6 +53,50 @@ fn matmul_peak(n: usize) -> candle_core::Result<f64> {
         }
     }
     Ok(median(rates))
+}
+
+/// Nearest code for 65,536 vectors of 64 dims against 512 codes: the
+/// argmin kernel against candle's generic argmin, both after the same matmul.
+fn nearest(reps: usize) -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let mut r = SplitMix64(5);
+    let mut randn = |n: usize| -> Vec<f32> { (0..n).map(|_| r.normal() as f32).collect() };
+    let z = Tensor::from_vec(randn(65536 * 64), (65536, 64), &dev)?;
+    let e = Tensor::from_vec(randn(512 * 64), (512, 64), &dev)?;
+    let mut fast = Vec::new();
+    let mut generic = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        let a = nearest_code(&z, &e)?;
+        fast.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let b = nearest_code_reference(&z, &e)?;
+        generic.push(t.elapsed().as_secs_f64());
+        assert_eq!(a.to_vec1::<u32>()?, b.to_vec1::<u32>()?);
+    }
+    let (f, g) = (median(fast), median(generic));
+    // The argmin alone, on the same distance matrix.
+    let d = code_distances(&z, &e)?.contiguous()?;
+    let (mut fast_argmin, mut generic_argmin) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let t = Instant::now();
+        d.apply_op1_no_bwd(&ArgminRows)?;
+        fast_argmin.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        d.argmin(candle_core::D::Minus1)?;
+        generic_argmin.push(t.elapsed().as_secs_f64());
+    }
+    let (fa, ga) = (median(fast_argmin), median(generic_argmin));
+    println!(
+        "nearest code, 65,536 x 64 vs 512 codes: {:.1} ms vs {:.1} ms with candle's argmin ({:.2}x); the argmin alone {:.1} ms vs {:.1} ms ({:.2}x)",
+        f * 1e3,
+        g * 1e3,
+        g / f,
+        fa * 1e3,
+        ga * 1e3,
+        ga / fa
+    );
+    Ok(())
 }
 
 fn table() -> LevelTable {
@@ -123,6 +169,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "matmul peak (candle gemm, 1024^3 f32, {} threads): {peak:.1} GFLOP/s",
         rayon::current_num_threads()
     );
+    nearest(9)?;
     let small = |kind| LevelConfig {
         encoder: EncoderConfig {
             hidden: 32,

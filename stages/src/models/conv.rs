@@ -1,8 +1,8 @@
 //! 2-d convolutions as im2col + one matmul, with col2im as the backward.
 //!
 //! candle's CPU `conv2d` backward and its `conv_transpose2d` are nested
-//! loops (a profile of a level-1 training step put over 70 % of the time
-//! there). [`Im2Col`] and [`Col2Im`] are adjoint linear maps, each the
+//! loops (a `perf` profile of a level-1 training step put about two thirds
+//! of its time there). [`Im2Col`] and [`Col2Im`] are adjoint linear maps, each the
 //! other's gradient, so a convolution becomes `matmul(im2col(x), W)` and a
 //! transposed one `col2im(matmul(x, W))`; the matmuls are candle's gemm.
 //! Both kernels work image by image in parallel, each image in a fixed order,
