@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::{Project, assert_error, stderr};
 use serde_json::Value;
+use stages::data::level_table::{LevelTable, Rows};
+use stages::train_vq::level::VqLevel;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -115,6 +117,15 @@ fn training_lowers_the_reconstruction_error_well_below_the_pixel_variance() {
         serde_json::from_slice(&std::fs::read(dir.join("level.json")).unwrap()).unwrap();
     assert_eq!(level["code_height"], 8);
     assert_eq!(level["input"]["kind"], "pixels");
+}
+
+/// The data folder of stage `stage`'s artifact.
+fn artifact_of(p: &Project, stage: &str) -> PathBuf {
+    let rows = p.query(&format!(
+        "SELECT path FROM artifacts WHERE stage = '{stage}'"
+    ));
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    Path::new(rows[0]["path"].as_str().unwrap()).join("data")
 }
 
 /// Waits for checkpoint `step` of the only training stage to be committed.
@@ -333,6 +344,44 @@ fn two_levels_through_a_code_table() {
         ids.windows(2).all(|w| w[0] < w[1]),
         "rows keep the table's order"
     );
+    // The code table holds what the trained level gives on the same images,
+    // and names the encode run that wrote it.
+    let level_dir = artifact_of(&p, "vq1");
+    let level = VqLevel::load(&level_dir, &candle_core::Device::Cpu).unwrap();
+    let images = LevelTable::open(&artifact_of(&p, "prep")).unwrap();
+    let val = images.read_split("val", None).unwrap();
+    let codes = LevelTable::open(&dir(0)).unwrap();
+    let stored = codes.read_split("val", None).unwrap();
+    assert_eq!((&stored.ids, &stored.labels), (&val.ids, &val.labels));
+    let mut expected = Vec::new();
+    for chunk in (0..val.len()).collect::<Vec<_>>().chunks(100) {
+        let rows = Rows {
+            ids: chunk.iter().map(|&i| val.ids[i]).collect(),
+            labels: chunk.iter().map(|&i| val.labels[i]).collect(),
+            values: chunk
+                .iter()
+                .flat_map(|&i| val.values[i * 1024..(i + 1) * 1024].to_vec())
+                .collect(),
+        };
+        let batch = level.batch(&rows).unwrap();
+        expected.extend(level.codes(&batch).unwrap().iter().map(|&c| c as u16));
+    }
+    assert_eq!(
+        stored.values, expected,
+        "stored codes differ from the encoder's"
+    );
+    let file = std::fs::File::open(dir(0).join("val-00000.parquet")).unwrap();
+    let reader =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+    let key = p.query("SELECT key FROM artifacts WHERE stage = 'codes1'")[0]["key"].clone();
+    assert_eq!(
+        reader
+            .schema()
+            .metadata()
+            .get("haic.producer_key")
+            .map(String::as_str),
+        key.as_str()
+    );
     // Level 2 learnt to predict masked codes at all.
     let acc = metric(&p, "val.accuracy");
     assert!(acc.last().unwrap().1 > 0.0, "{acc:?}");
@@ -367,19 +416,25 @@ fn bad_params_are_refused_before_anything_runs() {
     );
 }
 
-/// The weights read back with the Python `safetensors` package (where
-/// `HAIC_PYARROW_PYTHON` names a Python that has it).
+/// The weights read back with the Python `safetensors` package and the code
+/// table with pyarrow (where `HAIC_PYARROW_PYTHON` names a Python with both).
 #[test]
-fn python_safetensors_reads_the_model() {
+fn python_reads_the_model_and_the_code_table() {
     let Ok(python) = std::env::var("HAIC_PYARROW_PYTHON") else {
         eprintln!("HAIC_PYARROW_PYTHON is not set; skipping the safetensors cross-check");
         return;
     };
-    let p = Project::new(&pipeline("      steps: 5\n      validate_every: 5"));
-    assert!(p.run(&[]).status.success());
+    let level1 = pipeline("      steps: 5\n      validate_every: 5");
+    let p = Project::new(&format!(
+        "{level1}  codes1:\n    kind: encode\n    inputs: {{level: vq1, table: prep}}\n"
+    ));
+    let out = p.run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
     let dir = artifact(&p, "train_vq");
+    let codes = artifact(&p, "encode");
     let script = r#"
 import sys, json
+import pyarrow.parquet as pq
 from safetensors.numpy import load_file
 m = load_file(sys.argv[1] + "/model.safetensors")
 level = json.load(open(sys.argv[1] + "/level.json"))
@@ -388,11 +443,16 @@ d = level["level"]["encoder"]["dim"]
 assert m["quantiser.codebook"].shape == (k, d), m["quantiser.codebook"].shape
 assert m["encoder.stem.weight"].shape == (16, 1, 3, 3)
 assert str(m["encoder.stem.weight"].dtype) == "float32"
-print(len(m))
+t = pq.read_table(sys.argv[2] + "/train-00000.parquet")
+assert str(t.schema.field("codes").type) == "fixed_size_list<item: uint16 not null>[64]", t.schema
+assert t.num_rows == 2000 and t.schema.metadata[b"haic.codebook_size"] == b"32"
+codes = t.column("codes").combine_chunks().flatten().to_numpy()
+assert codes.max() < 32 and len(codes) == 2000 * 64
 "#;
     let out = std::process::Command::new(python)
         .args(["-c", script])
         .arg(&dir)
+        .arg(&codes)
         .output()
         .unwrap();
     assert!(

@@ -1,6 +1,7 @@
 //! The `encode` stage: a trained VQ level turns its input table (images or
 //! the codes of the level below) into a code table (`data::code_table`),
-//! every split, row for row and in order.
+//! every split, row for row and in order, one batch in memory at a time
+//! (plus the codes of the shard being written).
 //!
 //! ```yaml
 //! codes1:
@@ -100,6 +101,7 @@ impl StageKind for Encode {
             width: info.code_width as u32,
             codebook_size: info.level.quantiser.codebook_size as u32,
             class_names: table.class_names.clone(),
+            producer_key: ctx.job.key.clone(),
         };
         let mut index = CodeTableIndex {
             format: CODE_TABLE_FORMAT.into(),
@@ -112,30 +114,24 @@ impl StageKind for Encode {
             let mut writer = CodeShardWriter::new(ctx.out_dir(), split, &meta, cfg.shard_rows);
             let mut hist = vec![0u64; meta.codebook_size as usize];
             for file in &si.files {
-                let rows = table.read_shard(file)?;
-                let per = table.values_per_row;
-                for start in (0..rows.len()).step_by(cfg.batch_size) {
-                    let end = (start + cfg.batch_size).min(rows.len());
-                    let chunk = crate::data::level_table::Rows {
-                        ids: rows.ids[start..end].to_vec(),
-                        labels: rows.labels[start..end].to_vec(),
-                        values: rows.values[start * per..end * per].to_vec(),
-                    };
+                table.for_each_batch(file, cfg.batch_size, |chunk| {
                     let batch = level.batch(&chunk)?;
                     let codes = level
                         .codes(&batch)
-                        .map_err(|e| format!("encoding {file}: {e}"))?;
+                        .map_err(Error::candle("encoding a batch"))?;
                     let n = meta.codes_per_row();
+                    let mut row16 = vec![0u16; n];
                     for (i, row) in codes.chunks_exact(n).enumerate() {
-                        let row16: Vec<u16> = row.iter().map(|&c| c as u16).collect();
-                        for &c in row {
+                        for (dst, &c) in row16.iter_mut().zip(row) {
+                            *dst = c as u16;
                             hist[c as usize] += 1;
                         }
                         writer.push(chunk.ids[i], chunk.labels[i], &row16)?;
                     }
                     done += chunk.len() as u64;
-                    ctx.progress(done, total, Some(split.to_string()));
-                }
+                    ctx.progress(done, total, Some(split.clone()));
+                    Ok(())
+                })?;
             }
             let (perplexity, unused) = usage(&hist);
             ctx.metric(&format!("{split}.perplexity"), 0, perplexity);

@@ -6,7 +6,7 @@
 //! Columns: `id` int64, `label` int32, `split` utf8, `codes`
 //! fixed_size_list<uint16>[H*W] (row-major code map). Schema metadata:
 //! `haic.format`, `haic.height`, `haic.width`, `haic.codebook_size`,
-//! `haic.class_names`.
+//! `haic.class_names`, `haic.producer_key`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -30,6 +30,9 @@ pub struct CodeMeta {
     pub width: u32,
     pub codebook_size: u32,
     pub class_names: Vec<String>,
+    /// The stage key of the `encode` run that wrote the table.
+    #[serde(default)]
+    pub producer_key: String,
 }
 
 impl CodeMeta {
@@ -47,6 +50,7 @@ impl CodeMeta {
             ("haic.height", self.height.to_string()),
             ("haic.width", self.width.to_string()),
             ("haic.codebook_size", self.codebook_size.to_string()),
+            ("haic.producer_key", self.producer_key.clone()),
             (
                 "haic.class_names",
                 serde_json::to_string(&self.class_names).unwrap_or_default(),
@@ -182,22 +186,44 @@ pub struct CodeRows {
 
 /// Reads a whole code table file.
 pub fn read_code_file(path: &Path, codes_per_row: usize) -> Result<CodeRows> {
-    let f = std::fs::File::open(path)
-        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    let pq = |e| Error::Parquet {
-        context: format!("reading {}", path.display()),
-        source: e,
-    };
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
-        .map_err(pq)?
-        .build()
-        .map_err(pq)?;
     let mut out = CodeRows {
         ids: Vec::new(),
         labels: Vec::new(),
         codes: Vec::new(),
     };
+    for_each_code_batch(path, codes_per_row, 8192, |b| {
+        out.ids.extend(b.ids);
+        out.labels.extend(b.labels);
+        out.codes.extend(b.codes);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Calls `f` with the rows of a code table file, at most `batch_rows` at a time.
+pub fn for_each_code_batch(
+    path: &Path,
+    codes_per_row: usize,
+    batch_rows: usize,
+    mut f: impl FnMut(CodeRows) -> Result<()>,
+) -> Result<()> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    let pq = |e| Error::Parquet {
+        context: format!("reading {}", path.display()),
+        source: e,
+    };
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(pq)?
+        .with_batch_size(batch_rows.max(1))
+        .build()
+        .map_err(pq)?;
     for batch in reader {
+        let mut out = CodeRows {
+            ids: Vec::new(),
+            labels: Vec::new(),
+            codes: Vec::new(),
+        };
         let batch = batch.map_err(|e| Error::Arrow {
             context: format!("reading {}", path.display()),
             source: e,
@@ -241,8 +267,9 @@ pub fn read_code_file(path: &Path, codes_per_row: usize) -> Result<CodeRows> {
             .extend_from_slice(&values.values()[start..start + codes.len() * codes_per_row]);
         out.ids.extend_from_slice(ids.values());
         out.labels.extend_from_slice(labels.values());
+        f(out)?;
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -257,6 +284,7 @@ mod tests {
             width: 3,
             codebook_size: 1000,
             class_names: vec!["a".into(), "b".into()],
+            producer_key: "k".into(),
         };
         let mut w = CodeShardWriter::new(dir.path(), "train", &meta, 2);
         for i in 0..5i64 {

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::code_table::{CODE_TABLE_FORMAT, CodeTableIndex, read_code_file};
-use super::table::{SplitIndex, TABLE_FORMAT, TableIndex, read_file};
+use super::code_table::{CODE_TABLE_FORMAT, CodeTableIndex, for_each_code_batch};
+use super::table::{SplitIndex, TABLE_FORMAT, TableIndex, for_each_batch as read_image_batches};
 use crate::error::{Error, Result};
 use crate::models::encoder::InputKind;
 use crate::rng::SplitMix64;
@@ -120,43 +120,67 @@ impl LevelTable {
         }
     }
 
+    /// A whole shard file.
     pub fn read_shard(&self, file: &str) -> Result<Rows> {
+        let mut out = Rows::default();
+        self.for_each_batch(file, 8192, |b| {
+            out.ids.extend(b.ids);
+            out.labels.extend(b.labels);
+            out.values.extend(b.values);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with a shard's rows, at most `batch_rows` at a time, each
+    /// row checked against the table's shape (and codes against K).
+    pub fn for_each_batch(
+        &self,
+        file: &str,
+        batch_rows: usize,
+        mut f: impl FnMut(Rows) -> Result<()>,
+    ) -> Result<()> {
         let path = self.dir.join(file);
-        let rows = match self.input {
+        let mut seen = 0u64;
+        match self.input {
             InputKind::Pixels { .. } => {
-                let (_, rows) = read_file(&path)?;
-                let mut out = Rows::default();
-                for r in rows {
-                    if r.pixels.len() != self.values_per_row {
-                        return Err(Error::data(
-                            &path,
-                            Some(out.len() as u64),
-                            "row size differs from table.json",
-                        ));
+                read_image_batches(&path, batch_rows, |rows| {
+                    let mut out = Rows::default();
+                    for r in rows {
+                        if r.pixels.len() != self.values_per_row {
+                            return Err(Error::data(
+                                &path,
+                                Some(seen),
+                                "row size differs from table.json",
+                            ));
+                        }
+                        seen += 1;
+                        out.ids.push(r.id);
+                        out.labels.push(r.label);
+                        out.values.extend(r.pixels.iter().map(|&p| p as u16));
                     }
-                    out.ids.push(r.id);
-                    out.labels.push(r.label);
-                    out.values.extend(r.pixels.iter().map(|&p| p as u16));
-                }
-                out
+                    f(out)
+                })?;
             }
             InputKind::Codes { classes } => {
-                let c = read_code_file(&path, self.values_per_row)?;
-                if let Some(bad) = c.codes.iter().position(|&v| v as usize >= classes) {
-                    return Err(Error::data(
-                        &path,
-                        Some((bad / self.values_per_row) as u64),
-                        format!("code {} is outside the codebook of {classes}", c.codes[bad]),
-                    ));
-                }
-                Rows {
-                    ids: c.ids,
-                    labels: c.labels,
-                    values: c.codes,
-                }
+                for_each_code_batch(&path, self.values_per_row, batch_rows, |c| {
+                    if let Some(bad) = c.codes.iter().position(|&v| v as usize >= classes) {
+                        return Err(Error::data(
+                            &path,
+                            Some(seen + (bad / self.values_per_row) as u64),
+                            format!("code {} is outside the codebook of {classes}", c.codes[bad]),
+                        ));
+                    }
+                    seen += c.ids.len() as u64;
+                    f(Rows {
+                        ids: c.ids,
+                        labels: c.labels,
+                        values: c.codes,
+                    })
+                })?;
             }
-        };
-        Ok(rows)
+        }
+        Ok(())
     }
 
     /// The first `limit` rows of a split (all if `None`), in table order.
@@ -267,6 +291,7 @@ mod tests {
             width: 2,
             codebook_size: 100,
             class_names: vec!["x".into()],
+            producer_key: String::new(),
         };
         let mut w = CodeShardWriter::new(dir, "train", &meta, shard);
         for i in 0..rows {

@@ -255,17 +255,32 @@ pub struct Row {
 
 /// Reads a whole table file (for tests and small tables).
 pub fn read_file(path: &Path) -> Result<(TableMeta, Vec<Row>)> {
-    let f = std::fs::File::open(path)
+    let mut rows = Vec::new();
+    let meta = for_each_batch(path, 8192, |batch| {
+        rows.extend(batch);
+        Ok(())
+    })?;
+    Ok((meta, rows))
+}
+
+/// Calls `f` with the rows of a table file, at most `batch_rows` at a time:
+/// memory holds one batch, not the file.
+pub fn for_each_batch(
+    path: &Path,
+    batch_rows: usize,
+    mut f: impl FnMut(Vec<Row>) -> Result<()>,
+) -> Result<TableMeta> {
+    let file = std::fs::File::open(path)
         .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
     let pq = |e| Error::Parquet {
         context: format!("reading {}", path.display()),
         source: e,
     };
     let b =
-        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).map_err(pq)?;
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).map_err(pq)?;
     let meta = TableMeta::from_schema(b.schema(), path)?;
-    let mut rows = Vec::new();
-    for batch in b.build().map_err(pq)? {
+    for batch in b.with_batch_size(batch_rows.max(1)).build().map_err(pq)? {
+        let mut rows = Vec::with_capacity(batch_rows);
         let batch = batch.map_err(|e| Error::Arrow {
             context: format!("reading {}", path.display()),
             source: e,
@@ -314,7 +329,7 @@ pub fn read_file(path: &Path) -> Result<(TableMeta, Vec<Row>)> {
                 pixels: pixels.value(i).to_vec(),
             });
         }
-        let _ = pixels.len();
+        f(rows)?;
     }
-    Ok((meta, rows))
+    Ok(meta)
 }
