@@ -24,15 +24,16 @@
 //! (the last validation).
 //!
 //! **Bit-exact resume.** Every `checkpoint_every` steps the scratch folder
-//! gets the weights, the optimiser's moments, the quantiser's EMA state, the
-//! generators' states and the data cursor. Initialisation, data order, masks
+//! gets one safetensors file: the weights, the optimiser's moments and the
+//! quantiser's EMA state as tensors, the step, the generators' states and the
+//! data cursor as JSON in its metadata (`haic.train_state`). Initialisation, data order, masks
 //! and re-seeding draw from [`SplitMix64`] streams of the seed; reductions run
 //! in a fixed order; so a run killed at any step and resumed ends with the
 //! same bytes as one that was never stopped (on the same CPU and thread count).
 
 pub mod level;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Instant;
 
@@ -210,6 +211,11 @@ pub fn device(name: &str) -> Result<Device, Error> {
     }
 }
 
+/// A checkpoint's one file.
+const CHECKPOINT_FILE: &str = "state.safetensors";
+/// The metadata key of the [`TrainState`] in it.
+const STATE_KEY: &str = "haic.train_state";
+
 /// Everything a checkpoint holds besides tensors.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct TrainState {
@@ -278,8 +284,7 @@ impl<'a> Trainer<'a> {
             reseed_rng: self.reseed_rng.0,
             optimizer_steps: self.opt.steps,
         };
-        let mut tensors: std::collections::HashMap<String, Tensor> =
-            std::collections::HashMap::new();
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
         for (name, var) in self.level.vars.all() {
             tensors.insert(format!("model.{name}"), var.as_tensor().clone());
         }
@@ -290,19 +295,28 @@ impl<'a> Trainer<'a> {
                 .map_err(Error::candle("checkpoint"))?,
         );
         tensors.extend(self.opt.state("optim."));
+        // One file: the tensors, and the rest of the state as JSON in the
+        // safetensors header's metadata.
+        let metadata = HashMap::from([(STATE_KEY.to_string(), serde_json::to_string(&state)?)]);
         self.ctx.save_checkpoint(self.step, |dir| {
-            candle_core::safetensors::save(&tensors, dir.join("state.safetensors"))?;
-            std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&state)?)?;
+            safetensors::serialize_to_file(&tensors, Some(metadata), &dir.join(CHECKPOINT_FILE))?;
             Ok(())
         })?;
         Ok(())
     }
 
     fn restore(&mut self, dir: &Path) -> Result<(), StageError> {
-        let state: TrainState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
-        let file = dir.join("state.safetensors");
+        let file = dir.join(CHECKPOINT_FILE);
+        let bytes = std::fs::read(&file)?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+        let state_json = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(STATE_KEY))
+            .ok_or_else(|| format!("{} has no `{STATE_KEY}` metadata", file.display()))?;
+        let state: TrainState = serde_json::from_str(state_json)?;
         let tensors: BTreeMap<String, Tensor> =
-            candle_core::safetensors::load(&file, &self.level.device)?
+            candle_core::safetensors::load_buffer(&bytes, &self.level.device)?
                 .into_iter()
                 .collect();
         self.level.vars.load(&tensors, "model.", &file)?;
