@@ -187,6 +187,9 @@ pub struct Conv {
     bias: Tensor,
     k: usize,
     cfg: Conv2dConfig,
+    /// Multiplied into the weight (O x C x k x k, 1 keeps a tap): masked
+    /// taps stay zero and get zero gradient.
+    mask: Option<Tensor>,
 }
 
 impl Conv {
@@ -222,13 +225,34 @@ impl Conv {
                 stride,
                 ..Default::default()
             },
+            mask: None,
         })
     }
 
     /// candle's own conv2d (non-CPU devices; the tests' reference).
     pub fn forward_reference(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.cfg.padding, self.cfg.stride, 1, 1)?;
+        let y = x.conv2d(&self.weight()?, self.cfg.padding, self.cfg.stride, 1, 1)?;
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+    }
+
+    /// The same layer with `mask` (O x C x k x k of 0 and 1) on its weight.
+    pub fn masked(mut self, mask: Tensor) -> candle_core::Result<Self> {
+        if mask.dims() != self.weight.dims() {
+            candle_core::bail!(
+                "a conv mask is {:?}, the weight {:?}",
+                mask.dims(),
+                self.weight.dims()
+            );
+        }
+        self.mask = Some(mask);
+        Ok(self)
+    }
+
+    fn weight(&self) -> candle_core::Result<Tensor> {
+        match &self.mask {
+            Some(m) => self.weight.mul(m),
+            None => Ok(self.weight.clone()),
+        }
     }
 }
 
@@ -250,7 +274,7 @@ impl Module for Conv {
             return self.forward_reference(x);
         }
         let cols = x.contiguous()?.apply_op1(Im2Col(g))?; // B, L, CKK
-        let wm = self.weight.reshape((o, g.row_len()))?;
+        let wm = self.weight()?.reshape((o, g.row_len()))?;
         let y = cols.reshape((b * l, g.row_len()))?.matmul(&wm.t()?)?; // B*L, O
         let y = y.broadcast_add(&self.bias.unsqueeze(0)?)?;
         y.reshape((b, l, o))?

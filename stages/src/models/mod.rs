@@ -11,5 +11,6 @@ pub mod encoder;
 pub mod masks;
 pub mod nearest;
 pub mod optim;
+pub mod pixelcnn;
 pub mod quantiser;
 pub mod vars;

@@ -1,0 +1,535 @@
+//! A gated PixelCNN (van den Oord et al. 2016): vertical and horizontal
+//! stacks, so there is no blind spot; masks of type A (first layer: a
+//! position never sees itself) and B; for RGB pixels the channel order
+//! R -> G -> B inside a pixel. Optional conditioning, added to every gated
+//! layer: a class label (an embedding) and a code map of the level above
+//! (embedding -> residual convs -> upsampling to the target resolution).
+//!
+//! Output: logits (B, C x 256, H, W) for pixels, (B, K, H, W) for codes;
+//! the logits of channel c at (y, x) depend only on inputs before (y, x) in
+//! raster order and on channels < c at (y, x) itself (tested through
+//! autograd). The AR decoders and the prior of issue 5 build on this.
+//!
+//! Causality: all convolutions are square `k x k` with a mask. The vertical
+//! stack at row y sees rows < y of the input (its first layer masks the
+//! centre row, later layers see its own features up to row y). The
+//! horizontal stack sees, on row y, columns < x (first layer) or <= x
+//! (later layers) of its own features, plus the vertical stack at (y, x).
+//! Within a pixel, hidden channels are split into C groups; a tap at the
+//! centre connects input group i to output group j only if j > i (type A)
+//! or j >= i (type B).
+
+use candle_core::{Device, Module, Tensor};
+use candle_nn::{Embedding, VarBuilder, embedding};
+use serde::{Deserialize, Serialize};
+
+use super::conv::{Conv, ConvTranspose};
+use super::encoder::{InputEmbedding, InputKind, ResBlock};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PixelCnnConfig {
+    /// Channels of each stack (a multiple of the pixel channels C).
+    pub hidden: usize,
+    pub layers: usize,
+    /// Odd kernel size of the masked convolutions.
+    pub kernel: usize,
+    /// Embedding width of a code-map target.
+    pub code_embedding: usize,
+    /// Channels and residual blocks of the conditioning stack.
+    pub cond_hidden: usize,
+    pub cond_res_blocks: usize,
+}
+
+impl Default for PixelCnnConfig {
+    fn default() -> Self {
+        PixelCnnConfig {
+            hidden: 64,
+            layers: 8,
+            kernel: 5,
+            code_embedding: 32,
+            cond_hidden: 64,
+            cond_res_blocks: 2,
+        }
+    }
+}
+
+/// What the model is conditioned on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conditioning {
+    /// Number of class labels (None: unconditional on the class).
+    pub labels: Option<usize>,
+    /// A code map of K codes, 2^upsample times smaller than the target.
+    pub code_map: Option<(usize, usize)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MaskType {
+    A,
+    B,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stack {
+    Vertical,
+    Horizontal,
+}
+
+/// The channel group (0..groups) of channel `c` of `n`; gated layers have
+/// 2 x hidden outputs whose halves share the grouping.
+fn group(c: usize, n: usize, groups: usize) -> usize {
+    c * groups / n
+}
+
+/// Which taps of a `k x k` convolution a stack's layer keeps.
+#[derive(Debug, Clone, Copy)]
+struct MaskSpec {
+    stack: Stack,
+    kind: MaskType,
+    k: usize,
+    groups: usize,
+    /// The outputs are the two halves of a gate (grouped alike).
+    gate_out: bool,
+}
+
+impl MaskSpec {
+    /// The 0/1 mask (c_out x c_in x k x k).
+    fn mask(&self, c_in: usize, c_out: usize, device: &Device) -> candle_core::Result<Tensor> {
+        let (k, centre) = (self.k, self.k / 2);
+        let half_out = if self.gate_out { c_out / 2 } else { c_out };
+        let mut m = vec![0f32; c_out * c_in * k * k];
+        for o in 0..c_out {
+            let go = group(o % half_out, half_out, self.groups);
+            for i in 0..c_in {
+                let gi = group(i, c_in, self.groups);
+                let centre_ok = match self.kind {
+                    MaskType::A => go > gi,
+                    MaskType::B => go >= gi,
+                };
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let keep = match self.stack {
+                            // Rows above; the centre row too after the first layer.
+                            Stack::Vertical => {
+                                ky < centre || (ky == centre && self.kind == MaskType::B)
+                            }
+                            // The centre row, left of the centre; the centre by group.
+                            Stack::Horizontal => {
+                                ky == centre && (kx < centre || (kx == centre && centre_ok))
+                            }
+                        };
+                        if keep {
+                            m[((o * c_in + i) * k + ky) * k + kx] = 1.0;
+                        }
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(m, (c_out, c_in, k, k), device)
+    }
+
+    fn conv(&self, c_in: usize, c_out: usize, vb: VarBuilder) -> candle_core::Result<Conv> {
+        let mask = self.mask(c_in, c_out, vb.device())?;
+        Conv::new(c_in, c_out, self.k, 1, self.k / 2, vb)?.masked(mask)
+    }
+}
+
+/// `tanh(a) * sigmoid(b)` of the two halves along channels.
+fn gate(x: &Tensor) -> candle_core::Result<Tensor> {
+    let h = x.dim(1)? / 2;
+    x.narrow(1, 0, h)?.tanh()? * candle_nn::ops::sigmoid(&x.narrow(1, h, h)?)?
+}
+
+struct GatedLayer {
+    vertical: Conv,
+    horizontal: Conv,
+    v_to_h: Conv,
+    h_out: Conv,
+    label: Option<Embedding>,
+    cond: Option<Conv>,
+    residual: bool,
+}
+
+/// The conditioning stack: a code map -> features at the target resolution.
+struct CondStack {
+    input: InputEmbedding,
+    conv_in: Conv,
+    res: Vec<ResBlock>,
+    up: Vec<ConvTranspose>,
+}
+
+pub struct PixelCnn {
+    target: InputKind,
+    input: InputEmbedding,
+    layers: Vec<GatedLayer>,
+    out1: Conv,
+    out2: Conv,
+    cond: Option<CondStack>,
+    /// Classes per output channel (256 for pixels, K for codes).
+    pub classes: usize,
+}
+
+impl PixelCnn {
+    pub fn new(
+        cfg: &PixelCnnConfig,
+        target: InputKind,
+        conditioning: Conditioning,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let (groups, classes) = match target {
+            InputKind::Pixels { channels } => (channels, 256),
+            InputKind::Codes { classes } => (1, classes),
+        };
+        let (h, k) = (cfg.hidden, cfg.kernel);
+        if h % groups != 0 || k % 2 == 0 || cfg.layers == 0 {
+            candle_core::bail!(
+                "PixelCNN: hidden ({h}) must be a multiple of the channels ({groups}), kernel ({k}) odd, layers at least 1"
+            );
+        }
+        let spec = |stack, kind, k, gate_out| MaskSpec {
+            stack,
+            kind,
+            k,
+            groups,
+            gate_out,
+        };
+        let input = InputEmbedding::new(target, cfg.code_embedding, vb.pp("embedding"))?;
+        let cond = match conditioning.code_map {
+            None => None,
+            Some((codes, upsample)) => {
+                let vb = vb.pp("cond");
+                let input = InputEmbedding::new(
+                    InputKind::Codes { classes: codes },
+                    cfg.code_embedding,
+                    vb.pp("embedding"),
+                )?;
+                Some(CondStack {
+                    conv_in: Conv::new(input.channels, cfg.cond_hidden, 3, 1, 1, vb.pp("conv_in"))?,
+                    input,
+                    res: (0..cfg.cond_res_blocks)
+                        .map(|i| {
+                            ResBlock::new(
+                                cfg.cond_hidden,
+                                cfg.cond_hidden / 2,
+                                vb.pp(format!("res.{i}")),
+                            )
+                        })
+                        .collect::<candle_core::Result<_>>()?,
+                    up: (0..upsample)
+                        .map(|i| {
+                            ConvTranspose::new(
+                                cfg.cond_hidden,
+                                cfg.cond_hidden,
+                                4,
+                                2,
+                                1,
+                                vb.pp(format!("up.{i}")),
+                            )
+                        })
+                        .collect::<candle_core::Result<_>>()?,
+                })
+            }
+        };
+        let mut layers = Vec::new();
+        for l in 0..cfg.layers {
+            let vb = vb.pp(format!("layers.{l}"));
+            let (kind, c_in) = if l == 0 {
+                (MaskType::A, input.channels)
+            } else {
+                (MaskType::B, h)
+            };
+            layers.push(GatedLayer {
+                vertical: spec(Stack::Vertical, kind, k, true).conv(
+                    c_in,
+                    2 * h,
+                    vb.pp("vertical"),
+                )?,
+                horizontal: spec(Stack::Horizontal, kind, k, true).conv(
+                    c_in,
+                    2 * h,
+                    vb.pp("horizontal"),
+                )?,
+                // The vertical stack at (y, x) has seen rows < y only: no mask
+                // needed, but groups must line up, so mask B at the centre.
+                v_to_h: spec(Stack::Horizontal, MaskType::B, 1, true).conv(
+                    2 * h,
+                    2 * h,
+                    vb.pp("v_to_h"),
+                )?,
+                h_out: spec(Stack::Horizontal, MaskType::B, 1, false).conv(h, h, vb.pp("h_out"))?,
+                label: match conditioning.labels {
+                    Some(n) => Some(embedding(n, 2 * h, vb.pp("label"))?),
+                    None => None,
+                },
+                cond: match &cond {
+                    Some(_) => Some(Conv::new(cfg.cond_hidden, 2 * h, 1, 1, 0, vb.pp("cond"))?),
+                    None => None,
+                },
+                residual: l > 0,
+            });
+        }
+        Ok(PixelCnn {
+            out1: spec(Stack::Horizontal, MaskType::B, 1, false).conv(h, h, vb.pp("out1"))?,
+            out2: spec(Stack::Horizontal, MaskType::B, 1, false).conv(
+                h,
+                groups * classes,
+                vb.pp("out2"),
+            )?,
+            target,
+            input,
+            layers,
+            cond,
+            classes,
+        })
+    }
+
+    /// Logits for every position of `x` (pixels f32 (B, C, H, W) in
+    /// [-0.5, 0.5], or codes u32 (B, H, W)); `labels` u32 (B,); `code_map`
+    /// u32 (B, H / 2^s, W / 2^s).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        labels: Option<&Tensor>,
+        code_map: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let cond = match (&self.cond, code_map) {
+            (Some(c), Some(map)) => {
+                let mut f = c.conv_in.forward(&c.input.forward(map)?)?;
+                for r in &c.res {
+                    f = r.forward(&f)?;
+                }
+                for u in &c.up {
+                    f = u.forward(&f.relu()?)?;
+                }
+                Some(f)
+            }
+            (None, None) => None,
+            _ => candle_core::bail!(
+                "PixelCNN: the code map must be given exactly when the model was built for one"
+            ),
+        };
+        let input = self.input.forward(x)?;
+        let (mut v, mut h) = (input.clone(), input);
+        for layer in &self.layers {
+            let mut v_pre = layer.vertical.forward(&v)?;
+            let mut h_pre = (layer.horizontal.forward(&h)? + layer.v_to_h.forward(&v_pre)?)?;
+            let mut extra: Option<Tensor> = None;
+            if let (Some(e), Some(l)) = (&layer.label, labels) {
+                extra = Some(e.forward(l)?.unsqueeze(2)?.unsqueeze(3)?);
+            }
+            if let (Some(c), Some(f)) = (&layer.cond, &cond) {
+                let m = c.forward(f)?;
+                extra = Some(match extra {
+                    Some(e) => m.broadcast_add(&e)?,
+                    None => m,
+                });
+            }
+            if let Some(e) = &extra {
+                v_pre = v_pre.broadcast_add(e)?;
+                h_pre = h_pre.broadcast_add(e)?;
+            }
+            v = gate(&v_pre)?;
+            let h_new = layer.h_out.forward(&gate(&h_pre)?)?;
+            h = if layer.residual { (h + h_new)? } else { h_new };
+        }
+        self.out2.forward(&self.out1.forward(&h.relu()?)?.relu()?)
+    }
+
+    pub fn target(&self) -> InputKind {
+        self.target
+    }
+}
+
+/// Mean negative log-likelihood in bits per value (pixel channel or code).
+pub fn bits_per_dim(nll_nats: f64) -> f64 {
+    nll_nats / std::f64::consts::LN_2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::aux_decoder::cross_entropy_loss;
+    use crate::models::vars::SeededVars;
+    use crate::rng::SplitMix64;
+    use candle_core::Var;
+
+    fn small(layers: usize) -> PixelCnnConfig {
+        PixelCnnConfig {
+            hidden: 6,
+            layers,
+            kernel: 3,
+            code_embedding: 4,
+            cond_hidden: 4,
+            cond_res_blocks: 1,
+        }
+    }
+
+    /// The gradient of the logits of channel `c` at (y, x) with respect to
+    /// the input is zero at (y, x) for channels >= c and at every later
+    /// position, and not zero everywhere before.
+    #[test]
+    fn pixel_logits_depend_only_on_earlier_values() {
+        let dev = Device::Cpu;
+        let (ch, n) = (3, 5);
+        let vars = SeededVars::new(3);
+        let model = PixelCnn::new(
+            &small(3),
+            InputKind::Pixels { channels: ch },
+            Conditioning {
+                labels: None,
+                code_map: None,
+            },
+            vars.var_builder(&dev),
+        )
+        .unwrap();
+        let mut r = SplitMix64(1);
+        let x: Vec<f32> = (0..ch * n * n).map(|_| r.uniform() as f32 - 0.5).collect();
+        let x = Var::from_tensor(&Tensor::from_vec(x, (1, ch, n, n), &dev).unwrap()).unwrap();
+        let out = model.forward(x.as_tensor(), None, None).unwrap(); // 1, ch*256, n, n
+        for y in 0..n {
+            for xx in 0..n {
+                for c in 0..ch {
+                    let logits = out
+                        .narrow(1, c * 256, 256)
+                        .unwrap()
+                        .narrow(2, y, 1)
+                        .unwrap()
+                        .narrow(3, xx, 1)
+                        .unwrap();
+                    let g = logits.sum_all().unwrap().backward().unwrap();
+                    let g = g
+                        .get(&x)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .squeeze(0)
+                        .unwrap()
+                        .to_vec3::<f32>()
+                        .unwrap();
+                    let mut seen_before = false;
+                    for (ci, plane) in g.iter().enumerate() {
+                        for (yi, row) in plane.iter().enumerate() {
+                            for (xi, &v) in row.iter().enumerate() {
+                                let later = (yi, xi) > (y, xx) || ((yi, xi) == (y, xx) && ci >= c);
+                                if later {
+                                    assert_eq!(
+                                        v, 0.0,
+                                        "logits of channel {c} at ({y},{xx}) see channel {ci} at ({yi},{xi})"
+                                    );
+                                } else if v != 0.0 {
+                                    seen_before = true;
+                                }
+                            }
+                        }
+                    }
+                    let first = (y, xx, c) == (0, 0, 0);
+                    assert!(first || seen_before, "({y},{xx}) channel {c} sees nothing");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn code_logits_ignore_the_current_and_later_codes_and_conditioning_matters() {
+        let dev = Device::Cpu;
+        let (k, n) = (7, 4);
+        let vars = SeededVars::new(4);
+        let model = PixelCnn::new(
+            &small(2),
+            InputKind::Codes { classes: k },
+            Conditioning {
+                labels: Some(3),
+                code_map: Some((5, 1)),
+            },
+            vars.var_builder(&dev),
+        )
+        .unwrap();
+        let codes: Vec<u32> = (0..n * n).map(|i| (i * 3 % k) as u32).collect();
+        let x = Tensor::from_vec(codes.clone(), (1, n, n), &dev).unwrap();
+        let label = Tensor::new(&[1u32], &dev).unwrap();
+        let map = Tensor::new(&[[[0u32, 1], [2, 3]]], &dev).unwrap();
+        let base = model.forward(&x, Some(&label), Some(&map)).unwrap();
+        let flat = |t: &Tensor| t.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
+        let base_v = flat(&base);
+        for p in 0..n * n {
+            let mut changed = codes.clone();
+            changed[p] = (changed[p] + 1) % k as u32;
+            let out = flat(
+                &model
+                    .forward(
+                        &Tensor::from_vec(changed, (1, n, n), &dev).unwrap(),
+                        Some(&label),
+                        Some(&map),
+                    )
+                    .unwrap(),
+            );
+            for q in 0..n * n {
+                let same = (0..k).all(|c| out[c][q / n][q % n] == base_v[c][q / n][q % n]);
+                if q <= p {
+                    assert!(same, "the logits at {q} changed with the code at {p}");
+                }
+            }
+            // The next position on the same row is always in the receptive field.
+            if p % n + 1 < n {
+                let next_same = (0..k).all(|c| {
+                    out[c][(p + 1) / n][(p + 1) % n] == base_v[c][(p + 1) / n][(p + 1) % n]
+                });
+                assert!(
+                    !next_same,
+                    "the code at {p} does not reach its right neighbour"
+                );
+            }
+        }
+        let other_label = model
+            .forward(&x, Some(&Tensor::new(&[2u32], &dev).unwrap()), Some(&map))
+            .unwrap();
+        assert_ne!(flat(&other_label), base_v, "the label changes the output");
+        let other_map = model
+            .forward(
+                &x,
+                Some(&label),
+                Some(&Tensor::new(&[[[4u32, 1], [2, 3]]], &dev).unwrap()),
+            )
+            .unwrap();
+        assert_ne!(flat(&other_map), base_v, "the code map changes the output");
+        assert!(model.forward(&x, Some(&label), None).is_err());
+    }
+
+    #[test]
+    fn bits_per_dim_is_the_mean_cross_entropy_in_bits() {
+        let dev = Device::Cpu;
+        let vars = SeededVars::new(5);
+        let model = PixelCnn::new(
+            &small(1),
+            InputKind::Codes { classes: 4 },
+            Conditioning {
+                labels: None,
+                code_map: None,
+            },
+            vars.var_builder(&dev),
+        )
+        .unwrap();
+        let codes = Tensor::new(&[[[0u32, 1, 2], [3, 0, 1]]], &dev).unwrap();
+        let logits = model.forward(&codes, None, None).unwrap();
+        let nll = cross_entropy_loss(&logits, &codes.unsqueeze(1).unwrap(), 4, None)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        // By hand: -log2 softmax(logits)[target], averaged over the 6 codes.
+        let l = logits.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
+        let t = codes.squeeze(0).unwrap().to_vec2::<u32>().unwrap();
+        let mut bits = 0.0;
+        for y in 0..2 {
+            for x in 0..3 {
+                let z: f64 = (0..4).map(|c| (l[c][y][x] as f64).exp()).sum();
+                bits -= ((l[t[y][x] as usize][y][x] as f64).exp() / z).log2();
+            }
+        }
+        assert!(
+            (bits_per_dim(nll) - bits / 6.0).abs() < 1e-5,
+            "{} vs {}",
+            bits_per_dim(nll),
+            bits / 6.0
+        );
+    }
+}
