@@ -125,13 +125,7 @@ impl CodeShardWriter {
         self.ids.push(id);
         self.labels.push(label);
         self.codes.extend_from_slice(codes);
-        if let Some(c) = usize::try_from(label)
-            .ok()
-            .and_then(|l| self.index.class_counts.get_mut(l))
-        {
-            *c += 1;
-        }
-        self.index.rows += 1;
+        self.index.add_row(label as i64);
         if self.ids.len() >= self.rows_per_shard {
             self.flush()?;
         }
@@ -142,7 +136,7 @@ impl CodeShardWriter {
         if self.ids.is_empty() {
             return Ok(());
         }
-        let name = format!("{}-{:05}.parquet", self.split, self.index.files.len());
+        let name = self.index.next_shard_name(&self.split);
         let path = self.dir.join(&name);
         let n = self.ids.len();
         let arrow = |e| Error::Arrow {

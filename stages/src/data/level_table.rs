@@ -47,6 +47,22 @@ impl Rows {
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
     }
+
+    /// Appends `other`'s rows.
+    pub fn extend(&mut self, other: Rows) {
+        self.ids.extend(other.ids);
+        self.labels.extend(other.labels);
+        self.values.extend(other.values);
+    }
+
+    /// A copy of rows `start..end`, `per_row` values each.
+    pub fn range(&self, start: usize, end: usize, per_row: usize) -> Rows {
+        Rows {
+            ids: self.ids[start..end].to_vec(),
+            labels: self.labels[start..end].to_vec(),
+            values: self.values[start * per_row..end * per_row].to_vec(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -124,9 +140,7 @@ impl LevelTable {
     pub fn read_shard(&self, file: &str) -> Result<Rows> {
         let mut out = Rows::default();
         self.for_each_batch(file, 8192, |b| {
-            out.ids.extend(b.ids);
-            out.labels.extend(b.labels);
-            out.values.extend(b.values);
+            out.extend(b);
             Ok(())
         })?;
         Ok(out)
@@ -190,10 +204,7 @@ impl LevelTable {
             if limit.is_some_and(|l| out.len() >= l) {
                 break;
             }
-            let r = self.read_shard(f)?;
-            out.ids.extend(r.ids);
-            out.labels.extend(r.labels);
-            out.values.extend(r.values);
+            out.extend(self.read_shard(f)?);
         }
         if let Some(l) = limit
             && out.len() > l

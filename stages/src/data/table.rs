@@ -112,6 +112,25 @@ pub struct SplitIndex {
     pub class_counts: Vec<u64>,
 }
 
+impl SplitIndex {
+    /// Counts one row of class `label`; a label outside the class list
+    /// counts as a row only.
+    pub fn add_row(&mut self, label: i64) {
+        if let Some(c) = usize::try_from(label)
+            .ok()
+            .and_then(|l| self.class_counts.get_mut(l))
+        {
+            *c += 1;
+        }
+        self.rows += 1;
+    }
+
+    /// The file name of the split's next shard: `<split>-<shard:05>.parquet`.
+    pub fn next_shard_name(&self, split: &str) -> String {
+        format!("{split}-{:05}.parquet", self.files.len())
+    }
+}
+
 impl TableIndex {
     pub fn read(dir: &Path) -> Result<TableIndex> {
         let path = dir.join("table.json");
@@ -173,10 +192,7 @@ impl ShardWriter {
         self.labels.push(s.label as i32);
         self.sources.push(s.source_id.clone());
         self.pixels.extend_from_slice(&s.pixels);
-        if let Some(c) = self.index.class_counts.get_mut(s.label as usize) {
-            *c += 1;
-        }
-        self.index.rows += 1;
+        self.index.add_row(s.label);
         if self.ids.len() >= self.rows_per_shard {
             self.flush()?;
         }
@@ -187,7 +203,7 @@ impl ShardWriter {
         if self.ids.is_empty() {
             return Ok(());
         }
-        let name = format!("{}-{:05}.parquet", self.split, self.index.files.len());
+        let name = self.index.next_shard_name(&self.split);
         let path = self.dir.join(&name);
         let n = self.ids.len();
         let pixels = FixedSizeBinaryArray::try_new(

@@ -459,11 +459,7 @@ impl<'a> Trainer<'a> {
         let b = self.cfg.batch_size;
         for start in (0..rows.len()).step_by(b) {
             let end = (start + b).min(rows.len());
-            let chunk = Rows {
-                ids: rows.ids[start..end].to_vec(),
-                labels: rows.labels[start..end].to_vec(),
-                values: rows.values[start * per..end * per].to_vec(),
-            };
+            let chunk = rows.range(start, end, per);
             let batch = self.level.batch(&chunk)?;
             let mask = self
                 .level
