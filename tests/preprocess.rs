@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{Project, assert_error, stderr};
+use common::{Project, assert_error, run_python, stderr};
 use stages::data::cifar::{Variant, encode_batch};
 use stages::data::idx::write_idx;
 use stages::data::table::{Row, TableIndex, TableMeta, read_file};
@@ -17,9 +17,7 @@ fn repo() -> PathBuf {
 
 /// The data folder of the only `preprocess` artifact in the project.
 fn table_dir(p: &Project) -> PathBuf {
-    let rows = p.query("SELECT path FROM artifacts WHERE kind = 'preprocess'");
-    assert_eq!(rows.len(), 1, "{rows:?}");
-    Path::new(rows[0]["path"].as_str().unwrap()).join("data")
+    p.artifact_data("kind", "preprocess")
 }
 
 fn read_split(dir: &Path, split: &str) -> (TableMeta, Vec<Row>) {
@@ -433,18 +431,8 @@ for split, info in index["splits"].items():
         assert (t.column("label").to_numpy() < 10).all()
 print(json.dumps({"total": total, "rows": rows, "shapes": sorted(list(s) for s in shapes)}))
 "#;
-    let out = std::process::Command::new(python)
-        .arg("-c")
-        .arg(script)
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stdout = run_python(&python, script, &[&dir]);
+    let v: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     assert_eq!(v["total"], 573_133_949u64 + 114_072_606u64);
     assert_eq!(
         v["rows"],

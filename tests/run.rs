@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Project, assert_error, pairs, sorted, stderr};
+use common::{Project, assert_error, pairs, send_signal, sorted, stderr};
 
 const CHAIN: &str = r#"
 stages:
@@ -278,11 +278,7 @@ stages:
 fn kill_9_of_the_driver_then_resume_finishes_the_same_run() {
     let p = Project::new(RESUMABLE);
     let mut driver = start_and_wait_for(&p, "running.flag", &[]);
-    let worker = p.query("SELECT worker FROM stage_runs WHERE stage = 'slow'")[0]["worker"]
-        .as_str()
-        .and_then(|w| w.strip_prefix("local:"))
-        .map(str::to_string)
-        .expect("the running stage names its worker");
+    let worker = p.worker_pid("slow");
     driver.kill().expect("SIGKILL the driver");
     let _ = driver.wait();
     let t = Instant::now();
@@ -378,15 +374,6 @@ fn a_second_run_on_the_same_workspace_is_refused_at_once() {
     let _ = first.wait();
 }
 
-fn send_signal(pid: u32, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
-
 #[test]
 fn metrics_written_by_a_command_reach_the_registry() {
     let p = Project::new(
@@ -477,13 +464,7 @@ fn json_events_describe_the_run_for_scripts() {
 fn a_killed_worker_fails_its_stage_and_resume_runs_it_again() {
     let p = Project::new(RESUMABLE);
     let mut driver = start_and_wait_for(&p, "running.flag", &[]);
-    let worker = p.query("SELECT worker FROM stage_runs WHERE stage = 'slow'");
-    let pid: u32 = worker[0]["worker"]
-        .as_str()
-        .and_then(|w| w.strip_prefix("local:"))
-        .and_then(|w| w.parse().ok())
-        .unwrap_or_else(|| panic!("the running stage names its worker: {worker:?}"));
-    send_signal(pid, "KILL");
+    send_signal(p.worker_pid("slow"), "KILL");
     let status = driver.wait().unwrap();
     assert_eq!(status.code(), Some(1), "the run fails, the driver survives");
     let e = p.query("SELECT status, error FROM stage_runs WHERE stage = 'slow'");

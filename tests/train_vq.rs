@@ -4,12 +4,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{Project, assert_error, stderr};
+use common::{Project, assert_error, run_python, send_signal, stderr};
 use serde_json::Value;
-use stages::data::level_table::{LevelTable, Rows};
+use stages::data::level_table::LevelTable;
 use stages::train_vq::level::VqLevel;
 
 fn repo() -> PathBuf {
@@ -70,13 +70,6 @@ fn with_defaults(params: &str) -> String {
     out
 }
 
-/// The data folder of the only artifact of `kind`.
-fn artifact(p: &Project, kind: &str) -> PathBuf {
-    let rows = p.query(&format!("SELECT path FROM artifacts WHERE kind = '{kind}'"));
-    assert_eq!(rows.len(), 1, "{rows:?}");
-    Path::new(rows[0]["path"].as_str().unwrap()).join("data")
-}
-
 fn metric(p: &Project, name: &str) -> Vec<(i64, f64)> {
     p.query(&format!(
         "SELECT step, value FROM metrics WHERE name = '{name}' ORDER BY step"
@@ -104,7 +97,7 @@ fn training_lowers_the_reconstruction_error_well_below_the_pixel_variance() {
     assert!((psnr - 10.0 * (1.0 / last).log10()).abs() < 1e-9);
     assert!(metric(&p, "val.perplexity").last().unwrap().1 > 2.0);
     assert!(!metric(&p, "train.images_per_s").is_empty());
-    let dir = artifact(&p, "train_vq");
+    let dir = p.artifact_data("kind", "train_vq");
     for f in [
         "model.safetensors",
         "aux_decoder.safetensors",
@@ -117,15 +110,6 @@ fn training_lowers_the_reconstruction_error_well_below_the_pixel_variance() {
         serde_json::from_slice(&std::fs::read(dir.join("level.json")).unwrap()).unwrap();
     assert_eq!(level["code_height"], 8);
     assert_eq!(level["input"]["kind"], "pixels");
-}
-
-/// The data folder of stage `stage`'s artifact.
-fn artifact_of(p: &Project, stage: &str) -> PathBuf {
-    let rows = p.query(&format!(
-        "SELECT path FROM artifacts WHERE stage = '{stage}'"
-    ));
-    assert_eq!(rows.len(), 1, "{rows:?}");
-    Path::new(rows[0]["path"].as_str().unwrap()).join("data")
 }
 
 /// Waits for checkpoint `step` of the only training stage to be committed.
@@ -161,17 +145,7 @@ fn kill_worker_after_checkpoint(p: &Project, step: u64) {
         .spawn()
         .expect("spawn driver");
     wait_for_checkpoint(p, step);
-    let rows = p.query("SELECT worker FROM stage_runs WHERE stage = 'vq1'");
-    let pid = rows[0]["worker"]
-        .as_str()
-        .and_then(|w| w.strip_prefix("local:"))
-        .unwrap_or_else(|| panic!("the running stage names its worker: {rows:?}"))
-        .to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-KILL", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    send_signal(p.worker_pid("vq1"), "KILL");
     assert_eq!(
         driver.wait().unwrap().code(),
         Some(1),
@@ -180,7 +154,7 @@ fn kill_worker_after_checkpoint(p: &Project, step: u64) {
 }
 
 fn weights(p: &Project) -> Vec<Vec<u8>> {
-    let dir = artifact(p, "train_vq");
+    let dir = p.artifact_data("kind", "train_vq");
     ["model.safetensors", "aux_decoder.safetensors"]
         .iter()
         .map(|f| std::fs::read(dir.join(f)).unwrap())
@@ -295,10 +269,12 @@ fn two_levels_through_a_code_table() {
     ));
     let out = p.run(&[]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let rows = p.query("SELECT path, stage FROM artifacts WHERE kind = 'encode' ORDER BY stage");
-    let dir = |i: usize| Path::new(rows[i]["path"].as_str().unwrap()).join("data");
+    let (codes1, codes2) = (
+        p.artifact_data("stage", "codes1"),
+        p.artifact_data("stage", "codes2"),
+    );
     let index: Value =
-        serde_json::from_slice(&std::fs::read(dir(1).join("table.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(codes2.join("table.json")).unwrap()).unwrap();
     assert_eq!(index["format"], "haic code table v1");
     assert_eq!(
         (index["height"].as_u64(), index["width"].as_u64()),
@@ -309,7 +285,7 @@ fn two_levels_through_a_code_table() {
     assert_eq!(index["splits"]["train"]["rows"], 2000);
     assert_eq!(index["splits"]["val"]["rows"], 1000);
     // Level 1's codes, read back with arrow: 8x8 maps below K = 32, in table order.
-    let file = std::fs::File::open(dir(0).join("train-00000.parquet")).unwrap();
+    let file = std::fs::File::open(codes1.join("train-00000.parquet")).unwrap();
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
         .unwrap()
         .build()
@@ -346,23 +322,16 @@ fn two_levels_through_a_code_table() {
     );
     // The code table holds what the trained level gives on the same images,
     // and names the encode run that wrote it.
-    let level_dir = artifact_of(&p, "vq1");
+    let level_dir = p.artifact_data("stage", "vq1");
     let level = VqLevel::load(&level_dir, &candle_core::Device::Cpu).unwrap();
-    let images = LevelTable::open(&artifact_of(&p, "prep")).unwrap();
+    let images = LevelTable::open(&p.artifact_data("stage", "prep")).unwrap();
     let val = images.read_split("val", None).unwrap();
-    let codes = LevelTable::open(&dir(0)).unwrap();
+    let codes = LevelTable::open(&codes1).unwrap();
     let stored = codes.read_split("val", None).unwrap();
     assert_eq!((&stored.ids, &stored.labels), (&val.ids, &val.labels));
     let mut expected = Vec::new();
-    for chunk in (0..val.len()).collect::<Vec<_>>().chunks(100) {
-        let rows = Rows {
-            ids: chunk.iter().map(|&i| val.ids[i]).collect(),
-            labels: chunk.iter().map(|&i| val.labels[i]).collect(),
-            values: chunk
-                .iter()
-                .flat_map(|&i| val.values[i * 1024..(i + 1) * 1024].to_vec())
-                .collect(),
-        };
+    for start in (0..val.len()).step_by(100) {
+        let rows = val.range(start, (start + 100).min(val.len()), 1024);
         let batch = level.batch(&rows).unwrap();
         expected.extend(level.codes(&batch).unwrap().iter().map(|&c| c as u16));
     }
@@ -370,7 +339,7 @@ fn two_levels_through_a_code_table() {
         stored.values, expected,
         "stored codes differ from the encoder's"
     );
-    let file = std::fs::File::open(dir(0).join("val-00000.parquet")).unwrap();
+    let file = std::fs::File::open(codes1.join("val-00000.parquet")).unwrap();
     let reader =
         parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
     let key = p.query("SELECT key FROM artifacts WHERE stage = 'codes1'")[0]["key"].clone();
@@ -430,8 +399,8 @@ fn python_reads_the_model_and_the_code_table() {
     ));
     let out = p.run(&[]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let dir = artifact(&p, "train_vq");
-    let codes = artifact(&p, "encode");
+    let dir = p.artifact_data("kind", "train_vq");
+    let codes = p.artifact_data("kind", "encode");
     let script = r#"
 import sys, json
 import pyarrow.parquet as pq
@@ -449,15 +418,5 @@ assert t.num_rows == 2000 and t.schema.metadata[b"haic.codebook_size"] == b"32"
 codes = t.column("codes").combine_chunks().flatten().to_numpy()
 assert codes.max() < 32 and len(codes) == 2000 * 64
 "#;
-    let out = std::process::Command::new(python)
-        .args(["-c", script])
-        .arg(&dir)
-        .arg(&codes)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_python(&python, script, &[&dir, &codes]);
 }

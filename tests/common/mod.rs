@@ -77,6 +77,28 @@ impl Project {
         v.as_array().cloned().unwrap_or_default()
     }
 
+    /// The data folder of the only artifact whose `column` (`kind` or
+    /// `stage`) is `value`.
+    pub fn artifact_data(&self, column: &str, value: &str) -> PathBuf {
+        let rows = self.query(&format!(
+            "SELECT path FROM artifacts WHERE {column} = '{value}'"
+        ));
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        Path::new(rows[0]["path"].as_str().expect("path")).join("data")
+    }
+
+    /// The pid of the local worker running (or that ran) `stage`.
+    pub fn worker_pid(&self, stage: &str) -> u32 {
+        let rows = self.query(&format!(
+            "SELECT worker FROM stage_runs WHERE stage = '{stage}'"
+        ));
+        rows[0]["worker"]
+            .as_str()
+            .and_then(|w| w.strip_prefix("local:"))
+            .and_then(|w| w.parse().ok())
+            .unwrap_or_else(|| panic!("the running stage names its worker: {rows:?}"))
+    }
+
     /// `stage -> status` of the stage runs of one run.
     pub fn statuses(&self, run: i64) -> Vec<(String, String)> {
         self.query(&format!(
@@ -101,6 +123,33 @@ pub fn count_artifacts(dir: &Path) -> usize {
     std::fs::read_dir(dir)
         .map(|rd| rd.flatten().filter(|e| e.file_name().len() == 64).count())
         .unwrap_or(0)
+}
+
+/// `kill -SIG PID`.
+pub fn send_signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// Runs a Python `script` with `args` and returns its stdout; a failure
+/// panics with its stderr.
+pub fn run_python(python: &str, script: &str, args: &[&Path]) -> Vec<u8> {
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("running python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 pub fn stderr(o: &Output) -> String {
