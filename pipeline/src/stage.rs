@@ -152,6 +152,10 @@ pub struct Job {
     pub params: Value,
     /// Input name -> folder holding the upstream artifact's data.
     pub inputs: BTreeMap<String, PathBuf>,
+    /// Input name -> the stage key of the upstream artifact (how a stage
+    /// records which artifacts it was made from).
+    #[serde(default)]
+    pub input_keys: BTreeMap<String, String>,
     /// Dep path (relative to the pipeline folder) -> absolute path.
     pub deps: BTreeMap<String, PathBuf>,
     pub outs: Vec<String>,
@@ -223,6 +227,22 @@ impl StageContext {
             .ok_or_else(|| {
                 format!(
                     "stage `{}` has no input `{name}`; add it under `inputs:`",
+                    self.job.stage
+                )
+                .into()
+            })
+    }
+
+    /// The stage key of an input artifact.
+    pub fn input_key(&self, name: &str) -> std::result::Result<&str, StageError> {
+        self.input(name)?;
+        self.job
+            .input_keys
+            .get(name)
+            .map(String::as_str)
+            .ok_or_else(|| {
+                format!(
+                    "stage `{}`: the key of input `{name}` is unknown",
                     self.job.stage
                 )
                 .into()
@@ -425,6 +445,7 @@ mod tests {
             key: "0".repeat(64),
             params: serde_json::json!({}),
             inputs: BTreeMap::new(),
+            input_keys: BTreeMap::new(),
             deps: BTreeMap::new(),
             outs: vec![],
             pipeline_dir: scratch.to_path_buf(),

@@ -402,6 +402,14 @@ impl Driver {
                     Some((name.clone(), self.store.data_dir(o.key.as_deref()?)))
                 })
                 .collect(),
+            input_keys: st
+                .inputs
+                .iter()
+                .filter_map(|(name, up)| {
+                    let o = self.outcome(self.p.index[up.as_str()])?;
+                    Some((name.clone(), o.key.clone()?))
+                })
+                .collect(),
             deps: st
                 .deps
                 .iter()
