@@ -26,6 +26,10 @@ pub static FORWARD_FLOPS: AtomicU64 = AtomicU64::new(0);
 /// `bench/src/vq_bench.rs`'s side-by-side.
 pub static USE_CANDLE_CONVS: AtomicBool = AtomicBool::new(false);
 
+/// Makes masked layers multiply every tap, zeroed ones too: the "before" of
+/// `bench/src/ar_bench.rs`'s side-by-side.
+pub static COMPUTE_MASKED_TAPS: AtomicBool = AtomicBool::new(false);
+
 fn use_reference(x: &Tensor) -> bool {
     !x.device().is_cpu() || USE_CANDLE_CONVS.load(Ordering::Relaxed)
 }
@@ -44,6 +48,18 @@ pub struct Geometry {
     pub k: usize,
     pub stride: usize,
     pub pad: usize,
+    /// The kernel taps that take part (bit `ky * k + kx`); a masked layer
+    /// whose mask zeroes whole taps (a PixelCNN's) skips them.
+    pub taps: u128,
+}
+
+/// Every tap of a `k x k` kernel (k at most 11).
+pub fn all_taps(k: usize) -> u128 {
+    if k * k >= 128 {
+        u128::MAX
+    } else {
+        (1u128 << (k * k)) - 1
+    }
 }
 
 impl Geometry {
@@ -55,9 +71,9 @@ impl Geometry {
         (self.w + 2 * self.pad - self.k) / self.stride + 1
     }
 
-    /// Length of one column row: C * k * k.
+    /// Length of one column row: C x the taps.
     fn row_len(&self) -> usize {
-        self.c * self.k * self.k
+        self.c * self.taps.count_ones() as usize
     }
 
     fn cols_per_image(&self) -> usize {
@@ -73,25 +89,24 @@ impl Geometry {
     fn for_each_tap(&self, mut f: impl FnMut(usize, usize)) {
         let (k, s, p) = (self.k, self.stride, self.pad);
         let (ow, row_len) = (self.out_w(), self.row_len());
+        let taps: Vec<(usize, usize)> = (0..k * k)
+            .filter(|t| self.taps >> t & 1 == 1)
+            .map(|t| (t / k, t % k))
+            .collect();
         for oy in 0..self.out_h() {
             for ox in 0..ow {
                 let row = (oy * ow + ox) * row_len;
                 for c in 0..self.c {
-                    for ky in 0..k {
+                    for (t, &(ky, kx)) in taps.iter().enumerate() {
                         let iy = (oy * s + ky) as isize - p as isize;
-                        if iy < 0 || iy >= self.h as isize {
+                        let ix = (ox * s + kx) as isize - p as isize;
+                        if iy < 0 || iy >= self.h as isize || ix < 0 || ix >= self.w as isize {
                             continue;
                         }
-                        for kx in 0..k {
-                            let ix = (ox * s + kx) as isize - p as isize;
-                            if ix < 0 || ix >= self.w as isize {
-                                continue;
-                            }
-                            f(
-                                row + (c * k + ky) * k + kx,
-                                (c * self.h + iy as usize) * self.w + ix as usize,
-                            );
-                        }
+                        f(
+                            row + c * taps.len() + t,
+                            (c * self.h + iy as usize) * self.w + ix as usize,
+                        );
                     }
                 }
             }
@@ -190,6 +205,9 @@ pub struct Conv {
     /// Multiplied into the weight (O x C x k x k, 1 keeps a tap): masked
     /// taps stay zero and get zero gradient.
     mask: Option<Tensor>,
+    /// The taps the mask keeps for some weight, and their indices (u32).
+    taps: u128,
+    tap_index: Option<Tensor>,
 }
 
 impl Conv {
@@ -226,6 +244,8 @@ impl Conv {
                 ..Default::default()
             },
             mask: None,
+            taps: all_taps(k),
+            tap_index: None,
         })
     }
 
@@ -244,6 +264,17 @@ impl Conv {
                 self.weight.dims()
             );
         }
+        let k = self.k;
+        let per_tap = mask
+            .permute((2, 3, 0, 1))?
+            .reshape((k * k, ()))?
+            .max(1)?
+            .to_vec1::<f32>()?;
+        let kept: Vec<u32> = (0..(k * k) as u32)
+            .filter(|&t| per_tap[t as usize] != 0.0)
+            .collect();
+        self.taps = kept.iter().fold(0, |m, &t| m | 1u128 << t);
+        self.tap_index = Some(Tensor::new(kept, mask.device())?);
         self.mask = Some(mask);
         Ok(self)
     }
@@ -266,6 +297,10 @@ impl Module for Conv {
             k: self.k,
             stride: self.cfg.stride,
             pad: self.cfg.padding,
+            taps: match COMPUTE_MASKED_TAPS.load(Ordering::Relaxed) {
+                true => all_taps(self.k),
+                false => self.taps,
+            },
         };
         let o = self.weight.dim(0)?;
         let l = g.out_h() * g.out_w();
@@ -274,7 +309,14 @@ impl Module for Conv {
             return self.forward_reference(x);
         }
         let cols = x.contiguous()?.apply_op1(Im2Col(g))?; // B, L, CKK
-        let wm = self.weight()?.reshape((o, g.row_len()))?;
+        let wm = match &self.tap_index {
+            Some(index) if g.taps != all_taps(self.k) => self
+                .weight()?
+                .reshape((o, c, self.k * self.k))?
+                .index_select(index, 2)?,
+            _ => self.weight()?,
+        }
+        .reshape((o, g.row_len()))?;
         let y = cols.reshape((b * l, g.row_len()))?.matmul(&wm.t()?)?; // B*L, O
         let y = y.broadcast_add(&self.bias.unsqueeze(0)?)?;
         y.reshape((b, l, o))?
@@ -339,6 +381,7 @@ impl Module for ConvTranspose {
             k,
             stride: s,
             pad: p,
+            taps: all_taps(k),
         };
         count_flops(b * h * w, c_in, g.row_len());
         if use_reference(x) {
@@ -446,6 +489,28 @@ mod tests {
             let x = input((2, 3, hw, hw), 2);
             compare(&conv, &vars, &x, &format!("conv k{k} s{s} p{p}"));
         }
+    }
+
+    #[test]
+    fn a_mask_that_zeroes_whole_taps_skips_them_and_matches_candle() {
+        let dev = Device::Cpu;
+        let (c_in, c_out, k) = (3, 4, 5);
+        // Rows above the centre, and the centre row's left half: 12 of 25 taps.
+        let mut m = vec![0f32; c_out * c_in * k * k];
+        for (i, v) in m.iter_mut().enumerate() {
+            let (ky, kx) = ((i / k) % k, i % k);
+            if ky < 2 || (ky == 2 && kx < 2) {
+                *v = 1.0;
+            }
+        }
+        let vars = SeededVars::new(5);
+        let conv = Conv::new(c_in, c_out, k, 1, 2, vars.var_builder(&dev))
+            .unwrap()
+            .masked(Tensor::from_vec(m, (c_out, c_in, k, k), &dev).unwrap())
+            .unwrap();
+        assert_eq!(conv.taps.count_ones(), 12);
+        let x = input((2, c_in, 6, 6), 6);
+        compare(&conv, &vars, &x, "masked conv");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! training loop owns and checkpoints; nothing uses candle's thread RNG.
 
 pub mod aux_decoder;
+pub mod categorical;
 pub mod conv;
 pub mod encoder;
 pub mod masks;

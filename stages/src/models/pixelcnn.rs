@@ -167,6 +167,7 @@ pub struct PixelCnn {
     cond: Option<CondStack>,
     /// Classes per output channel (256 for pixels, K for codes).
     pub classes: usize,
+    kernel: usize,
 }
 
 impl PixelCnn {
@@ -280,6 +281,7 @@ impl PixelCnn {
             layers,
             cond,
             classes,
+            kernel: k,
         })
     }
 
@@ -292,22 +294,42 @@ impl PixelCnn {
         labels: Option<&Tensor>,
         code_map: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let cond = match (&self.cond, code_map) {
-            (Some(c), Some(map)) => {
-                let mut f = c.conv_in.forward(&c.input.forward(map)?)?;
-                for r in &c.res {
-                    f = r.forward(&f)?;
-                }
-                for u in &c.up {
-                    f = u.forward(&f.relu()?)?;
-                }
-                Some(f)
-            }
-            (None, None) => None,
-            _ => candle_core::bail!(
-                "PixelCNN: the code map must be given exactly when the model was built for one"
-            ),
+        let cond = match code_map {
+            Some(map) => Some(self.condition(map)?),
+            None => None,
         };
+        self.forward_with(x, labels, cond.as_ref())
+    }
+
+    /// The conditioning stack's features (B, cond_hidden, H, W) of a code map.
+    pub fn condition(&self, code_map: &Tensor) -> candle_core::Result<Tensor> {
+        let Some(c) = &self.cond else {
+            candle_core::bail!("PixelCNN: this model was built without a code map");
+        };
+        let mut f = c.conv_in.forward(&c.input.forward(code_map)?)?;
+        for r in &c.res {
+            f = r.forward(&f)?;
+        }
+        for u in &c.up {
+            f = u.forward(&f.relu()?)?;
+        }
+        Ok(f)
+    }
+
+    /// [`PixelCnn::forward`] with the conditioning features computed
+    /// already; `x` and `cond` may be the same band of rows cut from whole
+    /// images (see [`PixelCnn::rows_above`]).
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        labels: Option<&Tensor>,
+        cond: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        if self.cond.is_some() != cond.is_some() {
+            candle_core::bail!(
+                "PixelCNN: the code map must be given exactly when the model was built for one"
+            );
+        }
         let input = self.input.forward(x)?;
         let (mut v, mut h) = (input.clone(), input);
         for layer in &self.layers {
@@ -317,7 +339,7 @@ impl PixelCnn {
             if let (Some(e), Some(l)) = (&layer.label, labels) {
                 extra = Some(e.forward(l)?.unsqueeze(2)?.unsqueeze(3)?);
             }
-            if let (Some(c), Some(f)) = (&layer.cond, &cond) {
+            if let (Some(c), Some(f)) = (&layer.cond, cond) {
                 let m = c.forward(f)?;
                 extra = Some(match extra {
                     Some(e) => m.broadcast_add(&e)?,
@@ -337,6 +359,13 @@ impl PixelCnn {
 
     pub fn target(&self) -> InputKind {
         self.target
+    }
+
+    /// How many rows above a position its logits can see: the logits of
+    /// row y are the same whether the network runs on whole images or on
+    /// rows `y - rows_above ..= y` only (what sampling uses).
+    pub fn rows_above(&self) -> usize {
+        self.layers.len() * (self.kernel / 2)
     }
 }
 
@@ -493,6 +522,56 @@ mod tests {
             .unwrap();
         assert_ne!(flat(&other_map), base_v, "the code map changes the output");
         assert!(model.forward(&x, Some(&label), None).is_err());
+    }
+
+    /// Sampling runs the network on the rows a position can see: the logits
+    /// of row y from that band equal the whole image's.
+    #[test]
+    fn a_band_of_rows_above_gives_the_logits_of_its_last_row() {
+        let dev = Device::Cpu;
+        let (c, h, w) = (3, 9, 4);
+        let vars = SeededVars::new(6);
+        let model = PixelCnn::new(
+            &small(3),
+            InputKind::Pixels { channels: c },
+            Conditioning {
+                labels: Some(2),
+                code_map: Some((5, 1)),
+            },
+            vars.var_builder(&dev),
+        )
+        .unwrap();
+        assert_eq!(model.rows_above(), 3);
+        let mut r = SplitMix64(2);
+        let x: Vec<f32> = (0..c * h * w).map(|_| r.uniform() as f32 - 0.5).collect();
+        let x = Tensor::from_vec(x, (1, c, h, w), &dev).unwrap();
+        let label = Tensor::new(&[1u32], &dev).unwrap();
+        let map: Vec<u32> = (0..(h / 2 + 1) * (w / 2)).map(|i| i as u32 % 5).collect();
+        let map = Tensor::from_vec(map, (1, h / 2 + 1, w / 2), &dev).unwrap();
+        let cond = model.condition(&map).unwrap().narrow(2, 0, h).unwrap();
+        let whole = model.forward_with(&x, Some(&label), Some(&cond)).unwrap();
+        for y in 0..h {
+            let y0 = y.saturating_sub(model.rows_above());
+            let n = y + 1 - y0;
+            let band = model
+                .forward_with(
+                    &x.narrow(2, y0, n).unwrap(),
+                    Some(&label),
+                    Some(&cond.narrow(2, y0, n).unwrap()),
+                )
+                .unwrap();
+            let got = band.narrow(2, n - 1, 1).unwrap().flatten_all().unwrap();
+            let want = whole.narrow(2, y, 1).unwrap().flatten_all().unwrap();
+            let d = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "row {y}: the band's logits differ by {d}");
+        }
     }
 
     #[test]
