@@ -5,9 +5,8 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
-use common::{Project, assert_error, run_python, send_signal, stderr};
+use common::{Project, assert_error, run_python, stderr};
 use serde_json::Value;
 use stages::data::level_table::LevelTable;
 use stages::train_vq::level::VqLevel;
@@ -112,60 +111,12 @@ fn training_lowers_the_reconstruction_error_well_below_the_pixel_variance() {
     assert_eq!(level["input"]["kind"], "pixels");
 }
 
-/// Waits for checkpoint `step` of the only training stage to be committed.
-fn wait_for_checkpoint(p: &Project, step: u64) {
-    let t = Instant::now();
-    loop {
-        let found = std::fs::read_dir(p.path(".haic/scratch"))
-            .ok()
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| {
-                e.path()
-                    .join(format!("checkpoints/step-{step:012}"))
-                    .exists()
-            });
-        if found {
-            return;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "checkpoint {step} never appeared"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn kill_worker_after_checkpoint(p: &Project, step: u64) {
-    let mut driver = p
-        .cmd(&["run", "pipeline.yaml"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn driver");
-    wait_for_checkpoint(p, step);
-    send_signal(p.worker_pid("vq1"), "KILL");
-    assert_eq!(
-        driver.wait().unwrap().code(),
-        Some(1),
-        "the stage fails, the driver survives"
-    );
-}
-
 fn weights(p: &Project) -> Vec<Vec<u8>> {
     let dir = p.artifact_data("kind", "train_vq");
     ["model.safetensors", "aux_decoder.safetensors"]
         .iter()
         .map(|f| std::fs::read(dir.join(f)).unwrap())
         .collect()
-}
-
-fn attempt_log(p: &Project, attempt: i64) -> String {
-    let rows = p.query(&format!(
-        "SELECT log_path FROM stage_runs WHERE stage = 'vq1' AND attempt = {attempt}"
-    ));
-    std::fs::read_to_string(rows[0]["log_path"].as_str().unwrap()).unwrap()
 }
 
 const RESUMABLE: &str = "      steps: 40\n      checkpoint_every: 5\n      validate_every: 20\n      decoder: {kind: msp, hidden: 16, res_blocks: 1, res_hidden: 8}";
@@ -178,10 +129,10 @@ fn a_worker_killed_mid_training_resumes_to_the_same_bytes() {
     let expected = weights(&whole);
 
     let killed = Project::new(&pipeline(RESUMABLE));
-    kill_worker_after_checkpoint(&killed, 10);
+    killed.kill_worker_after_checkpoint("vq1", 10);
     let out = killed.run(&["--resume"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let log = attempt_log(&killed, 2);
+    let log = killed.attempt_log("vq1", 2);
     assert!(
         log.contains("resuming from the checkpoint at step"),
         "{log}"
@@ -194,7 +145,7 @@ fn a_worker_killed_mid_training_resumes_to_the_same_bytes() {
     // A damaged newest checkpoint: the previous one is used, with a warning,
     // and the result is still the same.
     let damaged = Project::new(&pipeline(RESUMABLE));
-    kill_worker_after_checkpoint(&damaged, 20);
+    damaged.kill_worker_after_checkpoint("vq1", 20);
     let newest = std::fs::read_dir(damaged.path(".haic/scratch"))
         .unwrap()
         .flatten()
@@ -220,7 +171,7 @@ fn a_worker_killed_mid_training_resumes_to_the_same_bytes() {
     std::fs::write(&last, bytes).unwrap();
     let out = damaged.run(&["--resume"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let log = attempt_log(&damaged, 2);
+    let log = damaged.attempt_log("vq1", 2);
     assert!(
         log.contains("is damaged") && log.contains("trying the previous one"),
         "{log}"
@@ -342,14 +293,20 @@ fn two_levels_through_a_code_table() {
     let file = std::fs::File::open(codes1.join("val-00000.parquet")).unwrap();
     let reader =
         parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
-    let key = p.query("SELECT key FROM artifacts WHERE stage = 'codes1'")[0]["key"].clone();
+    let key = |stage: &str| {
+        p.query(&format!(
+            "SELECT key FROM artifacts WHERE stage = '{stage}'"
+        ))[0]["key"]
+            .clone()
+    };
+    let metadata = reader.schema().metadata();
     assert_eq!(
-        reader
-            .schema()
-            .metadata()
-            .get("haic.producer_key")
-            .map(String::as_str),
-        key.as_str()
+        metadata.get("haic.producer_key").map(String::as_str),
+        key("codes1").as_str()
+    );
+    assert_eq!(
+        metadata.get("haic.source_key").map(String::as_str),
+        key("prep").as_str()
     );
     // Level 2 learnt to predict masked codes at all.
     let acc = metric(&p, "val.accuracy");

@@ -108,6 +108,7 @@ fn table() -> LevelTable {
         values_per_row: 32 * 32,
         class_names: vec!["x".into()],
         splits: Default::default(),
+        source_key: None,
     }
 }
 

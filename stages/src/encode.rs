@@ -59,7 +59,8 @@ impl StageKind for Encode {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: code tables name the table they encoded (`haic.source_key`).
+        2
     }
 
     fn device_dependent(&self) -> bool {
@@ -102,6 +103,7 @@ impl StageKind for Encode {
             codebook_size: info.level.quantiser.codebook_size as u32,
             class_names: table.class_names.clone(),
             producer_key: ctx.job.key.clone(),
+            source_key: ctx.input_key("table")?.to_string(),
         };
         let mut index = CodeTableIndex {
             format: CODE_TABLE_FORMAT.into(),

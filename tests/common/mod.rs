@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -112,6 +113,55 @@ impl Project {
             )
         })
         .collect()
+    }
+
+    /// Runs `stage` (and what it needs), waits until it has committed
+    /// checkpoint `step`, SIGKILLs its worker and waits for the driver to fail.
+    pub fn kill_worker_after_checkpoint(&self, stage: &str, step: u64) {
+        let mut driver = self
+            .cmd(&["run", "pipeline.yaml", stage])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn driver");
+        let t = Instant::now();
+        loop {
+            let keys = match self.path(".haic/registry.db").exists() {
+                true => self.query(&format!(
+                    "SELECT key FROM stage_runs WHERE stage = '{stage}' AND key IS NOT NULL"
+                )),
+                false => vec![],
+            };
+            let found = keys.iter().any(|k| {
+                self.path(&format!(
+                    ".haic/scratch/{}/checkpoints/step-{step:012}",
+                    k["key"].as_str().unwrap_or_default()
+                ))
+                .exists()
+            });
+            if found {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(180),
+                "checkpoint {step} of {stage} never appeared"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        send_signal(self.worker_pid(stage), "KILL");
+        assert_eq!(
+            driver.wait().expect("driver").code(),
+            Some(1),
+            "the stage fails, the driver survives"
+        );
+    }
+
+    /// The log of `stage`'s attempt `attempt`.
+    pub fn attempt_log(&self, stage: &str, attempt: i64) -> String {
+        let rows = self.query(&format!(
+            "SELECT log_path FROM stage_runs WHERE stage = '{stage}' AND attempt = {attempt}"
+        ));
+        std::fs::read_to_string(rows[0]["log_path"].as_str().expect("log path")).expect("log")
     }
 
     pub fn artifact_count(&self) -> usize {

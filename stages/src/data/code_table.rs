@@ -6,7 +6,7 @@
 //! Columns: `id` int64, `label` int32, `split` utf8, `codes`
 //! fixed_size_list<uint16>[H*W] (row-major code map). Schema metadata:
 //! `haic.format`, `haic.height`, `haic.width`, `haic.codebook_size`,
-//! `haic.class_names`, `haic.producer_key`.
+//! `haic.class_names`, `haic.producer_key`, `haic.source_key`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -33,6 +33,9 @@ pub struct CodeMeta {
     /// The stage key of the `encode` run that wrote the table.
     #[serde(default)]
     pub producer_key: String,
+    /// The stage key of the table it encoded (the same images, row for row).
+    #[serde(default)]
+    pub source_key: String,
 }
 
 impl CodeMeta {
@@ -51,6 +54,7 @@ impl CodeMeta {
             ("haic.width", self.width.to_string()),
             ("haic.codebook_size", self.codebook_size.to_string()),
             ("haic.producer_key", self.producer_key.clone()),
+            ("haic.source_key", self.source_key.clone()),
             (
                 "haic.class_names",
                 serde_json::to_string(&self.class_names).unwrap_or_default(),
@@ -279,6 +283,7 @@ mod tests {
             codebook_size: 1000,
             class_names: vec!["a".into(), "b".into()],
             producer_key: "k".into(),
+            source_key: "s".into(),
         };
         let mut w = CodeShardWriter::new(dir.path(), "train", &meta, 2);
         for i in 0..5i64 {

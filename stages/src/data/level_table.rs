@@ -29,6 +29,8 @@ pub struct LevelTable {
     pub values_per_row: usize,
     pub class_names: Vec<String>,
     pub splits: BTreeMap<String, SplitIndex>,
+    /// For a code table: the stage key of the table it encoded.
+    pub source_key: Option<String>,
 }
 
 /// Rows of a table, `values_per_row` values each.
@@ -53,6 +55,20 @@ impl Rows {
         self.ids.extend(other.ids);
         self.labels.extend(other.labels);
         self.values.extend(other.values);
+    }
+
+    /// The values as u32 planes, row by row: rows of `pixels` positions x
+    /// `channels` interleaved (HWC) become `channels` planes of `pixels` (CHW).
+    pub fn planes(&self, channels: usize, pixels: usize) -> Vec<u32> {
+        let mut chw = vec![0u32; self.values.len()];
+        for (i, row) in self.values.chunks_exact(pixels * channels).enumerate() {
+            for (p, px) in row.chunks_exact(channels).enumerate() {
+                for (c, &v) in px.iter().enumerate() {
+                    chw[(i * channels + c) * pixels + p] = v as u32;
+                }
+            }
+        }
+        chw
     }
 
     /// A copy of rows `start..end`, `per_row` values each.
@@ -92,6 +108,7 @@ impl LevelTable {
                     values_per_row: m.pixel_bytes(),
                     class_names: m.class_names.clone(),
                     splits: t.splits,
+                    source_key: None,
                 })
             }
             CODE_TABLE_FORMAT => {
@@ -107,6 +124,7 @@ impl LevelTable {
                     values_per_row: m.codes_per_row(),
                     class_names: m.class_names.clone(),
                     splits: t.splits,
+                    source_key: Some(m.source_key.clone()).filter(|k| !k.is_empty()),
                 })
             }
             other => Err(Error::data(
@@ -197,6 +215,58 @@ impl LevelTable {
         Ok(())
     }
 
+    /// The number of rows of each of a split's shard files (from the
+    /// Parquet footers, without reading the data).
+    pub fn shard_rows(&self, split: &str) -> Result<Vec<u64>> {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        self.split(split)?
+            .files
+            .iter()
+            .map(|f| {
+                let path = self.dir.join(f);
+                let file = std::fs::File::open(&path)
+                    .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+                let reader = SerializedFileReader::new(file).map_err(|e| Error::Parquet {
+                    context: format!("reading {}", path.display()),
+                    source: e,
+                })?;
+                Ok(reader.metadata().file_metadata().num_rows().max(0) as u64)
+            })
+            .collect()
+    }
+
+    /// Rows `start..end` of a split in table order; `shard_rows` as
+    /// [`LevelTable::shard_rows`] gives it. Reads only the shards they lie in.
+    pub fn read_rows(&self, split: &str, shard_rows: &[u64], start: u64, end: u64) -> Result<Rows> {
+        let per = self.values_per_row;
+        let mut out = Rows::default();
+        let mut first = 0u64;
+        for (file, &n) in self.split(split)?.files.iter().zip(shard_rows) {
+            let last = first + n;
+            if first < end && start < last {
+                let rows = self.read_shard(file)?;
+                if rows.len() as u64 != n {
+                    return Err(Error::data(
+                        self.dir.join(file),
+                        None,
+                        format!("holds {} rows, its footer says {n}", rows.len()),
+                    ));
+                }
+                let from = start.saturating_sub(first) as usize;
+                let to = (end.min(last) - first) as usize;
+                out.extend(rows.range(from, to, per));
+            }
+            first = last;
+        }
+        if (out.len() as u64) < end - start {
+            return Err(Error::Params(format!(
+                "table {} has {first} rows in split `{split}`, fewer than {end}",
+                self.dir.display()
+            )));
+        }
+        Ok(out)
+    }
+
     /// The first `limit` rows of a split (all if `None`), in table order.
     pub fn read_split(&self, name: &str, limit: Option<usize>) -> Result<Rows> {
         let mut out = Rows::default();
@@ -217,6 +287,34 @@ impl LevelTable {
     }
 }
 
+/// Checks that `condition` holds, row for row, the same images as `target`
+/// (the same ids in the same order), as a code table that `encode` wrote
+/// from the target table (or from a table encoded from it) does.
+pub fn check_aligned(
+    target: (&LevelTable, &Rows),
+    condition: (&LevelTable, &Rows),
+    split: &str,
+    first_row: u64,
+) -> Result<()> {
+    let ((t, tr), (c, cr)) = (target, condition);
+    if let Some(i) = (0..tr.len().max(cr.len())).find(|&i| tr.ids.get(i) != cr.ids.get(i)) {
+        let id = |r: &Rows| {
+            r.ids
+                .get(i)
+                .map_or("no row".to_string(), |v| format!("id {v}"))
+        };
+        return Err(Error::Params(format!(
+            "the conditioning table does not line up with the target table: row {} of split `{split}` is {} in {} and {} in {}; give as `condition` the code table encoded from the target table (or from the codes encoded from it)",
+            first_row + i as u64,
+            id(tr),
+            t.dir.display(),
+            id(cr),
+            c.dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Where a training stream stands.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {
@@ -227,14 +325,33 @@ pub struct Cursor {
     pub row: usize,
 }
 
+/// A table read alongside the stream's, row for row (the conditioning code
+/// map of an AR decoder): where each of the stream's shards starts in it.
+struct Companion {
+    table: LevelTable,
+    split: String,
+    shard_rows: Vec<u64>,
+    /// The first row (in split order) of each of the stream's shards.
+    shard_starts: Vec<u64>,
+}
+
+/// A loaded shard: its (epoch, shard position), rows, the companion's rows
+/// for them, and the visiting order.
+struct Loaded {
+    at: (u64, usize),
+    rows: Rows,
+    companion: Option<Rows>,
+    order: Vec<usize>,
+}
+
 /// Endless, seeded batches from one split.
 pub struct BatchStream {
     table: LevelTable,
     files: Vec<String>,
     seed: u64,
     pub cursor: Cursor,
-    /// (epoch, shard position) of the loaded shard, its rows, their order.
-    loaded: Option<((u64, usize), Rows, Vec<usize>)>,
+    companion: Option<Companion>,
+    loaded: Option<Loaded>,
 }
 
 impl BatchStream {
@@ -244,34 +361,62 @@ impl BatchStream {
             table: table.clone(),
             seed,
             cursor,
+            companion: None,
             loaded: None,
         })
+    }
+
+    /// The same stream, also yielding `companion`'s rows for the same
+    /// images (checked by id); the order depends on `table` only.
+    pub fn paired(
+        table: &LevelTable,
+        companion: &LevelTable,
+        split: &str,
+        seed: u64,
+        cursor: Cursor,
+    ) -> Result<Self> {
+        let mut s = Self::new(table, split, seed, cursor)?;
+        let mut start = 0;
+        let shard_starts = table
+            .shard_rows(split)?
+            .into_iter()
+            .map(|n| {
+                start += n;
+                start - n
+            })
+            .collect();
+        s.companion = Some(Companion {
+            shard_rows: companion.shard_rows(split)?,
+            table: companion.clone(),
+            split: split.to_string(),
+            shard_starts,
+        });
+        Ok(s)
+    }
+
+    /// The next `n` rows.
+    pub fn next_batch(&mut self, n: usize) -> Result<Rows> {
+        Ok(self.next_pair(n)?.0)
     }
 
     fn shard_order(&self, epoch: u64) -> Vec<usize> {
         SplitMix64::stream(self.seed, &format!("data/epoch-{epoch}")).permutation(self.files.len())
     }
 
-    /// The next `n` rows.
-    pub fn next_batch(&mut self, n: usize) -> Result<Rows> {
+    /// The next `n` rows, and the companion's rows for them.
+    pub fn next_pair(&mut self, n: usize) -> Result<(Rows, Option<Rows>)> {
         let per = self.table.values_per_row;
         let mut out = Rows::default();
+        let mut out_companion = self.companion.as_ref().map(|_| Rows::default());
         while out.len() < n {
             let at = (self.cursor.epoch, self.cursor.shard);
-            if self.loaded.as_ref().is_none_or(|(k, _, _)| *k != at) {
-                let file_index = self.shard_order(at.0)[at.1];
-                let rows = self.table.read_shard(&self.files[file_index])?;
-                let order = SplitMix64::stream(
-                    self.seed,
-                    &format!("data/epoch-{}/shard-{file_index}", at.0),
-                )
-                .permutation(rows.len());
-                self.loaded = Some((at, rows, order));
+            if self.loaded.as_ref().is_none_or(|l| l.at != at) {
+                self.loaded = Some(self.load(at)?);
             }
-            let Some((_, rows, order)) = &self.loaded else {
+            let Some(l) = &self.loaded else {
                 unreachable!("loaded just above")
             };
-            if self.cursor.row >= order.len() {
+            if self.cursor.row >= l.order.len() {
                 self.cursor.row = 0;
                 self.cursor.shard += 1;
                 if self.cursor.shard >= self.files.len() {
@@ -280,14 +425,42 @@ impl BatchStream {
                 }
                 continue;
             }
-            let r = order[self.cursor.row];
-            out.ids.push(rows.ids[r]);
-            out.labels.push(rows.labels[r]);
-            out.values
-                .extend_from_slice(&rows.values[r * per..(r + 1) * per]);
+            let r = l.order[self.cursor.row];
+            out.extend(l.rows.range(r, r + 1, per));
+            if let (Some(dst), Some(src), Some(c)) =
+                (&mut out_companion, &l.companion, &self.companion)
+            {
+                dst.extend(src.range(r, r + 1, c.table.values_per_row));
+            }
             self.cursor.row += 1;
         }
-        Ok(out)
+        Ok((out, out_companion))
+    }
+
+    fn load(&self, at: (u64, usize)) -> Result<Loaded> {
+        let file_index = self.shard_order(at.0)[at.1];
+        let rows = self.table.read_shard(&self.files[file_index])?;
+        let companion = match &self.companion {
+            None => None,
+            Some(c) => {
+                let start = c.shard_starts[file_index];
+                let end = start + rows.len() as u64;
+                let other = c.table.read_rows(&c.split, &c.shard_rows, start, end)?;
+                check_aligned((&self.table, &rows), (&c.table, &other), &c.split, start)?;
+                Some(other)
+            }
+        };
+        let order = SplitMix64::stream(
+            self.seed,
+            &format!("data/epoch-{}/shard-{file_index}", at.0),
+        )
+        .permutation(rows.len());
+        Ok(Loaded {
+            at,
+            rows,
+            companion,
+            order,
+        })
     }
 }
 
@@ -297,16 +470,25 @@ mod tests {
     use crate::data::code_table::{CodeMeta, CodeShardWriter};
 
     fn code_table(dir: &Path, rows: i64, shard: usize) -> LevelTable {
+        code_table_of(dir, (0..rows).map(|i| (i, [i as u16, 99])), shard)
+    }
+
+    fn code_table_of(
+        dir: &Path,
+        rows: impl Iterator<Item = (i64, [u16; 2])>,
+        shard: usize,
+    ) -> LevelTable {
         let meta = CodeMeta {
             height: 1,
             width: 2,
             codebook_size: 100,
             class_names: vec!["x".into()],
             producer_key: String::new(),
+            source_key: String::new(),
         };
         let mut w = CodeShardWriter::new(dir, "train", &meta, shard);
-        for i in 0..rows {
-            w.push(i, 0, &[i as u16, 99]).unwrap();
+        for (id, codes) in rows {
+            w.push(id, 0, &codes).unwrap();
         }
         let index = CodeTableIndex {
             format: CODE_TABLE_FORMAT.into(),
@@ -350,5 +532,37 @@ mod tests {
         .unwrap();
         assert_ne!(c.next_batch(10).unwrap().ids, epoch.ids);
         assert!(BatchStream::new(&t, "val", 3, Cursor::default()).is_err());
+    }
+
+    #[test]
+    fn a_paired_stream_yields_the_companion_rows_of_the_same_images() {
+        let (a, b, c) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        let target = code_table(a.path(), 10, 4);
+        // The same ids, other values, other shard sizes.
+        let companion = code_table_of(b.path(), (0..10).map(|i| (i, [2 * i as u16, 7])), 3);
+        let mut s =
+            BatchStream::paired(&target, &companion, "train", 3, Cursor::default()).unwrap();
+        let mut plain = BatchStream::new(&target, "train", 3, Cursor::default()).unwrap();
+        let (rows, other) = s.next_pair(15).unwrap();
+        let other = other.unwrap();
+        assert_eq!(
+            rows,
+            plain.next_batch(15).unwrap(),
+            "the order is the target's"
+        );
+        assert_eq!(other.ids, rows.ids);
+        for (i, id) in rows.ids.iter().enumerate() {
+            assert_eq!(other.values[2 * i], 2 * *id as u16);
+        }
+        // Rows out of line: named, with both ids.
+        let shifted = code_table_of(c.path(), (0..10).map(|i| (i + 1, [0, 0])), 3);
+        let mut bad =
+            BatchStream::paired(&target, &shifted, "train", 3, Cursor::default()).unwrap();
+        let e = bad.next_pair(1).unwrap_err().to_string();
+        assert!(e.contains("does not line up") && e.contains("id"), "{e}");
     }
 }

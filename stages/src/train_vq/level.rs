@@ -143,15 +143,7 @@ impl VqLevel {
         let err = Error::candle("building a batch");
         let (input, classes) = match self.info.input {
             InputKind::Pixels { channels: c } => {
-                // HWC rows -> CHW planes.
-                let mut chw = vec![0u32; b * c * h * w];
-                for (i, row) in rows.values.chunks_exact(h * w * c).enumerate() {
-                    for (p, px) in row.chunks_exact(c).enumerate() {
-                        for (ch, &v) in px.iter().enumerate() {
-                            chw[((i * c + ch) * h * w) + p] = v as u32;
-                        }
-                    }
-                }
+                let chw = rows.planes(c, h * w);
                 let scaled: Vec<f32> = chw.iter().map(|&v| v as f32 / 255.0 - 0.5).collect();
                 let input = Tensor::from_vec(scaled, (b, c, h, w), &self.device).map_err(&err)?;
                 let classes = match self.info.level.decoder.pixel_loss {

@@ -33,7 +33,7 @@
 
 pub mod level;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -43,6 +43,7 @@ use pipeline::stage::{StageContext, StageError, StageKind};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::checkpoint;
 use crate::data::level_table::{BatchStream, Cursor, LevelTable, Rows};
 use crate::error::Error;
 use crate::models::aux_decoder::AuxDecoderConfig;
@@ -211,11 +212,6 @@ pub fn device(name: &str) -> Result<Device, Error> {
     }
 }
 
-/// A checkpoint's one file.
-const CHECKPOINT_FILE: &str = "state.safetensors";
-/// The metadata key of the [`TrainState`] in it.
-const STATE_KEY: &str = "haic.train_state";
-
 /// Everything a checkpoint holds besides tensors.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct TrainState {
@@ -295,30 +291,12 @@ impl<'a> Trainer<'a> {
                 .map_err(Error::candle("checkpoint"))?,
         );
         tensors.extend(self.opt.state("optim."));
-        // One file: the tensors, and the rest of the state as JSON in the
-        // safetensors header's metadata.
-        let metadata = HashMap::from([(STATE_KEY.to_string(), serde_json::to_string(&state)?)]);
-        self.ctx.save_checkpoint(self.step, |dir| {
-            safetensors::serialize_to_file(&tensors, Some(metadata), &dir.join(CHECKPOINT_FILE))?;
-            Ok(())
-        })?;
-        Ok(())
+        checkpoint::save(self.ctx, self.step, &tensors, &state)
     }
 
     fn restore(&mut self, dir: &Path) -> Result<(), StageError> {
-        let file = dir.join(CHECKPOINT_FILE);
-        let bytes = std::fs::read(&file)?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
-        let state_json = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(STATE_KEY))
-            .ok_or_else(|| format!("{} has no `{STATE_KEY}` metadata", file.display()))?;
-        let state: TrainState = serde_json::from_str(state_json)?;
-        let tensors: BTreeMap<String, Tensor> =
-            candle_core::safetensors::load_buffer(&bytes, &self.level.device)?
-                .into_iter()
-                .collect();
+        let (tensors, state): (_, TrainState) = checkpoint::load(dir, &self.level.device)?;
+        let file = checkpoint::file(dir);
         self.level.vars.load(&tensors, "model.", &file)?;
         self.level.quantiser.load_state(&tensors, "quantiser.")?;
         self.opt
