@@ -42,6 +42,13 @@ pub enum Error {
         source: candle_core::Error,
     },
 
+    #[error("{context}: {source}")]
+    Image {
+        context: String,
+        #[source]
+        source: image::ImageError,
+    },
+
     /// A param that is valid YAML but not a valid setting.
     #[error("{0}")]
     Params(String),

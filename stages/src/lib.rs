@@ -7,6 +7,8 @@
 //! `encode` (a trained level -> a code table). The AR kinds (train_ar,
 //! sample, evaluate, human_eval_export) arrive with their issues.
 
+pub mod bound;
+pub mod checkpoint;
 pub mod command;
 pub mod data;
 pub mod encode;
@@ -15,6 +17,7 @@ pub mod models;
 pub mod params;
 pub mod preprocess;
 pub mod rng;
+pub mod train_ar;
 pub mod train_vq;
 
 use pipeline::stage::{Kinds, StageKind};
@@ -26,6 +29,8 @@ pub fn all() -> Kinds {
         Box::new(preprocess::Preprocess),
         Box::new(train_vq::TrainVq),
         Box::new(encode::Encode),
+        Box::new(train_ar::TrainAr),
+        Box::new(bound::Bound),
     ];
     Kinds::new(kinds)
 }

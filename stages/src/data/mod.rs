@@ -8,6 +8,7 @@ pub mod cifar;
 pub mod code_table;
 pub mod fetch;
 pub mod folder;
+pub mod grid;
 pub mod hub_parquet;
 pub mod idx;
 pub mod level_table;

@@ -1,0 +1,224 @@
+//! The `bound` stage: the hierarchical upper bound on the bits per
+//! dimension of the image,
+//! `(-log2 p(x|z1) - log2 p(z1|z2) - ... - log2 p(zL|class)) / (H*W*C)`,
+//! from the validation measures of the trained AR models (valid because each
+//! code map z is a deterministic function of x), next to a flat baseline's
+//! bits/dim when one is given.
+//!
+//! ```yaml
+//! bound:
+//!   kind: bound
+//!   inputs: {decoder1: ar1, decoder2: ar2, prior: prior, baseline: flat}   # baseline optional
+//! ```
+//!
+//! `decoder1` models the pixels given the level-1 codes, `decoderN` the
+//! level-(N-1) codes given the level-N codes, `prior` the top codes. The
+//! stage checks that they form that chain (each decoder conditioned on the
+//! code table the next model models, by stage key) and that every model was
+//! measured on the same validation rows (by ids digest). Since the mean of
+//! a sum is the sum of the means, the bound on those rows is the sum of each
+//! model's mean bits per image.
+//!
+//! Output: `bound.json` (the terms, the bound, the baseline); metrics
+//! `bound.bits_per_dim`, `bound.<input>` (each term, in bits per image
+//! dimension) and `baseline.bits_per_dim`.
+
+use pipeline::spec::Stage;
+use pipeline::stage::{StageContext, StageError, StageKind};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::error::Error;
+use crate::models::encoder::InputKind;
+use crate::train_ar::model::{ArInfo, read_info};
+
+pub struct Bound;
+
+/// The part of a train_ar stage's `metrics.json` the bound reads.
+#[derive(Debug, Deserialize)]
+struct Measured {
+    bits_per_image: f64,
+    validation: ValidationRows,
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+struct ValidationRows {
+    split: String,
+    rows: u64,
+    ids_digest: String,
+}
+
+/// One input: its name, what it models, what it measured.
+struct Term {
+    name: String,
+    info: ArInfo,
+    measured: Measured,
+}
+
+/// The decoder inputs `decoder1..decoderN`, in order; an error names a gap.
+fn decoder_names(inputs: impl Iterator<Item = String>) -> Result<Vec<String>, String> {
+    let mut numbers = Vec::new();
+    for name in inputs {
+        if name == "prior" || name == "baseline" {
+            continue;
+        }
+        match name
+            .strip_prefix("decoder")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(n) if n >= 1 => numbers.push(n),
+            _ => {
+                return Err(format!(
+                    "bound has no input `{name}`; its inputs are decoder1, decoder2, ... (one per level), prior and optionally baseline"
+                ));
+            }
+        }
+    }
+    numbers.sort();
+    if numbers.is_empty() || numbers.iter().enumerate().any(|(i, &n)| n != i + 1) {
+        return Err(format!(
+            "bound needs decoder1..decoderN without gaps (one AR decoder per level), got {:?}",
+            numbers
+        ));
+    }
+    Ok(numbers.iter().map(|n| format!("decoder{n}")).collect())
+}
+
+impl StageKind for Bound {
+    fn name(&self) -> &'static str {
+        "bound"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn device_dependent(&self) -> bool {
+        false
+    }
+
+    fn check(&self, stage: &Stage) -> Result<(), (String, String)> {
+        let err = |m: String| ("inputs".to_string(), m);
+        if !stage.inputs.contains_key("prior") {
+            return Err(err(
+                "bound needs `inputs: {decoder1: AR_STAGE, ..., prior: AR_STAGE}`".into(),
+            ));
+        }
+        decoder_names(stage.inputs.keys().cloned()).map_err(err)?;
+        if let Some(k) = stage.params.keys().next() {
+            return Err((format!("params.{k}"), "bound takes no params".into()));
+        }
+        Ok(())
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
+        let names = decoder_names(ctx.job.inputs.keys().cloned()).map_err(Error::Params)?;
+        let load = |name: &str| -> Result<Term, StageError> {
+            let dir = ctx.input(name)?;
+            let path = dir.join("metrics.json");
+            let bytes = std::fs::read(&path)
+                .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+            let measured: Measured = serde_json::from_slice(&bytes).map_err(|e| {
+                Error::data(&path, None, format!("not a train_ar stage's metrics: {e}"))
+            })?;
+            Ok(Term {
+                name: name.to_string(),
+                info: read_info(dir)?,
+                measured,
+            })
+        };
+        let mut chain: Vec<Term> = names.iter().map(|n| load(n)).collect::<Result<_, _>>()?;
+        chain.push(load("prior")?);
+        let baseline = match ctx.job.inputs.contains_key("baseline") {
+            true => Some(load("baseline")?),
+            false => None,
+        };
+        check_chain(&chain, baseline.as_ref())?;
+
+        let image = &chain[0].info;
+        let dims = image.values_per_row() as f64;
+        let total_bits: f64 = chain.iter().map(|t| t.measured.bits_per_image).sum();
+        let bound = total_bits / dims;
+        let mut terms = serde_json::Map::new();
+        for t in &chain {
+            let v = t.measured.bits_per_image / dims;
+            ctx.metric(&format!("bound.{}", t.name), 0, v);
+            terms.insert(t.name.clone(), json!(v));
+            eprintln!("{:>10}: {v:.4} bits per image dimension", t.name);
+        }
+        ctx.metric("bound.bits_per_dim", 0, bound);
+        eprintln!("{:>10}: {bound:.4} bits/dim", "bound");
+        let mut out = json!({
+            "bits_per_dim": bound,
+            "terms": terms,
+            "image_dims": dims,
+            "validation": {
+                "split": chain[0].measured.validation.split,
+                "rows": chain[0].measured.validation.rows,
+            },
+        });
+        if let Some(b) = &baseline {
+            let v = b.measured.bits_per_image / dims;
+            ctx.metric("baseline.bits_per_dim", 0, v);
+            out["baseline_bits_per_dim"] = json!(v);
+            eprintln!("{:>10}: {v:.4} bits/dim", "baseline");
+        }
+        let path = ctx.out_dir().join("bound.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&out)?)
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        Ok(())
+    }
+}
+
+/// Pixels -> decoder1 -> codes1 -> decoder2 -> ... -> prior, all measured
+/// on the same rows; the baseline models the same pixels.
+fn check_chain(chain: &[Term], baseline: Option<&Term>) -> Result<(), Error> {
+    let first = &chain[0];
+    let bad = |m: String| Err(Error::Params(m));
+    if !matches!(first.info.target, InputKind::Pixels { .. }) {
+        return bad(format!(
+            "inputs.{}: models codes; decoder1 must model the pixels (given the level-1 codes)",
+            first.name
+        ));
+    }
+    for pair in chain.windows(2) {
+        let (lower, upper) = (&pair[0], &pair[1]);
+        if lower.info.condition_key.as_deref() != Some(upper.info.target_key.as_str()) {
+            return bad(format!(
+                "inputs.{}: is not conditioned on the codes that `{}` models; the decoder of each level must take as `condition` the code table the next model has as `table`",
+                lower.name, upper.name
+            ));
+        }
+    }
+    let top = &chain[chain.len() - 1];
+    if top.info.condition.is_some() {
+        return bad(format!(
+            "inputs.{}: the prior is conditioned on a code map; the top of the chain models the top codes given the class only",
+            top.name
+        ));
+    }
+    let mut all: Vec<&Term> = chain.iter().collect();
+    if let Some(b) = baseline {
+        if b.info.target_key != first.info.target_key || b.info.condition.is_some() {
+            return bad(format!(
+                "inputs.{}: the baseline must model the same pixel table as `{}` (`table` the same stage) with no code map",
+                b.name, first.name
+            ));
+        }
+        all.push(b);
+    }
+    for t in &all[1..] {
+        if t.measured.validation != first.measured.validation {
+            return bad(format!(
+                "inputs.{}: measured on other validation rows than `{}` ({} rows of `{}` vs {} rows of `{}`); give every AR stage the same `validation_split` and `validation_rows`",
+                t.name,
+                first.name,
+                t.measured.validation.rows,
+                t.measured.validation.split,
+                first.measured.validation.rows,
+                first.measured.validation.split
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,563 @@
+//! The `train_ar` stage: a gated PixelCNN ([`crate::models::pixelcnn`]) on
+//! a table: the AR decoder of a level (the level's input given its codes),
+//! the prior (the top codes given the class) or the flat baseline (pixels
+//! given the class).
+//!
+//! ```yaml
+//! ar1:
+//!   kind: train_ar
+//!   inputs: {table: prep, condition: codes1}   # condition: optional, a code table of the same images
+//!   params:
+//!     steps: 2000
+//!     batch_size: 64
+//!     seed: 0
+//!     class_conditional: false       # a label embedding in every gated layer
+//!     model: {hidden: 64, layers: 8, kernel: 5, code_embedding: 32, cond_hidden: 64, cond_res_blocks: 2}
+//!     optimizer: {lr: 1.0e-3, schedule: cosine, warmup_steps: 100, grad_clip: 1.0}
+//!     validate_every: 200            # on `validation_split` (default val), first `validation_rows`
+//!     checkpoint_every: 100
+//!     reconstruct: {rows: 8, temperature: 1.0}   # with a code map: sample the rows given their own codes
+//! ```
+//!
+//! The codes come from the code table, so no gradient reaches an encoder.
+//! Rows of `condition` must line up with `table`'s (as `encode` writes
+//! them); every batch checks the ids.
+//!
+//! Measures: `val.bits_per_dim` (mean NLL per modelled value, in bits) and
+//! `val.bits_per_image` (-log2 p(row | conditioning), summed over the row's
+//! values), the quantities the hierarchical bound (stage `bound`) adds up;
+//! with a code map, `val.reconstruction_psnr` (pixels) or
+//! `val.reconstruction_accuracy` (codes) of samples drawn given the rows'
+//! own codes, and `reconstructions.png` (originals above, samples below).
+//!
+//! Output: `model.safetensors`, `ar.json`, `metrics.json` (the last
+//! validation, with the validation rows' ids digest so that measures of
+//! different models can be checked to be on the same images).
+//!
+//! **Bit-exact resume**, as `train_vq`: a checkpoint holds the weights, the
+//! optimiser's moments, the step and the data cursor.
+
+pub mod model;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use pipeline::spec::Stage;
+use pipeline::stage::{StageContext, StageError, StageKind};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::checkpoint;
+use crate::data::grid::write_grid;
+use crate::data::level_table::{BatchStream, Cursor, LevelTable, Rows, check_aligned};
+use crate::error::Error;
+use crate::models::encoder::InputKind;
+use crate::models::optim::{AdamW, OptimConfig};
+use crate::models::pixelcnn::{PixelCnnConfig, bits_per_dim};
+use crate::rng::SplitMix64;
+use crate::train_vq::device;
+use model::{AR_FORMAT, ArInfo, ArModel};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub steps: u64,
+    #[serde(default = "batch_size")]
+    pub batch_size: usize,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub class_conditional: bool,
+    #[serde(default)]
+    pub model: PixelCnnConfig,
+    #[serde(default)]
+    pub optimizer: OptimConfig,
+    #[serde(default = "validate_every")]
+    pub validate_every: u64,
+    #[serde(default = "validation_split")]
+    pub validation_split: String,
+    #[serde(default = "validation_rows")]
+    pub validation_rows: usize,
+    #[serde(default = "checkpoint_every")]
+    pub checkpoint_every: u64,
+    #[serde(default = "log_every")]
+    pub log_every: u64,
+    #[serde(default)]
+    pub reconstruct: ReconstructConfig,
+}
+
+/// Reconstruction by sampling (models with a code map only).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReconstructConfig {
+    /// Validation rows to reconstruct (0: none).
+    pub rows: usize,
+    pub temperature: f64,
+}
+
+impl Default for ReconstructConfig {
+    fn default() -> Self {
+        ReconstructConfig {
+            rows: 8,
+            temperature: 1.0,
+        }
+    }
+}
+
+fn batch_size() -> usize {
+    64
+}
+fn validate_every() -> u64 {
+    200
+}
+fn validation_split() -> String {
+    "val".into()
+}
+fn validation_rows() -> usize {
+    1000
+}
+fn checkpoint_every() -> u64 {
+    100
+}
+fn log_every() -> u64 {
+    10
+}
+
+fn parse_config(
+    params: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Config, (String, String)> {
+    let cfg: Config = crate::params::parse(params)?;
+    let bad = |field: &str, msg: String| Err((format!("params.{field}"), msg));
+    if cfg.steps == 0 {
+        return bad("steps", "steps must be at least 1".into());
+    }
+    if cfg.batch_size == 0 {
+        return bad("batch_size", "batch_size must be at least 1".into());
+    }
+    let m = &cfg.model;
+    if m.hidden == 0 || m.layers == 0 || m.code_embedding == 0 || m.cond_hidden < 2 {
+        return bad(
+            "model",
+            "model.hidden, layers and code_embedding must be at least 1, cond_hidden at least 2"
+                .into(),
+        );
+    }
+    if m.kernel.is_multiple_of(2) || !(1..=11).contains(&m.kernel) {
+        return bad(
+            "model",
+            format!("model.kernel is {}; it must be odd, 1 to 11", m.kernel),
+        );
+    }
+    if cfg.optimizer.lr.is_nan() || cfg.optimizer.lr <= 0.0 {
+        return bad(
+            "optimizer",
+            format!("optimizer.lr is {}; it must be positive", cfg.optimizer.lr),
+        );
+    }
+    let t = cfg.reconstruct.temperature;
+    if t.is_nan() || t <= 0.0 {
+        return bad(
+            "reconstruct",
+            format!("reconstruct.temperature is {t}; it must be positive"),
+        );
+    }
+    if cfg.validate_every == 0 || cfg.checkpoint_every == 0 || cfg.log_every == 0 {
+        return bad(
+            "validate_every",
+            "validate_every, checkpoint_every and log_every must be at least 1".into(),
+        );
+    }
+    if cfg.validation_rows == 0 {
+        return bad(
+            "validation_rows",
+            "validation_rows must be at least 1".into(),
+        );
+    }
+    Ok(cfg)
+}
+
+pub struct TrainAr;
+
+impl StageKind for TrainAr {
+    fn name(&self) -> &'static str {
+        "train_ar"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn device_dependent(&self) -> bool {
+        true
+    }
+
+    fn check(&self, stage: &Stage) -> Result<(), (String, String)> {
+        parse_config(&stage.params)?;
+        if !stage.inputs.contains_key("table") {
+            return Err((
+                "inputs".into(),
+                "train_ar needs `inputs: {table: STAGE}` (a preprocess or encode stage), and optionally `condition: ENCODE_STAGE`".into(),
+            ));
+        }
+        if let Some(other) = stage
+            .inputs
+            .keys()
+            .find(|k| !["table", "condition"].contains(&k.as_str()))
+        {
+            return Err((
+                "inputs".into(),
+                format!("train_ar has no input `{other}`; its inputs are `table` and `condition`"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
+        let cfg = parse_config(&crate::params::object(&ctx.job.params))
+            .map_err(|(_, m)| Error::Params(m))?;
+        let device = device(&ctx.job.device)?;
+        Trainer::new(ctx, cfg, device)?.run()
+    }
+}
+
+/// Everything a checkpoint holds besides tensors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainState {
+    step: u64,
+    cursor: Cursor,
+    optimizer_steps: u64,
+}
+
+/// The validation rows (and their code maps).
+struct Validation {
+    rows: Rows,
+    condition: Option<Rows>,
+    ids_digest: String,
+}
+
+struct Trainer<'a> {
+    ctx: &'a StageContext,
+    cfg: Config,
+    model: ArModel,
+    opt: AdamW,
+    stream: BatchStream,
+    step: u64,
+    validation: Validation,
+}
+
+impl<'a> Trainer<'a> {
+    fn new(ctx: &'a StageContext, cfg: Config, device: Device) -> Result<Self, StageError> {
+        let table = LevelTable::open(ctx.input("table")?)?;
+        let condition = match ctx.job.inputs.contains_key("condition") {
+            true => Some(LevelTable::open(ctx.input("condition")?)?),
+            false => None,
+        };
+        let target_key = ctx.input_key("table")?;
+        if let Some(source) = condition.as_ref().and_then(|c| c.source_key.as_deref())
+            && source != target_key
+        {
+            return Err(Error::Params(format!(
+                "inputs.condition: that code table was encoded from another table (stage key {source}) than `table` (stage key {target_key}); give as `condition` the encode stage whose `table` is this stage's `table`"
+            ))
+            .into());
+        }
+        let info = ArInfo {
+            format: AR_FORMAT.into(),
+            target: table.input,
+            height: table.height,
+            width: table.width,
+            class_names: table.class_names.clone(),
+            class_conditional: cfg.class_conditional,
+            condition: match &condition {
+                Some(c) => Some(ArInfo::code_map(&table, c)?),
+                None => None,
+            },
+            target_key: target_key.to_string(),
+            condition_key: match &condition {
+                Some(_) => Some(ctx.input_key("condition")?.to_string()),
+                None => None,
+            },
+            seed: cfg.seed,
+            model: cfg.model.clone(),
+        };
+        if info.class_conditional && info.class_names.is_empty() {
+            return Err(Error::Params(
+                "params.class_conditional: the table has no class names; set `class_conditional: false`".into(),
+            )
+            .into());
+        }
+        let model = ArModel::new(info, &device)?;
+        let opt = AdamW::new(model.trainable(), cfg.optimizer.clone())
+            .map_err(Error::candle("optimizer"))?;
+        let split = &cfg.validation_split;
+        if table.splits.get(split).is_none_or(|s| s.rows == 0) {
+            return Err(Error::Params(format!(
+                "params.validation_split: the input table has no rows in split `{split}`; give preprocess a `validation: {{fraction: 0.1}}` or set `validation_split` to one of: {}",
+                table.splits.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+            .into());
+        }
+        let rows = table.read_split(split, Some(cfg.validation_rows))?;
+        let val_condition = match &condition {
+            Some(c) => {
+                let other = c.read_split(split, Some(cfg.validation_rows))?;
+                check_aligned((&table, &rows), (c, &other), split, 0)?;
+                Some(other)
+            }
+            None => None,
+        };
+        let stream = match &condition {
+            Some(c) => BatchStream::paired(&table, c, "train", cfg.seed, Cursor::default())?,
+            None => BatchStream::new(&table, "train", cfg.seed, Cursor::default())?,
+        };
+        Ok(Trainer {
+            validation: Validation {
+                ids_digest: ids_digest(&rows.ids),
+                rows,
+                condition: val_condition,
+            },
+            stream,
+            step: 0,
+            ctx,
+            model,
+            opt,
+            cfg,
+        })
+    }
+
+    fn save_checkpoint(&self) -> Result<(), StageError> {
+        let state = TrainState {
+            step: self.step,
+            cursor: self.stream.cursor,
+            optimizer_steps: self.opt.steps,
+        };
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        for (name, var) in self.model.vars.all() {
+            tensors.insert(format!("model.{name}"), var.as_tensor().clone());
+        }
+        tensors.extend(self.opt.state("optim."));
+        checkpoint::save(self.ctx, self.step, &tensors, &state)
+    }
+
+    fn restore(&mut self, dir: &Path) -> Result<(), StageError> {
+        let (tensors, state): (_, TrainState) = checkpoint::load(dir, &self.model.device)?;
+        self.model
+            .vars
+            .load(&tensors, "model.", &checkpoint::file(dir))?;
+        self.opt
+            .load_state(&tensors, "optim.", state.optimizer_steps)?;
+        self.stream.cursor = state.cursor;
+        self.step = state.step;
+        Ok(())
+    }
+
+    fn run(mut self) -> Result<(), StageError> {
+        let ctx = self.ctx;
+        if let Some(ck) = ctx.latest_checkpoint() {
+            self.restore(&ck.dir)
+                .map_err(|e| format!("restoring checkpoint {}: {e}", ck.dir.display()))?;
+            eprintln!("resuming from the checkpoint at step {}", self.step);
+        }
+        let info = &self.model.info;
+        eprintln!(
+            "train_ar: {} parameters; {}x{} {:?}{}{}",
+            self.model.vars.parameter_count(),
+            info.height,
+            info.width,
+            info.target,
+            if info.class_conditional {
+                " given the class"
+            } else {
+                ""
+            },
+            info.condition
+                .map(|c| format!(
+                    " given {}x{} codes of {}",
+                    c.height, c.width, c.codebook_size
+                ))
+                .unwrap_or_default()
+        );
+        let total = self.cfg.steps;
+        let b = self.cfg.batch_size;
+        let mut last_log = (Instant::now(), self.step);
+        let mut last = None;
+        while self.step < total {
+            let (rows, condition) = self.stream.next_pair(b)?;
+            let batch = self.model.batch(&rows, condition.as_ref())?;
+            let loss = self.model.loss(&batch).map_err(Error::candle("forward"))?;
+            let nll = loss.to_scalar::<f32>().map_err(Error::candle("forward"))? as f64;
+            if !nll.is_finite() {
+                return Err(format!(
+                    "the loss became {nll} at step {}; lower `optimizer.lr` or set `optimizer.grad_clip` and run again",
+                    self.step + 1
+                )
+                .into());
+            }
+            let grads = loss.backward().map_err(Error::candle("backward"))?;
+            let lr = self.cfg.optimizer.lr_at(self.step, total);
+            let grad_norm = self
+                .opt
+                .step(&grads, lr)
+                .map_err(Error::candle("optimizer"))?;
+            self.step += 1;
+            let s = self.step as i64;
+            if self.step.is_multiple_of(self.cfg.log_every) || self.step == total {
+                let (t0, s0) = last_log;
+                let images = ((self.step - s0) as usize * b) as f64;
+                ctx.metric("train.nll", s, nll);
+                ctx.metric("train.bits_per_dim", s, bits_per_dim(nll));
+                ctx.metric("train.lr", s, lr);
+                ctx.metric("train.grad_norm", s, grad_norm);
+                ctx.metric(
+                    "train.images_per_s",
+                    s,
+                    images / t0.elapsed().as_secs_f64().max(1e-9),
+                );
+                last_log = (Instant::now(), self.step);
+            }
+            if self.step.is_multiple_of(self.cfg.validate_every) || self.step == total {
+                last = Some(self.validate()?);
+            }
+            if self.step.is_multiple_of(self.cfg.checkpoint_every) && self.step < total {
+                self.save_checkpoint()?;
+            }
+            ctx.progress(
+                self.step,
+                total,
+                Some(format!("{:.3} bits/dim", bits_per_dim(nll))),
+            );
+        }
+        let mut summary = match last {
+            Some(v) => v,
+            None => self.validate()?,
+        };
+        let out = ctx.out_dir();
+        if let Some(r) = self.reconstruct(out)? {
+            summary["reconstruction"] = r;
+        }
+        self.model.save(out)?;
+        std::fs::write(
+            out.join("metrics.json"),
+            serde_json::to_vec_pretty(&summary)?,
+        )?;
+        Ok(())
+    }
+
+    /// Likelihood on the validation rows; reports and returns the measures.
+    fn validate(&self) -> Result<serde_json::Value, StageError> {
+        let v = &self.validation;
+        let info = &self.model.info;
+        let b = self.cfg.batch_size;
+        let mut nats = 0.0;
+        for start in (0..v.rows.len()).step_by(b) {
+            let end = (start + b).min(v.rows.len());
+            let chunk = v.rows.range(start, end, info.values_per_row());
+            let cond = v.condition.as_ref().map(|c| {
+                let per = c.values.len() / c.len().max(1);
+                c.range(start, end, per)
+            });
+            let batch = self.model.batch(&chunk, cond.as_ref())?;
+            let per_row = self
+                .model
+                .nll_per_row(&batch)
+                .map_err(Error::candle("validation"))?;
+            nats += per_row.iter().sum::<f64>();
+        }
+        let n = v.rows.len() as f64;
+        let bits_per_image = bits_per_dim(nats / n);
+        let bpd = bits_per_image / info.values_per_row() as f64;
+        let s = self.step as i64;
+        self.ctx.metric("val.bits_per_dim", s, bpd);
+        self.ctx.metric("val.bits_per_image", s, bits_per_image);
+        let out = json!({
+            "step": self.step,
+            "bits_per_dim": bpd,
+            "bits_per_image": bits_per_image,
+            "values_per_image": info.values_per_row(),
+            "validation": {
+                "split": self.cfg.validation_split,
+                "rows": v.rows.len(),
+                "ids_digest": v.ids_digest,
+            },
+        });
+        eprintln!("step {}: validation {out}", self.step);
+        Ok(out)
+    }
+
+    /// Samples the first validation rows given their own codes; reports how
+    /// close the samples are and draws them under the originals.
+    fn reconstruct(&self, out: &Path) -> Result<Option<serde_json::Value>, StageError> {
+        let info = &self.model.info;
+        let n = self.cfg.reconstruct.rows.min(self.validation.rows.len());
+        let Some(cond) = &self.validation.condition else {
+            return Ok(None);
+        };
+        if n == 0 {
+            return Ok(None);
+        }
+        let per = info.values_per_row();
+        let rows = self.validation.rows.range(0, n, per);
+        let cond = cond.range(0, n, cond.values.len() / cond.len().max(1));
+        let batch = self.model.batch(&rows, Some(&cond))?;
+        let started = Instant::now();
+        let mut rng = SplitMix64::stream(self.cfg.seed, "reconstruct");
+        let samples = self
+            .model
+            .sample(
+                batch.labels.as_ref(),
+                batch.code_map.as_ref(),
+                n,
+                self.cfg.reconstruct.temperature,
+                &mut rng,
+            )
+            .map_err(Error::candle("sampling"))?;
+        let seconds = started.elapsed().as_secs_f64();
+        let s = self.step as i64;
+        let result = match info.target {
+            InputKind::Pixels { channels } => {
+                let mse = samples
+                    .iter()
+                    .zip(&rows.values)
+                    .map(|(&a, &b)| ((a as f64 - b as f64) / 255.0).powi(2))
+                    .sum::<f64>()
+                    / samples.len() as f64;
+                let psnr = 10.0 * (1.0 / mse.max(1e-12)).log10();
+                self.ctx.metric("val.reconstruction_mse", s, mse);
+                self.ctx.metric("val.reconstruction_psnr", s, psnr);
+                let mut images: Vec<&[u16]> = rows.values.chunks_exact(per).collect();
+                images.extend(samples.chunks_exact(per));
+                write_grid(
+                    &out.join("reconstructions.png"),
+                    &images,
+                    (info.height, info.width, channels),
+                    n,
+                )?;
+                json!({"rows": n, "mse": mse, "psnr": psnr, "seconds": seconds})
+            }
+            InputKind::Codes { .. } => {
+                let same = samples
+                    .iter()
+                    .zip(&rows.values)
+                    .filter(|(a, b)| a == b)
+                    .count();
+                let accuracy = same as f64 / samples.len() as f64;
+                self.ctx.metric("val.reconstruction_accuracy", s, accuracy);
+                json!({"rows": n, "accuracy": accuracy, "seconds": seconds})
+            }
+        };
+        eprintln!("reconstruction: {result}");
+        Ok(Some(result))
+    }
+}
+
+/// A digest of the validation rows' ids: two models measured on the same
+/// rows have the same one.
+fn ids_digest(ids: &[i64]) -> String {
+    let mut h = blake3::Hasher::new();
+    for id in ids {
+        h.update(&id.to_le_bytes());
+    }
+    h.finalize().to_hex().to_string()
+}

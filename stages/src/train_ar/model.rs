@@ -1,0 +1,366 @@
+//! One AR model as a whole: the gated PixelCNN, what it models (pixels or
+//! the codes of a level) and what it is conditioned on (a class label, the
+//! code map of the level above), the tensors a batch of table rows becomes,
+//! its likelihood, sampling, and the files of a trained model
+//! (`model.safetensors`, `ar.json`).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::data::level_table::{LevelTable, Rows};
+use crate::error::{Error, Result};
+use crate::models::categorical::categorical_nll;
+use crate::models::encoder::InputKind;
+use crate::models::pixelcnn::{Conditioning, PixelCnn, PixelCnnConfig};
+use crate::models::vars::SeededVars;
+use crate::rng::SplitMix64;
+
+pub const AR_FORMAT: &str = "haic ar model v1";
+
+/// The conditioning code map: its codebook and shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodeMapInfo {
+    pub codebook_size: usize,
+    pub height: usize,
+    pub width: usize,
+    /// The target is 2^upsample times larger.
+    pub upsample: usize,
+}
+
+/// `ar.json`: what a trained AR model reads, what it was made from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArInfo {
+    pub format: String,
+    pub target: InputKind,
+    pub height: usize,
+    pub width: usize,
+    pub class_names: Vec<String>,
+    pub class_conditional: bool,
+    pub condition: Option<CodeMapInfo>,
+    /// Stage keys of the modelled table and of the conditioning code table.
+    pub target_key: String,
+    pub condition_key: Option<String>,
+    pub seed: u64,
+    pub model: PixelCnnConfig,
+}
+
+impl ArInfo {
+    /// Values per row: H*W*C pixel values or H*W codes.
+    pub fn values_per_row(&self) -> usize {
+        self.height * self.width * self.channels()
+    }
+
+    /// Output channels (pixel channels; 1 for codes).
+    pub fn channels(&self) -> usize {
+        match self.target {
+            InputKind::Pixels { channels } => channels,
+            InputKind::Codes { .. } => 1,
+        }
+    }
+
+    /// Classes per value: 256 intensities or K codes.
+    pub fn classes(&self) -> usize {
+        match self.target {
+            InputKind::Pixels { .. } => 256,
+            InputKind::Codes { classes } => classes,
+        }
+    }
+
+    /// The code map shape `table` gives, checked against the target's.
+    pub fn code_map(target: &LevelTable, condition: &LevelTable) -> Result<CodeMapInfo> {
+        let InputKind::Codes { classes } = condition.input else {
+            return Err(Error::Params(
+                "inputs.condition: an image table; give the code table an `encode` stage wrote"
+                    .into(),
+            ));
+        };
+        let (h, w) = (condition.height, condition.width);
+        let upsample = (0..=8).find(|s| h << s == target.height && w << s == target.width);
+        let Some(upsample) = upsample else {
+            return Err(Error::Params(format!(
+                "inputs.condition: its code maps are {h}x{w}, the target is {}x{}: the target must be 2^s times larger on both sides",
+                target.height, target.width
+            )));
+        };
+        Ok(CodeMapInfo {
+            codebook_size: classes,
+            height: h,
+            width: w,
+            upsample,
+        })
+    }
+}
+
+/// A batch as tensors.
+pub struct ArBatch {
+    /// Pixels f32 (B, C, H, W) in [-0.5, 0.5], or codes u32 (B, H, W).
+    pub input: Tensor,
+    /// u32 (B, G, H, W): the value each output channel must predict.
+    pub targets: Tensor,
+    pub labels: Option<Tensor>,
+    /// u32 (B, h, w).
+    pub code_map: Option<Tensor>,
+    pub size: usize,
+}
+
+pub struct ArModel {
+    pub info: ArInfo,
+    pub vars: SeededVars,
+    pub net: PixelCnn,
+    pub device: Device,
+}
+
+impl ArModel {
+    /// A freshly initialised model (its weights drawn from `info.seed`).
+    pub fn new(info: ArInfo, device: &Device) -> Result<Self> {
+        let vars = SeededVars::new(info.seed);
+        let conditioning = Conditioning {
+            labels: info.class_conditional.then_some(info.class_names.len()),
+            code_map: info.condition.map(|c| (c.codebook_size, c.upsample)),
+        };
+        let net = PixelCnn::new(
+            &info.model,
+            info.target,
+            conditioning,
+            vars.var_builder(device),
+        )
+        .map_err(|e| Error::Params(format!("params.model: {e}")))?;
+        Ok(ArModel {
+            info,
+            vars,
+            net,
+            device: device.clone(),
+        })
+    }
+
+    /// The optimiser's variables, in name order.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        self.vars.all()
+    }
+
+    /// Values (u32, CHW per row) -> the network's input tensor.
+    fn input_tensor(&self, chw: &[u32], b: usize, h: usize) -> candle_core::Result<Tensor> {
+        let (c, w) = (self.info.channels(), self.info.width);
+        match self.info.target {
+            InputKind::Pixels { .. } => {
+                let scaled: Vec<f32> = chw.iter().map(|&v| v as f32 / 255.0 - 0.5).collect();
+                Tensor::from_vec(scaled, (b, c, h, w), &self.device)
+            }
+            InputKind::Codes { .. } => Tensor::from_slice(chw, (b, h, w), &self.device),
+        }
+    }
+
+    /// Table rows (and, for a model conditioned on codes, the code table's
+    /// rows of the same images) -> tensors.
+    pub fn batch(&self, rows: &Rows, condition: Option<&Rows>) -> Result<ArBatch> {
+        let info = &self.info;
+        let (b, c, h, w) = (rows.len(), info.channels(), info.height, info.width);
+        let err = Error::candle("building a batch");
+        let chw = rows.planes(c, h * w);
+        let input = self.input_tensor(&chw, b, h).map_err(&err)?;
+        let targets = Tensor::from_vec(chw, (b, c, h, w), &self.device).map_err(&err)?;
+        let labels = if info.class_conditional {
+            let n = info.class_names.len();
+            let mut out = Vec::with_capacity(b);
+            for (id, &l) in rows.ids.iter().zip(&rows.labels) {
+                match usize::try_from(l) {
+                    Ok(l) if l < n => out.push(l as u32),
+                    _ => {
+                        return Err(Error::Params(format!(
+                            "row id {id} has label {l}, outside the {n} classes; a class-conditional model needs every row labelled (set `class_conditional: false` for unlabelled data)"
+                        )));
+                    }
+                }
+            }
+            Some(Tensor::from_vec(out, b, &self.device).map_err(&err)?)
+        } else {
+            None
+        };
+        let code_map = match (info.condition, condition) {
+            (None, _) => None,
+            (Some(m), Some(rows)) => {
+                let codes: Vec<u32> = rows.values.iter().map(|&v| v as u32).collect();
+                Some(Tensor::from_vec(codes, (b, m.height, m.width), &self.device).map_err(&err)?)
+            }
+            (Some(_), None) => {
+                return Err(Error::Params(
+                    "the model is conditioned on a code map; give its rows".into(),
+                ));
+            }
+        };
+        Ok(ArBatch {
+            input,
+            targets,
+            labels,
+            code_map,
+            size: b,
+        })
+    }
+
+    /// Negative log-likelihood in nats of every value (B*G*H*W, in the
+    /// order of the targets).
+    fn nll(&self, batch: &ArBatch) -> candle_core::Result<Tensor> {
+        let logits =
+            self.net
+                .forward(&batch.input, batch.labels.as_ref(), batch.code_map.as_ref())?;
+        categorical_nll(&logits, &batch.targets, self.info.classes())?.flatten_all()
+    }
+
+    /// The training loss: mean NLL in nats per value.
+    pub fn loss(&self, batch: &ArBatch) -> candle_core::Result<Tensor> {
+        self.nll(batch)?.mean_all()
+    }
+
+    /// -ln p(row) of each row in nats: the NLL summed over its values.
+    pub fn nll_per_row(&self, batch: &ArBatch) -> candle_core::Result<Vec<f64>> {
+        let per = self.info.values_per_row();
+        let nll = self.nll(batch)?.to_vec1::<f32>()?;
+        Ok(nll
+            .chunks_exact(per)
+            .map(|r| r.iter().map(|&v| v as f64).sum())
+            .collect())
+    }
+
+    /// Draws one row per label (and per code map) value by value in raster
+    /// and channel order, at `temperature` (logits divided by it); returns
+    /// the rows in table layout (HWC pixels or row-major codes). Each value
+    /// runs the network on the band of rows its logits can see, not the
+    /// whole image.
+    pub fn sample(
+        &self,
+        labels: Option<&Tensor>,
+        code_map: Option<&Tensor>,
+        n: usize,
+        temperature: f64,
+        rng: &mut SplitMix64,
+    ) -> candle_core::Result<Vec<u16>> {
+        let (c, h, w, k) = (
+            self.info.channels(),
+            self.info.height,
+            self.info.width,
+            self.info.classes(),
+        );
+        let cond = match code_map {
+            Some(m) => Some(self.net.condition(m)?),
+            None => None,
+        };
+        let above = self.net.rows_above();
+        let mut chw = vec![0u32; n * c * h * w];
+        let mut probs = vec![0f64; k];
+        for y in 0..h {
+            let y0 = y.saturating_sub(above);
+            let band = y + 1 - y0;
+            let band_cond = match &cond {
+                Some(f) => Some(f.narrow(2, y0, band)?),
+                None => None,
+            };
+            for x in 0..w {
+                for ch in 0..c {
+                    let mut values = vec![0u32; n * c * band * w];
+                    for i in 0..n {
+                        for cc in 0..c {
+                            let src = ((i * c + cc) * h + y0) * w;
+                            let dst = (i * c + cc) * band * w;
+                            values[dst..dst + band * w].copy_from_slice(&chw[src..src + band * w]);
+                        }
+                    }
+                    let input = self.input_tensor(&values, n, band)?;
+                    let logits = self
+                        .net
+                        .forward_with(&input, labels, band_cond.as_ref())?
+                        .narrow(1, ch * k, k)?
+                        .narrow(2, band - 1, 1)?
+                        .narrow(3, x, 1)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?; // (n, k) in image-major order
+                    for i in 0..n {
+                        let l = &logits[i * k..(i + 1) * k];
+                        let max = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+                        for (p, &v) in probs.iter_mut().zip(l) {
+                            *p = ((v as f64 - max) / temperature).exp();
+                        }
+                        chw[((i * c + ch) * h + y) * w + x] = draw(&probs, rng) as u32;
+                    }
+                }
+            }
+        }
+        // CHW -> table layout.
+        let mut out = vec![0u16; n * c * h * w];
+        for i in 0..n {
+            for ch in 0..c {
+                for p in 0..h * w {
+                    out[(i * h * w + p) * c + ch] = chw[(i * c + ch) * h * w + p] as u16;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let tensors: HashMap<String, Tensor> = self
+            .vars
+            .all()
+            .into_iter()
+            .map(|(name, v)| (name, v.as_tensor().clone()))
+            .collect();
+        candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))
+            .map_err(Error::candle("writing the model"))?;
+        let path = dir.join("ar.json");
+        let text = serde_json::to_vec_pretty(&self.info).unwrap_or_default();
+        std::fs::write(&path, text).map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    }
+
+    /// A trained model, from the folder `save` wrote.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let info = read_info(dir)?;
+        let model = Self::new(info, device)?;
+        let p = dir.join("model.safetensors");
+        let tensors = candle_core::safetensors::load(&p, device)
+            .map_err(|e| Error::data(&p, None, e.to_string()))?
+            .into_iter()
+            .collect();
+        model
+            .vars
+            .load(&tensors, "", &p)
+            .map_err(|e| Error::data(&p, None, e.to_string()))?;
+        Ok(model)
+    }
+}
+
+/// The `ar.json` of a trained AR model's folder.
+pub fn read_info(dir: &Path) -> Result<ArInfo> {
+    let path = dir.join("ar.json");
+    let bytes =
+        std::fs::read(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let info: ArInfo = serde_json::from_slice(&bytes).map_err(|e| {
+        Error::data(
+            &path,
+            None,
+            format!("not a trained AR model (a train_ar stage's output): {e}"),
+        )
+    })?;
+    if info.format != AR_FORMAT {
+        return Err(Error::data(
+            &path,
+            None,
+            format!("format `{}` is not `{AR_FORMAT}`", info.format),
+        ));
+    }
+    Ok(info)
+}
+
+/// An index drawn from unnormalised probabilities.
+fn draw(weights: &[f64], rng: &mut SplitMix64) -> usize {
+    let total: f64 = weights.iter().sum();
+    let mut u = rng.uniform() * total;
+    for (i, &p) in weights.iter().enumerate() {
+        if u < p {
+            return i;
+        }
+        u -= p;
+    }
+    weights.len() - 1
+}

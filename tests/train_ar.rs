@@ -1,0 +1,281 @@
+//! `train_ar` and `bound` end to end: the smoke pipeline (the tiny
+//! pipeline's stages at toy sizes) through the hierarchy and the bound,
+//! bit-exact resume of an AR model after SIGKILL, and bad inputs.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use common::{Project, assert_error, stderr};
+use serde_json::Value;
+use stages::data::level_table::LevelTable;
+use stages::train_ar::model::ArModel;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `pipelines/smoke.yaml` with its root pointed at the repository, plus `extra` stages.
+fn smoke(extra: &str) -> Project {
+    let text = std::fs::read_to_string(repo().join("pipelines/smoke.yaml")).unwrap();
+    let text = text.replacen("root: ..", &format!("root: {}", repo().display()), 1);
+    Project::new(&format!("{text}{extra}"))
+}
+
+/// Each metric's last value, per stage.
+fn last_values(p: &Project) -> BTreeMap<(String, String), f64> {
+    p.query(
+        "SELECT r.stage, s.name, s.last_value FROM metric_summaries s JOIN stage_runs r ON r.id = s.stage_run_id",
+    )
+    .into_iter()
+    .map(|r| {
+        (
+            (
+                r["stage"].as_str().unwrap().to_string(),
+                r["name"].as_str().unwrap().to_string(),
+            ),
+            r["last_value"].as_f64().unwrap(),
+        )
+    })
+    .collect()
+}
+
+fn json(path: PathBuf) -> Value {
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+}
+
+#[test]
+fn the_smoke_pipeline_trains_the_hierarchy_and_the_bound_adds_its_terms() {
+    let p = smoke("");
+    let out = p.run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m = last_values(&p);
+    let get = |stage: &str, name: &str| {
+        *m.get(&(stage.to_string(), name.to_string()))
+            .unwrap_or_else(|| panic!("no {name} for {stage}"))
+    };
+    // bits/dim is bits per image over the values per image.
+    for (stage, values) in [
+        ("decoder1", 1024.0),
+        ("baseline", 1024.0),
+        ("decoder2", 64.0),
+        ("prior", 16.0),
+    ] {
+        let (bpd, bpi) = (
+            get(stage, "val.bits_per_dim"),
+            get(stage, "val.bits_per_image"),
+        );
+        assert!(bpd > 0.0 && bpd.is_finite(), "{stage}: {bpd}");
+        assert!((bpi / values - bpd).abs() < 1e-9, "{stage}");
+    }
+    // The bound: the three terms over the image's 1,024 values, and their sum.
+    let terms = ["decoder1", "decoder2", "prior"].map(|s| get(s, "val.bits_per_image") / 1024.0);
+    for (s, t) in ["decoder1", "decoder2", "prior"].iter().zip(terms) {
+        assert!((get("bound", &format!("bound.{s}")) - t).abs() < 1e-9);
+    }
+    let bound = get("bound", "bound.bits_per_dim");
+    assert!((bound - terms.iter().sum::<f64>()).abs() < 1e-9);
+    assert!(bound > get("decoder1", "val.bits_per_dim"));
+    assert_eq!(
+        get("bound", "baseline.bits_per_dim"),
+        get("baseline", "val.bits_per_dim")
+    );
+    let report = json(p.artifact_data("stage", "bound").join("bound.json"));
+    assert_eq!(report["bits_per_dim"].as_f64(), Some(bound));
+    assert_eq!(report["validation"]["rows"], 20);
+
+    // Reconstructions by sampling given the codes.
+    let psnr = get("decoder1", "val.reconstruction_psnr");
+    assert!(psnr > 0.0 && psnr.is_finite());
+    let accuracy = get("decoder2", "val.reconstruction_accuracy");
+    assert!((0.0..=1.0).contains(&accuracy));
+    let d1 = p.artifact_data("stage", "decoder1");
+    let png = image::open(d1.join("reconstructions.png")).unwrap();
+    assert_eq!((png.width(), png.height()), (2 * 34 + 2, 2 * 34 + 2));
+
+    // The model names the tables it was made from, by stage key.
+    let key = |stage: &str| {
+        p.query(&format!(
+            "SELECT key FROM artifacts WHERE stage = '{stage}'"
+        ))[0]["key"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let info = json(d1.join("ar.json"));
+    assert_eq!(info["target_key"], key("prep"));
+    assert_eq!(info["condition_key"], key("codes1"));
+    assert_eq!(
+        json(p.artifact_data("stage", "prior").join("ar.json"))["class_conditional"],
+        true
+    );
+
+    // The saved model gives the measured likelihood on the same rows.
+    let model = ArModel::load(&d1, &candle_core::Device::Cpu).unwrap();
+    let rows = LevelTable::open(&p.artifact_data("stage", "prep"))
+        .unwrap()
+        .read_split("val", Some(20))
+        .unwrap();
+    let codes = LevelTable::open(&p.artifact_data("stage", "codes1"))
+        .unwrap()
+        .read_split("val", Some(20))
+        .unwrap();
+    let nats: f64 = model
+        .nll_per_row(&model.batch(&rows, Some(&codes)).unwrap())
+        .unwrap()
+        .iter()
+        .sum();
+    let bits = nats / 20.0 / std::f64::consts::LN_2;
+    assert!(
+        (bits - get("decoder1", "val.bits_per_image")).abs() < 1e-3 * bits,
+        "{bits} vs {}",
+        get("decoder1", "val.bits_per_image")
+    );
+}
+
+const FLAT: &str = r#"
+  flat:
+    kind: train_ar
+    inputs: {table: prep}
+    params:
+      steps: 30
+      batch_size: 8
+      class_conditional: true
+      model: {hidden: 4, layers: 2, kernel: 3}
+      optimizer: {lr: 0.003, schedule: cosine, warmup_steps: 5}
+      validation_rows: 20
+      validate_every: 15
+      checkpoint_every: 5
+"#;
+
+#[test]
+fn a_killed_train_ar_worker_resumes_to_the_same_bytes() {
+    let weights = |p: &Project| {
+        std::fs::read(p.artifact_data("stage", "flat").join("model.safetensors")).unwrap()
+    };
+    let whole = smoke(FLAT);
+    let out = whole.run(&["flat"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let killed = smoke(FLAT);
+    killed.kill_worker_after_checkpoint("flat", 10);
+    let out = killed.run(&["--resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        killed
+            .attempt_log("flat", 2)
+            .contains("resuming from the checkpoint at step 10"),
+        "{}",
+        killed.attempt_log("flat", 2)
+    );
+    assert!(
+        weights(&killed) == weights(&whole),
+        "resumed weights differ from the uninterrupted run's"
+    );
+}
+
+#[test]
+fn bad_params_are_refused_before_anything_runs() {
+    for (params, text) in [
+        ("model: {kernel: 4}", "model.kernel is 4"),
+        ("reconstruct: {temperature: 0}", "reconstruct.temperature"),
+        ("batch_size: 0", "batch_size must be at least 1"),
+        ("hidden: 3", "unknown field `hidden`"),
+    ] {
+        let p = smoke(&format!(
+            "\n  bad:\n    kind: train_ar\n    inputs: {{table: prep}}\n    params: {{steps: 5, {params}}}\n"
+        ));
+        let out = p.run(&[]);
+        assert_error(&out, 2, text);
+        assert_eq!(p.artifact_count(), 0, "nothing ran for {params}");
+    }
+    let p = smoke(
+        "\n  bad:\n    kind: train_ar\n    inputs: {table: prep, cond: codes1}\n    params: {steps: 5}\n",
+    );
+    assert_error(&p.run(&[]), 2, "train_ar has no input `cond`");
+    let p = smoke("\n  bad:\n    kind: bound\n    inputs: {decoder2: decoder2, prior: prior}\n");
+    assert_error(&p.run(&[]), 2, "decoder1..decoderN without gaps");
+}
+
+#[test]
+fn inputs_that_do_not_fit_fail_their_stage_with_what_to_do() {
+    let p = smoke(
+        r#"
+  prep_other:                     # other images: its codes do not line up with prep
+    kind: preprocess
+    params:
+      source:
+        format: idx
+        train:
+          images: data/fashion-mnist/train-images-idx3-ubyte.gz
+          labels: data/fashion-mnist/train-labels-idx1-ubyte.gz
+      transforms: {pad: 2}
+      subset: 600
+      validation: {fraction: 0.1, seed: 1}
+  codes_other:
+    kind: encode
+    inputs: {level: vq1, table: prep_other}
+  misaligned:
+    kind: train_ar
+    inputs: {table: prep, condition: codes_other}
+    params: {steps: 2, model: {hidden: 4, layers: 1}}
+  image_condition:
+    kind: train_ar
+    inputs: {table: codes1, condition: prep}
+    params: {steps: 2, model: {hidden: 4, layers: 1}}
+  broken_chain:                   # decoder1 is conditioned on codes1, the baseline models pixels
+    kind: bound
+    inputs: {decoder1: decoder1, prior: baseline}
+  fewer_rows:
+    kind: train_ar
+    inputs: {table: codes2}
+    params: {steps: 2, validation_rows: 10, model: {hidden: 4, layers: 1}}
+  other_rows:
+    kind: bound
+    inputs: {decoder1: decoder1, decoder2: decoder2, prior: fewer_rows}
+"#,
+    );
+    let out = p.run(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let errors: BTreeMap<String, String> = p
+        .query("SELECT stage, error FROM stage_runs WHERE status = 'failed'")
+        .into_iter()
+        .map(|r| {
+            (
+                r["stage"].as_str().unwrap().to_string(),
+                r["error"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let expect = [
+        ("misaligned", "encoded from another table"),
+        ("image_condition", "inputs.condition: an image table"),
+        (
+            "broken_chain",
+            "is not conditioned on the codes that `prior` models",
+        ),
+        ("other_rows", "measured on other validation rows"),
+    ];
+    for (stage, text) in expect {
+        let e = errors
+            .get(stage)
+            .unwrap_or_else(|| panic!("{stage} did not fail: {errors:?}"));
+        assert!(e.contains(text), "{stage}: {e}");
+    }
+    assert_eq!(errors.len(), expect.len(), "{errors:?}");
+    for stage in [
+        "misaligned",
+        "image_condition",
+        "broken_chain",
+        "other_rows",
+    ] {
+        assert!(
+            p.query(&format!(
+                "SELECT key FROM artifacts WHERE stage = '{stage}'"
+            ))
+            .is_empty(),
+            "{stage} published nothing"
+        );
+    }
+}
