@@ -481,3 +481,18 @@ fn a_killed_worker_fails_its_stage_and_resume_runs_it_again() {
     assert_eq!(p.read("slow.txt"), "first\n40\n");
     assert_eq!(p.query("SELECT count(*) AS n FROM runs")[0]["n"], 1);
 }
+
+#[test]
+fn a_worker_computes_with_as_many_threads_as_cpu_slots_it_holds() {
+    let p = Project::new(
+        "stages:\n  one:\n    kind: command\n    cmd: echo $RAYON_NUM_THREADS > one.txt\n    outs: [one.txt]\n  two:\n    kind: command\n    resources: {cpus: 2}\n    cmd: echo $RAYON_NUM_THREADS > two.txt\n    outs: [two.txt]\n",
+    );
+    let out = p
+        .cmd(&["run", "pipeline.yaml", "--jobs", "4"])
+        .env_remove("RAYON_NUM_THREADS")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(p.read("one.txt"), "1\n");
+    assert_eq!(p.read("two.txt"), "2\n");
+}

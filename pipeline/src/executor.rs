@@ -7,7 +7,10 @@
 //! unobserved; `run --resume` then re-runs it from its last checkpoint.
 //!
 //! Slots: `--jobs N` CPU slots (a stage takes `resources.cpus` of them, at most
-//! N), and one slot per GPU device for stages with `resources.gpus > 0`.
+//! N), and one slot per GPU device for stages with `resources.gpus > 0`. A
+//! worker computes with as many threads as it holds CPU slots
+//! (`RAYON_NUM_THREADS`, unless the driver's environment sets it), so stages
+//! running side by side do not oversubscribe the cores.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -36,6 +39,8 @@ pub struct SlotGuard {
     _cpu: Option<OwnedSemaphorePermit>,
     _gpus: Vec<OwnedSemaphorePermit>,
     pub device: String,
+    /// CPU slots held: the worker's compute threads.
+    pub threads: u32,
 }
 
 impl Slots {
@@ -101,6 +106,7 @@ impl Slots {
         Ok(SlotGuard {
             _cpu: Some(cpu),
             _gpus: held,
+            threads: n,
             device: if names.is_empty() {
                 "cpu".into()
             } else {
@@ -129,6 +135,7 @@ pub struct WorkerLaunch<'a> {
     pub job_file: &'a Path,
     pub log_file: &'a Path,
     pub device: &'a str,
+    pub threads: u32,
     pub timeout_s: Option<u64>,
 }
 
@@ -147,6 +154,7 @@ pub fn spawn_local(launch: WorkerLaunch<'_>) -> Result<LocalWorker> {
         job_file,
         log_file,
         device,
+        threads,
         timeout_s,
     } = launch;
     let log = std::fs::File::create(log_file).ctx(|| format!("creating {}", log_file.display()))?;
@@ -159,6 +167,9 @@ pub fn spawn_local(launch: WorkerLaunch<'_>) -> Result<LocalWorker> {
         .stderr(Stdio::from(log))
         .env("HAIC_DEVICE", device)
         .kill_on_drop(true);
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        cmd.env("RAYON_NUM_THREADS", threads.to_string());
+    }
     if let Some(gpus) = device.strip_prefix("cuda:") {
         cmd.env("CUDA_VISIBLE_DEVICES", gpus.replace(",cuda:", ","));
     }

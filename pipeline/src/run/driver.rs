@@ -452,6 +452,7 @@ impl Driver {
             job_file: &job_file,
             log_file: &log,
             device: &slot.device,
+            threads: slot.threads,
             timeout_s: st.timeout_s,
         };
         let end = match spawn_local(launch) {
