@@ -8,7 +8,7 @@
 //! Output: logits (B, C x 256, H, W) for pixels, (B, K, H, W) for codes;
 //! the logits of channel c at (y, x) depend only on inputs before (y, x) in
 //! raster order and on channels < c at (y, x) itself (tested through
-//! autograd). The AR decoders and the prior of issue 5 build on this.
+//! autograd). `train_ar` trains it as an AR decoder, the prior or a baseline.
 //!
 //! Causality: all convolutions are square `k x k` with a mask. The vertical
 //! stack at row y sees rows < y of the input (its first layer masks the
@@ -19,8 +19,9 @@
 //! centre connects input group i to output group j only if j > i (type A)
 //! or j >= i (type B).
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Module, Shape, Tensor};
 use candle_nn::{Embedding, VarBuilder, embedding};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::conv::{Conv, ConvTranspose};
@@ -134,10 +135,104 @@ impl MaskSpec {
     }
 }
 
-/// `tanh(a) * sigmoid(b)` of the two halves along channels.
-fn gate(x: &Tensor) -> candle_core::Result<Tensor> {
+/// `tanh(a) * sigmoid(b)` of the two halves (B, 2h, H, W) along channels:
+/// one pass forward and one backward on the CPU (candle's composition makes
+/// two strided copies, three ops and their gradients).
+pub fn gate(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && !COMPOSED_GATE.load(std::sync::atomic::Ordering::Relaxed) {
+        return x.contiguous()?.apply_op1(Gate);
+    }
     let h = x.dim(1)? / 2;
     x.narrow(1, 0, h)?.tanh()? * candle_nn::ops::sigmoid(&x.narrow(1, h, h)?)?
+}
+
+/// Makes [`gate`] use candle's composition on the CPU too: the "before" of
+/// `bench/src/ar_bench.rs` and the tests' reference.
+pub static COMPOSED_GATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+struct Gate;
+
+/// A contiguous (B, 2h, H, W) f32 tensor as slices, and h*H*W.
+fn gate_halves<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], usize)> {
+    let (b, c, hh, ww) = l.shape().dims4()?;
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("gate needs a contiguous input");
+    };
+    if c % 2 != 0 {
+        candle_core::bail!("gate needs an even channel count, got {c}");
+    }
+    let _ = b;
+    Ok((&s.as_slice::<f32>()?[start..end], c / 2 * hh * ww))
+}
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+impl CustomOp1 for Gate {
+    fn name(&self) -> &'static str {
+        "gate"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, half) = gate_halves(s, l)?;
+        let mut out = vec![0f32; x.len() / 2];
+        out.par_chunks_mut(half)
+            .zip(x.par_chunks(2 * half))
+            .for_each(|(o, xb)| {
+                let (a, g) = xb.split_at(half);
+                for i in 0..half {
+                    o[i] = a[i].tanh() * sigmoid(g[i]);
+                }
+            });
+        let (b, c, h, w) = l.shape().dims4()?;
+        Ok((CpuStorage::F32(out), Shape::from((b, c / 2, h, w))))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &GateGrad)?))
+    }
+}
+
+/// d/da = g sigmoid(b) (1 - tanh(a)^2), d/db = g tanh(a) sigmoid(b) (1 - sigmoid(b)).
+struct GateGrad;
+
+impl CustomOp2 for GateGrad {
+    fn name(&self) -> &'static str {
+        "gate-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, half) = gate_halves(s1, l1)?;
+        let Some((start, end)) = l2.contiguous_offsets() else {
+            candle_core::bail!("gate gradient needs a contiguous gradient");
+        };
+        let g = &s2.as_slice::<f32>()?[start..end];
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(2 * half)
+            .zip(x.par_chunks(2 * half).zip(g.par_chunks(half)))
+            .for_each(|(o, (xb, gb))| {
+                let (a, b) = xb.split_at(half);
+                let (oa, ob) = o.split_at_mut(half);
+                for i in 0..half {
+                    let (t, s) = (a[i].tanh(), sigmoid(b[i]));
+                    oa[i] = gb[i] * s * (1.0 - t * t);
+                    ob[i] = gb[i] * t * s * (1.0 - s);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
 }
 
 struct GatedLayer {
@@ -572,6 +667,39 @@ mod tests {
                 .unwrap();
             assert!(d < 1e-5, "row {y}: the band's logits differ by {d}");
         }
+    }
+
+    #[test]
+    fn the_gate_kernel_matches_candles_composition_in_value_and_gradient() {
+        use std::sync::atomic::Ordering;
+        let dev = Device::Cpu;
+        let mut r = SplitMix64(3);
+        let v: Vec<f32> = (0..2 * 6 * 3 * 4)
+            .map(|_| 2.0 * r.normal() as f32)
+            .collect();
+        let x = Var::from_vec(v, (2, 6, 3, 4), &dev).unwrap();
+        let w: Vec<f32> = (0..2 * 3 * 3 * 4).map(|_| r.normal() as f32).collect();
+        let w = Tensor::from_vec(w, (2, 3, 3, 4), &dev).unwrap();
+        let run = |composed: bool| {
+            COMPOSED_GATE.store(composed, Ordering::Relaxed);
+            let y = gate(x.as_tensor()).unwrap();
+            COMPOSED_GATE.store(false, Ordering::Relaxed);
+            let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, g.get(&x).unwrap().clone())
+        };
+        let ((y1, g1), (y2, g2)) = (run(false), run(true));
+        let max = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(max((y1 - y2).unwrap()) < 1e-6);
+        assert!(max((g1 - g2).unwrap()) < 1e-5);
     }
 
     #[test]
