@@ -3,9 +3,10 @@
 //!
 //! Today: `command` (any shell step, cached like the built-in kinds),
 //! `preprocess` (image sources -> Parquet image tables, readers in [`data`]),
-//! `train_vq` (one level of the hierarchy; models in [`models`]) and
-//! `encode` (a trained level -> a code table). The AR kinds (train_ar,
-//! sample, evaluate, human_eval_export) arrive with their issues.
+//! `train_vq` (one level of the hierarchy; models in [`models`]), `encode`
+//! (a trained level -> a code table), `train_ar` (a gated PixelCNN: an AR
+//! decoder, the prior or the flat baseline) and `bound` (the hierarchical
+//! bound on bits/dim). Sampling and evaluation arrive with their issues.
 
 pub mod bound;
 pub mod checkpoint;
@@ -19,6 +20,7 @@ pub mod preprocess;
 pub mod rng;
 pub mod train_ar;
 pub mod train_vq;
+pub mod training;
 
 use pipeline::stage::{Kinds, StageKind};
 

@@ -58,13 +58,14 @@ use crate::models::optim::{AdamW, OptimConfig};
 use crate::models::pixelcnn::{PixelCnnConfig, bits_per_dim};
 use crate::rng::SplitMix64;
 use crate::train_vq::device;
+use crate::training::{self, Schedule, check_schedule};
 use model::{AR_FORMAT, ArInfo, ArModel};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub steps: u64,
-    #[serde(default = "batch_size")]
+    #[serde(default = "training::batch_size")]
     pub batch_size: usize,
     #[serde(default)]
     pub seed: u64,
@@ -74,15 +75,15 @@ pub struct Config {
     pub model: PixelCnnConfig,
     #[serde(default)]
     pub optimizer: OptimConfig,
-    #[serde(default = "validate_every")]
+    #[serde(default = "training::validate_every")]
     pub validate_every: u64,
-    #[serde(default = "validation_split")]
+    #[serde(default = "training::validation_split")]
     pub validation_split: String,
-    #[serde(default = "validation_rows")]
+    #[serde(default = "training::validation_rows")]
     pub validation_rows: usize,
-    #[serde(default = "checkpoint_every")]
+    #[serde(default = "training::checkpoint_every")]
     pub checkpoint_every: u64,
-    #[serde(default = "log_every")]
+    #[serde(default = "training::log_every")]
     pub log_every: u64,
     #[serde(default)]
     pub reconstruct: ReconstructConfig,
@@ -106,36 +107,20 @@ impl Default for ReconstructConfig {
     }
 }
 
-fn batch_size() -> usize {
-    64
-}
-fn validate_every() -> u64 {
-    200
-}
-fn validation_split() -> String {
-    "val".into()
-}
-fn validation_rows() -> usize {
-    1000
-}
-fn checkpoint_every() -> u64 {
-    100
-}
-fn log_every() -> u64 {
-    10
-}
-
 fn parse_config(
     params: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<Config, (String, String)> {
     let cfg: Config = crate::params::parse(params)?;
+    check_schedule(Schedule {
+        steps: cfg.steps,
+        batch_size: cfg.batch_size,
+        lr: cfg.optimizer.lr,
+        validate_every: cfg.validate_every,
+        validation_rows: cfg.validation_rows,
+        checkpoint_every: cfg.checkpoint_every,
+        log_every: cfg.log_every,
+    })?;
     let bad = |field: &str, msg: String| Err((format!("params.{field}"), msg));
-    if cfg.steps == 0 {
-        return bad("steps", "steps must be at least 1".into());
-    }
-    if cfg.batch_size == 0 {
-        return bad("batch_size", "batch_size must be at least 1".into());
-    }
     let m = &cfg.model;
     if m.hidden == 0 || m.layers == 0 || m.code_embedding == 0 || m.cond_hidden < 2 {
         return bad(
@@ -150,29 +135,11 @@ fn parse_config(
             format!("model.kernel is {}; it must be odd, 1 to 11", m.kernel),
         );
     }
-    if cfg.optimizer.lr.is_nan() || cfg.optimizer.lr <= 0.0 {
-        return bad(
-            "optimizer",
-            format!("optimizer.lr is {}; it must be positive", cfg.optimizer.lr),
-        );
-    }
     let t = cfg.reconstruct.temperature;
     if t.is_nan() || t <= 0.0 {
         return bad(
             "reconstruct",
             format!("reconstruct.temperature is {t}; it must be positive"),
-        );
-    }
-    if cfg.validate_every == 0 || cfg.checkpoint_every == 0 || cfg.log_every == 0 {
-        return bad(
-            "validate_every",
-            "validate_every, checkpoint_every and log_every must be at least 1".into(),
-        );
-    }
-    if cfg.validation_rows == 0 {
-        return bad(
-            "validation_rows",
-            "validation_rows must be at least 1".into(),
         );
     }
     Ok(cfg)
@@ -454,10 +421,10 @@ impl<'a> Trainer<'a> {
         for start in (0..v.rows.len()).step_by(b) {
             let end = (start + b).min(v.rows.len());
             let chunk = v.rows.range(start, end, info.values_per_row());
-            let cond = v.condition.as_ref().map(|c| {
-                let per = c.values.len() / c.len().max(1);
-                c.range(start, end, per)
-            });
+            let cond = match (&v.condition, info.condition) {
+                (Some(c), Some(map)) => Some(c.range(start, end, map.values())),
+                _ => None,
+            };
             let batch = self.model.batch(&chunk, cond.as_ref())?;
             let per_row = self
                 .model
@@ -491,7 +458,7 @@ impl<'a> Trainer<'a> {
     fn reconstruct(&self, out: &Path) -> Result<Option<serde_json::Value>, StageError> {
         let info = &self.model.info;
         let n = self.cfg.reconstruct.rows.min(self.validation.rows.len());
-        let Some(cond) = &self.validation.condition else {
+        let (Some(cond), Some(map)) = (&self.validation.condition, info.condition) else {
             return Ok(None);
         };
         if n == 0 {
@@ -499,7 +466,7 @@ impl<'a> Trainer<'a> {
         }
         let per = info.values_per_row();
         let rows = self.validation.rows.range(0, n, per);
-        let cond = cond.range(0, n, cond.values.len() / cond.len().max(1));
+        let cond = cond.range(0, n, map.values());
         let batch = self.model.batch(&rows, Some(&cond))?;
         let started = Instant::now();
         let mut rng = SplitMix64::stream(self.cfg.seed, "reconstruct");

@@ -30,6 +30,13 @@ pub struct CodeMapInfo {
     pub upsample: usize,
 }
 
+impl CodeMapInfo {
+    /// Codes per map.
+    pub fn values(&self) -> usize {
+        self.height * self.width
+    }
+}
+
 /// `ar.json`: what a trained AR model reads, what it was made from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ArInfo {

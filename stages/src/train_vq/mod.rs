@@ -51,13 +51,14 @@ use crate::models::encoder::{EncoderConfig, InputKind};
 use crate::models::optim::{AdamW, OptimConfig};
 use crate::models::quantiser::{QuantiserConfig, usage};
 use crate::rng::SplitMix64;
+use crate::training::{self, Schedule, check_schedule};
 use level::{LevelConfig, VqLevel};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub steps: u64,
-    #[serde(default = "batch_size")]
+    #[serde(default = "training::batch_size")]
     pub batch_size: usize,
     #[serde(default)]
     pub seed: u64,
@@ -69,15 +70,15 @@ pub struct Config {
     pub decoder: AuxDecoderConfig,
     #[serde(default)]
     pub optimizer: OptimConfig,
-    #[serde(default = "validate_every")]
+    #[serde(default = "training::validate_every")]
     pub validate_every: u64,
-    #[serde(default = "validation_split")]
+    #[serde(default = "training::validation_split")]
     pub validation_split: String,
-    #[serde(default = "validation_rows")]
+    #[serde(default = "training::validation_rows")]
     pub validation_rows: usize,
-    #[serde(default = "checkpoint_every")]
+    #[serde(default = "training::checkpoint_every")]
     pub checkpoint_every: u64,
-    #[serde(default = "log_every")]
+    #[serde(default = "training::log_every")]
     pub log_every: u64,
 }
 
@@ -91,36 +92,20 @@ impl Config {
     }
 }
 
-fn batch_size() -> usize {
-    64
-}
-fn validate_every() -> u64 {
-    200
-}
-fn validation_split() -> String {
-    "val".into()
-}
-fn validation_rows() -> usize {
-    1000
-}
-fn checkpoint_every() -> u64 {
-    100
-}
-fn log_every() -> u64 {
-    10
-}
-
 fn parse_config(
     params: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<Config, (String, String)> {
     let cfg: Config = crate::params::parse(params)?;
+    check_schedule(Schedule {
+        steps: cfg.steps,
+        batch_size: cfg.batch_size,
+        lr: cfg.optimizer.lr,
+        validate_every: cfg.validate_every,
+        validation_rows: cfg.validation_rows,
+        checkpoint_every: cfg.checkpoint_every,
+        log_every: cfg.log_every,
+    })?;
     let bad = |field: &str, msg: String| Err((format!("params.{field}"), msg));
-    if cfg.steps == 0 {
-        return bad("steps", "steps must be at least 1".into());
-    }
-    if cfg.batch_size == 0 {
-        return bad("batch_size", "batch_size must be at least 1".into());
-    }
     let k = cfg.quantiser.codebook_size;
     if !(1..=65536).contains(&k) {
         return bad(
@@ -151,18 +136,6 @@ fn parse_config(
     }
     if let Err(m) = cfg.decoder.mask.check() {
         return bad("decoder", format!("decoder.mask: {m}"));
-    }
-    if cfg.optimizer.lr.is_nan() || cfg.optimizer.lr <= 0.0 {
-        return bad(
-            "optimizer",
-            format!("optimizer.lr is {}; it must be positive", cfg.optimizer.lr),
-        );
-    }
-    if cfg.validate_every == 0 || cfg.checkpoint_every == 0 || cfg.log_every == 0 {
-        return bad(
-            "validate_every",
-            "validate_every, checkpoint_every and log_every must be at least 1".into(),
-        );
     }
     Ok(cfg)
 }
