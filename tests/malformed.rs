@@ -31,7 +31,7 @@ const CASES: &[Case] = &[
             "pipeline.yaml:3:11",
             "stage `a`",
             "unknown kind `trian_vq`",
-            "known kinds: command",
+            "known kinds: bound, command, encode",
         ],
     },
     Case {

@@ -64,6 +64,12 @@ impl Project {
 
     /// Rows of a registry query as JSON objects.
     pub fn query(&self, sql: &str) -> Vec<Value> {
+        self.try_query(sql)
+            .unwrap_or_else(|e| panic!("query failed: {e}"))
+    }
+
+    /// [`Project::query`], or the error (a registry still being created).
+    pub fn try_query(&self, sql: &str) -> Result<Vec<Value>, String> {
         let out = self.haic(&[
             "registry",
             "-p",
@@ -73,9 +79,11 @@ impl Project {
             "--format",
             "json",
         ]);
-        assert!(out.status.success(), "query failed: {}", stderr(&out));
-        let v: Value = serde_json::from_slice(&out.stdout).expect("query output is JSON");
-        v.as_array().cloned().unwrap_or_default()
+        if !out.status.success() {
+            return Err(stderr(&out));
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        Ok(v.as_array().cloned().unwrap_or_default())
     }
 
     /// The data folder of the only artifact whose `column` (`kind` or
@@ -126,12 +134,12 @@ impl Project {
             .expect("spawn driver");
         let t = Instant::now();
         loop {
-            let keys = match self.path(".haic/registry.db").exists() {
-                true => self.query(&format!(
+            // Until the driver has made the registry, a query fails.
+            let keys = self
+                .try_query(&format!(
                     "SELECT key FROM stage_runs WHERE stage = '{stage}' AND key IS NOT NULL"
-                )),
-                false => vec![],
-            };
+                ))
+                .unwrap_or_default();
             let found = keys.iter().any(|k| {
                 self.path(&format!(
                     ".haic/scratch/{}/checkpoints/step-{step:012}",
