@@ -5,6 +5,9 @@
 //! `cargo run --release -p haic-bench --bin registry-bench -- RUNS POINTS_PER_RUN`
 //! (defaults 2000 150). Compare with `bench/mlflow_registry.py`.
 
+mod common;
+use common::median;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,11 +17,6 @@ use pipeline::stage::WorkerEvent;
 const BEST10: &str = "SELECT s.stage_run_id, s.last_value FROM metric_summaries s
     JOIN params p ON p.stage_run_id = s.stage_run_id AND p.name = 'aux' AND p.value = 'msp'
     WHERE s.name = 'val_bpd' ORDER BY s.last_value LIMIT 10";
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

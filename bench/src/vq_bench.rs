@@ -14,6 +14,9 @@
 //! configuration with candle's own convolutions (the "before"). First, the
 //! nearest-code search with the argmin kernel and with candle's argmin.
 
+mod common;
+use common::{median, tiny_level1};
+
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -21,10 +24,9 @@ use candle_core::{Device, Tensor};
 use stages::data::level_table::{LevelTable, Rows};
 use stages::models::aux_decoder::{AuxDecoderConfig, AuxKind};
 use stages::models::conv::{FORWARD_FLOPS, USE_CANDLE_CONVS};
-use stages::models::encoder::{EncoderConfig, InputKind};
+use stages::models::encoder::InputKind;
 use stages::models::nearest::{ArgminRows, code_distances, nearest_code, nearest_code_reference};
 use stages::models::optim::{AdamW, OptimConfig};
-use stages::models::quantiser::QuantiserConfig;
 use stages::rng::SplitMix64;
 use stages::train_vq::level::{LevelConfig, VqLevel};
 
@@ -32,11 +34,6 @@ use stages::train_vq::level::{LevelConfig, VqLevel};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const BATCH: usize = 64;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// Median GFLOP/s of an n x n by n x n f32 matmul.
 fn matmul_peak(n: usize) -> candle_core::Result<f64> {
@@ -171,27 +168,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         rayon::current_num_threads()
     );
     nearest(9)?;
-    let small = |kind| LevelConfig {
-        encoder: EncoderConfig {
-            hidden: 32,
-            res_blocks: 2,
-            res_hidden: 16,
-            downsample: 2,
-            dim: 32,
-            ..Default::default()
-        },
-        quantiser: QuantiserConfig {
-            codebook_size: 128,
-            ..Default::default()
-        },
-        decoder: AuxDecoderConfig {
-            kind,
-            hidden: 32,
-            res_blocks: 2,
-            res_hidden: 16,
-            ..Default::default()
-        },
-    };
     let default = |kind| LevelConfig {
         decoder: AuxDecoderConfig {
             kind,
@@ -199,16 +175,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         ..Default::default()
     };
-    run("tiny.yaml level 1, ff", &small(AuxKind::Ff), steps, peak)?;
+    run(
+        "tiny.yaml level 1, ff",
+        &tiny_level1(AuxKind::Ff),
+        steps,
+        peak,
+    )?;
     USE_CANDLE_CONVS.store(true, Ordering::Relaxed);
     run(
         "  the same, candle's convs",
-        &small(AuxKind::Ff),
+        &tiny_level1(AuxKind::Ff),
         steps.min(5),
         peak,
     )?;
     USE_CANDLE_CONVS.store(false, Ordering::Relaxed);
-    run("tiny.yaml level 1, msp", &small(AuxKind::Msp), steps, peak)?;
+    run(
+        "tiny.yaml level 1, msp",
+        &tiny_level1(AuxKind::Msp),
+        steps,
+        peak,
+    )?;
     run(
         "defaults (hidden 64), ff",
         &default(AuxKind::Ff),
