@@ -60,3 +60,69 @@ pub fn check_schedule(s: Schedule) -> Result<(), (String, String)> {
     }
     Ok(())
 }
+
+/// What is due after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due {
+    pub log: bool,
+    pub validate: bool,
+    pub checkpoint: bool,
+}
+
+/// When a training loop logs, validates and checkpoints (every N steps and
+/// at the last one; no checkpoint at the last, the artifact follows), and
+/// the metrics every loop logs: `train.lr`, `train.grad_norm` and
+/// `train.images_per_s` since the previous log.
+pub struct Cadence {
+    steps: u64,
+    batch_size: usize,
+    log_every: u64,
+    validate_every: u64,
+    checkpoint_every: u64,
+    since: (std::time::Instant, u64),
+}
+
+impl Cadence {
+    /// For a loop that starts (or resumes) at `step`.
+    pub fn new(s: &Schedule, step: u64) -> Self {
+        Cadence {
+            steps: s.steps,
+            batch_size: s.batch_size,
+            log_every: s.log_every,
+            validate_every: s.validate_every,
+            checkpoint_every: s.checkpoint_every,
+            since: (std::time::Instant::now(), step),
+        }
+    }
+
+    /// Call once `step` steps are done; logs the common metrics when a log
+    /// is due.
+    pub fn after_step(
+        &mut self,
+        ctx: &pipeline::stage::StageContext,
+        step: u64,
+        lr: f64,
+        grad_norm: f64,
+    ) -> Due {
+        let last = step == self.steps;
+        let due = Due {
+            log: step.is_multiple_of(self.log_every) || last,
+            validate: step.is_multiple_of(self.validate_every) || last,
+            checkpoint: step.is_multiple_of(self.checkpoint_every) && !last,
+        };
+        if due.log {
+            let s = step as i64;
+            let (t0, s0) = self.since;
+            let images = ((step - s0) as usize * self.batch_size) as f64;
+            ctx.metric("train.lr", s, lr);
+            ctx.metric("train.grad_norm", s, grad_norm);
+            ctx.metric(
+                "train.images_per_s",
+                s,
+                images / t0.elapsed().as_secs_f64().max(1e-9),
+            );
+            self.since = (std::time::Instant::now(), step);
+        }
+        due
+    }
+}

@@ -58,7 +58,7 @@ use crate::models::optim::{AdamW, OptimConfig};
 use crate::models::pixelcnn::{PixelCnnConfig, bits_per_dim};
 use crate::rng::SplitMix64;
 use crate::train_vq::device;
-use crate::training::{self, Schedule, check_schedule};
+use crate::training::{self, Cadence, Schedule, check_schedule};
 use model::{AR_FORMAT, ArInfo, ArModel};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,19 +107,25 @@ impl Default for ReconstructConfig {
     }
 }
 
+impl Config {
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            steps: self.steps,
+            batch_size: self.batch_size,
+            lr: self.optimizer.lr,
+            validate_every: self.validate_every,
+            validation_rows: self.validation_rows,
+            checkpoint_every: self.checkpoint_every,
+            log_every: self.log_every,
+        }
+    }
+}
+
 fn parse_config(
     params: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<Config, (String, String)> {
     let cfg: Config = crate::params::parse(params)?;
-    check_schedule(Schedule {
-        steps: cfg.steps,
-        batch_size: cfg.batch_size,
-        lr: cfg.optimizer.lr,
-        validate_every: cfg.validate_every,
-        validation_rows: cfg.validation_rows,
-        checkpoint_every: cfg.checkpoint_every,
-        log_every: cfg.log_every,
-    })?;
+    check_schedule(cfg.schedule())?;
     let bad = |field: &str, msg: String| Err((format!("params.{field}"), msg));
     let m = &cfg.model;
     if m.hidden == 0 || m.layers == 0 || m.code_embedding == 0 || m.cond_hidden < 2 {
@@ -348,7 +354,7 @@ impl<'a> Trainer<'a> {
         );
         let total = self.cfg.steps;
         let b = self.cfg.batch_size;
-        let mut last_log = (Instant::now(), self.step);
+        let mut cadence = Cadence::new(&self.cfg.schedule(), self.step);
         let mut last = None;
         while self.step < total {
             let (rows, condition) = self.stream.next_pair(b)?;
@@ -370,24 +376,15 @@ impl<'a> Trainer<'a> {
                 .map_err(Error::candle("optimizer"))?;
             self.step += 1;
             let s = self.step as i64;
-            if self.step.is_multiple_of(self.cfg.log_every) || self.step == total {
-                let (t0, s0) = last_log;
-                let images = ((self.step - s0) as usize * b) as f64;
+            let due = cadence.after_step(ctx, self.step, lr, grad_norm);
+            if due.log {
                 ctx.metric("train.nll", s, nll);
                 ctx.metric("train.bits_per_dim", s, bits_per_dim(nll));
-                ctx.metric("train.lr", s, lr);
-                ctx.metric("train.grad_norm", s, grad_norm);
-                ctx.metric(
-                    "train.images_per_s",
-                    s,
-                    images / t0.elapsed().as_secs_f64().max(1e-9),
-                );
-                last_log = (Instant::now(), self.step);
             }
-            if self.step.is_multiple_of(self.cfg.validate_every) || self.step == total {
+            if due.validate {
                 last = Some(self.validate()?);
             }
-            if self.step.is_multiple_of(self.cfg.checkpoint_every) && self.step < total {
+            if due.checkpoint {
                 self.save_checkpoint()?;
             }
             ctx.progress(

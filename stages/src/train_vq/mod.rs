@@ -35,7 +35,6 @@ pub mod level;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use pipeline::spec::Stage;
@@ -51,7 +50,7 @@ use crate::models::encoder::{EncoderConfig, InputKind};
 use crate::models::optim::{AdamW, OptimConfig};
 use crate::models::quantiser::{QuantiserConfig, usage};
 use crate::rng::SplitMix64;
-use crate::training::{self, Schedule, check_schedule};
+use crate::training::{self, Cadence, Schedule, check_schedule};
 use level::{LevelConfig, VqLevel};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,6 +82,18 @@ pub struct Config {
 }
 
 impl Config {
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            steps: self.steps,
+            batch_size: self.batch_size,
+            lr: self.optimizer.lr,
+            validate_every: self.validate_every,
+            validation_rows: self.validation_rows,
+            checkpoint_every: self.checkpoint_every,
+            log_every: self.log_every,
+        }
+    }
+
     pub fn level(&self) -> LevelConfig {
         LevelConfig {
             encoder: self.encoder.clone(),
@@ -96,15 +107,7 @@ fn parse_config(
     params: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<Config, (String, String)> {
     let cfg: Config = crate::params::parse(params)?;
-    check_schedule(Schedule {
-        steps: cfg.steps,
-        batch_size: cfg.batch_size,
-        lr: cfg.optimizer.lr,
-        validate_every: cfg.validate_every,
-        validation_rows: cfg.validation_rows,
-        checkpoint_every: cfg.checkpoint_every,
-        log_every: cfg.log_every,
-    })?;
+    check_schedule(cfg.schedule())?;
     let bad = |field: &str, msg: String| Err((format!("params.{field}"), msg));
     let k = cfg.quantiser.codebook_size;
     if !(1..=65536).contains(&k) {
@@ -307,7 +310,7 @@ impl<'a> Trainer<'a> {
         }
         let total = self.cfg.steps;
         let b = self.cfg.batch_size;
-        let mut last_log = (Instant::now(), self.step);
+        let mut cadence = Cadence::new(&self.cfg.schedule(), self.step);
         let mut last = None;
         while self.step < total {
             let rows = self.stream.next_batch(b)?;
@@ -344,9 +347,8 @@ impl<'a> Trainer<'a> {
                     .map_err(Error::candle("re-seeding"))?;
             }
             let s = self.step as i64;
-            if self.step.is_multiple_of(self.cfg.log_every) || self.step == total {
-                let (t0, s0) = last_log;
-                let images = ((self.step - s0) as usize * b) as f64;
+            let due = cadence.after_step(ctx, self.step, lr, grad_norm);
+            if due.log {
                 ctx.metric(
                     "train.loss",
                     s,
@@ -354,27 +356,19 @@ impl<'a> Trainer<'a> {
                 );
                 ctx.metric("train.reconstruction", s, loss.reconstruction);
                 ctx.metric("train.commitment", s, loss.commitment);
-                ctx.metric("train.lr", s, lr);
-                ctx.metric("train.grad_norm", s, grad_norm);
                 ctx.metric(
                     "train.dead_codes",
                     s,
                     self.level.quantiser.dead_codes().len() as f64,
                 );
-                ctx.metric(
-                    "train.images_per_s",
-                    s,
-                    images / t0.elapsed().as_secs_f64().max(1e-9),
-                );
-                last_log = (Instant::now(), self.step);
             }
             if reseeded > 0 {
                 ctx.metric("train.reseeded_codes", s, reseeded as f64);
             }
-            if self.step.is_multiple_of(self.cfg.validate_every) || self.step == total {
+            if due.validate {
                 last = Some(self.validate()?);
             }
-            if self.step.is_multiple_of(self.cfg.checkpoint_every) && self.step < total {
+            if due.checkpoint {
                 self.save_checkpoint()?;
             }
             ctx.progress(
