@@ -53,13 +53,21 @@ pub struct Geometry {
     pub taps: u128,
 }
 
-/// Every tap of a `k x k` kernel (k at most 11).
+/// The largest kernel side: its taps must fit [`Geometry::taps`].
+pub const MAX_KERNEL: usize = 11;
+
+/// Every tap of a `k x k` kernel (k at most [`MAX_KERNEL`]).
 pub fn all_taps(k: usize) -> u128 {
-    if k * k >= 128 {
-        u128::MAX
-    } else {
-        (1u128 << (k * k)) - 1
+    (1u128 << (k * k)) - 1
+}
+
+fn check_kernel(k: usize) -> candle_core::Result<()> {
+    if !(1..=MAX_KERNEL).contains(&k) {
+        candle_core::bail!(
+            "a convolution kernel of {k}x{k}: sides 1 to {MAX_KERNEL} are supported"
+        );
     }
+    Ok(())
 }
 
 impl Geometry {
@@ -220,6 +228,7 @@ impl Conv {
         pad: usize,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
+        check_kernel(k)?;
         let weight = vb.get_with_hints(
             (c_out, c_in, k, k),
             "weight",
@@ -345,6 +354,7 @@ impl ConvTranspose {
         pad: usize,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
+        check_kernel(k)?;
         let bound = 1.0 / (c_out as f64).sqrt() / k as f64;
         let init = Init::Uniform {
             lo: -bound,

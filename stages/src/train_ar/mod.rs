@@ -53,6 +53,7 @@ use crate::checkpoint;
 use crate::data::grid::write_grid;
 use crate::data::level_table::{BatchStream, Cursor, LevelTable, Rows, check_aligned};
 use crate::error::Error;
+use crate::models::conv::MAX_KERNEL;
 use crate::models::encoder::InputKind;
 use crate::models::optim::{AdamW, OptimConfig};
 use crate::models::pixelcnn::{PixelCnnConfig, bits_per_dim};
@@ -135,10 +136,13 @@ fn parse_config(
                 .into(),
         );
     }
-    if m.kernel.is_multiple_of(2) || !(1..=11).contains(&m.kernel) {
+    if m.kernel.is_multiple_of(2) || !(1..=MAX_KERNEL).contains(&m.kernel) {
         return bad(
             "model",
-            format!("model.kernel is {}; it must be odd, 1 to 11", m.kernel),
+            format!(
+                "model.kernel is {}; it must be odd, 1 to {MAX_KERNEL}",
+                m.kernel
+            ),
         );
     }
     let t = cfg.reconstruct.temperature;
