@@ -71,6 +71,14 @@ impl Rows {
         chw
     }
 
+    /// Appends row `r` of `src` (`per_row` values each).
+    pub fn push_row(&mut self, src: &Rows, r: usize, per_row: usize) {
+        self.ids.push(src.ids[r]);
+        self.labels.push(src.labels[r]);
+        self.values
+            .extend_from_slice(&src.values[r * per_row..(r + 1) * per_row]);
+    }
+
     /// A copy of rows `start..end`, `per_row` values each.
     pub fn range(&self, start: usize, end: usize, per_row: usize) -> Rows {
         Rows {
@@ -426,11 +434,11 @@ impl BatchStream {
                 continue;
             }
             let r = l.order[self.cursor.row];
-            out.extend(l.rows.range(r, r + 1, per));
+            out.push_row(&l.rows, r, per);
             if let (Some(dst), Some(src), Some(c)) =
                 (&mut out_companion, &l.companion, &self.companion)
             {
-                dst.extend(src.range(r, r + 1, c.table.values_per_row));
+                dst.push_row(src, r, c.table.values_per_row);
             }
             self.cursor.row += 1;
         }
