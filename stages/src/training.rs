@@ -1,5 +1,9 @@
 //! What the training stages (`train_vq`, `train_ar`) share: the defaults of
-//! their schedule params and the checks of them.
+//! their schedule params and the checks of them, the validation rows, and
+//! the cadence of logging, validation and checkpoints.
+
+use crate::data::level_table::{LevelTable, Rows};
+use crate::error::Error;
 
 pub fn batch_size() -> usize {
     64
@@ -125,4 +129,16 @@ impl Cadence {
         }
         due
     }
+}
+
+/// The first `limit` rows of the validation split; an empty or missing
+/// split is an error that says how to make one.
+pub fn validation_rows_of(table: &LevelTable, split: &str, limit: usize) -> Result<Rows, Error> {
+    if table.splits.get(split).is_none_or(|s| s.rows == 0) {
+        return Err(Error::Params(format!(
+            "params.validation_split: the input table has no rows in split `{split}`; give preprocess a `validation: {{fraction: 0.1}}` or set `validation_split` to one of: {}",
+            table.splits.keys().cloned().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    table.read_split(split, Some(limit))
 }

@@ -269,14 +269,7 @@ impl<'a> Trainer<'a> {
         let opt = AdamW::new(model.trainable(), cfg.optimizer.clone())
             .map_err(Error::candle("optimizer"))?;
         let split = &cfg.validation_split;
-        if table.splits.get(split).is_none_or(|s| s.rows == 0) {
-            return Err(Error::Params(format!(
-                "params.validation_split: the input table has no rows in split `{split}`; give preprocess a `validation: {{fraction: 0.1}}` or set `validation_split` to one of: {}",
-                table.splits.keys().cloned().collect::<Vec<_>>().join(", ")
-            ))
-            .into());
-        }
-        let rows = table.read_split(split, Some(cfg.validation_rows))?;
+        let rows = training::validation_rows_of(&table, split, cfg.validation_rows)?;
         let val_condition = match &condition {
             Some(c) => {
                 let other = c.read_split(split, Some(cfg.validation_rows))?;

@@ -208,7 +208,7 @@ struct Trainer<'a> {
     mask_rng: SplitMix64,
     reseed_rng: SplitMix64,
     step: u64,
-    validation: Option<Rows>,
+    validation: Rows,
 }
 
 impl<'a> Trainer<'a> {
@@ -221,19 +221,8 @@ impl<'a> Trainer<'a> {
         let level = VqLevel::new(&cfg.level(), &table, cfg.seed, &device)?;
         let opt = AdamW::new(level.trainable(), cfg.optimizer.clone())
             .map_err(Error::candle("optimizer"))?;
-        let validation = match table.splits.get(&cfg.validation_split) {
-            Some(s) if s.rows > 0 => {
-                Some(table.read_split(&cfg.validation_split, Some(cfg.validation_rows))?)
-            }
-            _ => {
-                return Err(Error::Params(format!(
-                    "params.validation_split: the input table has no rows in split `{}`; give preprocess a `validation: {{fraction: 0.1}}` or set `validation_split` to one of: {}",
-                    cfg.validation_split,
-                    table.splits.keys().cloned().collect::<Vec<_>>().join(", ")
-                ))
-                .into());
-            }
-        };
+        let validation =
+            training::validation_rows_of(&table, &cfg.validation_split, cfg.validation_rows)?;
         Ok(Trainer {
             stream: BatchStream::new(&table, "train", cfg.seed, Cursor::default())?,
             mask_rng: SplitMix64::stream(cfg.seed, "mask"),
@@ -301,11 +290,11 @@ impl<'a> Trainer<'a> {
             self.level.info.code_width,
             self.cfg.quantiser.codebook_size
         );
-        if let (InputKind::Pixels { .. }, Some(v)) = (self.table.input, &self.validation) {
+        if let InputKind::Pixels { .. } = self.table.input {
             ctx.metric(
                 "val.pixel_variance",
                 0,
-                pixel_variance(v, self.table.values_per_row),
+                pixel_variance(&self.validation, self.table.values_per_row),
             );
         }
         let total = self.cfg.steps;
@@ -392,9 +381,7 @@ impl<'a> Trainer<'a> {
 
     /// Validation on the held-out rows; reports and returns the measures.
     fn validate(&self) -> Result<serde_json::Value, StageError> {
-        let Some(rows) = &self.validation else {
-            return Ok(json!({}));
-        };
+        let rows = &self.validation;
         let per = self.table.values_per_row;
         let k = self.cfg.quantiser.codebook_size;
         let mut hist = vec![0u64; k];
