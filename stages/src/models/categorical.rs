@@ -166,6 +166,7 @@ impl CustomOp3 for CategoricalNllGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::max_abs_diff;
     use candle_core::{Device, Var};
 
     #[test]
@@ -194,22 +195,10 @@ mod tests {
             .unwrap()
             .reshape((b, g, h, w))
             .unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert!(diff(&fast, &slow) < 1e-5);
+        assert!(max_abs_diff(&fast, &slow) < 1e-5);
         let gf = (fast * &wt).unwrap().sum_all().unwrap().backward().unwrap();
         let gs = (slow * &wt).unwrap().sum_all().unwrap().backward().unwrap();
-        assert!(diff(gf.get(&x).unwrap(), gs.get(&x).unwrap()) < 1e-5);
+        assert!(max_abs_diff(gf.get(&x).unwrap(), gs.get(&x).unwrap()) < 1e-5);
         assert!(categorical_nll(x.as_tensor(), &(t + 10.0).unwrap(), k).is_err());
     }
 }

@@ -423,14 +423,7 @@ mod tests {
 
     fn close(a: &Tensor, b: &Tensor, what: &str) {
         assert_eq!(a.dims(), b.dims(), "{what}");
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::models::max_abs_diff(a, b);
         assert!(d < 1e-4, "{what}: max difference {d}");
     }
 

@@ -15,3 +15,16 @@ pub mod optim;
 pub mod pixelcnn;
 pub mod quantiser;
 pub mod vars;
+
+/// The largest absolute difference between two tensors of one shape (tests
+/// that hold a kernel against candle's own ops).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("tensors of one shape and dtype f32")
+}

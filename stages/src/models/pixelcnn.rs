@@ -657,14 +657,7 @@ mod tests {
                 .unwrap();
             let got = band.narrow(2, n - 1, 1).unwrap().flatten_all().unwrap();
             let want = whole.narrow(2, y, 1).unwrap().flatten_all().unwrap();
-            let d = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::models::max_abs_diff(&got, &want);
             assert!(d < 1e-5, "row {y}: the band's logits differ by {d}");
         }
     }
@@ -688,18 +681,8 @@ mod tests {
             (y, g.get(&x).unwrap().clone())
         };
         let ((y1, g1), (y2, g2)) = (run(false), run(true));
-        let max = |t: Tensor| {
-            t.abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert!(max((y1 - y2).unwrap()) < 1e-6);
-        assert!(max((g1 - g2).unwrap()) < 1e-5);
+        assert!(crate::models::max_abs_diff(&y1, &y2) < 1e-6);
+        assert!(crate::models::max_abs_diff(&g1, &g2) < 1e-5);
     }
 
     #[test]
