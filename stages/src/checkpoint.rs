@@ -12,6 +12,9 @@ use pipeline::stage::{StageContext, StageError};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::models::optim::AdamW;
+use crate::models::vars::SeededVars;
+
 /// A checkpoint's one file.
 const CHECKPOINT_FILE: &str = "state.safetensors";
 /// The metadata key of the train state in it.
@@ -55,4 +58,30 @@ pub fn load<S: DeserializeOwned>(
 /// The file name inside a checkpoint folder, for messages and tests.
 pub fn file(dir: &Path) -> std::path::PathBuf {
     dir.join(CHECKPOINT_FILE)
+}
+
+/// A model's weights (`model.*`) and the optimiser's moments (`optim.*`), as
+/// checkpoint tensors.
+pub fn weights_and_moments(vars: &SeededVars, opt: &AdamW) -> HashMap<String, Tensor> {
+    let mut tensors: HashMap<String, Tensor> = vars
+        .all()
+        .into_iter()
+        .map(|(name, var)| (format!("model.{name}"), var.as_tensor().clone()))
+        .collect();
+    tensors.extend(opt.state("optim."));
+    tensors
+}
+
+/// Sets what [`weights_and_moments`] saved into the checkpoint in `dir`;
+/// `optimizer_steps` from its train state.
+pub fn restore_weights_and_moments(
+    tensors: &BTreeMap<String, Tensor>,
+    dir: &Path,
+    vars: &SeededVars,
+    opt: &mut AdamW,
+    optimizer_steps: u64,
+) -> Result<(), StageError> {
+    vars.load(tensors, "model.", &file(dir))?;
+    opt.load_state(tensors, "optim.", optimizer_steps)?;
+    Ok(())
 }

@@ -39,11 +39,10 @@
 
 pub mod model;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use pipeline::spec::Stage;
 use pipeline::stage::{StageContext, StageError, StageKind};
 use serde::{Deserialize, Serialize};
@@ -303,21 +302,19 @@ impl<'a> Trainer<'a> {
             cursor: self.stream.cursor,
             optimizer_steps: self.opt.steps,
         };
-        let mut tensors: HashMap<String, Tensor> = HashMap::new();
-        for (name, var) in self.model.vars.all() {
-            tensors.insert(format!("model.{name}"), var.as_tensor().clone());
-        }
-        tensors.extend(self.opt.state("optim."));
+        let tensors = checkpoint::weights_and_moments(&self.model.vars, &self.opt);
         checkpoint::save(self.ctx, self.step, &tensors, &state)
     }
 
     fn restore(&mut self, dir: &Path) -> Result<(), StageError> {
         let (tensors, state): (_, TrainState) = checkpoint::load(dir, &self.model.device)?;
-        self.model
-            .vars
-            .load(&tensors, "model.", &checkpoint::file(dir))?;
-        self.opt
-            .load_state(&tensors, "optim.", state.optimizer_steps)?;
+        checkpoint::restore_weights_and_moments(
+            &tensors,
+            dir,
+            &self.model.vars,
+            &mut self.opt,
+            state.optimizer_steps,
+        )?;
         self.stream.cursor = state.cursor;
         self.step = state.step;
         Ok(())

@@ -33,10 +33,9 @@
 
 pub mod level;
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use pipeline::spec::Stage;
 use pipeline::stage::{StageContext, StageError, StageKind};
 use serde::{Deserialize, Serialize};
@@ -245,27 +244,26 @@ impl<'a> Trainer<'a> {
             reseed_rng: self.reseed_rng.0,
             optimizer_steps: self.opt.steps,
         };
-        let mut tensors: HashMap<String, Tensor> = HashMap::new();
-        for (name, var) in self.level.vars.all() {
-            tensors.insert(format!("model.{name}"), var.as_tensor().clone());
-        }
+        let mut tensors = checkpoint::weights_and_moments(&self.level.vars, &self.opt);
         tensors.extend(
             self.level
                 .quantiser
                 .state("quantiser.")
                 .map_err(Error::candle("checkpoint"))?,
         );
-        tensors.extend(self.opt.state("optim."));
         checkpoint::save(self.ctx, self.step, &tensors, &state)
     }
 
     fn restore(&mut self, dir: &Path) -> Result<(), StageError> {
         let (tensors, state): (_, TrainState) = checkpoint::load(dir, &self.level.device)?;
-        let file = checkpoint::file(dir);
-        self.level.vars.load(&tensors, "model.", &file)?;
+        checkpoint::restore_weights_and_moments(
+            &tensors,
+            dir,
+            &self.level.vars,
+            &mut self.opt,
+            state.optimizer_steps,
+        )?;
         self.level.quantiser.load_state(&tensors, "quantiser.")?;
-        self.opt
-            .load_state(&tensors, "optim.", state.optimizer_steps)?;
         self.stream.cursor = state.cursor;
         self.mask_rng = SplitMix64(state.mask_rng);
         self.reseed_rng = SplitMix64(state.reseed_rng);
