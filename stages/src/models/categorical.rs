@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, D, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::aux_decoder::class_rows;
+use super::contiguous_f32;
 
 /// -ln softmax(logits)[target] at every position and group: (B, G, H, W),
 /// for u32 `targets` (B, G, H, W) in 0..K.
@@ -59,13 +60,6 @@ fn planes(layout: &Layout, classes: usize) -> candle_core::Result<(usize, usize,
     Ok((b, gk / classes, classes, h * w))
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
-        None => candle_core::bail!("categorical NLL needs contiguous tensors"),
-    }
-}
-
 /// Log-sum-exp over K of one plane (K x HW), per position.
 fn log_sum_exp(plane: &[f32], k: usize, hw: usize) -> Vec<f32> {
     let mut max = vec![f32::NEG_INFINITY; hw];
@@ -90,7 +84,7 @@ impl CustomOp1 for CategoricalNll {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, g, k, hw) = planes(l, self.classes)?;
-        let x = slice(s, l)?;
+        let x = contiguous_f32(s, l, "categorical NLL")?;
         let mut out = vec![0f32; b * g * hw];
         out.par_chunks_mut(hw)
             .zip(x.par_chunks(k * hw))
@@ -138,7 +132,12 @@ impl CustomOp3 for CategoricalNllGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, _, k, hw) = planes(l1, self.0.classes)?;
-        let (x, nll, grad) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let op = "categorical NLL gradient";
+        let (x, nll, grad) = (
+            contiguous_f32(s1, l1, op)?,
+            contiguous_f32(s2, l2, op)?,
+            contiguous_f32(s3, l3, op)?,
+        );
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(k * hw)
             .zip(x.par_chunks(k * hw))

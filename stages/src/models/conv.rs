@@ -18,6 +18,8 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Tensor};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, Init, VarBuilder};
 use rayon::prelude::*;
 
+use super::contiguous_f32;
+
 /// Multiply-add FLOPs (2 per MAC) of the forward matmuls of every
 /// convolution since the start, for benchmarks that report a FLOP rate.
 pub static FORWARD_FLOPS: AtomicU64 = AtomicU64::new(0);
@@ -120,17 +122,6 @@ impl Geometry {
             }
         }
     }
-}
-
-fn contiguous_f32<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    op: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("{op} needs a contiguous input");
-    };
-    Ok(&storage.as_slice::<f32>()?[start..end])
 }
 
 /// Images (B, C, H, W) -> columns (B, OH*OW, C*k*k).

@@ -16,6 +16,19 @@ pub mod pixelcnn;
 pub mod quantiser;
 pub mod vars;
 
+/// The f32 values of a contiguous CPU tensor, for the CPU kernels of
+/// `CustomOp`s; `op` names the kernel in the error.
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op} needs a contiguous input");
+    };
+    Ok(&storage.as_slice::<f32>()?[start..end])
+}
+
 /// The largest absolute difference between two tensors of one shape (tests
 /// that hold a kernel against candle's own ops).
 #[cfg(test)]

@@ -8,6 +8,8 @@
 use candle_core::{CpuStorage, CustomOp1, D, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::contiguous_f32;
+
 /// Row-wise argmin of a contiguous 2-d f32 tensor, as u32; ties go to the
 /// lowest index. No gradient (an index has none).
 pub struct ArgminRows;
@@ -23,10 +25,7 @@ impl CustomOp1 for ArgminRows {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, cols) = layout.shape().dims2()?;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("argmin-rows needs a contiguous input");
-        };
-        let data = &storage.as_slice::<f32>()?[start..end];
+        let data = contiguous_f32(storage, layout, "argmin-rows")?;
         let out: Vec<u32> = data
             .par_chunks(cols.max(1))
             .with_min_len(64)

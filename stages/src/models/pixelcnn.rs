@@ -24,6 +24,7 @@ use candle_nn::{Embedding, VarBuilder, embedding};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::contiguous_f32;
 use super::conv::{Conv, ConvTranspose};
 use super::encoder::{InputEmbedding, InputKind, ResBlock};
 
@@ -154,15 +155,11 @@ struct Gate;
 
 /// A contiguous (B, 2h, H, W) f32 tensor as slices, and h*H*W.
 fn gate_halves<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], usize)> {
-    let (b, c, hh, ww) = l.shape().dims4()?;
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("gate needs a contiguous input");
-    };
+    let (_, c, hh, ww) = l.shape().dims4()?;
     if c % 2 != 0 {
         candle_core::bail!("gate needs an even channel count, got {c}");
     }
-    let _ = b;
-    Ok((&s.as_slice::<f32>()?[start..end], c / 2 * hh * ww))
+    Ok((contiguous_f32(s, l, "gate")?, c / 2 * hh * ww))
 }
 
 fn sigmoid(v: f32) -> f32 {
@@ -215,10 +212,7 @@ impl CustomOp2 for GateGrad {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, half) = gate_halves(s1, l1)?;
-        let Some((start, end)) = l2.contiguous_offsets() else {
-            candle_core::bail!("gate gradient needs a contiguous gradient");
-        };
-        let g = &s2.as_slice::<f32>()?[start..end];
+        let g = contiguous_f32(s2, l2, "gate gradient")?;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(2 * half)
             .zip(x.par_chunks(2 * half).zip(g.par_chunks(half)))
