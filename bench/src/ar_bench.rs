@@ -10,6 +10,11 @@
 //! one-pass gate kernel) and the "before" (every tap multiplied, candle's
 //! tanh x sigmoid), and prints both medians.
 //!
+//! Sampling: 10 images of 32x32x1 from tiny.yaml's decoder1 and baseline
+//! architectures, the cached sampler (median of 3) against the naive one
+//! (the whole network re-run for every value; once, as it takes minutes),
+//! in one run; both must draw the same images.
+//!
 //! Encode: the `encode` stage, run as the pipeline runs it, over a 12,000-row
 //! image table (two splits) with the tiny pipeline's level-1 architecture:
 //! images/s, the Parquet write included.
@@ -31,7 +36,7 @@ use stages::models::encoder::InputKind;
 use stages::models::optim::{AdamW, OptimConfig};
 use stages::models::pixelcnn::{COMPOSED_GATE, PixelCnnConfig};
 use stages::rng::SplitMix64;
-use stages::train_ar::model::{AR_FORMAT, ArInfo, ArModel, CodeMapInfo};
+use stages::train_ar::model::{AR_FORMAT, ArInfo, ArModel, CodeMapInfo, Sampling};
 use stages::train_vq::level::VqLevel;
 
 #[global_allocator]
@@ -109,6 +114,70 @@ fn train(name: &str, info: ArInfo, steps: usize) -> Result<(), Box<dyn std::erro
         flops[1] as f64 / 1e9,
         a / s,
         model.vars.parameter_count()
+    );
+    Ok(())
+}
+
+/// Sampling `n` images from a freshly initialised model (the cost does not
+/// depend on the weights), naive (the whole network per value) against
+/// cached (incremental; median of `runs`); checks that both draw the same
+/// images.
+fn sample(
+    name: &str,
+    info: ArInfo,
+    n: usize,
+    runs: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if !selected(name) {
+        return Ok(());
+    }
+    let model = ArModel::new(info, &Device::Cpu)?;
+    let mut rng = SplitMix64(5);
+    let rows = Rows {
+        ids: (0..n as i64).collect(),
+        labels: (0..n).map(|_| rng.below(10) as i32).collect(),
+        values: vec![0; n * model.info.values_per_row()],
+    };
+    let codes = Rows {
+        ids: rows.ids.clone(),
+        labels: rows.labels.clone(),
+        values: (0..n * 64).map(|_| rng.below(128) as u16).collect(),
+    };
+    let batch = model.batch(&rows, Some(&codes))?;
+    let (mut naive, mut cached) = (Vec::new(), Vec::new());
+    let mut identical = true;
+    for run in 0..runs {
+        let mut drawn = Vec::new();
+        // The naive sampler takes minutes: once, beside the first cached run.
+        let methods = match run {
+            0 => &[Sampling::Naive, Sampling::Cached][..],
+            _ => &[Sampling::Cached],
+        };
+        for &how in methods {
+            let times = match how {
+                Sampling::Naive => &mut naive,
+                Sampling::Cached => &mut cached,
+            };
+            let t = Instant::now();
+            drawn.push(model.sample(
+                batch.labels.as_ref(),
+                batch.code_map.as_ref(),
+                n,
+                1.0,
+                &mut SplitMix64(9),
+                how,
+            )?);
+            times.push(t.elapsed().as_secs_f64());
+        }
+        identical &= drawn.len() < 2 || drawn[0] == drawn[1];
+    }
+    let (a, c) = (median(naive), median(cached));
+    println!(
+        "{name:<34} {n} images: cached {:>7.2} s ({:>6.1} images/s) | naive (whole network per value, once) {:>7.2} s | {:.1}x | same images: {identical}",
+        c,
+        n as f64 / c,
+        a,
+        a / c
     );
     Ok(())
 }
@@ -239,12 +308,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         steps,
     )?;
     // The baseline's width, 19, gives it decoder1's parameter count.
-    let baseline = PixelCnnConfig { hidden: 19, ..tiny };
+    let baseline = PixelCnnConfig {
+        hidden: 19,
+        ..tiny.clone()
+    };
     train(
         "tiny.yaml baseline (given class)",
-        info(baseline, false, true),
+        info(baseline.clone(), false, true),
         steps,
     )?;
+    let (decoder1, baseline) = (info(tiny, true, false), info(baseline, false, true));
+    sample("sampling decoder1 (given codes)", decoder1, 10, 3)?;
+    sample("sampling baseline (given class)", baseline, 10, 3)?;
     // Minutes per run: only when asked for (`-- 2 defaults`).
     if std::env::args().nth(2).is_some() {
         train(

@@ -317,7 +317,12 @@ impl Module for Conv {
             _ => self.weight()?,
         }
         .reshape((o, g.row_len()))?;
-        let y = cols.reshape((b * l, g.row_len()))?.matmul(&wm.t()?)?; // B*L, O
+        // A contiguous (CKK, O) right-hand side: gemm then sums each output
+        // in the same order whatever the number of rows, so a position's
+        // value does not depend on how many others are computed with it
+        // (what exact incremental sampling needs; a transposed view does).
+        let wm = wm.t()?.contiguous()?;
+        let y = cols.reshape((b * l, g.row_len()))?.matmul(&wm)?; // B*L, O
         let y = y.broadcast_add(&self.bias.unsqueeze(0)?)?;
         y.reshape((b, l, o))?
             .transpose(1, 2)?

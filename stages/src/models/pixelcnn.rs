@@ -28,6 +28,8 @@ use super::contiguous_f32;
 use super::conv::{Conv, ConvTranspose};
 use super::encoder::{InputEmbedding, InputKind, ResBlock};
 
+pub mod incremental;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PixelCnnConfig {
@@ -654,6 +656,55 @@ mod tests {
             let d = crate::models::max_abs_diff(&got, &want);
             assert!(d < 1e-5, "row {y}: the band's logits differ by {d}");
         }
+    }
+
+    /// The incremental computation's logits at every position equal the
+    /// whole network's.
+    #[test]
+    fn incremental_logits_equal_the_whole_networks() {
+        let dev = Device::Cpu;
+        let (c, h, w, n) = (3, 6, 6, 4);
+        let vars = SeededVars::new(8);
+        let model = PixelCnn::new(
+            &small(3),
+            InputKind::Pixels { channels: c },
+            Conditioning {
+                labels: Some(2),
+                code_map: Some((5, 0)),
+            },
+            vars.var_builder(&dev),
+        )
+        .unwrap();
+        let mut r = SplitMix64(4);
+        let x: Vec<f32> = (0..n * c * h * w)
+            .map(|_| r.uniform() as f32 - 0.5)
+            .collect();
+        let x = Tensor::from_vec(x, (n, c, h, w), &dev).unwrap();
+        let label = Tensor::new(&[1u32, 0, 1, 1], &dev).unwrap();
+        let map: Vec<u32> = (0..n * h * w).map(|i| i as u32 % 5).collect();
+        let map = Tensor::from_vec(map, (n, h, w), &dev).unwrap();
+        let cond = model.condition(&map).unwrap();
+        let whole = model.forward_with(&x, Some(&label), Some(&cond)).unwrap();
+        let mut inc = incremental::Incremental::new(&model, Some(&label), Some(&cond)).unwrap();
+        let mut worst = 0f32;
+        for y in 0..h {
+            let y0 = y.saturating_sub(model.rows_above());
+            inc.start_row(y, &x.narrow(2, y0, y + 1 - y0).unwrap())
+                .unwrap();
+            for xx in 0..w {
+                let row = x.narrow(2, y, 1).unwrap();
+                let got = inc.logits(xx, &row).unwrap().flatten_all().unwrap();
+                let want = whole
+                    .narrow(2, y, 1)
+                    .unwrap()
+                    .narrow(3, xx, 1)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap();
+                worst = worst.max(crate::models::max_abs_diff(&got, &want));
+            }
+        }
+        assert!(worst == 0.0, "the incremental logits differ by {worst}");
     }
 
     #[test]

@@ -59,7 +59,7 @@ use crate::models::pixelcnn::{PixelCnnConfig, bits_per_dim};
 use crate::rng::SplitMix64;
 use crate::train_vq::device;
 use crate::training::{self, Cadence, Schedule, check_schedule};
-use model::{AR_FORMAT, ArInfo, ArModel};
+use model::{AR_FORMAT, ArInfo, ArModel, Sampling};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -469,6 +469,7 @@ impl<'a> Trainer<'a> {
                 n,
                 self.cfg.reconstruct.temperature,
                 &mut rng,
+                Sampling::Cached,
             )
             .map_err(Error::candle("sampling"))?;
         let seconds = started.elapsed().as_secs_f64();

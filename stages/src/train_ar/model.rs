@@ -14,6 +14,7 @@ use crate::data::level_table::{LevelTable, Rows};
 use crate::error::{Error, Result};
 use crate::models::categorical::categorical_nll;
 use crate::models::encoder::InputKind;
+use crate::models::pixelcnn::incremental::Incremental;
 use crate::models::pixelcnn::{Conditioning, PixelCnn, PixelCnnConfig};
 use crate::models::vars::SeededVars;
 use crate::rng::SplitMix64;
@@ -113,6 +114,15 @@ pub struct ArBatch {
     pub size: usize,
 }
 
+/// How [`ArModel::sample`] computes each position's logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sampling {
+    /// The whole network on whole images, once per value: the reference.
+    Naive,
+    /// Only what each new position adds ([`Incremental`]).
+    Cached,
+}
+
 pub struct ArModel {
     pub info: ArInfo,
     pub vars: SeededVars,
@@ -148,9 +158,15 @@ impl ArModel {
         self.vars.all()
     }
 
-    /// Values (u32, CHW per row) -> the network's input tensor.
-    fn input_tensor(&self, chw: &[u32], b: usize, h: usize) -> candle_core::Result<Tensor> {
-        let (c, w) = (self.info.channels(), self.info.width);
+    /// Values (u32, CHW per row, h x w of them) -> the network's input tensor.
+    fn input_tensor(
+        &self,
+        chw: &[u32],
+        b: usize,
+        h: usize,
+        w: usize,
+    ) -> candle_core::Result<Tensor> {
+        let c = self.info.channels();
         match self.info.target {
             InputKind::Pixels { .. } => {
                 let scaled: Vec<f32> = chw.iter().map(|&v| v as f32 / 255.0 - 0.5).collect();
@@ -167,7 +183,7 @@ impl ArModel {
         let (b, c, h, w) = (rows.len(), info.channels(), info.height, info.width);
         let err = Error::candle("building a batch");
         let chw = rows.planes(c, h * w);
-        let input = self.input_tensor(&chw, b, h).map_err(&err)?;
+        let input = self.input_tensor(&chw, b, h, w).map_err(&err)?;
         let targets = Tensor::from_vec(chw, (b, c, h, w), &self.device).map_err(&err)?;
         let labels = if info.class_conditional {
             let n = info.class_names.len();
@@ -233,9 +249,8 @@ impl ArModel {
 
     /// Draws one row per label (and per code map) value by value in raster
     /// and channel order, at `temperature` (logits divided by it); returns
-    /// the rows in table layout (HWC pixels or row-major codes). Each value
-    /// runs the network on the band of rows its logits can see, not the
-    /// whole image.
+    /// the rows in table layout (HWC pixels or row-major codes). `how`
+    /// picks the computation; both draw the same values from the same `rng`.
     pub fn sample(
         &self,
         labels: Option<&Tensor>,
@@ -243,6 +258,7 @@ impl ArModel {
         n: usize,
         temperature: f64,
         rng: &mut SplitMix64,
+        how: Sampling,
     ) -> candle_core::Result<Vec<u16>> {
         let (c, h, w, k) = (
             self.info.channels(),
@@ -254,35 +270,53 @@ impl ArModel {
             Some(m) => Some(self.net.condition(m)?),
             None => None,
         };
+        let mut cached = match how {
+            Sampling::Cached => Some(Incremental::new(&self.net, labels, cond.as_ref())?),
+            Sampling::Naive => None,
+        };
         let above = self.net.rows_above();
         let mut chw = vec![0u32; n * c * h * w];
         let mut probs = vec![0f64; k];
         for y in 0..h {
-            let y0 = y.saturating_sub(above);
-            let band = y + 1 - y0;
-            let band_cond = match &cond {
-                Some(f) => Some(f.narrow(2, y0, band)?),
-                None => None,
-            };
+            if let Some(inc) = &mut cached {
+                let y0 = y.saturating_sub(above);
+                let band = y + 1 - y0;
+                let mut values = vec![0u32; n * c * band * w];
+                for (dst, src) in values
+                    .chunks_exact_mut(band * w)
+                    .zip(chw.chunks_exact(h * w))
+                {
+                    dst.copy_from_slice(&src[y0 * w..(y + 1) * w]);
+                }
+                inc.start_row(y, &self.input_tensor(&values, n, band, w)?)?;
+            }
             for x in 0..w {
                 for ch in 0..c {
-                    let mut values = vec![0u32; n * c * band * w];
-                    for i in 0..n {
-                        for cc in 0..c {
-                            let src = ((i * c + cc) * h + y0) * w;
-                            let dst = (i * c + cc) * band * w;
-                            values[dst..dst + band * w].copy_from_slice(&chw[src..src + band * w]);
+                    let logits = match &mut cached {
+                        Some(inc) => {
+                            let row: Vec<u32> = chw
+                                .chunks_exact(h * w)
+                                .flat_map(|p| &p[y * w..(y + 1) * w])
+                                .copied()
+                                .collect();
+                            inc.logits(x, &self.input_tensor(&row, n, 1, w)?)?.narrow(
+                                1,
+                                ch * k,
+                                k,
+                            )?
                         }
-                    }
-                    let input = self.input_tensor(&values, n, band)?;
-                    let logits = self
-                        .net
-                        .forward_with(&input, labels, band_cond.as_ref())?
-                        .narrow(1, ch * k, k)?
-                        .narrow(2, band - 1, 1)?
-                        .narrow(3, x, 1)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()?; // (n, k) in image-major order
+                        None => self
+                            .net
+                            .forward_with(
+                                &self.input_tensor(&chw, n, h, w)?,
+                                labels,
+                                cond.as_ref(),
+                            )?
+                            .narrow(1, ch * k, k)?
+                            .narrow(2, y, 1)?
+                            .narrow(3, x, 1)?,
+                    };
+                    let logits = logits.flatten_all()?.to_vec1::<f32>()?; // (n, k) image-major
                     for i in 0..n {
                         let l = &logits[i * k..(i + 1) * k];
                         let max = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
@@ -370,4 +404,82 @@ fn draw(weights: &[f64], rng: &mut SplitMix64) -> usize {
         u -= p;
     }
     weights.len() - 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(target: InputKind, labels: bool, condition: Option<CodeMapInfo>) -> ArModel {
+        let info = ArInfo {
+            format: AR_FORMAT.into(),
+            target,
+            height: 6,
+            width: 6,
+            class_names: vec!["a".into(), "b".into(), "c".into()],
+            class_conditional: labels,
+            condition,
+            target_key: "t".into(),
+            condition_key: condition.map(|_| "c".into()),
+            seed: 11,
+            model: PixelCnnConfig {
+                hidden: 6,
+                layers: 3,
+                kernel: 3,
+                code_embedding: 4,
+                cond_hidden: 4,
+                cond_res_blocks: 1,
+            },
+        };
+        ArModel::new(info, &Device::Cpu).unwrap()
+    }
+
+    fn draw_samples(m: &ArModel, seed: u64, how: Sampling) -> Vec<u16> {
+        let n = 4;
+        let dev = &Device::Cpu;
+        let labels = m
+            .info
+            .class_conditional
+            .then(|| Tensor::new(&[0u32, 1, 2, 1], dev).unwrap());
+        let map = m.info.condition.map(|c| {
+            let codes: Vec<u32> = (0..n * c.values())
+                .map(|i| (i * 7 % c.codebook_size) as u32)
+                .collect();
+            Tensor::from_vec(codes, (n, c.height, c.width), dev).unwrap()
+        });
+        let mut rng = SplitMix64(seed);
+        m.sample(labels.as_ref(), map.as_ref(), n, 1.0, &mut rng, how)
+            .unwrap()
+    }
+
+    /// The cached sampler computes each position's logits from cached rows
+    /// and columns; it must draw the very values the whole network gives.
+    #[test]
+    fn cached_sampling_draws_exactly_the_naive_samples() {
+        let rgb = model(
+            InputKind::Pixels { channels: 3 },
+            true,
+            Some(CodeMapInfo {
+                codebook_size: 5,
+                height: 3,
+                width: 3,
+                upsample: 1,
+            }),
+        );
+        let codes = model(InputKind::Codes { classes: 7 }, true, None);
+        for m in [&rgb, &codes] {
+            let naive = draw_samples(m, 5, Sampling::Naive);
+            let cached = draw_samples(m, 5, Sampling::Cached);
+            assert_eq!(naive.len(), 4 * m.info.values_per_row());
+            assert_eq!(cached, naive, "{:?}", m.info.target);
+        }
+    }
+
+    #[test]
+    fn sampling_is_deterministic_given_the_seed() {
+        let m = model(InputKind::Pixels { channels: 1 }, true, None);
+        let a = draw_samples(&m, 1, Sampling::Cached);
+        assert_eq!(a, draw_samples(&m, 1, Sampling::Cached));
+        assert_ne!(a, draw_samples(&m, 2, Sampling::Cached));
+    }
 }
