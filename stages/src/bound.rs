@@ -29,10 +29,13 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::error::Error;
-use crate::models::encoder::InputKind;
+use crate::hierarchy::{self, decoder_names};
 use crate::train_ar::model::{ArInfo, read_info};
 
 pub struct Bound;
+
+/// Inputs besides the decoders.
+const OTHERS: &[&str] = &["prior", "baseline"];
 
 /// The part of a train_ar stage's `metrics.json` the bound reads.
 #[derive(Debug, Deserialize)]
@@ -55,35 +58,6 @@ struct Term {
     measured: Measured,
 }
 
-/// The decoder inputs `decoder1..decoderN`, in order; an error names a gap.
-fn decoder_names(inputs: impl Iterator<Item = String>) -> Result<Vec<String>, String> {
-    let mut numbers = Vec::new();
-    for name in inputs {
-        if name == "prior" || name == "baseline" {
-            continue;
-        }
-        match name
-            .strip_prefix("decoder")
-            .and_then(|n| n.parse::<usize>().ok())
-        {
-            Some(n) if n >= 1 => numbers.push(n),
-            _ => {
-                return Err(format!(
-                    "bound has no input `{name}`; its inputs are decoder1, decoder2, ... (one per level), prior and optionally baseline"
-                ));
-            }
-        }
-    }
-    numbers.sort();
-    if numbers.is_empty() || numbers.iter().enumerate().any(|(i, &n)| n != i + 1) {
-        return Err(format!(
-            "bound needs decoder1..decoderN without gaps (one AR decoder per level), got {:?}",
-            numbers
-        ));
-    }
-    Ok(numbers.iter().map(|n| format!("decoder{n}")).collect())
-}
-
 impl StageKind for Bound {
     fn name(&self) -> &'static str {
         "bound"
@@ -104,7 +78,7 @@ impl StageKind for Bound {
                 "bound needs `inputs: {decoder1: AR_STAGE, ..., prior: AR_STAGE}`".into(),
             ));
         }
-        decoder_names(stage.inputs.keys().cloned()).map_err(err)?;
+        decoder_names("bound", stage.inputs.keys().cloned(), OTHERS, true).map_err(err)?;
         if let Some(k) = stage.params.keys().next() {
             return Err((format!("params.{k}"), "bound takes no params".into()));
         }
@@ -112,7 +86,8 @@ impl StageKind for Bound {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
-        let names = decoder_names(ctx.job.inputs.keys().cloned()).map_err(Error::Params)?;
+        let names = decoder_names("bound", ctx.job.inputs.keys().cloned(), OTHERS, true)
+            .map_err(Error::Params)?;
         let load = |name: &str| -> Result<Term, StageError> {
             let dir = ctx.input(name)?;
             let path = dir.join("metrics.json");
@@ -173,30 +148,10 @@ impl StageKind for Bound {
 /// Pixels -> decoder1 -> codes1 -> decoder2 -> ... -> prior, all measured
 /// on the same rows; the baseline models the same pixels.
 fn check_chain(chain: &[Term], baseline: Option<&Term>) -> Result<(), Error> {
+    let links: Vec<(&str, &ArInfo)> = chain.iter().map(|t| (t.name.as_str(), &t.info)).collect();
+    hierarchy::check_chain(&links)?;
     let first = &chain[0];
     let bad = |m: String| Err(Error::Params(m));
-    if !matches!(first.info.target, InputKind::Pixels { .. }) {
-        return bad(format!(
-            "inputs.{}: models codes; decoder1 must model the pixels (given the level-1 codes)",
-            first.name
-        ));
-    }
-    for pair in chain.windows(2) {
-        let (lower, upper) = (&pair[0], &pair[1]);
-        if lower.info.condition_key.as_deref() != Some(upper.info.target_key.as_str()) {
-            return bad(format!(
-                "inputs.{}: is not conditioned on the codes that `{}` models; the decoder of each level must take as `condition` the code table the next model has as `table`",
-                lower.name, upper.name
-            ));
-        }
-    }
-    let top = &chain[chain.len() - 1];
-    if top.info.condition.is_some() {
-        return bad(format!(
-            "inputs.{}: the prior is conditioned on a code map; the top of the chain models the top codes given the class only",
-            top.name
-        ));
-    }
     let mut all: Vec<&Term> = chain.iter().collect();
     if let Some(b) = baseline {
         if b.info.target_key != first.info.target_key || b.info.condition.is_some() {

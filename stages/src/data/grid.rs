@@ -33,12 +33,22 @@ pub fn write_grid(
             }
         }
     }
-    let color = if out_c == 1 {
+    save_png(path, &canvas, (gh, gw, out_c))
+}
+
+/// Writes one image (`h*w*c` values 0..=255, HWC; c 1 or 3) as a PNG.
+pub fn write_image(path: &Path, image: &[u16], (h, w, c): (usize, usize, usize)) -> Result<()> {
+    let bytes: Vec<u8> = image.iter().map(|&v| v.min(255) as u8).collect();
+    save_png(path, &bytes, (h, w, c))
+}
+
+fn save_png(path: &Path, bytes: &[u8], (h, w, c): (usize, usize, usize)) -> Result<()> {
+    let color = if c == 1 {
         image::ExtendedColorType::L8
     } else {
         image::ExtendedColorType::Rgb8
     };
-    image::save_buffer(path, &canvas, gw as u32, gh as u32, color).map_err(|e| Error::Image {
+    image::save_buffer(path, bytes, w as u32, h as u32, color).map_err(|e| Error::Image {
         context: format!("writing {}", path.display()),
         source: e,
     })

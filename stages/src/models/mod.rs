@@ -7,6 +7,7 @@
 
 pub mod aux_decoder;
 pub mod categorical;
+pub mod classifier;
 pub mod conv;
 pub mod encoder;
 pub mod masks;
