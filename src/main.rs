@@ -1,6 +1,7 @@
 //! The `haic-pipe` binary: parses arguments and wires the engine (`pipeline`)
 //! to the stage kinds (`stages`). No logic of its own beyond rendering.
 
+mod eval;
 mod render;
 
 use std::io::IsTerminal;
@@ -92,6 +93,15 @@ enum Cmd {
         #[command(subcommand)]
         command: DataCmd,
     },
+    /// Human evaluation of a package a `human_eval_export` stage wrote.
+    Eval {
+        #[command(subcommand)]
+        command: EvalCmd,
+        /// Find the workspace beside this pipeline file (default: the
+        /// workspace the package lies in, or `.haic`).
+        #[arg(long, short, global = true)]
+        pipeline: Option<PathBuf>,
+    },
     /// Run one stage job (started by the driver or a cluster back-end).
     #[command(hide = true)]
     Worker {
@@ -115,6 +125,32 @@ enum DataCmd {
         #[arg(long)]
         catalog: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum EvalCmd {
+    /// Serve the local rating page; answers go to the registry.
+    Serve {
+        /// The package folder (`haic-pipe show PIPELINE STAGE` prints it).
+        package: PathBuf,
+        /// Address to listen on; anything but loopback exposes the page.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port (0: any free one; the page's address is printed).
+        #[arg(long, default_value_t = 8765)]
+        port: u16,
+    },
+    /// Store the answers of a crowd platform's results CSV
+    /// (columns Input.task_id, Answer.choice, WorkerId).
+    Import {
+        results: PathBuf,
+        /// The package the tasks came from.
+        #[arg(long)]
+        package: PathBuf,
+    },
+    /// Preference rates per comparison: 95% Wilson intervals and a
+    /// two-sided binomial test; raters who failed a catch trial excluded.
+    Report,
 }
 
 #[derive(Subcommand)]
@@ -322,6 +358,41 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             })
             .await
             .context("the download task stopped")??;
+            Ok(0)
+        }
+        Cmd::Eval { command, pipeline } => {
+            let registry = |package: Option<&Path>| -> Result<PathBuf> {
+                if cli.workspace.is_some() || pipeline.is_some() {
+                    return Ok(workspace_for(&cli.workspace, pipeline.as_deref())?.registry_path());
+                }
+                if let Some(found) = package.and_then(eval::registry_above) {
+                    return Ok(found);
+                }
+                Ok(workspace_for(&None, None)?.registry_path())
+            };
+            match command {
+                EvalCmd::Serve {
+                    package,
+                    host,
+                    port,
+                } => {
+                    let p = eval::Package::open(&package)?;
+                    eval::serve(&registry(Some(&package))?, p, &host, port).await?;
+                }
+                EvalCmd::Import { results, package } => {
+                    let p = eval::Package::open(&package)?;
+                    let (rows, added) =
+                        eval::import(&registry(Some(&package))?, &p, &results).await?;
+                    println!(
+                        "{rows} answers read from {}, {added} new (the others were stored already)",
+                        results.display()
+                    );
+                }
+                EvalCmd::Report => {
+                    let outcomes = eval::outcomes(&registry(None)?).await?;
+                    print!("{}", eval::render_report(&outcomes));
+                }
+            }
             Ok(0)
         }
         Cmd::Worker { .. } => unreachable!("handled before the runtime starts"),

@@ -7,21 +7,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use common::{Project, assert_error, stderr};
+use common::{Project, assert_error, smoke, stderr};
 use serde_json::Value;
 use stages::data::level_table::LevelTable;
 use stages::train_ar::model::ArModel;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `pipelines/smoke.yaml` with its root pointed at the repository, plus `extra` stages.
-fn smoke(extra: &str) -> Project {
-    let text = std::fs::read_to_string(repo().join("pipelines/smoke.yaml")).unwrap();
-    let text = text.replacen("root: ..", &format!("root: {}", repo().display()), 1);
-    Project::new(&format!("{text}{extra}"))
-}
 
 /// Each metric's last value, per stage.
 fn last_values(p: &Project) -> BTreeMap<(String, String), f64> {

@@ -234,3 +234,15 @@ pub fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
             .collect(),
     )
 }
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `pipelines/smoke.yaml` with its root pointed at the repository, plus `extra` stages.
+pub fn smoke(extra: &str) -> Project {
+    let text = std::fs::read_to_string(repo().join("pipelines/smoke.yaml")).unwrap();
+    let text = text.replacen("root: ..", &format!("root: {}", repo().display()), 1);
+    Project::new(&format!("{text}{extra}"))
+}

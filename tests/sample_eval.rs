@@ -1,0 +1,399 @@
+//! `sample`, `evaluate`, `human_eval_export` and `haic-pipe eval` end to
+//! end on the smoke pipeline: what the stages write, a killed sampler
+//! resuming to the same images, the rating page driven by a real browser
+//! (Debian's Chromium through playwright-core), malformed answers refused,
+//! a crowd results file imported and the report's screening.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Stdio};
+
+use common::{Project, repo, smoke, stderr};
+use serde_json::Value;
+use stages::data::level_table::LevelTable;
+use stages::models::encoder::InputKind;
+
+fn json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn png_size(path: &Path) -> (u32, u32) {
+    let img = image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (img.width(), img.height())
+}
+
+#[test]
+fn the_smoke_pipeline_samples_evaluates_and_exports_a_rating_package() {
+    let p = smoke("");
+    let out = p.run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Samples: 10 classes x 3, class-major, every level's codes.
+    let ham = p.artifact_data("stage", "ham_samples");
+    let images = LevelTable::open(&ham.join("images")).unwrap();
+    assert_eq!(images.input, InputKind::Pixels { channels: 1 });
+    let rows = images.read_split("samples", None).unwrap();
+    let labels: Vec<i32> = (0..10).flat_map(|c| [c; 3]).collect();
+    assert_eq!(rows.labels, labels);
+    assert_eq!(rows.ids, (0..30).collect::<Vec<i64>>());
+    for (level, side) in [(1, 8), (2, 4)] {
+        let codes = LevelTable::open(&ham.join(format!("codes/level{level}"))).unwrap();
+        assert_eq!((codes.height, codes.width), (side, side));
+        let c = codes.read_split("samples", None).unwrap();
+        assert_eq!(c.labels, labels, "level {level}");
+    }
+    assert_eq!(std::fs::read_dir(ham.join("png")).unwrap().count(), 30);
+    assert_eq!(png_size(&ham.join("png/00029.png")), (32, 32));
+    // Classes as rows, samples as columns, 2-pixel gaps.
+    assert_eq!(png_size(&ham.join("grid.png")), (3 * 34 + 2, 10 * 34 + 2));
+    let record = json(&ham.join("sample.json"));
+    assert_eq!(
+        record["chain"],
+        serde_json::json!(["prior", "decoder2", "decoder1"])
+    );
+    let flat = p.artifact_data("stage", "baseline_samples");
+    assert_eq!(
+        json(&flat.join("sample.json"))["chain"],
+        serde_json::json!(["prior"])
+    );
+    assert!(!flat.join("codes").exists(), "a flat model draws no codes");
+
+    // Evaluation: into the registry, side by side.
+    let metrics: Vec<(String, f64)> = p
+        .query("SELECT s.name, s.last_value FROM metric_summaries s JOIN stage_runs r ON r.id = s.stage_run_id WHERE r.stage = 'evaluation' ORDER BY s.name")
+        .into_iter()
+        .map(|r| (r["name"].as_str().unwrap().to_string(), r["last_value"].as_f64().unwrap()))
+        .collect();
+    let names: Vec<&str> = metrics.iter().map(|m| m.0.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "eval.baseline.accuracy",
+            "eval.baseline.cas",
+            "eval.ham.accuracy",
+            "eval.ham.cas",
+            "eval.real.test_accuracy"
+        ]
+    );
+    assert!(
+        metrics.iter().all(|m| (0.0..=1.0).contains(&m.1)),
+        "{metrics:?}"
+    );
+    let table =
+        std::fs::read_to_string(p.artifact_data("stage", "evaluation").join("evaluation.md"))
+            .unwrap();
+    assert!(
+        table.contains("| ham | 30 |") && table.contains("| baseline | 30 |"),
+        "{table}"
+    );
+
+    // The package: tasks.csv, the manifest's hashes, balanced sides.
+    let pkg = p.artifact_data("stage", "human_eval");
+    let manifest = json(&pkg.join("manifest.json"));
+    let tasks = manifest["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 14);
+    let csv = std::fs::read_to_string(pkg.join("tasks.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "task_id,image_left_url,image_right_url");
+    assert_eq!(lines.len(), 15);
+    for (line, task) in lines[1..].iter().zip(tasks) {
+        let expect = format!(
+            "{},https://example.org/eval/{},https://example.org/eval/{}",
+            task["id"].as_str().unwrap(),
+            task["left"]["image"].as_str().unwrap(),
+            task["right"]["image"].as_str().unwrap()
+        );
+        assert_eq!(*line, expect);
+    }
+    for (file, hash) in manifest["images"].as_object().unwrap() {
+        let bytes = std::fs::read(pkg.join(file)).unwrap();
+        assert_eq!(
+            blake3::hash(&bytes).to_hex().as_str(),
+            hash.as_str().unwrap(),
+            "{file}"
+        );
+    }
+    let side = |kind: &str, source: &str| {
+        tasks
+            .iter()
+            .filter(|t| t["kind"] == kind && t["left"]["source"] == source)
+            .count()
+    };
+    assert_eq!(
+        side("pair", "baseline"),
+        5,
+        "A on the left in half the pairs"
+    );
+    assert_eq!(side("pair", "ham"), 5);
+    assert_eq!(side("catch", "broken"), 2);
+    assert_eq!(side("catch", "catch"), 2);
+    for t in tasks.iter().filter(|t| t["kind"] == "pair") {
+        assert_eq!(
+            t["left"]["label"], t["right"]["label"],
+            "pairs are class-matched"
+        );
+    }
+}
+
+#[test]
+fn a_killed_sample_stage_resumes_to_the_same_images() {
+    let images = |p: &Project| {
+        let d = p.artifact_data("stage", "ham_samples");
+        (
+            std::fs::read(d.join("grid.png")).unwrap(),
+            LevelTable::open(&d.join("images"))
+                .unwrap()
+                .read_split("samples", None)
+                .unwrap(),
+        )
+    };
+    let whole = smoke("");
+    let out = whole.run(&["ham_samples"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let killed = smoke("");
+    killed.kill_worker_after_checkpoint("ham_samples", 1);
+    let out = killed.run(&["ham_samples", "--resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = killed.attempt_log("ham_samples", 2);
+    assert!(log.contains("resuming after batch"), "{log}");
+    assert!(images(&killed) == images(&whole), "resumed samples differ");
+}
+
+/// `haic-pipe eval serve PACKAGE --port 0` in the background, and its URL.
+struct Server {
+    child: Child,
+    url: String,
+    /// Kept open while the server runs.
+    _stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Server {
+    fn start(p: &Project, package: &Path) -> Server {
+        let mut child = p
+            .cmd(&["eval", "serve", package.to_str().unwrap(), "--port", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        let url = first
+            .trim()
+            .strip_prefix("rating page: ")
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+            .to_string();
+        Server {
+            child,
+            url,
+            _stdout: stdout,
+        }
+    }
+
+    /// One raw HTTP/1.1 POST to /api/answer: (status, body).
+    fn post(&self, body: &[u8]) -> (u16, String) {
+        let addr = self.url.trim_start_matches("http://").trim_end_matches('/');
+        let mut s = TcpStream::connect(addr).unwrap();
+        let head = format!(
+            "POST /api/answer HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        let _ = s.write_all(body); // the server may refuse before reading it all
+        let mut response = String::new();
+        let _ = s.read_to_string(&mut response);
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {response:?}"));
+        (status, response)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ratings(p: &Project) -> Vec<Value> {
+    p.query("SELECT task_id, kind, rater, choice, chosen, origin FROM ratings ORDER BY id")
+}
+
+/// The browser test needs Debian's chromium and playwright-core
+/// (`npm ci --prefix tests/browser`); `.ci/run` installs both.
+fn browser_tools() -> std::path::PathBuf {
+    let script = repo().join("tests/browser/rate.mjs");
+    let module = repo().join("tests/browser/node_modules/playwright-core");
+    let chromium = std::env::var("HAIC_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        module.is_dir() && Path::new(&chromium).is_file(),
+        "the browser test needs Chromium at {chromium} (Debian: apt-get install chromium) and playwright-core (npm ci --prefix tests/browser); .ci/run installs both"
+    );
+    script
+}
+
+#[test]
+fn the_rating_page_stores_what_a_browser_rates_and_refuses_malformed_answers() {
+    let script = browser_tools();
+    let p = smoke("");
+    let out = p.run(&["human_eval"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pkg = p.artifact_data("stage", "human_eval");
+    let manifest = json(&pkg.join("manifest.json"));
+    let server = Server::start(&p, &pkg);
+
+    let out = std::process::Command::new("node")
+        .arg(&script)
+        .args([server.url.as_str(), "browser-rater", "5"])
+        .output()
+        .expect("running node");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+    let clicked: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(clicked.len(), 5);
+    let stored = ratings(&p);
+    assert_eq!(stored.len(), 5, "{stored:?}");
+    let tasks = manifest["tasks"].as_array().unwrap();
+    for (row, click) in stored.iter().zip(&clicked) {
+        assert_eq!(row["task_id"], click["task_id"]);
+        assert_eq!(row["choice"], click["choice"]);
+        assert_eq!(row["rater"], "browser-rater");
+        assert_eq!(row["origin"], "local");
+        // The stored source is the manifest's for that side.
+        let task = tasks.iter().find(|t| t["id"] == row["task_id"]).unwrap();
+        let side = row["choice"].as_str().unwrap();
+        assert_eq!(row["chosen"], task[side]["source"]);
+    }
+
+    // Malformed answers: 4xx, nothing stored.
+    let t = tasks[0]["id"].as_str().unwrap();
+    let big = format!(
+        r#"{{"task_id":"{t}","choice":"left","rater":"{}"}}"#,
+        "a".repeat(10_000)
+    );
+    for (body, status) in [
+        (
+            r#"{"task_id":"t9999","choice":"left","rater":"r"}"#.to_string(),
+            404,
+        ),
+        (
+            format!(r#"{{"task_id":"{t}","choice":"middle","rater":"r"}}"#),
+            422,
+        ),
+        (
+            format!(r#"{{"task_id":"{t}","choice":"left","rater":"no spaces"}}"#),
+            422,
+        ),
+        (format!(r#"{{"task_id":"{t}","choice":"left"}}"#), 422),
+        ("not json".to_string(), 400),
+        (big, 413),
+    ] {
+        let (got, response) = server.post(body.as_bytes());
+        assert_eq!(got, status, "{body:.80}: {response}");
+    }
+    assert_eq!(ratings(&p).len(), 5, "a refused answer stored something");
+}
+
+#[test]
+fn crowd_results_import_once_and_the_report_screens_out_failed_catch_trials() {
+    let p = smoke("");
+    let out = p.run(&["human_eval"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pkg = p.artifact_data("stage", "human_eval");
+    let manifest = json(&pkg.join("manifest.json"));
+    let tasks = manifest["tasks"].as_array().unwrap();
+    // Rater good always picks `ham` (and the real image in catch trials);
+    // rater bad picks ham too but chooses one broken image.
+    let side_of = |t: &Value, source: &str| {
+        if t["left"]["source"] == source {
+            "left"
+        } else {
+            "right"
+        }
+    };
+    let mut csv = String::from("HITId,WorkerId,Input.task_id,Input.image_left_url,Answer.choice\n");
+    let mut failed_once = false;
+    for t in tasks {
+        let id = t["id"].as_str().unwrap();
+        let (good, bad) = if t["kind"] == "catch" {
+            let bad = if failed_once {
+                side_of(t, "catch")
+            } else {
+                side_of(t, "broken")
+            };
+            failed_once = true;
+            (side_of(t, "catch"), bad)
+        } else {
+            (side_of(t, "ham"), side_of(t, "ham"))
+        };
+        csv.push_str(&format!(
+            "h{id},good,{id},x,{good}\nh{id},bad,{id},x,{bad}\n"
+        ));
+    }
+    p.write("results.csv", &csv);
+    let args = [
+        "eval",
+        "import",
+        "results.csv",
+        "--package",
+        pkg.to_str().unwrap(),
+    ];
+    let out = p.haic(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("28 answers read from results.csv, 28 new")
+    );
+    let out = p.haic(&args);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("28 answers read from results.csv, 0 new")
+    );
+    assert_eq!(ratings(&p).len(), 28, "a second import adds nothing");
+
+    let out = p.haic(&["eval", "report", "-p", "pipeline.yaml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = String::from_utf8_lossy(&out.stdout);
+    // 10 pairs from the one kept rater, all for ham: 10/10, p = 2/1024.
+    assert!(report.contains("2 raters, 1 of them excluded"), "{report}");
+    assert!(report.contains("10 pair answers kept"), "{report}");
+    assert!(
+        report.contains("ham          preferred   10 / 10   = 100.0 %"),
+        "{report}"
+    );
+    assert!(report.contains("p = 0.0020"), "{report}");
+
+    // A bad row stores nothing and names the line.
+    p.write(
+        "bad.csv",
+        &format!(
+            "WorkerId,Input.task_id,Answer.choice\nnew,{},left\nnew,t9999,left\n",
+            tasks[0]["id"].as_str().unwrap()
+        ),
+    );
+    let out = p.haic(&[
+        "eval",
+        "import",
+        "bad.csv",
+        "--package",
+        pkg.to_str().unwrap(),
+    ]);
+    common::assert_error(
+        &out,
+        2,
+        "bad.csv:3: no task `t9999` in this package; nothing was imported",
+    );
+    assert_eq!(ratings(&p).len(), 28);
+}
