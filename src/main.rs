@@ -3,6 +3,7 @@
 
 mod eval;
 mod render;
+mod report;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -101,6 +102,18 @@ enum Cmd {
         /// workspace the package lies in, or `.haic`).
         #[arg(long, short, global = true)]
         pipeline: Option<PathBuf>,
+    },
+    /// Write a run's report: a static HTML page with its curves, tables,
+    /// sample grids and timeline.
+    Report {
+        /// The run id (`haic-pipe registry runs` lists them).
+        run: i64,
+        /// Find the workspace beside this pipeline file.
+        #[arg(long, short)]
+        pipeline: Option<PathBuf>,
+        /// The folder to write (default: reports/run-RUN in the workspace).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
     },
     /// Run one stage job (started by the driver or a cluster back-end).
     #[command(hide = true)]
@@ -358,6 +371,13 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             })
             .await
             .context("the download task stopped")??;
+            Ok(0)
+        }
+        Cmd::Report { run, pipeline, out } => {
+            let ws = workspace_for(&cli.workspace, pipeline.as_deref())?;
+            let out = out.unwrap_or_else(|| ws.root.join("reports").join(format!("run-{run}")));
+            let page = report::write(&ws.registry_path(), run, &out).await?;
+            println!("{}", page.display());
             Ok(0)
         }
         Cmd::Eval { command, pipeline } => {

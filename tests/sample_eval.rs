@@ -136,6 +136,45 @@ fn the_smoke_pipeline_samples_evaluates_and_exports_a_rating_package() {
             "pairs are class-matched"
         );
     }
+
+    // The report: a page that works from the file system.
+    let out = p.haic(&["report", "1", "-p", "pipeline.yaml", "-o", "report"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let page = p.read("report/index.html");
+    for section in [
+        "id=\"bits\"",
+        "id=\"evaluation\"",
+        "id=\"samples\"",
+        "id=\"human\"",
+        "id=\"timeline\"",
+        "id=\"curves\"",
+    ] {
+        assert!(page.contains(section), "no {section} in the report");
+    }
+    assert!(page.contains("<td>ham</td>") && page.contains("<td>baseline</td>"));
+    // Every file the page shows is beside it, and no link leaves the folder.
+    let mut shown = 0;
+    for src in page
+        .split("src=\"")
+        .skip(1)
+        .map(|s| &s[..s.find('"').unwrap()])
+    {
+        assert!(!src.contains('/') && !src.contains(':'), "{src}");
+        assert!(p.path("report").join(src).is_file(), "{src} missing");
+        shown += 1;
+    }
+    assert!(shown > 10, "{shown} images");
+    assert_eq!(
+        png_size(&p.path("report/samples-ham-samples.png")),
+        (3 * 34 + 2, 10 * 34 + 2)
+    );
+    let svg = p.read("report/curve-decoder1-train-nll.svg");
+    assert!(
+        svg.starts_with("<svg") && svg.contains("train.nll"),
+        "{svg:.200}"
+    );
+    let out = p.haic(&["report", "99", "-p", "pipeline.yaml"]);
+    common::assert_error(&out, 2, "no run 99");
 }
 
 #[test]

@@ -1,5 +1,7 @@
-//! The experiment registry: one SQLite file per workspace, written only by the
-//! driver process (workers report to the driver; they never open it).
+//! The experiment registry: one SQLite file per workspace, written by the
+//! driver process (workers report to the driver; they never open it), and
+//! by `haic-pipe eval` for human-evaluation answers (`ratings`), which no
+//! run touches.
 //!
 //! The schema is in `migrations/` and is applied on open. The file runs in WAL
 //! mode, so readers (`haic-pipe registry query`, a notebook) never block the

@@ -1,0 +1,504 @@
+//! `haic-pipe report RUN`: one run as a static HTML page that opens from
+//! the file system (no server, no script): the stage timeline, loss and
+//! metric curves per stage (SVG, drawn with plotters), the bits/dim table,
+//! the sample grids, the evaluation table and the human-eval preferences.
+//! Everything comes from the registry and the run's artifacts; the page and
+//! its images go to one folder. `tables.html` holds the two tables alone
+//! (what docs/ screenshots).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use pipeline::registry::query_read_only;
+use plotters::prelude::*;
+use serde_json::Value;
+
+use crate::eval;
+
+/// Per stage, per metric: (step, value) in step order.
+type Metrics = BTreeMap<String, BTreeMap<String, Vec<(i64, f64)>>>;
+
+/// One stage of the run (its latest attempt).
+struct StageRow {
+    stage: String,
+    kind: String,
+    status: String,
+    started: Option<f64>,
+    finished: Option<f64>,
+    /// The stage run whose metrics describe the artifact (the producing
+    /// run for a cached stage).
+    metrics_from: i64,
+    artifact: Option<PathBuf>,
+}
+
+/// Seconds since 1970 of an ISO-8601 UTC time as the registry writes it
+/// (`2026-11-28T21:41:09.123Z`).
+fn seconds(ts: &str) -> Option<f64> {
+    let (date, time) = ts.trim_end_matches('Z').split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let mut t = time.split(':');
+    let (h, min, s) = (
+        t.next()?.parse::<f64>().ok()?,
+        t.next()?.parse::<f64>().ok()?,
+        t.next()?.parse::<f64>().ok()?,
+    );
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days as f64 * 86_400.0 + h * 3600.0 + min * 60.0 + s)
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A file name part from a stage or metric name.
+fn slug(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect()
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+async fn rows(registry: &Path, sql: &str) -> Result<Vec<Vec<Value>>> {
+    Ok(query_read_only(registry, sql).await?.rows)
+}
+
+/// Writes the report of run `run` into `out`; returns the page's path.
+pub async fn write(registry: &Path, run: i64, out: &Path) -> Result<PathBuf> {
+    let head = rows(
+        registry,
+        &format!("SELECT pipeline, status, started_at, finished_at FROM runs WHERE id = {run}"),
+    )
+    .await?;
+    let Some(head) = head.first() else {
+        bail!(
+            "no run {run} in {}; `haic-pipe registry runs` lists the runs",
+            registry.display()
+        );
+    };
+    let (pipeline, status) = (text(&head[0]), text(&head[1]));
+    let run_start = seconds(&text(&head[2]));
+    let run_end = seconds(&text(&head[3]));
+
+    let stage_rows = rows(
+        registry,
+        &format!(
+            "SELECT sr.stage, sr.kind, sr.status, sr.started_at, sr.finished_at, COALESCE(a.stage_run_id, sr.id), a.path \
+             FROM stage_runs sr LEFT JOIN artifacts a ON a.key = sr.key \
+             WHERE sr.run_id = {run} AND sr.id = (SELECT MAX(s2.id) FROM stage_runs s2 WHERE s2.run_id = sr.run_id AND s2.stage = sr.stage) \
+             ORDER BY sr.started_at, sr.id"
+        ),
+    )
+    .await?;
+    let stages: Vec<StageRow> = stage_rows
+        .iter()
+        .map(|r| StageRow {
+            stage: text(&r[0]),
+            kind: text(&r[1]),
+            status: text(&r[2]),
+            started: seconds(&text(&r[3])),
+            finished: seconds(&text(&r[4])),
+            metrics_from: r[5].as_i64().unwrap_or(-1),
+            artifact: r[6].as_str().map(|p| Path::new(p).join("data")),
+        })
+        .collect();
+
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut metrics: Metrics = BTreeMap::new();
+    for s in &stages {
+        let points = rows(
+            registry,
+            &format!(
+                "SELECT name, step, value FROM metrics WHERE stage_run_id = {} ORDER BY name, step",
+                s.metrics_from
+            ),
+        )
+        .await?;
+        let m = metrics.entry(s.stage.clone()).or_default();
+        for p in points {
+            if let (Some(step), Some(value)) = (p[1].as_i64(), p[2].as_f64()) {
+                m.entry(text(&p[0])).or_default().push((step, value));
+            }
+        }
+    }
+    let last = |stage: &str, name: &str| -> Option<f64> {
+        metrics.get(stage)?.get(name)?.last().map(|p| p.1)
+    };
+
+    let mut html = String::new();
+    let _ = write!(
+        html,
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>haic-pipe run {run}</title>\n<style>{STYLE}</style></head><body>\n<h1>Run {run}</h1>\n<p>{} &middot; {} &middot; {}</p>\n",
+        esc(&pipeline),
+        esc(&status),
+        match (run_start, run_end) {
+            (Some(a), Some(b)) => format!("{:.0} s", b - a),
+            _ => "not finished".into(),
+        }
+    );
+
+    // Tables first: what a reader wants to see.
+    let bits = bits_table(&stages, &last);
+    let evaluation = evaluation_table(&stages, &metrics);
+    let _ = write!(
+        html,
+        "<h2 id=\"bits\">Bits per dimension</h2>\n{bits}\n<h2 id=\"evaluation\">Sample quality</h2>\n{evaluation}\n"
+    );
+
+    // Sample grids.
+    let samples: Vec<&StageRow> = stages.iter().filter(|s| s.kind == "sample").collect();
+    if !samples.is_empty() {
+        html.push_str(
+            "<h2 id=\"samples\">Samples</h2>\n<p>One row per class.</p>\n<div class=\"grids\">\n",
+        );
+        for s in samples {
+            let Some(dir) = &s.artifact else { continue };
+            let name = format!("samples-{}.png", slug(&s.stage));
+            if std::fs::copy(dir.join("grid.png"), out.join(&name)).is_ok() {
+                let _ = writeln!(
+                    html,
+                    "<figure><img src=\"{name}\" alt=\"samples of {0}\"><figcaption>{0}</figcaption></figure>",
+                    esc(&s.stage)
+                );
+            }
+        }
+        html.push_str("</div>\n");
+    }
+
+    // Human evaluation.
+    let packages: Vec<PathBuf> = stages
+        .iter()
+        .filter(|s| s.kind == "human_eval_export")
+        .filter_map(|s| s.artifact.clone())
+        .collect();
+    if !packages.is_empty() {
+        let outcomes = eval::outcomes(registry).await?;
+        html.push_str("<h2 id=\"human\">Human evaluation</h2>\n");
+        for dir in packages {
+            let Ok(p) = eval::Package::open(&dir) else {
+                continue;
+            };
+            let mine: Vec<eval::Outcome> = outcomes
+                .iter()
+                .filter(|o| o.package.digest == p.digest)
+                .map(|o| eval::Outcome {
+                    package: o.package.clone(),
+                    ..*o
+                })
+                .collect();
+            let body = if mine.is_empty() {
+                format!(
+                    "{} tasks, no answers yet: `haic-pipe eval serve {}`\n",
+                    p.manifest.tasks.len(),
+                    dir.display()
+                )
+            } else {
+                eval::render_report(&mine)
+            };
+            let _ = writeln!(html, "<pre>{}</pre>", esc(&body));
+        }
+    }
+
+    // Timeline.
+    if let Some(origin) =
+        run_start.or_else(|| stages.iter().filter_map(|s| s.started).reduce(f64::min))
+    {
+        let file = "timeline.svg";
+        timeline(&out.join(file), &stages, origin)?;
+        let _ = write!(
+            html,
+            "<h2 id=\"timeline\">Timeline</h2>\n<img src=\"{file}\" alt=\"stage timeline\">\n"
+        );
+        html.push_str("<table><tr><th>stage</th><th>kind</th><th>status</th><th>start (s)</th><th>duration (s)</th></tr>\n");
+        for s in &stages {
+            let (start, dur) = match (s.started, s.finished) {
+                (Some(a), Some(b)) => (format!("{:.1}", a - origin), format!("{:.1}", b - a)),
+                (Some(a), None) => (format!("{:.1}", a - origin), String::new()),
+                _ => (String::new(), String::new()),
+            };
+            let _ = writeln!(
+                html,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{start}</td><td class=\"n\">{dur}</td></tr>",
+                esc(&s.stage),
+                esc(&s.kind),
+                esc(&s.status)
+            );
+        }
+        html.push_str("</table>\n");
+    }
+
+    // Curves.
+    html.push_str("<h2 id=\"curves\">Curves</h2>\n");
+    for s in &stages {
+        let Some(m) = metrics.get(&s.stage) else {
+            continue;
+        };
+        let series: Vec<(&String, &Vec<(i64, f64)>)> =
+            m.iter().filter(|(_, p)| p.len() >= 2).collect();
+        if series.is_empty() {
+            continue;
+        }
+        let _ = write!(
+            html,
+            "<h3>{} <small>({})</small></h3>\n<div class=\"curves\">\n",
+            esc(&s.stage),
+            esc(&s.kind)
+        );
+        for (name, points) in series {
+            let file = format!("curve-{}-{}.svg", slug(&s.stage), slug(name));
+            curve(&out.join(&file), name, points)?;
+            let _ = writeln!(
+                html,
+                "<img src=\"{file}\" alt=\"{} of {}\">",
+                esc(name),
+                esc(&s.stage)
+            );
+        }
+        html.push_str("</div>\n");
+    }
+    html.push_str("</body></html>\n");
+
+    let tables = format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>run {run}: tables</title><style>{STYLE}</style></head><body>\n<h2>Bits per dimension (run {run})</h2>\n{bits}\n<h2>Sample quality</h2>\n{evaluation}\n</body></html>\n"
+    );
+    for (file, body) in [("index.html", &html), ("tables.html", &tables)] {
+        let p = out.join(file);
+        std::fs::write(&p, body).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(out.join("index.html"))
+}
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:1.5rem auto;max-width:70rem;padding:0 1rem;color:#222}\
+table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}\
+td.n{text-align:right;font-variant-numeric:tabular-nums}.grids{display:flex;gap:2rem;flex-wrap:wrap}\
+.grids img{image-rendering:pixelated;width:24rem}.curves img{width:22rem;margin:.2rem}pre{background:#f6f6f6;padding:.6rem}";
+
+/// The AR models' bits/dim and the bound beside the baseline.
+fn bits_table(stages: &[StageRow], last: &dyn Fn(&str, &str) -> Option<f64>) -> String {
+    let mut t = String::from(
+        "<table><tr><th>model</th><th>bits/dim (per modelled value)</th><th>bits per image</th></tr>\n",
+    );
+    let mut any = false;
+    for s in stages.iter().filter(|s| s.kind == "train_ar") {
+        if let Some(bpd) = last(&s.stage, "val.bits_per_dim") {
+            any = true;
+            let bpi = last(&s.stage, "val.bits_per_image")
+                .map(|v| format!("{v:.1}"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                t,
+                "<tr><td>{}</td><td class=\"n\">{bpd:.3}</td><td class=\"n\">{bpi}</td></tr>",
+                esc(&s.stage)
+            );
+        }
+    }
+    for s in stages.iter().filter(|s| s.kind == "bound") {
+        for (name, label) in [
+            (
+                "bound.bits_per_dim",
+                "hierarchical bound (bits per image dimension)",
+            ),
+            (
+                "baseline.bits_per_dim",
+                "flat baseline (bits per image dimension)",
+            ),
+        ] {
+            if let Some(v) = last(&s.stage, name) {
+                any = true;
+                let _ = writeln!(
+                    t,
+                    "<tr><th>{} <small>({})</small></th><td class=\"n\"><b>{v:.3}</b></td><td></td></tr>",
+                    label,
+                    esc(&s.stage)
+                );
+            }
+        }
+    }
+    t.push_str("</table>");
+    if any {
+        t
+    } else {
+        "<p>No AR model in this run.</p>".into()
+    }
+}
+
+/// Accuracy of the real-data classifier on each sample set, and CAS.
+fn evaluation_table(stages: &[StageRow], metrics: &Metrics) -> String {
+    let mut out = String::new();
+    for s in stages.iter().filter(|s| s.kind == "evaluate") {
+        let Some(m) = metrics.get(&s.stage) else {
+            continue;
+        };
+        let get = |n: &str| m.get(n).and_then(|p| p.last()).map(|p| p.1);
+        let mut sets: Vec<&str> = m
+            .keys()
+            .filter_map(|k| k.strip_prefix("eval.")?.strip_suffix(".cas"))
+            .collect();
+        sets.sort();
+        let _ = writeln!(
+            out,
+            "<table><tr><th>images</th><th>real-data classifier's accuracy on them</th><th>CAS: trained on them, tested on real test images</th></tr>"
+        );
+        if let Some(real) = get("eval.real.test_accuracy") {
+            let _ = writeln!(
+                out,
+                "<tr><td>real (test split)</td><td class=\"n\">{:.1} %</td><td class=\"n\">{:.1} %</td></tr>",
+                100.0 * real,
+                100.0 * real
+            );
+        }
+        for set in sets {
+            let acc = get(&format!("eval.{set}.accuracy"))
+                .map(|v| format!("{:.1} %", 100.0 * v))
+                .unwrap_or_default();
+            let cas = get(&format!("eval.{set}.cas"))
+                .map(|v| format!("{:.1} %", 100.0 * v))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "<tr><td>{}</td><td class=\"n\">{acc}</td><td class=\"n\">{cas}</td></tr>",
+                esc(set)
+            );
+        }
+        let _ = write!(
+            out,
+            "</table>\n<p><small>from stage {}</small></p>\n",
+            esc(&s.stage)
+        );
+    }
+    if out.is_empty() {
+        "<p>No evaluate stage in this run.</p>".into()
+    } else {
+        out
+    }
+}
+
+fn plot_err(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("drawing a plot: {e}")
+}
+
+fn curve(path: &Path, name: &str, points: &[(i64, f64)]) -> Result<()> {
+    let root = SVGBackend::new(path, (440, 260)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let (x0, x1) = (points[0].0 as f64, points[points.len() - 1].0 as f64);
+    let (mut y0, mut y1) = points
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+            (a.min(p.1), b.max(p.1))
+        });
+    if !(y0.is_finite() && y1.is_finite()) {
+        return Ok(());
+    }
+    if y1 - y0 < 1e-12 {
+        (y0, y1) = (y0 - 0.5, y1 + 0.5);
+    }
+    let pad = 0.05 * (y1 - y0);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(name, ("sans-serif", 16))
+        .margin(8)
+        .x_label_area_size(28)
+        .y_label_area_size(56)
+        .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .light_line_style(WHITE)
+        .draw()
+        .map_err(plot_err)?;
+    chart
+        .draw_series(LineSeries::new(
+            points.iter().map(|&(s, v)| (s as f64, v)),
+            BLUE.stroke_width(2),
+        ))
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+fn timeline(path: &Path, stages: &[StageRow], origin: f64) -> Result<()> {
+    let end = stages
+        .iter()
+        .filter_map(|s| s.finished.or(s.started))
+        .fold(origin + 1.0, f64::max);
+    let n = stages.len().max(1);
+    let root = SVGBackend::new(path, (900, (40 + 22 * n) as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .margin(8)
+        .x_label_area_size(28)
+        .y_label_area_size(8)
+        .build_cartesian_2d(0.0..(end - origin) * 1.15, 0.0..n as f64)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since the run started")
+        .y_labels(0)
+        .disable_y_mesh()
+        .draw()
+        .map_err(plot_err)?;
+    chart
+        .draw_series(stages.iter().enumerate().filter_map(|(i, s)| {
+            let a = s.started? - origin;
+            let b = s.finished.map(|f| f - origin).unwrap_or(end - origin);
+            let y = (n - i - 1) as f64;
+            let color = match s.status.as_str() {
+                "succeeded" => RGBColor(66, 133, 244),
+                "cached" => RGBColor(170, 170, 170),
+                "failed" => RGBColor(219, 68, 55),
+                _ => RGBColor(244, 180, 0),
+            };
+            Some(Rectangle::new(
+                [(a, y + 0.15), (b.max(a + 0.05), y + 0.85)],
+                color.filled(),
+            ))
+        }))
+        .map_err(plot_err)?;
+    // Each bar's stage name just right of it.
+    chart
+        .draw_series(stages.iter().enumerate().filter_map(|(i, s)| {
+            let b = s.finished.or(s.started)? - origin;
+            let y = (n - i - 1) as f64;
+            Some(Text::new(
+                s.stage.clone(),
+                (b + 0.005 * (end - origin), y + 0.75),
+                ("sans-serif", 13),
+            ))
+        }))
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_times_become_seconds() {
+        assert_eq!(seconds("1970-01-01T00:00:00.000Z"), Some(0.0));
+        assert_eq!(seconds("2000-03-01T00:00:01.500Z"), Some(951_868_801.5));
+        let a = seconds("2026-11-28T23:59:59.000Z").unwrap();
+        let b = seconds("2026-11-29T00:00:01.000Z").unwrap();
+        assert_eq!(b - a, 2.0);
+        assert_eq!(seconds("yesterday"), None);
+    }
+}
