@@ -74,17 +74,19 @@ impl Package {
         choice: &str,
         rater: &str,
         origin: &str,
-    ) -> Result<Rating, String> {
+    ) -> Result<Rating, BadAnswer> {
         let task = self
             .manifest
             .tasks
             .iter()
             .find(|t| t.id == task_id)
-            .ok_or_else(|| format!("no task `{task_id}` in this package"))?;
-        let chosen = task
-            .chosen(choice)
-            .ok_or_else(|| format!("choice `{choice}`: answer `left` or `right`"))?;
-        check_rater(rater)?;
+            .ok_or_else(|| {
+                BadAnswer::UnknownTask(format!("no task `{task_id}` in this package"))
+            })?;
+        let chosen = task.chosen(choice).ok_or_else(|| {
+            BadAnswer::Invalid(format!("choice `{choice}`: answer `left` or `right`"))
+        })?;
+        check_rater(rater).map_err(BadAnswer::Invalid)?;
         Ok(Rating {
             package: self.digest.clone(),
             task_id: task.id.clone(),
@@ -94,6 +96,20 @@ impl Package {
             chosen: chosen.to_string(),
             origin: origin.to_string(),
         })
+    }
+}
+
+/// Why an answer is refused.
+enum BadAnswer {
+    UnknownTask(String),
+    Invalid(String),
+}
+
+impl std::fmt::Display for BadAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            BadAnswer::UnknownTask(m) | BadAnswer::Invalid(m) => f.write_str(m),
+        }
     }
 }
 
@@ -154,9 +170,9 @@ pub async fn serve(registry_path: &Path, package: Package, host: &str, port: u16
     let addr: SocketAddr = format!("{host}:{port}")
         .parse()
         .with_context(|| format!("`{host}:{port}` is not an address to listen on"))?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("listening on {addr}"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("listening on {addr} (another port: --port N; 0 picks a free one)")
+    })?;
     let local = listener.local_addr()?;
     // Written, not printed: a closed stdout (a caller that read the first
     // line and went) must not stop the server.
@@ -225,8 +241,8 @@ async fn answer(
     };
     let rating = match s.package.rating(&a.task_id, &a.choice, &a.rater, "local") {
         Ok(r) => r,
-        Err(m) if m.starts_with("no task") => return error(StatusCode::NOT_FOUND, m),
-        Err(m) => return error(StatusCode::UNPROCESSABLE_ENTITY, m),
+        Err(BadAnswer::UnknownTask(m)) => return error(StatusCode::NOT_FOUND, m),
+        Err(BadAnswer::Invalid(m)) => return error(StatusCode::UNPROCESSABLE_ENTITY, m),
     };
     match s.registry.insert_ratings(&[rating]).await {
         Ok(added) => axum::Json(serde_json::json!({"stored": added == 1})).into_response(),
