@@ -241,6 +241,29 @@ struct GatedLayer {
     residual: bool,
 }
 
+impl GatedLayer {
+    /// What the layer adds to both stacks' pre-activations: the label's
+    /// embedding (B, 2h, 1, 1) plus the code map's features (B, 2h, H, W).
+    fn extra(
+        &self,
+        labels: Option<&Tensor>,
+        cond: Option<&Tensor>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let mut extra: Option<Tensor> = None;
+        if let (Some(e), Some(l)) = (&self.label, labels) {
+            extra = Some(e.forward(l)?.unsqueeze(2)?.unsqueeze(3)?);
+        }
+        if let (Some(c), Some(f)) = (&self.cond, cond) {
+            let m = c.forward(f)?;
+            extra = Some(match extra {
+                Some(e) => m.broadcast_add(&e)?,
+                None => m,
+            });
+        }
+        Ok(extra)
+    }
+}
+
 /// The conditioning stack: a code map -> features at the target resolution.
 struct CondStack {
     input: InputEmbedding,
@@ -426,18 +449,7 @@ impl PixelCnn {
         for layer in &self.layers {
             let mut v_pre = layer.vertical.forward(&v)?;
             let mut h_pre = (layer.horizontal.forward(&h)? + layer.v_to_h.forward(&v_pre)?)?;
-            let mut extra: Option<Tensor> = None;
-            if let (Some(e), Some(l)) = (&layer.label, labels) {
-                extra = Some(e.forward(l)?.unsqueeze(2)?.unsqueeze(3)?);
-            }
-            if let (Some(c), Some(f)) = (&layer.cond, cond) {
-                let m = c.forward(f)?;
-                extra = Some(match extra {
-                    Some(e) => m.broadcast_add(&e)?,
-                    None => m,
-                });
-            }
-            if let Some(e) = &extra {
+            if let Some(e) = &layer.extra(labels, cond)? {
                 v_pre = v_pre.broadcast_add(e)?;
                 h_pre = h_pre.broadcast_add(e)?;
             }

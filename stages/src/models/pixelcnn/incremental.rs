@@ -50,21 +50,11 @@ impl<'a> Incremental<'a> {
                 "PixelCNN: the code map must be given exactly when the model was built for one"
             );
         }
-        let mut extra = Vec::with_capacity(net.layers.len());
-        for layer in &net.layers {
-            let mut e: Option<Tensor> = None;
-            if let (Some(emb), Some(l)) = (&layer.label, labels) {
-                e = Some(emb.forward(l)?.unsqueeze(2)?.unsqueeze(3)?);
-            }
-            if let (Some(c), Some(f)) = (&layer.cond, cond) {
-                let m = c.forward(f)?;
-                e = Some(match e {
-                    Some(e) => m.broadcast_add(&e)?,
-                    None => m,
-                });
-            }
-            extra.push(e);
-        }
+        let extra = net
+            .layers
+            .iter()
+            .map(|layer| layer.extra(labels, cond))
+            .collect::<candle_core::Result<_>>()?;
         Ok(Incremental {
             net,
             extra,
