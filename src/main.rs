@@ -161,6 +161,16 @@ enum EvalCmd {
         #[arg(long)]
         package: PathBuf,
     },
+    /// Write the package's tasks CSV for images hosted at another URL.
+    Tasks {
+        package: PathBuf,
+        /// Prefix of the image URLs (the package's `images/` is appended).
+        #[arg(long)]
+        base_url: String,
+        /// Where to write it (default: standard output).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
     /// Preference rates per comparison: 95% Wilson intervals and a
     /// two-sided binomial test; raters who failed a catch trial excluded.
     Report,
@@ -407,6 +417,19 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                         "{rows} answers read from {}, {added} new (the others were stored already)",
                         results.display()
                     );
+                }
+                EvalCmd::Tasks {
+                    package,
+                    base_url,
+                    out,
+                } => {
+                    let manifest = eval::Package::open(&package)?.manifest;
+                    let csv = stages::human_eval::tasks_csv(&manifest, &base_url)?;
+                    match out {
+                        Some(path) => std::fs::write(&path, csv)
+                            .with_context(|| format!("writing {}", path.display()))?,
+                        None => std::io::Write::write_all(&mut std::io::stdout(), &csv)?,
+                    }
                 }
                 EvalCmd::Report => {
                     let outcomes = eval::outcomes(&registry(None)?).await?;

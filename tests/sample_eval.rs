@@ -137,6 +137,20 @@ fn the_smoke_pipeline_samples_evaluates_and_exports_a_rating_package() {
         );
     }
 
+    // The same tasks for images hosted elsewhere.
+    let out = p.haic(&[
+        "eval",
+        "tasks",
+        pkg.to_str().unwrap(),
+        "--base-url",
+        "https://cdn.example/x/",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        csv.replace("https://example.org/eval/", "https://cdn.example/x/")
+    );
+
     // The report: a page that works from the file system.
     let out = p.haic(&["report", "1", "-p", "pipeline.yaml", "-o", "report"]);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -59,6 +59,21 @@ impl Task {
     }
 }
 
+/// `tasks.csv`: one row per task, `task_id,image_left_url,image_right_url`
+/// (the batch-file format of crowd platforms), URLs under `base_url`.
+pub fn tasks_csv(manifest: &Manifest, base_url: &str) -> Result<Vec<u8>, csv::Error> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["task_id", "image_left_url", "image_right_url"])?;
+    for t in &manifest.tasks {
+        w.write_record([
+            t.id.clone(),
+            format!("{base_url}{}", t.left.image),
+            format!("{base_url}{}", t.right.image),
+        ])?;
+    }
+    w.into_inner().map_err(|e| csv::Error::from(e.into_error()))
+}
+
 /// 95% Wilson score interval of `k` successes in `n` trials.
 pub fn wilson_interval(k: u64, n: u64) -> (f64, f64) {
     if n == 0 {

@@ -38,7 +38,7 @@ use crate::data::grid::write_image;
 use crate::data::level_table::{LevelTable, Rows};
 use crate::error::Error;
 use crate::evaluate::image_table_dir;
-use crate::human_eval::{BROKEN, MANIFEST_FORMAT, Manifest, Shown, Task};
+use crate::human_eval::{BROKEN, MANIFEST_FORMAT, Manifest, Shown, Task, tasks_csv};
 use crate::models::encoder::InputKind;
 use crate::rng::SplitMix64;
 
@@ -299,18 +299,6 @@ impl StageKind for HumanEvalExport {
             t.id = format!("t{:0width$}", i + 1);
         }
 
-        let mut csv = csv::Writer::from_writer(Vec::new());
-        let csv_err = |e: csv::Error| Error::Params(format!("writing tasks.csv: {e}"));
-        csv.write_record(["task_id", "image_left_url", "image_right_url"])
-            .map_err(csv_err)?;
-        for t in &tasks {
-            let url = |s: &Shown| format!("{}{}", cfg.base_url, s.image);
-            csv.write_record([t.id.clone(), url(&t.left), url(&t.right)])
-                .map_err(csv_err)?;
-        }
-        let csv = csv
-            .into_inner()
-            .map_err(|e| Error::Params(format!("writing tasks.csv: {e}")))?;
         let manifest = Manifest {
             format: MANIFEST_FORMAT.into(),
             question: QUESTION.into(),
@@ -320,6 +308,8 @@ impl StageKind for HumanEvalExport {
             tasks,
             images: writer.hashes,
         };
+        let csv = tasks_csv(&manifest, &cfg.base_url)
+            .map_err(|e| Error::Params(format!("writing tasks.csv: {e}")))?;
         for (file, bytes) in [
             ("tasks.csv", csv),
             ("manifest.json", serde_json::to_vec_pretty(&manifest)?),
