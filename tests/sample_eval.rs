@@ -450,3 +450,46 @@ fn crowd_results_import_once_and_the_report_screens_out_failed_catch_trials() {
     );
     assert_eq!(ratings(&p).len(), 28);
 }
+
+#[test]
+fn bad_sampling_params_and_inputs_get_clear_errors() {
+    for (params, text) in [
+        (
+            "{temperature: 0}",
+            "params: temperature: 0: must be a positive number",
+        ),
+        (
+            "{temperature: {prior: 1.0, decodr1: 0.9}}",
+            "params: temperature: no input `decodr1`",
+        ),
+        (
+            "{samples_per_class: 0}",
+            "params: samples_per_class: must be at least 1",
+        ),
+        (
+            "{classes: some}",
+            "`some`: give `all` or a list of class names or indices",
+        ),
+    ] {
+        let p = smoke(&format!(
+            "\n  bad:\n    kind: sample\n    inputs: {{prior: prior}}\n    params: {params}\n"
+        ));
+        let out = p.run(&["bad"]);
+        common::assert_error(&out, 2, text);
+        assert_eq!(p.artifact_count(), 0, "nothing ran for {params}");
+    }
+    // Known only once the models exist: a class the prior does not have,
+    // and a decoder that is not conditioned on the prior's codes.
+    let p = smoke(
+        "\n  bad_class:\n    kind: sample\n    inputs: {prior: baseline}\n    params: {classes: [Nope]}\n  bad_chain:\n    kind: sample\n    inputs: {prior: prior, decoder1: decoder1}\n",
+    );
+    let out = p.run(&["bad_class", "bad_chain"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let log = p.attempt_log("bad_class", 1);
+    assert!(log.contains("params.classes: no class `Nope`"), "{log}");
+    let log = p.attempt_log("bad_chain", 1);
+    assert!(
+        log.contains("inputs.decoder1: is not conditioned on the codes that `prior` models"),
+        "{log}"
+    );
+}

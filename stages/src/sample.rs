@@ -214,6 +214,17 @@ impl StageKind for SampleStage {
             ));
         }
         decoder_names("sample", stage.inputs.keys().cloned(), OTHERS, false).map_err(err)?;
+        if let Temperature::PerInput(m) = parse_config(&stage.params)?.temperature
+            && let Some(k) = m.keys().find(|k| !stage.inputs.contains_key(*k))
+        {
+            return Err((
+                "params.temperature".into(),
+                format!(
+                    "params: temperature: no input `{k}`; give a temperature per input name ({})",
+                    stage.inputs.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
         Ok(())
     }
 

@@ -13,9 +13,10 @@
 //!   and x - 1 whose last channel was drawn after its logits) and the
 //!   `k / 2` cached ones left of them.
 //!
-//! The logits equal [`PixelCnn::forward`]'s at that position (same
-//! weights, same taps; tested to float rounding, and samples drawn from
-//! either are identical in `train_ar::model`'s tests).
+//! The logits equal [`PixelCnn::forward`]'s at that position bit for bit
+//! (same weights, same taps, and the convolutions sum each output in the
+//! same order whatever the number of positions computed with it; tested
+//! here and, through the samples drawn, in `train_ar::model`).
 
 use candle_core::{Module, Tensor};
 
