@@ -280,21 +280,29 @@ fn ratings(p: &Project) -> Vec<Value> {
 }
 
 /// The browser test needs Debian's chromium and playwright-core
-/// (`npm ci --prefix tests/browser`); `.ci/run` installs both.
-fn browser_tools() -> std::path::PathBuf {
+/// (`npm ci --prefix tests/browser`). Without them it is skipped with a
+/// note, unless `HAIC_REQUIRE_BROWSER` is set: `.ci/run` installs both and
+/// sets it, so CI cannot skip it.
+fn browser_tools() -> Option<std::path::PathBuf> {
     let script = repo().join("tests/browser/rate.mjs");
     let module = repo().join("tests/browser/node_modules/playwright-core");
     let chromium = std::env::var("HAIC_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    assert!(
-        module.is_dir() && Path::new(&chromium).is_file(),
+    if module.is_dir() && Path::new(&chromium).is_file() {
+        return Some(script);
+    }
+    let why = format!(
         "the browser test needs Chromium at {chromium} (Debian: apt-get install chromium) and playwright-core (npm ci --prefix tests/browser); .ci/run installs both"
     );
-    script
+    assert!(std::env::var_os("HAIC_REQUIRE_BROWSER").is_none(), "{why}");
+    eprintln!("skipping: {why}");
+    None
 }
 
 #[test]
 fn the_rating_page_stores_what_a_browser_rates_and_refuses_malformed_answers() {
-    let script = browser_tools();
+    let Some(script) = browser_tools() else {
+        return;
+    };
     let p = smoke("");
     let out = p.run(&["human_eval"]);
     assert!(out.status.success(), "{}", stderr(&out));
