@@ -10,16 +10,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Project, assert_error, stderr};
+use common::{Project, assert_error, repo, stderr};
 use md5::{Digest, Md5};
 
 fn shipped(name: &str) -> Vec<u8> {
-    std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("data/fashion-mnist")
-            .join(name),
-    )
-    .unwrap()
+    std::fs::read(repo().join("data/fashion-mnist").join(name)).unwrap()
 }
 
 fn md5_hex(b: &[u8]) -> String {

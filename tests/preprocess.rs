@@ -6,14 +6,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{Project, assert_error, run_python, stderr};
+use common::{Project, assert_error, repo, run_python, stderr};
 use stages::data::cifar::{Variant, encode_batch};
 use stages::data::idx::write_idx;
 use stages::data::table::{Row, TableIndex, TableMeta, read_file};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// The data folder of the only `preprocess` artifact in the project.
 fn table_dir(p: &Project) -> PathBuf {

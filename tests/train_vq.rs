@@ -6,14 +6,10 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{Project, assert_error, run_python, stderr};
+use common::{Project, assert_error, repo, run_python, stderr};
 use serde_json::Value;
 use stages::data::level_table::LevelTable;
 use stages::train_vq::level::VqLevel;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 const PREP: &str = r#"
   prep:
