@@ -332,6 +332,7 @@ pub async fn import(
 }
 
 /// One comparison's outcome.
+#[derive(Clone)]
 pub struct Outcome {
     pub package: RatingPackage,
     pub raters: usize,

@@ -199,10 +199,7 @@ pub async fn write(registry: &Path, run: i64, out: &Path) -> Result<PathBuf> {
             let mine: Vec<eval::Outcome> = outcomes
                 .iter()
                 .filter(|o| o.package.digest == p.digest)
-                .map(|o| eval::Outcome {
-                    package: o.package.clone(),
-                    ..*o
-                })
+                .cloned()
                 .collect();
             let body = if mine.is_empty() {
                 format!(

@@ -138,15 +138,8 @@ impl Set {
 /// in an order drawn from `rng`.
 pub fn balanced_sides(n: usize, rng: &mut SplitMix64) -> Vec<bool> {
     let mut sides: Vec<bool> = (0..n).map(|i| i < n.div_ceil(2)).collect();
-    shuffle(&mut sides, rng);
+    rng.shuffle(&mut sides);
     sides
-}
-
-fn shuffle<T>(v: &mut [T], rng: &mut SplitMix64) {
-    for i in (1..v.len()).rev() {
-        let j = rng.below(i as u64 + 1) as usize;
-        v.swap(i, j);
-    }
 }
 
 /// Writes images once each, named by their content hash.
@@ -270,7 +263,7 @@ impl StageKind for HumanEvalExport {
                 let r = rng.below(real.rows.len() as u64) as usize;
                 let other = rng.below(real.rows.len() as u64) as usize;
                 let mut broken = real.image(other).to_vec();
-                shuffle(&mut broken, &mut rng);
+                rng.shuffle(&mut broken);
                 let good = Shown {
                     source: "catch".into(),
                     row: real.rows.ids[r],
@@ -293,7 +286,7 @@ impl StageKind for HumanEvalExport {
             }
         }
         let mut rng = SplitMix64::stream(cfg.seed, "human eval task order");
-        shuffle(&mut tasks, &mut rng);
+        rng.shuffle(&mut tasks);
         let width = tasks.len().to_string().len().max(4);
         for (i, t) in tasks.iter_mut().enumerate() {
             t.id = format!("t{:0width$}", i + 1);

@@ -206,7 +206,7 @@ impl StageKind for SampleStage {
     }
 
     fn check(&self, stage: &Stage) -> Result<(), (String, String)> {
-        parse_config(&stage.params)?;
+        let cfg = parse_config(&stage.params)?;
         let err = |m: String| ("inputs".to_string(), m);
         if !stage.inputs.contains_key("prior") {
             return Err(err(
@@ -214,7 +214,7 @@ impl StageKind for SampleStage {
             ));
         }
         decoder_names("sample", stage.inputs.keys().cloned(), OTHERS, false).map_err(err)?;
-        if let Temperature::PerInput(m) = parse_config(&stage.params)?.temperature
+        if let Temperature::PerInput(m) = &cfg.temperature
             && let Some(k) = m.keys().find(|k| !stage.inputs.contains_key(*k))
         {
             return Err((
