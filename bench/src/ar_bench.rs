@@ -20,7 +20,7 @@
 //! images/s, the Parquet write included.
 
 mod common;
-use common::{median, tiny_level1};
+use common::{ar_info, median, tiny_level1, tiny_pixelcnn};
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -32,38 +32,16 @@ use stages::data::level_table::Rows;
 use stages::data::table::{ShardWriter, TABLE_FORMAT, TableIndex, TableMeta};
 use stages::models::aux_decoder::AuxKind;
 use stages::models::conv::{COMPUTE_MASKED_TAPS, FORWARD_FLOPS};
-use stages::models::encoder::InputKind;
 use stages::models::optim::{AdamW, OptimConfig};
 use stages::models::pixelcnn::{COMPOSED_GATE, PixelCnnConfig};
 use stages::rng::SplitMix64;
-use stages::train_ar::model::{AR_FORMAT, ArInfo, ArModel, CodeMapInfo, Sampling};
+use stages::train_ar::model::{ArInfo, ArModel, Sampling};
 use stages::train_vq::level::VqLevel;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const BATCH: usize = 64;
-
-fn info(model: PixelCnnConfig, codes: bool, labels: bool) -> ArInfo {
-    ArInfo {
-        format: AR_FORMAT.into(),
-        target: InputKind::Pixels { channels: 1 },
-        height: 32,
-        width: 32,
-        class_names: (0..10).map(|i| i.to_string()).collect(),
-        class_conditional: labels,
-        condition: codes.then_some(CodeMapInfo {
-            codebook_size: 128,
-            height: 8,
-            width: 8,
-            upsample: 2,
-        }),
-        target_key: String::new(),
-        condition_key: None,
-        seed: 0,
-        model,
-    }
-}
 
 fn train(name: &str, info: ArInfo, steps: usize) -> Result<(), Box<dyn std::error::Error>> {
     if !selected(name) {
@@ -294,17 +272,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{} threads, batch {BATCH}, 32x32x1 pixels",
         rayon::current_num_threads()
     );
-    let tiny = PixelCnnConfig {
-        hidden: 16,
-        layers: 4,
-        kernel: 3,
-        code_embedding: 16,
-        cond_hidden: 16,
-        cond_res_blocks: 1,
-    };
+    let tiny = tiny_pixelcnn();
     train(
         "tiny.yaml decoder1 (given codes)",
-        info(tiny.clone(), true, false),
+        ar_info(tiny.clone(), true, false),
         steps,
     )?;
     // The baseline's width, 19, gives it decoder1's parameter count.
@@ -314,17 +285,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     train(
         "tiny.yaml baseline (given class)",
-        info(baseline.clone(), false, true),
+        ar_info(baseline.clone(), false, true),
         steps,
     )?;
-    let (decoder1, baseline) = (info(tiny, true, false), info(baseline, false, true));
+    let (decoder1, baseline) = (ar_info(tiny, true, false), ar_info(baseline, false, true));
     sample("sampling decoder1 (given codes)", decoder1, 10, 3)?;
     sample("sampling baseline (given class)", baseline, 10, 3)?;
     // Minutes per run: only when asked for (`-- 2 defaults`).
     if std::env::args().nth(2).is_some() {
         train(
             "defaults (hidden 64, 8 layers, k5)",
-            info(PixelCnnConfig::default(), true, false),
+            ar_info(PixelCnnConfig::default(), true, false),
             steps,
         )?;
     }

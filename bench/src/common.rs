@@ -1,9 +1,15 @@
 //! What the benchmark binaries share (each includes this file as a module).
 #![allow(dead_code)]
 
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use stages::data::level_table::LevelTable;
 use stages::models::aux_decoder::{AuxDecoderConfig, AuxKind};
-use stages::models::encoder::EncoderConfig;
+use stages::models::encoder::{EncoderConfig, InputKind};
+use stages::models::pixelcnn::PixelCnnConfig;
 use stages::models::quantiser::QuantiserConfig;
+use stages::train_ar::model::{AR_FORMAT, ArInfo, CodeMapInfo};
 use stages::train_vq::level::LevelConfig;
 
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -33,5 +39,71 @@ pub fn tiny_level1(kind: AuxKind) -> LevelConfig {
             res_hidden: 16,
             ..Default::default()
         },
+    }
+}
+
+/// Median GFLOP/s of an n x n by n x n f32 matmul.
+pub fn matmul_peak(n: usize) -> candle_core::Result<f64> {
+    let dev = Device::Cpu;
+    let a = Tensor::ones((n, n), candle_core::DType::F32, &dev)?;
+    let b = Tensor::ones((n, n), candle_core::DType::F32, &dev)?;
+    let mut rates = Vec::new();
+    for i in 0..12 {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        c.sum_all()?.to_scalar::<f32>()?;
+        if i >= 2 {
+            rates.push(2.0 * (n * n * n) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        }
+    }
+    Ok(median(rates))
+}
+
+/// `pipelines/tiny.yaml`'s decoder1 network (hidden 16, 4 layers, k 3).
+pub fn tiny_pixelcnn() -> PixelCnnConfig {
+    PixelCnnConfig {
+        hidden: 16,
+        layers: 4,
+        kernel: 3,
+        code_embedding: 16,
+        cond_hidden: 16,
+        cond_res_blocks: 1,
+    }
+}
+
+/// A model of 32x32x1 pixels over 10 classes, given an 8x8 map of 128
+/// codes (`codes`) and/or the class (`labels`).
+pub fn ar_info(model: PixelCnnConfig, codes: bool, labels: bool) -> ArInfo {
+    ArInfo {
+        format: AR_FORMAT.into(),
+        target: InputKind::Pixels { channels: 1 },
+        height: 32,
+        width: 32,
+        class_names: (0..10).map(|i| i.to_string()).collect(),
+        class_conditional: labels,
+        condition: codes.then_some(CodeMapInfo {
+            codebook_size: 128,
+            height: 8,
+            width: 8,
+            upsample: 2,
+        }),
+        target_key: String::new(),
+        condition_key: None,
+        seed: 0,
+        model,
+    }
+}
+
+/// A level-1 table of 32x32x1 images (no rows: the benchmarks make their own).
+pub fn pixel_table() -> LevelTable {
+    LevelTable {
+        dir: "synthetic".into(),
+        input: InputKind::Pixels { channels: 1 },
+        height: 32,
+        width: 32,
+        values_per_row: 32 * 32,
+        class_names: vec!["x".into()],
+        splits: Default::default(),
+        source_key: None,
     }
 }

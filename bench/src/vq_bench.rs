@@ -15,16 +15,15 @@
 //! nearest-code search with the argmin kernel and with candle's argmin.
 
 mod common;
-use common::{median, tiny_level1};
+use common::{matmul_peak, median, pixel_table, tiny_level1};
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use stages::data::level_table::{LevelTable, Rows};
+use stages::data::level_table::Rows;
 use stages::models::aux_decoder::{AuxDecoderConfig, AuxKind};
 use stages::models::conv::{FORWARD_FLOPS, USE_CANDLE_CONVS};
-use stages::models::encoder::InputKind;
 use stages::models::nearest::{ArgminRows, code_distances, nearest_code, nearest_code_reference};
 use stages::models::optim::{AdamW, OptimConfig};
 use stages::rng::SplitMix64;
@@ -34,23 +33,6 @@ use stages::train_vq::level::{LevelConfig, VqLevel};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const BATCH: usize = 64;
-
-/// Median GFLOP/s of an n x n by n x n f32 matmul.
-fn matmul_peak(n: usize) -> candle_core::Result<f64> {
-    let dev = Device::Cpu;
-    let a = Tensor::ones((n, n), candle_core::DType::F32, &dev)?;
-    let b = Tensor::ones((n, n), candle_core::DType::F32, &dev)?;
-    let mut rates = Vec::new();
-    for i in 0..12 {
-        let t = Instant::now();
-        let c = a.matmul(&b)?;
-        c.sum_all()?.to_scalar::<f32>()?;
-        if i >= 2 {
-            rates.push(2.0 * (n * n * n) as f64 / t.elapsed().as_secs_f64() / 1e9);
-        }
-    }
-    Ok(median(rates))
-}
 
 /// Nearest code for 65,536 vectors of 64 dims against 512 codes: the
 /// argmin kernel against candle's generic argmin, both after the same matmul.
@@ -96,19 +78,6 @@ fn nearest(reps: usize) -> candle_core::Result<()> {
     Ok(())
 }
 
-fn table() -> LevelTable {
-    LevelTable {
-        dir: "synthetic".into(),
-        input: InputKind::Pixels { channels: 1 },
-        height: 32,
-        width: 32,
-        values_per_row: 32 * 32,
-        class_names: vec!["x".into()],
-        splits: Default::default(),
-        source_key: None,
-    }
-}
-
 fn run(
     name: &str,
     cfg: &LevelConfig,
@@ -116,7 +85,7 @@ fn run(
     peak: f64,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let dev = Device::Cpu;
-    let mut level = VqLevel::new(cfg, &table(), 0, &dev)?;
+    let mut level = VqLevel::new(cfg, &pixel_table(), 0, &dev)?;
     let mut opt = AdamW::new(level.trainable(), OptimConfig::default())?;
     let mut rng = SplitMix64(1);
     let mut mask_rng = SplitMix64(2);

@@ -152,7 +152,7 @@ impl AuxDecoder {
             h = r.forward(&h)?;
         }
         for u in &self.up {
-            h = u.forward(&h.relu()?)?;
+            h = u.forward_relu(&h)?;
         }
         if let Some(ctx) = &self.context {
             let Some((input, mask)) = masked else {
@@ -166,7 +166,7 @@ impl AuxDecoder {
             }
             h = (h + c)?;
         }
-        self.out.forward(&h.relu()?)
+        self.out.forward_relu(&h)
     }
 }
 

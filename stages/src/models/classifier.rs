@@ -88,11 +88,16 @@ impl Classifier {
 
     /// Logits (B, classes).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // relu(conv(.)) of each conv, with the ReLUs fused into the next conv.
         let mut f = x.clone();
-        for conv in &self.convs {
-            f = conv.forward(&f)?.relu()?;
+        for (i, conv) in self.convs.iter().enumerate() {
+            f = match i {
+                0 => conv.forward(&f)?,
+                _ => conv.forward_relu(&f)?,
+            };
         }
-        self.head.forward(&f.mean(D::Minus1)?.mean(D::Minus1)?)
+        self.head
+            .forward(&f.relu()?.mean(D::Minus1)?.mean(D::Minus1)?)
     }
 
     /// Trains on `rows` (labels must be class indices) for `cfg.steps`

@@ -1,24 +1,24 @@
-//! 2-d convolutions as im2col + one matmul, with col2im as the backward.
+//! 2-d convolution layers with fast CPU kernels.
 //!
 //! candle's CPU `conv2d` backward and its `conv_transpose2d` are nested
-//! loops (a `perf` profile of a level-1 training step put about two thirds
-//! of its time there). [`Im2Col`] and [`Col2Im`] are adjoint linear maps, each the
-//! other's gradient, so a convolution becomes `matmul(im2col(x), W)` and a
-//! transposed one `col2im(matmul(x, W))`; the matmuls are candle's gemm.
-//! Both kernels work image by image in parallel, each image in a fixed order,
-//! so results do not depend on the thread count.
+//! loops, and composing a layer from candle ops (im2col, matmul, bias add,
+//! transpose, ReLU) makes a pass and an allocation per op. Here each layer
+//! is one custom op forward and two backward ([`ops`]): columns plus gemm,
+//! with the bias and an optional ReLU of the input ([`Conv::forward_relu`])
+//! fused in, and masked taps skipped.
 //!
 //! Layers keep PyTorch's weight layout and names (`weight` O x C x k x k,
 //! `bias`); on other devices than the CPU they call candle's own ops (the
 //! reference the tests compare against).
 
+mod ops;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Tensor};
+use candle_core::{Module, Tensor};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, Init, VarBuilder};
-use rayon::prelude::*;
 
-use super::contiguous_f32;
+use ops::{ConvOp, ConvTransposeOp};
 
 /// Multiply-add FLOPs (2 per MAC) of the forward matmuls of every
 /// convolution since the start, for benchmarks that report a FLOP rate.
@@ -84,114 +84,6 @@ impl Geometry {
     /// Length of one column row: C x the taps.
     fn row_len(&self) -> usize {
         self.c * self.taps.count_ones() as usize
-    }
-
-    fn cols_per_image(&self) -> usize {
-        self.out_h() * self.out_w() * self.row_len()
-    }
-
-    fn image_len(&self) -> usize {
-        self.c * self.h * self.w
-    }
-
-    /// Calls `f(col_index, image_index)` for every in-bounds tap of one image.
-    #[inline]
-    fn for_each_tap(&self, mut f: impl FnMut(usize, usize)) {
-        let (k, s, p) = (self.k, self.stride, self.pad);
-        let (ow, row_len) = (self.out_w(), self.row_len());
-        let taps: Vec<(usize, usize)> = (0..k * k)
-            .filter(|t| self.taps >> t & 1 == 1)
-            .map(|t| (t / k, t % k))
-            .collect();
-        for oy in 0..self.out_h() {
-            for ox in 0..ow {
-                let row = (oy * ow + ox) * row_len;
-                for c in 0..self.c {
-                    for (t, &(ky, kx)) in taps.iter().enumerate() {
-                        let iy = (oy * s + ky) as isize - p as isize;
-                        let ix = (ox * s + kx) as isize - p as isize;
-                        if iy < 0 || iy >= self.h as isize || ix < 0 || ix >= self.w as isize {
-                            continue;
-                        }
-                        f(
-                            row + c * taps.len() + t,
-                            (c * self.h + iy as usize) * self.w + ix as usize,
-                        );
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Images (B, C, H, W) -> columns (B, OH*OW, C*k*k).
-#[derive(Debug, Clone, Copy)]
-pub struct Im2Col(pub Geometry);
-
-/// Columns (B, OH*OW, C*k*k) -> images (B, C, H, W), overlapping taps summed.
-#[derive(Debug, Clone, Copy)]
-pub struct Col2Im(pub Geometry);
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "im2col"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let x = contiguous_f32(storage, layout, "im2col")?;
-        let b = layout.shape().dims()[0];
-        let mut out = vec![0f32; b * g.cols_per_image()];
-        out.par_chunks_mut(g.cols_per_image())
-            .zip(x.par_chunks(g.image_len()))
-            .for_each(|(cols, img)| g.for_each_tap(|ci, ii| cols[ci] = img[ii]));
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((b, g.out_h() * g.out_w(), g.row_len())),
-        ))
-    }
-
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1(Col2Im(self.0))?))
-    }
-}
-
-impl CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "col2im"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let cols = contiguous_f32(storage, layout, "col2im")?;
-        let b = layout.shape().dims()[0];
-        let mut out = vec![0f32; b * g.image_len()];
-        out.par_chunks_mut(g.image_len())
-            .zip(cols.par_chunks(g.cols_per_image()))
-            .for_each(|(img, c)| g.for_each_tap(|ci, ii| img[ii] += c[ci]));
-        Ok((CpuStorage::F32(out), Shape::from((b, g.c, g.h, g.w))))
-    }
-
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1(Im2Col(self.0))?))
     }
 }
 
@@ -287,8 +179,14 @@ impl Conv {
     }
 }
 
-impl Module for Conv {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl Conv {
+    /// `self.forward(&x.relu()?)` in one pass (the ReLU fused into the
+    /// columns forward and into the input gradient backward).
+    pub fn forward_relu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, relu_input: bool) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let g = Geometry {
             c,
@@ -303,12 +201,11 @@ impl Module for Conv {
             },
         };
         let o = self.weight.dim(0)?;
-        let l = g.out_h() * g.out_w();
-        count_flops(b * l, g.row_len(), o);
+        count_flops(b * g.out_h() * g.out_w(), g.row_len(), o);
         if use_reference(x) {
-            return self.forward_reference(x);
+            let x = if relu_input { x.relu()? } else { x.clone() };
+            return self.forward_reference(&x);
         }
-        let cols = x.contiguous()?.apply_op1(Im2Col(g))?; // B, L, CKK
         let wm = match &self.tap_index {
             Some(index) if g.taps != all_taps(self.k) => self
                 .weight()?
@@ -317,17 +214,16 @@ impl Module for Conv {
             _ => self.weight()?,
         }
         .reshape((o, g.row_len()))?;
-        // A contiguous (CKK, O) right-hand side: gemm then sums each output
-        // in the same order whatever the number of rows, so a position's
-        // value does not depend on how many others are computed with it
-        // (what exact incremental sampling needs; a transposed view does).
-        let wm = wm.t()?.contiguous()?;
-        let y = cols.reshape((b * l, g.row_len()))?.matmul(&wm)?; // B*L, O
-        let y = y.broadcast_add(&self.bias.unsqueeze(0)?)?;
-        y.reshape((b, l, o))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, o, g.out_h(), g.out_w()))
+        // (C*T, O), contiguous: the layout the forward gemm reads.
+        let w_t = wm.t()?.contiguous()?;
+        x.contiguous()?
+            .apply_op3(&w_t, &self.bias, ConvOp { g, relu_input })
+    }
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply(x, false)
     }
 }
 
@@ -374,11 +270,19 @@ impl ConvTranspose {
     }
 }
 
-impl Module for ConvTranspose {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl ConvTranspose {
+    /// `self.forward(&x.relu()?)` in one pass.
+    pub fn forward_relu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, relu_input: bool) -> candle_core::Result<Tensor> {
         let (b, c_in, h, w) = x.dims4()?;
         let c_out = self.weight.dim(1)?;
         let (k, s, p) = (self.k, self.cfg.stride, self.cfg.padding);
+        if (h - 1) * s + k < 2 * p + 1 || (w - 1) * s + k < 2 * p + 1 {
+            candle_core::bail!("conv_transpose: a {h}x{w} input gives an empty output");
+        }
         // The output image is the input of the convolution this is the adjoint of.
         let g = Geometry {
             c: c_out,
@@ -391,16 +295,18 @@ impl Module for ConvTranspose {
         };
         count_flops(b * h * w, c_in, g.row_len());
         if use_reference(x) {
-            return self.forward_reference(x);
+            let x = if relu_input { x.relu()? } else { x.clone() };
+            return self.forward_reference(&x);
         }
-        let xr = x.reshape((b, c_in, h * w))?.transpose(1, 2)?.contiguous()?; // B, L, C_in
-        let wm = self.weight.reshape((c_in, g.row_len()))?;
-        let cols = xr
-            .reshape((b * h * w, c_in))?
-            .matmul(&wm)?
-            .reshape((b, h * w, g.row_len()))?;
-        let y = cols.apply_op1(Col2Im(g))?;
-        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        let w_mat = self.weight.reshape((c_in, g.row_len()))?;
+        x.contiguous()?
+            .apply_op3(&w_mat, &self.bias, ConvTransposeOp { g, relu_input })
+    }
+}
+
+impl Module for ConvTranspose {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply(x, false)
     }
 }
 

@@ -69,8 +69,8 @@ impl ResBlock {
 
 impl Module for ResBlock {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(&x.relu()?)?;
-        x + self.conv2.forward(&h.relu()?)?
+        let h = self.conv1.forward_relu(x)?;
+        x + self.conv2.forward_relu(&h)?
     }
 }
 
@@ -134,11 +134,11 @@ impl Module for Encoder {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut h = self.stem.forward(&self.input.forward(x)?)?;
         for d in &self.down {
-            h = d.forward(&h.relu()?)?;
+            h = d.forward_relu(&h)?;
         }
         for r in &self.res {
             h = r.forward(&h)?;
         }
-        self.out.forward(&h.relu()?)
+        self.out.forward_relu(&h)
     }
 }

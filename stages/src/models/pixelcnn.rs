@@ -425,7 +425,7 @@ impl PixelCnn {
             f = r.forward(&f)?;
         }
         for u in &c.up {
-            f = u.forward(&f.relu()?)?;
+            f = u.forward_relu(&f)?;
         }
         Ok(f)
     }
@@ -457,7 +457,7 @@ impl PixelCnn {
             let h_new = layer.h_out.forward(&gate(&h_pre)?)?;
             h = if layer.residual { (h + h_new)? } else { h_new };
         }
-        self.out2.forward(&self.out1.forward(&h.relu()?)?.relu()?)
+        self.out2.forward_relu(&self.out1.forward_relu(&h)?)
     }
 
     pub fn target(&self) -> InputKind {

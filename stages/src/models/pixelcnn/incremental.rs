@@ -157,7 +157,7 @@ impl<'a> Incremental<'a> {
         let out = self
             .net
             .out2
-            .forward(&self.net.out1.forward(&h.relu()?)?.relu()?)?;
+            .forward_relu(&self.net.out1.forward_relu(&h)?)?;
         out.flatten_from(1)
     }
 }

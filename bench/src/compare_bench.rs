@@ -1,0 +1,166 @@
+//! The candle side of `bench/compare-torch.sh`: the models of
+//! `bench/torch_twin.py` (tiny.yaml's level 1 with the `ff` decoder, and
+//! its decoder1 gated PixelCNN given 8x8 codes), trained at batch 64 on
+//! random 32x32x1 inputs, and the PixelCNN's cached sampler on 10 images.
+//!
+//! `cargo run --release -p haic-bench --bin compare-bench [-- --steps N] [--only vq|ar|sample]`
+//!
+//! Prints the matmul peak, then one JSON line per model: `seconds` (median
+//! step, or median of 3 sampling runs), `throughput` (images/s), and for
+//! training `gflop_per_step` (3 x the forward matmul FLOPs of the layers,
+//! counted from their shapes as they run, + 3 x the quantiser's distance
+//! matmul) and `peak_fraction` (the step's FLOP rate over the peak).
+
+mod common;
+use common::{ar_info, matmul_peak, median, pixel_table, tiny_level1, tiny_pixelcnn};
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use candle_core::Device;
+use stages::data::level_table::Rows;
+use stages::models::aux_decoder::AuxKind;
+use stages::models::conv::FORWARD_FLOPS;
+use stages::models::optim::{AdamW, OptimConfig};
+use stages::rng::SplitMix64;
+use stages::train_ar::model::{ArModel, Sampling};
+use stages::train_vq::level::VqLevel;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const BATCH: usize = 64;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn random_rows(rng: &mut SplitMix64, n: usize, values: usize, below: u64) -> Rows {
+    Rows {
+        ids: (0..n as i64).collect(),
+        labels: (0..n).map(|_| rng.below(10) as i32).collect(),
+        values: (0..n * values).map(|_| rng.below(below) as u16).collect(),
+    }
+}
+
+fn lr_config() -> OptimConfig {
+    OptimConfig {
+        lr: 1e-3,
+        ..Default::default()
+    }
+}
+
+/// Median step time and FLOPs of a step of tiny.yaml's level 1 (`ff`).
+fn vq(steps: usize) -> Res<(f64, u64)> {
+    let cfg = tiny_level1(AuxKind::Ff);
+    let mut level = VqLevel::new(&cfg, &pixel_table(), 0, &Device::Cpu)?;
+    let mut opt = AdamW::new(level.trainable(), lr_config())?;
+    let (mut rng, mut mask_rng) = (SplitMix64(1), SplitMix64(2));
+    let (mut times, mut flops) = (Vec::new(), 0);
+    for i in 0..steps + 3 {
+        let rows = random_rows(&mut rng, BATCH, 1024, 256);
+        let before = FORWARD_FLOPS.load(Ordering::Relaxed);
+        let t = Instant::now();
+        let batch = level.batch(&rows)?;
+        let loss = level.loss(&batch, &mut mask_rng)?;
+        let after = FORWARD_FLOPS.load(Ordering::Relaxed);
+        let grads = loss.total.backward()?;
+        opt.step(&grads, 1e-3)?;
+        level.quantiser.ema_update(&loss.z, &loss.codes)?;
+        if i >= 3 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+        let quantiser = 2 * loss.codes.len() * cfg.encoder.dim * cfg.quantiser.codebook_size;
+        flops = 3 * (after - before) + 3 * quantiser as u64;
+    }
+    Ok((median(times), flops))
+}
+
+/// Median step time and FLOPs of a step of tiny.yaml's decoder1.
+fn ar(steps: usize) -> Res<(f64, u64)> {
+    let model = ArModel::new(ar_info(tiny_pixelcnn(), true, false), &Device::Cpu)?;
+    let mut opt = AdamW::new(model.trainable(), lr_config())?;
+    let mut rng = SplitMix64(1);
+    let (mut times, mut flops) = (Vec::new(), 0);
+    for i in 0..steps + 2 {
+        let rows = random_rows(&mut rng, BATCH, 1024, 256);
+        let codes = random_rows(&mut rng, BATCH, 64, 128);
+        let before = FORWARD_FLOPS.load(Ordering::Relaxed);
+        let t = Instant::now();
+        let batch = model.batch(&rows, Some(&codes))?;
+        let loss = model.loss(&batch)?;
+        let after = FORWARD_FLOPS.load(Ordering::Relaxed);
+        let grads = loss.backward()?;
+        opt.step(&grads, 1e-3)?;
+        if i >= 2 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+        flops = 3 * (after - before);
+    }
+    Ok((median(times), flops))
+}
+
+/// Median of 3 runs of the cached sampler drawing `n` images.
+fn sample(n: usize) -> Res<f64> {
+    let model = ArModel::new(ar_info(tiny_pixelcnn(), true, false), &Device::Cpu)?;
+    let mut rng = SplitMix64(5);
+    let rows = random_rows(&mut rng, n, 1024, 1);
+    let codes = random_rows(&mut rng, n, 64, 128);
+    let batch = model.batch(&rows, Some(&codes))?;
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        model.sample(
+            None,
+            batch.code_map.as_ref(),
+            n,
+            1.0,
+            &mut SplitMix64(9),
+            Sampling::Cached,
+        )?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn main() -> Res<()> {
+    let steps: usize = match arg("--steps") {
+        Some(s) => s.parse().map_err(|_| format!("--steps {s}: not a count"))?,
+        None => 10,
+    };
+    let only = arg("--only");
+    let wanted = |m: &str| only.as_deref().is_none_or(|o| o == m);
+    let peak = matmul_peak(1024)?;
+    println!(
+        "{{\"impl\": \"candle\", \"matmul_peak_gflops\": {peak:.1}, \"threads\": {}}}",
+        rayon::current_num_threads()
+    );
+    let report = |model: &str, (s, flops): (f64, u64)| {
+        let gflop = flops as f64 / 1e9;
+        println!(
+            "{{\"impl\": \"candle\", \"model\": \"{model}\", \"seconds\": {s:.6}, \"throughput\": {:.3}, \"gflop_per_step\": {gflop:.3}, \"peak_fraction\": {:.4}}}",
+            BATCH as f64 / s,
+            gflop / s / peak
+        );
+    };
+    if wanted("vq") {
+        report("vq", vq(steps)?);
+    }
+    if wanted("ar") {
+        report("ar", ar(steps)?);
+    }
+    if wanted("sample") {
+        let n = 10;
+        let s = sample(n)?;
+        println!(
+            "{{\"impl\": \"candle\", \"model\": \"sample\", \"seconds\": {s:.6}, \"throughput\": {:.3}}}",
+            n as f64 / s
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,269 @@
+"""PyTorch twins of haic-pipe's CPU benchmark models, for bench/compare-torch.sh.
+
+The same layers, sizes, batch, loss and optimiser as the Rust benchmark
+(`bench/src/compare_bench.rs`), so the two training throughputs compare:
+
+- vq: `pipelines/tiny.yaml`'s level 1 (encoder hidden 32, 2 residual blocks of
+  16, two stride-2 4x4 convs, D 32; K 128 codes with EMA updates and
+  straight-through gradients; the `ff` auxiliary decoder: conv 3x3, 2
+  residual blocks, two 4x4 stride-2 transposed convs, conv 3x3 to 1
+  channel; MSE + 0.25 x commitment), batch 64 of 32x32x1.
+- ar: `tiny.yaml`'s decoder1, a gated PixelCNN (hidden 16, 4 layers, masked
+  3x3 convs, vertical and horizontal stacks) conditioned on an 8x8 code map
+  of 128 codes (embedding 16, conv 3x3, 1 residual block, two transposed
+  convs up to 32x32), 256-way cross-entropy per pixel, batch 64.
+- sample: 10 images from the ar model, value by value, the network re-run
+  on the band of rows the next row can see (the quick way in PyTorch; the
+  whole image per value is slower still).
+
+Training steps: forward, backward, global-norm clipping at 1.0, AdamW
+(lr 1e-3, betas 0.9/0.999, eps 1e-8, no weight decay). The inputs are
+random (the cost does not depend on them). Prints one JSON line per model:
+{"model", "seconds" (median per step, or per sampling run), "throughput"
+(images/s)}.
+
+Usage: python bench/torch_twin.py [--steps N] [--threads T] [--only vq|ar|sample]
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BATCH = 64
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels, hidden):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x):
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class VqLevel1(nn.Module):
+    """tiny.yaml's level 1 with the ff auxiliary decoder."""
+
+    def __init__(self, hidden=32, res_hidden=16, dim=32, codes=128):
+        super().__init__()
+        self.stem = nn.Conv2d(1, hidden, 3, padding=1)
+        self.down = nn.ModuleList([nn.Conv2d(hidden, hidden, 4, 2, 1) for _ in range(2)])
+        self.enc_res = nn.ModuleList([ResBlock(hidden, res_hidden) for _ in range(2)])
+        self.enc_out = nn.Conv2d(hidden, dim, 1)
+        self.conv_in = nn.Conv2d(dim, hidden, 3, padding=1)
+        self.dec_res = nn.ModuleList([ResBlock(hidden, res_hidden) for _ in range(2)])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(hidden, hidden, 4, 2, 1) for _ in range(2)])
+        self.out = nn.Conv2d(hidden, 1, 3, padding=1)
+        self.register_buffer("codebook", torch.randn(codes, dim))
+        self.register_buffer("cluster_size", torch.zeros(codes))
+        self.register_buffer("embed_sum", self.codebook.clone())
+
+    def loss(self, x):
+        h = self.stem(x)
+        for d in self.down:
+            h = d(F.relu(h))
+        for r in self.enc_res:
+            h = r(h)
+        z = self.enc_out(F.relu(h))
+        b, d, hh, ww = z.shape
+        rows = z.permute(0, 2, 3, 1).reshape(-1, d)
+        dist = (
+            rows.pow(2).sum(1, keepdim=True)
+            - 2 * rows @ self.codebook.t()
+            + self.codebook.pow(2).sum(1)[None]
+        )
+        codes = dist.argmin(1)
+        e = self.codebook[codes]
+        st = rows + (e - rows).detach()
+        commitment = (rows - e.detach()).pow(2).mean()
+        h = self.conv_in(st.reshape(b, hh, ww, d).permute(0, 3, 1, 2))
+        for r in self.dec_res:
+            h = r(h)
+        for u in self.up:
+            h = u(F.relu(h))
+        out = self.out(F.relu(h))
+        loss = F.mse_loss(out, x) + 0.25 * commitment
+        return loss, rows.detach(), codes
+
+    @torch.no_grad()
+    def ema_update(self, rows, codes, decay=0.99, eps=1e-5):
+        k = self.codebook.shape[0]
+        onehot = F.one_hot(codes, k).float()
+        self.cluster_size.mul_(decay).add_(onehot.sum(0), alpha=1 - decay)
+        self.embed_sum.mul_(decay).add_(onehot.t() @ rows, alpha=1 - decay)
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + eps) / (n + k * eps) * n
+        self.codebook.copy_(self.embed_sum / smoothed[:, None])
+
+
+def mask(c_out, c_in, k, vertical, type_a, gate_out=True):
+    """haic-pipe's masks for one pixel channel (a single channel group)."""
+    m = torch.zeros(c_out, c_in, k, k)
+    centre = k // 2
+    if vertical:
+        m[:, :, :centre, :] = 1
+        if not type_a:
+            m[:, :, centre, :] = 1
+    else:
+        m[:, :, centre, :centre] = 1
+        if not type_a:
+            m[:, :, centre, centre] = 1
+    return m
+
+
+class MaskedConv(nn.Conv2d):
+    def __init__(self, c_in, c_out, k, vertical, type_a):
+        super().__init__(c_in, c_out, k, padding=k // 2)
+        self.register_buffer("mask", mask(c_out, c_in, k, vertical, type_a))
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
+
+
+def gate(x):
+    a, b = x.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+class GatedLayer(nn.Module):
+    def __init__(self, c_in, h, k, first, cond_hidden):
+        super().__init__()
+        self.vertical = MaskedConv(c_in, 2 * h, k, True, first)
+        self.horizontal = MaskedConv(c_in, 2 * h, k, False, first)
+        self.v_to_h = nn.Conv2d(2 * h, 2 * h, 1)
+        self.h_out = nn.Conv2d(h, h, 1)
+        self.cond = nn.Conv2d(cond_hidden, 2 * h, 1)
+        self.residual = not first
+
+    def forward(self, v, h, cond):
+        v_pre = self.vertical(v)
+        h_pre = self.horizontal(h) + self.v_to_h(v_pre)
+        extra = self.cond(cond)
+        v_pre = v_pre + extra
+        h_pre = h_pre + extra
+        v = gate(v_pre)
+        h_new = self.h_out(gate(h_pre))
+        return v, (h + h_new if self.residual else h_new)
+
+
+class PixelCnn(nn.Module):
+    """tiny.yaml's decoder1: pixels given an 8x8 code map of 128 codes."""
+
+    def __init__(self, hidden=16, layers=4, k=3, codes=128, embed=16, cond_hidden=16):
+        super().__init__()
+        self.embedding = nn.Embedding(codes, embed)
+        self.cond_in = nn.Conv2d(embed, cond_hidden, 3, padding=1)
+        self.cond_res = ResBlock(cond_hidden, cond_hidden // 2)
+        self.cond_up = nn.ModuleList(
+            [nn.ConvTranspose2d(cond_hidden, cond_hidden, 4, 2, 1) for _ in range(2)]
+        )
+        self.layers = nn.ModuleList(
+            [
+                GatedLayer(1 if i == 0 else hidden, hidden, k, i == 0, cond_hidden)
+                for i in range(layers)
+            ]
+        )
+        self.out1 = nn.Conv2d(hidden, hidden, 1)
+        self.out2 = nn.Conv2d(hidden, 256, 1)
+        self.rows_above = layers * (k // 2)
+
+    def condition(self, code_map):
+        f = self.cond_in(self.embedding(code_map).permute(0, 3, 1, 2))
+        f = self.cond_res(f)
+        for u in self.cond_up:
+            f = u(F.relu(f))
+        return f
+
+    def forward_with(self, x, cond):
+        v = h = x
+        for layer in self.layers:
+            v, h = layer(v, h, cond)
+        return self.out2(F.relu(self.out1(F.relu(h))))
+
+    def loss(self, x, targets, code_map):
+        logits = self.forward_with(x, self.condition(code_map))
+        return F.cross_entropy(logits, targets)
+
+    @torch.no_grad()
+    def sample(self, code_map, generator):
+        n = code_map.shape[0]
+        cond = self.condition(code_map)
+        values = torch.zeros(n, 1, 32, 32, dtype=torch.long)
+        for y in range(32):
+            y0 = max(0, y - self.rows_above)
+            for x in range(32):
+                band = values[:, :, y0 : y + 1].float() / 255.0 - 0.5
+                logits = self.forward_with(band, cond[:, :, y0 : y + 1])[:, :, -1, x]
+                probs = torch.softmax(logits, dim=1)
+                values[:, 0, y, x] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        return values
+
+
+def train(model, batch_fn, steps, warmup):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    times = []
+    for i in range(steps + warmup):
+        inputs = batch_fn()
+        t = time.perf_counter()
+        out = model.loss(*inputs)
+        loss = out[0] if isinstance(out, tuple) else out
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if isinstance(out, tuple):
+            model.ema_update(out[1], out[2])
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", choices=["vq", "ar", "sample"])
+    p.add_argument("--sample-images", type=int, default=10)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+
+    def pixels():
+        return torch.randint(0, 256, (BATCH, 1, 32, 32), generator=g)
+
+    if a.only in (None, "vq"):
+        vq = VqLevel1()
+        s = train(vq, lambda: (pixels().float() / 255.0 - 0.5,), a.steps, 3)
+        print(json.dumps({"model": "vq", "seconds": s, "throughput": BATCH / s}), flush=True)
+    if a.only in (None, "ar"):
+        ar = PixelCnn()
+
+        def ar_batch():
+            t = pixels()
+            codes = torch.randint(0, 128, (BATCH, 8, 8), generator=g)
+            return t.float() / 255.0 - 0.5, t[:, 0], codes
+
+        s = train(ar, ar_batch, a.steps, 2)
+        print(json.dumps({"model": "ar", "seconds": s, "throughput": BATCH / s}), flush=True)
+    if a.only in (None, "sample"):
+        ar = PixelCnn()
+        n = a.sample_images
+        codes = torch.randint(0, 128, (n, 8, 8), generator=g)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            ar.sample(codes, g)
+            times.append(time.perf_counter() - t)
+        s = statistics.median(times)
+        print(json.dumps({"model": "sample", "seconds": s, "throughput": n / s}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
