@@ -221,6 +221,25 @@ impl Conv {
     }
 }
 
+impl Conv {
+    /// For kernels that fuse a 1x1 stride-1 layer with what follows it:
+    /// the weight as an O x C matrix (masked) and the bias, when the layer
+    /// is one and `x` is on the CPU (counting the layer's FLOPs); `None`
+    /// where the layer must run as itself.
+    pub(crate) fn pointwise_on_cpu(
+        &self,
+        x: &Tensor,
+    ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        let (b, c, h, w) = x.dims4()?;
+        if self.k != 1 || self.cfg.stride != 1 || self.cfg.padding != 0 || use_reference(x) {
+            return Ok(None);
+        }
+        let o = self.weight.dim(0)?;
+        count_flops(b * h * w, c, o);
+        Ok(Some((self.weight()?.reshape((o, c))?, self.bias.clone())))
+    }
+}
+
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.apply(x, false)

@@ -10,6 +10,8 @@ pub mod categorical;
 pub mod classifier;
 pub mod conv;
 pub mod encoder;
+pub mod fastmath;
+mod kernels;
 pub mod masks;
 pub mod nearest;
 pub mod optim;

@@ -24,9 +24,10 @@ use candle_nn::{Embedding, VarBuilder, embedding};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::contiguous_f32;
+use super::categorical::categorical_nll_of_conv;
 use super::conv::{Conv, ConvTranspose};
 use super::encoder::{InputEmbedding, InputKind, ResBlock};
+use super::{contiguous_f32, fastmath};
 
 pub mod incremental;
 
@@ -164,10 +165,6 @@ fn gate_halves<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f
     Ok((contiguous_f32(s, l, "gate")?, c / 2 * hh * ww))
 }
 
-fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + (-v).exp())
-}
-
 impl CustomOp1 for Gate {
     fn name(&self) -> &'static str {
         "gate"
@@ -180,9 +177,7 @@ impl CustomOp1 for Gate {
             .zip(x.par_chunks(2 * half))
             .for_each(|(o, xb)| {
                 let (a, g) = xb.split_at(half);
-                for i in 0..half {
-                    o[i] = a[i].tanh() * sigmoid(g[i]);
-                }
+                gate_forward(o, a, g)
             });
         let (b, c, h, w) = l.shape().dims4()?;
         Ok((CpuStorage::F32(out), Shape::from((b, c / 2, h, w))))
@@ -198,7 +193,25 @@ impl CustomOp1 for Gate {
     }
 }
 
-/// d/da = g sigmoid(b) (1 - tanh(a)^2), d/db = g tanh(a) sigmoid(b) (1 - sigmoid(b)).
+fastmath::simd_kernel! {
+    fn gate_forward(out: &mut [f32], a: &[f32], b: &[f32]) {
+        for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+            *o = fastmath::tanh(a) * fastmath::sigmoid(b);
+        }
+    }
+}
+
+fastmath::simd_kernel! {
+    /// d/da = g sigmoid(b) (1 - tanh(a)^2), d/db = g tanh(a) sigmoid(b) (1 - sigmoid(b)).
+    fn gate_backward(da: &mut [f32], db: &mut [f32], a: &[f32], b: &[f32], grad: &[f32]) {
+        for ((((da, db), &a), &b), &g) in da.iter_mut().zip(db).zip(a).zip(b).zip(grad) {
+            let (t, s) = (fastmath::tanh(a), fastmath::sigmoid(b));
+            *da = g * s * (1.0 - t * t);
+            *db = g * t * s * (1.0 - s);
+        }
+    }
+}
+
 struct GateGrad;
 
 impl CustomOp2 for GateGrad {
@@ -221,11 +234,7 @@ impl CustomOp2 for GateGrad {
             .for_each(|(o, (xb, gb))| {
                 let (a, b) = xb.split_at(half);
                 let (oa, ob) = o.split_at_mut(half);
-                for i in 0..half {
-                    let (t, s) = (a[i].tanh(), sigmoid(b[i]));
-                    oa[i] = gb[i] * s * (1.0 - t * t);
-                    ob[i] = gb[i] * t * s * (1.0 - s);
-                }
+                gate_backward(oa, ob, a, b, gb)
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -439,6 +448,36 @@ impl PixelCnn {
         labels: Option<&Tensor>,
         cond: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
+        let h = self.hidden(x, labels, cond)?;
+        self.out2.forward_relu(&self.out1.forward_relu(&h)?)
+    }
+
+    /// -ln p of every value of `targets` (u32 (B, C, H, W) for pixels, (B, 1,
+    /// H, W) for codes) given the values before it: the NLL of
+    /// [`PixelCnn::forward`]'s logits, (B, C, H, W), without storing them.
+    pub fn nll(
+        &self,
+        x: &Tensor,
+        labels: Option<&Tensor>,
+        code_map: Option<&Tensor>,
+        targets: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let cond = match code_map {
+            Some(map) => Some(self.condition(map)?),
+            None => None,
+        };
+        let h = self.hidden(x, labels, cond.as_ref())?;
+        let o1 = self.out1.forward_relu(&h)?;
+        categorical_nll_of_conv(&o1, &self.out2, true, targets, self.classes)
+    }
+
+    /// The horizontal stack's output, before the output layers.
+    fn hidden(
+        &self,
+        x: &Tensor,
+        labels: Option<&Tensor>,
+        cond: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         if self.cond.is_some() != cond.is_some() {
             candle_core::bail!(
                 "PixelCNN: the code map must be given exactly when the model was built for one"
@@ -457,7 +496,7 @@ impl PixelCnn {
             let h_new = layer.h_out.forward(&gate(&h_pre)?)?;
             h = if layer.residual { (h + h_new)? } else { h_new };
         }
-        self.out2.forward_relu(&self.out1.forward_relu(&h)?)
+        Ok(h)
     }
 
     pub fn target(&self) -> InputKind {

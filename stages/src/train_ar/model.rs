@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::level_table::{LevelTable, Rows};
 use crate::error::{Error, Result};
-use crate::models::categorical::categorical_nll;
 use crate::models::encoder::InputKind;
 use crate::models::pixelcnn::incremental::Incremental;
 use crate::models::pixelcnn::{Conditioning, PixelCnn, PixelCnnConfig};
@@ -226,10 +225,14 @@ impl ArModel {
     /// Negative log-likelihood in nats of every value (B*G*H*W, in the
     /// order of the targets).
     fn nll(&self, batch: &ArBatch) -> candle_core::Result<Tensor> {
-        let logits =
-            self.net
-                .forward(&batch.input, batch.labels.as_ref(), batch.code_map.as_ref())?;
-        categorical_nll(&logits, &batch.targets, self.info.classes())?.flatten_all()
+        self.net
+            .nll(
+                &batch.input,
+                batch.labels.as_ref(),
+                batch.code_map.as_ref(),
+                &batch.targets,
+            )?
+            .flatten_all()
     }
 
     /// The training loss: mean NLL in nats per value.

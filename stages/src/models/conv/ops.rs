@@ -18,112 +18,12 @@
 //!   Weight gradients sum over fixed chunks of images, then over chunks in
 //!   order, so results do not depend on the thread count.
 
-use std::cell::RefCell;
-
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::Geometry;
 use crate::models::contiguous_f32;
-
-/// Images per partial sum of a weight gradient.
-const CHUNK: usize = 8;
-
-thread_local! {
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` on a buffer of `len` floats (contents unspecified) that this
-/// thread keeps for the next call: a step reuses its buffers instead of
-/// mapping fresh pages for every op.
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => {
-            if buf.len() < len {
-                buf.resize(len, 0.0);
-            }
-            f(&mut buf[..len])
-        }
-        // Re-entered (a rayon worker that stole work while in `f`).
-        Err(_) => f(&mut vec![0.0; len]),
-    })
-}
-
-/// A strided read-only matrix: element (i, j) is `data[i * rs + j * cs]`.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-impl View<'_> {
-    fn check(&self, rows: usize, cols: usize) {
-        if rows > 0 && cols > 0 {
-            let last = (rows - 1) * self.rs + (cols - 1) * self.cs;
-            assert!(
-                last < self.data.len(),
-                "a gemm operand reads past its slice"
-            );
-        }
-    }
-}
-
-/// `dst (m x n, row-major) = [dst +] a (m x k) . b (k x n)`.
-fn gemm(
-    dst: &mut [f32],
-    (m, n, k): (usize, usize, usize),
-    accumulate: bool,
-    a: View,
-    b: View,
-    parallel: bool,
-) {
-    assert!(dst.len() >= m * n, "a gemm result does not fit its slice");
-    a.check(m, k);
-    b.check(k, n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
-        return;
-    }
-    let parallelism = match parallel {
-        true => gemm::Parallelism::Rayon(0),
-        false => gemm::Parallelism::None,
-    };
-    // SAFETY: every pointer covers the elements the strides reach (checked
-    // above), `dst` is exclusively borrowed and does not alias `a` or `b`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
-}
-
-fn relu(v: f32, on: bool) -> f32 {
-    if on { v.max(0.0) } else { v }
-}
+use crate::models::kernels::{View, gemm, relu, relu_backward, sum_chunks, with_scratch};
 
 impl Geometry {
     fn out_len(&self) -> usize {
@@ -236,16 +136,6 @@ impl Geometry {
     }
 }
 
-/// Zeroes the gradient where the input of a fused ReLU was negative
-/// (candle's ReLU passes the gradient at 0).
-fn relu_backward(grad: &mut [f32], input: &[f32]) {
-    for (g, &x) in grad.iter_mut().zip(input) {
-        if x < 0.0 {
-            *g = 0.0;
-        }
-    }
-}
-
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     contiguous_f32(s, l, what)
 }
@@ -255,29 +145,6 @@ fn check_len(data: &[f32], len: usize, what: &str) -> candle_core::Result<()> {
         candle_core::bail!("{what}: {} values where {len} were expected", data.len());
     }
     Ok(())
-}
-
-/// Sums per-chunk partial gradients (each `len` long) in chunk order.
-fn sum_chunks(
-    images: usize,
-    len: usize,
-    partial: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
-) -> Vec<f32> {
-    let chunks: Vec<Vec<f32>> = (0..images.div_ceil(CHUNK))
-        .into_par_iter()
-        .map(|i| {
-            let mut acc = vec![0f32; len];
-            partial(i * CHUNK..((i + 1) * CHUNK).min(images), &mut acc);
-            acc
-        })
-        .collect();
-    let mut total = vec![0f32; len];
-    for c in &chunks {
-        for (t, &v) in total.iter_mut().zip(c) {
-            *t += v;
-        }
-    }
-    total
 }
 
 /// A convolution: (x (B, C, H, W), w_t (C*T, O), bias (O)) -> (B, O, OH, OW),

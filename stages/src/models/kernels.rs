@@ -1,0 +1,141 @@
+//! What the CPU kernels of the models share: a bounds-checked gemm on
+//! strided views, per-thread scratch buffers, fused-ReLU helpers and
+//! deterministic chunked sums of per-image gradients.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+/// Images per partial sum of a weight gradient.
+pub(crate) const CHUNK: usize = 8;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on a buffer of `len` floats (contents unspecified) that this
+/// thread keeps for the next call: a step reuses its buffers instead of
+/// mapping fresh pages for every op.
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        // Re-entered (a rayon worker that stole work while in `f`).
+        Err(_) => f(&mut vec![0.0; len]),
+    })
+}
+
+/// A strided read-only matrix: element (i, j) is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl View<'_> {
+    fn check(&self, rows: usize, cols: usize) {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1) * self.rs + (cols - 1) * self.cs;
+            assert!(
+                last < self.data.len(),
+                "a gemm operand reads past its slice"
+            );
+        }
+    }
+}
+
+/// `dst (m x n, row-major) = [dst +] a (m x k) . b (k x n)`.
+pub(crate) fn gemm(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    a: View,
+    b: View,
+    parallel: bool,
+) {
+    assert!(dst.len() >= m * n, "a gemm result does not fit its slice");
+    a.check(m, k);
+    b.check(k, n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let parallelism = match parallel {
+        true => gemm::Parallelism::Rayon(0),
+        false => gemm::Parallelism::None,
+    };
+    // SAFETY: every pointer covers the elements the strides reach (checked
+    // above), `dst` is exclusively borrowed and does not alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// `v`, ReLU'd when `on`.
+#[inline(always)]
+pub(crate) fn relu(v: f32, on: bool) -> f32 {
+    if on { v.max(0.0) } else { v }
+}
+
+/// Zeroes the gradient where the input of a fused ReLU was negative
+/// (candle's ReLU passes the gradient at 0).
+pub(crate) fn relu_backward(grad: &mut [f32], input: &[f32]) {
+    for (g, &x) in grad.iter_mut().zip(input) {
+        if x < 0.0 {
+            *g = 0.0;
+        }
+    }
+}
+
+/// Sums per-chunk partial gradients (each `len` long) in chunk order.
+pub(crate) fn sum_chunks(
+    images: usize,
+    len: usize,
+    partial: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let chunks: Vec<Vec<f32>> = (0..images.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|i| {
+            let mut acc = vec![0f32; len];
+            partial(i * CHUNK..((i + 1) * CHUNK).min(images), &mut acc);
+            acc
+        })
+        .collect();
+    let mut total = vec![0f32; len];
+    for c in &chunks {
+        for (t, &v) in total.iter_mut().zip(c) {
+            *t += v;
+        }
+    }
+    total
+}
