@@ -58,7 +58,23 @@ pub(crate) fn gemm(
     b: View,
     parallel: bool,
 ) {
-    assert!(dst.len() >= m * n, "a gemm result does not fit its slice");
+    gemm_strided(dst, n, (m, n, k), accumulate, a, b, parallel)
+}
+
+/// [`gemm`] into rows `dst_rs` apart.
+pub(crate) fn gemm_strided(
+    dst: &mut [f32],
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    a: View,
+    b: View,
+    parallel: bool,
+) {
+    assert!(
+        m == 0 || n == 0 || (dst_rs >= n && dst.len() >= (m - 1) * dst_rs + n),
+        "a gemm result does not fit its slice"
+    );
     a.check(m, k);
     b.check(k, n);
     if m == 0 || n == 0 {
@@ -66,7 +82,9 @@ pub(crate) fn gemm(
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(0.0);
+            for row in dst.chunks_mut(dst_rs).take(m) {
+                row[..n].fill(0.0);
+            }
         }
         return;
     }
@@ -83,7 +101,7 @@ pub(crate) fn gemm(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             a.data.as_ptr(),
             a.cs as isize,

@@ -13,6 +13,12 @@
 //!   dimension), so a position's value does not depend on how many other
 //!   positions or images are computed with it: what exact incremental
 //!   sampling needs.
+//! - Stride-1 convolutions use no columns: on a padded copy of the image,
+//!   tap (ky, kx) of every output position reads a fixed offset, so the
+//!   layer is one gemm per tap straight from the padded image (into an
+//!   output grid as wide as the padded image, whose extra columns are
+//!   dropped). They work image by image, which also keeps a position's
+//!   value independent of the other positions and images.
 //! - Everything else works image by image in parallel, each image with a
 //!   single-threaded gemm into buffers that stay allocated per thread.
 //!   Weight gradients sum over fixed chunks of images, then over chunks in
@@ -23,7 +29,9 @@ use rayon::prelude::*;
 
 use super::Geometry;
 use crate::models::contiguous_f32;
-use crate::models::kernels::{View, gemm, relu, relu_backward, sum_chunks, with_scratch};
+use crate::models::kernels::{
+    View, gemm, gemm_strided, relu, relu_backward, sum_chunks, with_scratch,
+};
 
 impl Geometry {
     fn out_len(&self) -> usize {
@@ -147,6 +155,61 @@ fn check_len(data: &[f32], len: usize, what: &str) -> candle_core::Result<()> {
     Ok(())
 }
 
+/// The stride-1 layout: the image padded to Hp x Wp (plus `k` zeros so
+/// the last tap's view stays inside), outputs on an OH x Wp grid.
+struct Padded {
+    hp: usize,
+    wp: usize,
+    /// Padded image length, slack included.
+    len: usize,
+    /// Output grid positions: OH x Wp.
+    n: usize,
+}
+
+impl Geometry {
+    /// Whether the layer runs without columns: stride 1 and a kernel wider
+    /// than 1. (A 1x1 layer's columns are a plain copy, and its one batched
+    /// forward gemm keeps a position's value exact when the incremental
+    /// sampler computes a single column: a gemm of one column takes
+    /// gemm's matrix-vector path, which sums in another order.)
+    fn implicit(&self) -> bool {
+        self.stride == 1 && self.k > 1
+    }
+
+    fn padded(&self) -> Padded {
+        let (hp, wp) = (self.h + 2 * self.pad, self.w + 2 * self.pad);
+        Padded {
+            hp,
+            wp,
+            len: self.c * hp * wp + self.k,
+            n: self.out_h() * wp,
+        }
+    }
+
+    /// `img` (C x H x W) into the padded layout, ReLU'd if `relu_in`.
+    fn pad_image(&self, img: &[f32], relu_in: bool, xp: &mut [f32]) {
+        let Padded { hp, wp, .. } = self.padded();
+        xp.fill(0.0);
+        for (c, plane) in img.chunks_exact(self.plane()).enumerate() {
+            for (y, row) in plane.chunks_exact(self.w).enumerate() {
+                let at = (c * hp + y + self.pad) * wp + self.pad;
+                for (d, &v) in xp[at..at + self.w].iter_mut().zip(row) {
+                    *d = relu(v, relu_in);
+                }
+            }
+        }
+    }
+
+    /// Output planes (O x OH x OW) onto the OH x Wp grid, extra columns zero.
+    fn grid_from_output(&self, out: &[f32], grid: &mut [f32]) {
+        let (wp, ow) = (self.padded().wp, self.out_w());
+        grid.fill(0.0);
+        for (g, o) in grid.chunks_exact_mut(wp).zip(out.chunks_exact(ow)) {
+            g[..ow].copy_from_slice(o);
+        }
+    }
+}
+
 /// A convolution: (x (B, C, H, W), w_t (C*T, O), bias (O)) -> (B, O, OH, OW),
 /// of `relu(x)` when `relu_input`.
 #[derive(Debug, Clone, Copy)]
@@ -181,6 +244,13 @@ impl CustomOp3 for ConvOp {
         check_len(x, b * g.c * g.plane(), "conv input")?;
         check_len(w_t, ct * o, "conv weight")?;
         let mut out = vec![0f32; b * o * l];
+        if g.implicit() {
+            self.stride_one(x, w_t, bias, &mut out);
+            return Ok((
+                CpuStorage::F32(out),
+                Shape::from((b, o, g.out_h(), g.out_w())),
+            ));
+        }
         with_scratch(ct * n + n * o, |buf| {
             let (cols, y) = buf.split_at_mut(ct * n);
             if ct > 0 {
@@ -242,6 +312,46 @@ impl CustomOp3 for ConvOp {
     }
 }
 
+impl ConvOp {
+    /// The stride-1 forward: per image, bias + one gemm per tap.
+    fn stride_one(&self, x: &[f32], w_t: &[f32], bias: &[f32], out: &mut [f32]) {
+        let g = self.g;
+        let (taps, o) = (g.tap_list(), bias.len());
+        let p = g.padded();
+        let (t, ow) = (taps.len(), g.out_w());
+        out.par_chunks_mut(o * g.out_len())
+            .zip(x.par_chunks(g.c * g.plane()))
+            .for_each(|(ob, xb)| {
+                with_scratch(p.len + o * p.n, |buf| {
+                    let (xp, yp) = buf.split_at_mut(p.len);
+                    g.pad_image(xb, self.relu_input, xp);
+                    for (row, &bias) in yp.chunks_exact_mut(p.n).zip(bias) {
+                        row.fill(bias);
+                    }
+                    for (i, &(ky, kx)) in taps.iter().enumerate() {
+                        let tap = View {
+                            data: &w_t[i * o..],
+                            rs: 1,
+                            cs: t * o,
+                        };
+                        let shifted = View {
+                            data: &xp[ky * p.wp + kx..],
+                            rs: p.hp * p.wp,
+                            cs: 1,
+                        };
+                        gemm(yp, (o, p.n, g.c), true, tap, shifted, false);
+                    }
+                    for (plane, grid) in ob.chunks_exact_mut(g.out_len()).zip(yp.chunks_exact(p.n))
+                    {
+                        for (d, s) in plane.chunks_exact_mut(ow).zip(grid.chunks_exact(p.wp)) {
+                            d.copy_from_slice(&s[..ow]);
+                        }
+                    }
+                });
+            });
+    }
+}
+
 /// (x, w_t, dy) -> dx of [`ConvOp`].
 struct ConvDataGrad(ConvOp);
 
@@ -270,6 +380,50 @@ impl CustomOp3 for ConvDataGrad {
         let o = l2.dims()[1];
         let image = g.c * g.plane();
         let mut dx = vec![0f32; x.len()];
+        if g.implicit() {
+            let (p, t) = (g.padded(), taps.len());
+            dx.par_chunks_mut(image)
+                .zip(x.par_chunks(image).zip(dy.par_chunks(o * l)))
+                .for_each(|(dxb, (xb, dyb))| {
+                    with_scratch(o * p.n + p.len, |buf| {
+                        let (dyp, dxp) = buf.split_at_mut(o * p.n);
+                        g.grid_from_output(dyb, dyp);
+                        dxp.fill(0.0);
+                        let dyv = View {
+                            data: dyp,
+                            rs: p.n,
+                            cs: 1,
+                        };
+                        for (i, &(ky, kx)) in taps.iter().enumerate() {
+                            let tap_t = View {
+                                data: &w_t[i * o..],
+                                rs: t * o,
+                                cs: 1,
+                            };
+                            let at = ky * p.wp + kx;
+                            gemm_strided(
+                                &mut dxp[at..],
+                                p.hp * p.wp,
+                                (g.c, p.n, o),
+                                true,
+                                tap_t,
+                                dyv,
+                                false,
+                            );
+                        }
+                        for (c, plane) in dxb.chunks_exact_mut(g.plane()).enumerate() {
+                            for (y, row) in plane.chunks_exact_mut(g.w).enumerate() {
+                                let at = (c * p.hp + y + g.pad) * p.wp + g.pad;
+                                row.copy_from_slice(&dxp[at..at + g.w]);
+                            }
+                        }
+                    });
+                    if relu_input {
+                        relu_backward(dxb, xb);
+                    }
+                });
+            return Ok((CpuStorage::F32(dx), l1.shape().clone()));
+        }
         dx.par_chunks_mut(image)
             .zip(x.par_chunks(image).zip(dy.par_chunks(o * l)))
             .for_each(|(dxb, (xb, dyb))| {
@@ -320,20 +474,51 @@ impl CustomOp2 for ConvWeightGrad {
             let (dw, db) = acc.split_at_mut(ct * o);
             for bi in images {
                 let dyb = &dy[bi * o * l..(bi + 1) * o * l];
-                with_scratch(ct * l, |cols| {
-                    g.im2col(&x[bi * image..(bi + 1) * image], &taps, relu_input, cols);
-                    let a = View {
-                        data: cols,
-                        rs: l,
-                        cs: 1,
-                    };
-                    let bv = View {
-                        data: dyb,
-                        rs: 1,
-                        cs: l,
-                    };
-                    gemm(dw, (ct, o, l), true, a, bv, false);
-                });
+                let xb = &x[bi * image..(bi + 1) * image];
+                if g.implicit() {
+                    let (p, t) = (g.padded(), taps.len());
+                    with_scratch(o * p.n + p.len, |buf| {
+                        let (dyp, xp) = buf.split_at_mut(o * p.n);
+                        g.grid_from_output(dyb, dyp);
+                        g.pad_image(xb, relu_input, xp);
+                        let dyt = View {
+                            data: dyp,
+                            rs: 1,
+                            cs: p.n,
+                        };
+                        for (i, &(ky, kx)) in taps.iter().enumerate() {
+                            let shifted = View {
+                                data: &xp[ky * p.wp + kx..],
+                                rs: p.hp * p.wp,
+                                cs: 1,
+                            };
+                            gemm_strided(
+                                &mut dw[i * o..],
+                                t * o,
+                                (g.c, o, p.n),
+                                true,
+                                shifted,
+                                dyt,
+                                false,
+                            );
+                        }
+                    });
+                } else {
+                    with_scratch(ct * l, |cols| {
+                        g.im2col(xb, &taps, relu_input, cols);
+                        let a = View {
+                            data: cols,
+                            rs: l,
+                            cs: 1,
+                        };
+                        let bv = View {
+                            data: dyb,
+                            rs: 1,
+                            cs: l,
+                        };
+                        gemm(dw, (ct, o, l), true, a, bv, false);
+                    });
+                }
                 for (d, plane) in db.iter_mut().zip(dyb.chunks_exact(l)) {
                     *d += plane.iter().sum::<f32>();
                 }
