@@ -11,7 +11,9 @@
 //! `bias`); on other devices than the CPU they call candle's own ops (the
 //! reference the tests compare against).
 
+mod implicit;
 mod ops;
+mod space_to_depth;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -19,6 +21,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, Init, VarBuilder};
 
 use ops::{ConvOp, ConvTransposeOp};
+use space_to_depth::{BlocksToImage, SpaceToDepth};
 
 /// Multiply-add FLOPs (2 per MAC) of the forward matmuls of every
 /// convolution since the start, for benchmarks that report a FLOP rate.
@@ -206,6 +209,10 @@ impl Conv {
             let x = if relu_input { x.relu()? } else { x.clone() };
             return self.forward_reference(&x);
         }
+        let s = g.stride;
+        if s > 1 && self.k % s == 0 && g.taps == all_taps(self.k) {
+            return self.strided_as_blocks(x, g, relu_input);
+        }
         let wm = match &self.tap_index {
             Some(index) if g.taps != all_taps(self.k) => self
                 .weight()?
@@ -243,6 +250,56 @@ impl Conv {
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.apply(x, false)
+    }
+}
+
+/// A k x k weight (A, B, k, k) of a stride-s layer as the (A, B*s*s, k/s,
+/// k/s) weight of the same layer over s x s blocks (see `space_to_depth`).
+fn weight_over_blocks(weight: &Tensor, s: usize) -> candle_core::Result<Tensor> {
+    let (a, b, k, _) = weight.dims4()?;
+    let kb = k / s;
+    weight
+        .reshape((a, b, kb, s, kb, s))?
+        .permute((0, 1, 3, 5, 2, 4))?
+        .reshape((a, b * s * s, kb, kb))
+}
+
+impl Conv {
+    /// A stride-s layer as a stride-1 one over s x s blocks of its input.
+    fn strided_as_blocks(
+        &self,
+        x: &Tensor,
+        g: Geometry,
+        relu_input: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (s, kb) = (g.stride, self.k / g.stride);
+        let blocks = SpaceToDepth {
+            s,
+            pad: g.pad,
+            hs: g.out_h() + kb - 1,
+            ws: g.out_w() + kb - 1,
+            relu_input,
+        };
+        let xb = x.contiguous()?.apply_op1(blocks)?;
+        let over_blocks = Geometry {
+            c: g.c * s * s,
+            h: blocks.hs,
+            w: blocks.ws,
+            k: kb,
+            stride: 1,
+            pad: 0,
+            taps: all_taps(kb),
+        };
+        let w = weight_over_blocks(&self.weight()?, s)?;
+        let w_t = w.reshape((w.dim(0)?, ()))?.t()?.contiguous()?;
+        xb.apply_op3(
+            &w_t,
+            &self.bias,
+            ConvOp {
+                g: over_blocks,
+                relu_input: false,
+            },
+        )
     }
 }
 
@@ -316,6 +373,45 @@ impl ConvTranspose {
         if use_reference(x) {
             let x = if relu_input { x.relu()? } else { x.clone() };
             return self.forward_reference(&x);
+        }
+        if s > 1 && k % s == 0 {
+            // The adjoint of a stride-1 convolution over s x s blocks of
+            // the output, the blocks then put back in place.
+            let kb = k / s;
+            let layout = SpaceToDepth {
+                s,
+                pad: p,
+                hs: h + kb - 1,
+                ws: w + kb - 1,
+                relu_input: false,
+            };
+            let over_blocks = Geometry {
+                c: c_out * s * s,
+                h: layout.hs,
+                w: layout.ws,
+                k: kb,
+                stride: 1,
+                pad: 0,
+                taps: all_taps(kb),
+            };
+            let wb = weight_over_blocks(&self.weight, s)?.reshape((c_in, ()))?;
+            let bias = self
+                .bias
+                .reshape((c_out, 1))?
+                .broadcast_as((c_out, s * s))?
+                .contiguous()?
+                .reshape(c_out * s * s)?;
+            let op = ConvTransposeOp {
+                g: over_blocks,
+                relu_input,
+            };
+            let blocks = x.contiguous()?.apply_op3(&wb, &bias, op)?;
+            return blocks.apply_op1(BlocksToImage {
+                layout,
+                c: c_out,
+                h: g.h,
+                w: g.w,
+            });
         }
         let w_mat = self.weight.reshape((c_in, g.row_len()))?;
         x.contiguous()?

@@ -58,21 +58,34 @@ pub(crate) fn gemm(
     b: View,
     parallel: bool,
 ) {
-    gemm_strided(dst, n, (m, n, k), accumulate, a, b, parallel)
+    gemm_any(dst, (n, 1), (m, n, k), accumulate, a, b, parallel)
 }
 
-/// [`gemm`] into rows `dst_rs` apart.
+/// `dst = dst + a . b` single-threaded, into a strided `dst`: element
+/// (i, j) at `i * rs + j * cs` (`(rs, cs)`), which must not overlap.
 pub(crate) fn gemm_strided(
     dst: &mut [f32],
-    dst_rs: usize,
+    (rs, cs): (usize, usize),
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    a: View,
+    b: View,
+) {
+    gemm_any(dst, (rs, cs), (m, n, k), accumulate, a, b, false)
+}
+
+fn gemm_any(
+    dst: &mut [f32],
+    (dst_rs, dst_cs): (usize, usize),
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
     a: View,
     b: View,
     parallel: bool,
 ) {
+    let distinct = (dst_cs >= 1 && dst_rs >= n * dst_cs) || (dst_rs >= 1 && dst_cs >= m * dst_rs);
     assert!(
-        m == 0 || n == 0 || (dst_rs >= n && dst.len() >= (m - 1) * dst_rs + n),
+        m == 0 || n == 0 || (distinct && dst.len() > (m - 1) * dst_rs + (n - 1) * dst_cs),
         "a gemm result does not fit its slice"
     );
     a.check(m, k);
@@ -82,8 +95,10 @@ pub(crate) fn gemm_strided(
     }
     if k == 0 {
         if !accumulate {
-            for row in dst.chunks_mut(dst_rs).take(m) {
-                row[..n].fill(0.0);
+            for i in 0..m {
+                for j in 0..n {
+                    dst[i * dst_rs + j * dst_cs] = 0.0;
+                }
             }
         }
         return;
@@ -100,7 +115,7 @@ pub(crate) fn gemm_strided(
             n,
             k,
             dst.as_mut_ptr(),
-            1,
+            dst_cs as isize,
             dst_rs as isize,
             accumulate,
             a.data.as_ptr(),

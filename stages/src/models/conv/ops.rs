@@ -28,10 +28,9 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::Geometry;
+use super::implicit::{self, TapWeights};
 use crate::models::contiguous_f32;
-use crate::models::kernels::{
-    View, gemm, gemm_strided, relu, relu_backward, sum_chunks, with_scratch,
-};
+use crate::models::kernels::{View, gemm, relu, relu_backward, sum_chunks, with_scratch};
 
 impl Geometry {
     fn out_len(&self) -> usize {
@@ -43,7 +42,7 @@ impl Geometry {
     }
 
     /// The kept taps as (ky, kx), in column-row order.
-    fn tap_list(&self) -> Vec<(usize, usize)> {
+    pub(super) fn tap_list(&self) -> Vec<(usize, usize)> {
         (0..self.k * self.k)
             .filter(|t| self.taps >> t & 1 == 1)
             .map(|t| (t / self.k, t % self.k))
@@ -155,61 +154,6 @@ fn check_len(data: &[f32], len: usize, what: &str) -> candle_core::Result<()> {
     Ok(())
 }
 
-/// The stride-1 layout: the image padded to Hp x Wp (plus `k` zeros so
-/// the last tap's view stays inside), outputs on an OH x Wp grid.
-struct Padded {
-    hp: usize,
-    wp: usize,
-    /// Padded image length, slack included.
-    len: usize,
-    /// Output grid positions: OH x Wp.
-    n: usize,
-}
-
-impl Geometry {
-    /// Whether the layer runs without columns: stride 1 and a kernel wider
-    /// than 1. (A 1x1 layer's columns are a plain copy, and its one batched
-    /// forward gemm keeps a position's value exact when the incremental
-    /// sampler computes a single column: a gemm of one column takes
-    /// gemm's matrix-vector path, which sums in another order.)
-    fn implicit(&self) -> bool {
-        self.stride == 1 && self.k > 1
-    }
-
-    fn padded(&self) -> Padded {
-        let (hp, wp) = (self.h + 2 * self.pad, self.w + 2 * self.pad);
-        Padded {
-            hp,
-            wp,
-            len: self.c * hp * wp + self.k,
-            n: self.out_h() * wp,
-        }
-    }
-
-    /// `img` (C x H x W) into the padded layout, ReLU'd if `relu_in`.
-    fn pad_image(&self, img: &[f32], relu_in: bool, xp: &mut [f32]) {
-        let Padded { hp, wp, .. } = self.padded();
-        xp.fill(0.0);
-        for (c, plane) in img.chunks_exact(self.plane()).enumerate() {
-            for (y, row) in plane.chunks_exact(self.w).enumerate() {
-                let at = (c * hp + y + self.pad) * wp + self.pad;
-                for (d, &v) in xp[at..at + self.w].iter_mut().zip(row) {
-                    *d = relu(v, relu_in);
-                }
-            }
-        }
-    }
-
-    /// Output planes (O x OH x OW) onto the OH x Wp grid, extra columns zero.
-    fn grid_from_output(&self, out: &[f32], grid: &mut [f32]) {
-        let (wp, ow) = (self.padded().wp, self.out_w());
-        grid.fill(0.0);
-        for (g, o) in grid.chunks_exact_mut(wp).zip(out.chunks_exact(ow)) {
-            g[..ow].copy_from_slice(o);
-        }
-    }
-}
-
 /// A convolution: (x (B, C, H, W), w_t (C*T, O), bias (O)) -> (B, O, OH, OW),
 /// of `relu(x)` when `relu_input`.
 #[derive(Debug, Clone, Copy)]
@@ -313,41 +257,27 @@ impl CustomOp3 for ConvOp {
 }
 
 impl ConvOp {
-    /// The stride-1 forward: per image, bias + one gemm per tap.
+    /// Tap t's O x C matrix inside w_t (C*T x O).
+    fn taps(w_t: &[f32], t: usize, o: usize) -> TapWeights<'_> {
+        TapWeights {
+            data: w_t,
+            tap_step: o,
+            rs: 1,
+            cs: t * o,
+        }
+    }
+
+    /// The stride-1 forward, image by image.
     fn stride_one(&self, x: &[f32], w_t: &[f32], bias: &[f32], out: &mut [f32]) {
-        let g = self.g;
-        let (taps, o) = (g.tap_list(), bias.len());
+        let (g, o) = (self.g, bias.len());
+        let w = Self::taps(w_t, g.tap_list().len(), o);
         let p = g.padded();
-        let (t, ow) = (taps.len(), g.out_w());
         out.par_chunks_mut(o * g.out_len())
             .zip(x.par_chunks(g.c * g.plane()))
             .for_each(|(ob, xb)| {
                 with_scratch(p.len + o * p.n, |buf| {
-                    let (xp, yp) = buf.split_at_mut(p.len);
-                    g.pad_image(xb, self.relu_input, xp);
-                    for (row, &bias) in yp.chunks_exact_mut(p.n).zip(bias) {
-                        row.fill(bias);
-                    }
-                    for (i, &(ky, kx)) in taps.iter().enumerate() {
-                        let tap = View {
-                            data: &w_t[i * o..],
-                            rs: 1,
-                            cs: t * o,
-                        };
-                        let shifted = View {
-                            data: &xp[ky * p.wp + kx..],
-                            rs: p.hp * p.wp,
-                            cs: 1,
-                        };
-                        gemm(yp, (o, p.n, g.c), true, tap, shifted, false);
-                    }
-                    for (plane, grid) in ob.chunks_exact_mut(g.out_len()).zip(yp.chunks_exact(p.n))
-                    {
-                        for (d, s) in plane.chunks_exact_mut(ow).zip(grid.chunks_exact(p.wp)) {
-                            d.copy_from_slice(&s[..ow]);
-                        }
-                    }
-                });
+                    implicit::forward(&g, w, o, xb, self.relu_input, Some(bias), ob, buf)
+                })
             });
     }
 }
@@ -381,42 +311,12 @@ impl CustomOp3 for ConvDataGrad {
         let image = g.c * g.plane();
         let mut dx = vec![0f32; x.len()];
         if g.implicit() {
-            let (p, t) = (g.padded(), taps.len());
+            let (p, w) = (g.padded(), ConvOp::taps(w_t, taps.len(), o));
             dx.par_chunks_mut(image)
                 .zip(x.par_chunks(image).zip(dy.par_chunks(o * l)))
                 .for_each(|(dxb, (xb, dyb))| {
                     with_scratch(o * p.n + p.len, |buf| {
-                        let (dyp, dxp) = buf.split_at_mut(o * p.n);
-                        g.grid_from_output(dyb, dyp);
-                        dxp.fill(0.0);
-                        let dyv = View {
-                            data: dyp,
-                            rs: p.n,
-                            cs: 1,
-                        };
-                        for (i, &(ky, kx)) in taps.iter().enumerate() {
-                            let tap_t = View {
-                                data: &w_t[i * o..],
-                                rs: t * o,
-                                cs: 1,
-                            };
-                            let at = ky * p.wp + kx;
-                            gemm_strided(
-                                &mut dxp[at..],
-                                p.hp * p.wp,
-                                (g.c, p.n, o),
-                                true,
-                                tap_t,
-                                dyv,
-                                false,
-                            );
-                        }
-                        for (c, plane) in dxb.chunks_exact_mut(g.plane()).enumerate() {
-                            for (y, row) in plane.chunks_exact_mut(g.w).enumerate() {
-                                let at = (c * p.hp + y + g.pad) * p.wp + g.pad;
-                                row.copy_from_slice(&dxp[at..at + g.w]);
-                            }
-                        }
+                        implicit::data_grad(&g, w, o, dyb, false, dxb, buf)
                     });
                     if relu_input {
                         relu_backward(dxb, xb);
@@ -476,32 +376,18 @@ impl CustomOp2 for ConvWeightGrad {
                 let dyb = &dy[bi * o * l..(bi + 1) * o * l];
                 let xb = &x[bi * image..(bi + 1) * image];
                 if g.implicit() {
-                    let (p, t) = (g.padded(), taps.len());
+                    let p = g.padded();
+                    let layout = (o, 1, taps.len() * o);
                     with_scratch(o * p.n + p.len, |buf| {
-                        let (dyp, xp) = buf.split_at_mut(o * p.n);
-                        g.grid_from_output(dyb, dyp);
-                        g.pad_image(xb, relu_input, xp);
-                        let dyt = View {
-                            data: dyp,
-                            rs: 1,
-                            cs: p.n,
-                        };
-                        for (i, &(ky, kx)) in taps.iter().enumerate() {
-                            let shifted = View {
-                                data: &xp[ky * p.wp + kx..],
-                                rs: p.hp * p.wp,
-                                cs: 1,
-                            };
-                            gemm_strided(
-                                &mut dw[i * o..],
-                                t * o,
-                                (g.c, o, p.n),
-                                true,
-                                shifted,
-                                dyt,
-                                false,
-                            );
-                        }
+                        implicit::weight_grad(
+                            &g,
+                            layout,
+                            o,
+                            (xb, relu_input),
+                            (dyb, false),
+                            dw,
+                            buf,
+                        )
                     });
                 } else {
                     with_scratch(ct * l, |cols| {
@@ -564,6 +450,22 @@ impl CustomOp3 for ConvTransposeOp {
         check_len(w, c_in * ct, "conv_transpose weight")?;
         let image = g.c * g.plane();
         let mut out = vec![0f32; b * image];
+        if g.implicit() {
+            let (p, w) = (g.padded(), ConvTransposeOp::taps(w, taps.len(), ct));
+            out.par_chunks_mut(image)
+                .zip(x.par_chunks(c_in * l))
+                .for_each(|(ob, xb)| {
+                    with_scratch(c_in * p.n + p.len, |buf| {
+                        implicit::data_grad(&g, w, c_in, xb, self.relu_input, ob, buf)
+                    });
+                    for (plane, &bias) in ob.chunks_exact_mut(g.plane()).zip(bias) {
+                        for v in plane {
+                            *v += bias;
+                        }
+                    }
+                });
+            return Ok((CpuStorage::F32(out), Shape::from((b, g.c, g.h, g.w))));
+        }
         out.par_chunks_mut(image)
             .zip(x.par_chunks(c_in * l))
             .for_each(|(ob, xb)| {
@@ -615,6 +517,18 @@ impl CustomOp3 for ConvTransposeOp {
     }
 }
 
+impl ConvTransposeOp {
+    /// Tap t's Cin x C matrix inside w (Cin x C*T).
+    fn taps(w: &[f32], t: usize, ct: usize) -> TapWeights<'_> {
+        TapWeights {
+            data: w,
+            tap_step: 1,
+            rs: ct,
+            cs: t,
+        }
+    }
+}
+
 /// (x, w, dy) -> dx of [`ConvTransposeOp`]: the convolution of dy.
 struct ConvTransposeDataGrad(ConvTransposeOp);
 
@@ -643,6 +557,20 @@ impl CustomOp3 for ConvTransposeDataGrad {
         let ct = g.c * taps.len();
         let image = g.c * g.plane();
         let mut dx = vec![0f32; x.len()];
+        if g.implicit() {
+            let (p, w) = (g.padded(), ConvTransposeOp::taps(w, taps.len(), ct));
+            dx.par_chunks_mut(c_in * l)
+                .zip(x.par_chunks(c_in * l).zip(dy.par_chunks(image)))
+                .for_each(|(dxb, (xb, dyb))| {
+                    with_scratch(p.len + c_in * p.n, |buf| {
+                        implicit::forward(&g, w, c_in, dyb, false, None, dxb, buf)
+                    });
+                    if relu_input {
+                        relu_backward(dxb, xb);
+                    }
+                });
+            return Ok((CpuStorage::F32(dx), l1.shape().clone()));
+        }
         dx.par_chunks_mut(c_in * l)
             .zip(x.par_chunks(c_in * l).zip(dy.par_chunks(image)))
             .for_each(|(dxb, (xb, dyb))| {
@@ -697,6 +625,25 @@ impl CustomOp2 for ConvTransposeWeightGrad {
             for bi in images {
                 let dyb = &dy[bi * image..(bi + 1) * image];
                 let xb = &x[bi * c_in * l..(bi + 1) * c_in * l];
+                if g.implicit() {
+                    let p = g.padded();
+                    let layout = (1, ct, taps.len());
+                    with_scratch(c_in * p.n + p.len, |buf| {
+                        implicit::weight_grad(
+                            &g,
+                            layout,
+                            c_in,
+                            (dyb, false),
+                            (xb, relu_input),
+                            dw,
+                            buf,
+                        )
+                    });
+                    for (d, plane) in db.iter_mut().zip(dyb.chunks_exact(g.plane())) {
+                        *d += plane.iter().sum::<f32>();
+                    }
+                    continue;
+                }
                 with_scratch(ct * l + c_in * l, |buf| {
                     let (cols, xr) = buf.split_at_mut(ct * l);
                     g.im2col(dyb, &taps, false, cols);

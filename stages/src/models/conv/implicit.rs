@@ -1,0 +1,218 @@
+//! Stride-1 convolutions without columns, one image at a time.
+//!
+//! On a zero-padded copy of the image (Hp x Wp), tap (ky, kx) of every
+//! output position reads the same offset `ky * Wp + kx` from where the
+//! position's window starts. So the layer is one gemm per tap, straight
+//! from the padded image, into an output grid as wide as the padded image
+//! (OH x Wp; the Wp - OW extra columns of each row are dropped, or are
+//! zero where the grid is a gradient). The three kernels serve both the
+//! convolution and, as its adjoint, the transposed convolution.
+
+use super::Geometry;
+use crate::models::kernels::{View, gemm_strided, relu};
+
+/// Where tap t's O x C matrix lies in a weight buffer: element (o, c) at
+/// `t * tap_step + o * rs + c * cs`.
+#[derive(Clone, Copy)]
+pub(super) struct TapWeights<'a> {
+    pub data: &'a [f32],
+    pub tap_step: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> TapWeights<'a> {
+    fn tap(&self, t: usize) -> View<'a> {
+        View {
+            data: &self.data[t * self.tap_step..],
+            rs: self.rs,
+            cs: self.cs,
+        }
+    }
+
+    /// The C x O transpose of tap t.
+    fn tap_t(&self, t: usize) -> View<'a> {
+        View {
+            data: &self.data[t * self.tap_step..],
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// The stride-1 layout: the image padded to Hp x Wp (plus `k` zeros so
+/// the last tap's view stays inside), outputs on an OH x Wp grid.
+pub(super) struct Padded {
+    hp: usize,
+    wp: usize,
+    /// Padded image length, slack included.
+    pub len: usize,
+    /// Output grid positions: OH x Wp.
+    pub n: usize,
+}
+
+impl Geometry {
+    /// Whether the layer runs without columns: stride 1 and a kernel wider
+    /// than 1. (A 1x1 layer's columns are a plain copy, and its one batched
+    /// forward gemm keeps a position's value exact when the incremental
+    /// sampler computes a single column: a gemm of one column takes
+    /// gemm's matrix-vector path, which sums in another order.)
+    pub(super) fn implicit(&self) -> bool {
+        self.stride == 1 && self.k > 1
+    }
+
+    pub(super) fn padded(&self) -> Padded {
+        let (hp, wp) = (self.h + 2 * self.pad, self.w + 2 * self.pad);
+        Padded {
+            hp,
+            wp,
+            len: self.c * hp * wp + self.k,
+            n: self.out_h() * wp,
+        }
+    }
+
+    /// `img` (C x H x W) into the padded layout, ReLU'd if `relu_in`.
+    fn pad_image(&self, img: &[f32], relu_in: bool, xp: &mut [f32]) {
+        let Padded { hp, wp, .. } = self.padded();
+        xp.fill(0.0);
+        for (c, plane) in img.chunks_exact(self.h * self.w).enumerate() {
+            for (y, row) in plane.chunks_exact(self.w).enumerate() {
+                let at = (c * hp + y + self.pad) * wp + self.pad;
+                for (d, &v) in xp[at..at + self.w].iter_mut().zip(row) {
+                    *d = relu(v, relu_in);
+                }
+            }
+        }
+    }
+
+    /// Output planes (O x OH x OW) onto the OH x Wp grid, extra columns zero.
+    fn grid_from_output(&self, out: &[f32], relu_in: bool, grid: &mut [f32]) {
+        let (wp, ow) = (self.padded().wp, self.out_w());
+        grid.fill(0.0);
+        for (g, o) in grid.chunks_exact_mut(wp).zip(out.chunks_exact(ow)) {
+            for (d, &v) in g[..ow].iter_mut().zip(o) {
+                *d = relu(v, relu_in);
+            }
+        }
+    }
+
+    fn tap_offsets(&self) -> Vec<usize> {
+        let wp = self.padded().wp;
+        self.tap_list()
+            .iter()
+            .map(|&(ky, kx)| ky * wp + kx)
+            .collect()
+    }
+}
+
+/// `out (O x OH x OW) = [bias +] sum_t W_t shift_t(pad(x))`, x ReLU'd if
+/// `relu_in`; `scratch` holds `p.len + O * p.n` floats.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward(
+    g: &Geometry,
+    w: TapWeights,
+    o: usize,
+    x: &[f32],
+    relu_in: bool,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let p = g.padded();
+    let (xp, grid) = scratch.split_at_mut(p.len);
+    g.pad_image(x, relu_in, xp);
+    for (oc, row) in grid.chunks_exact_mut(p.n).enumerate() {
+        row.fill(bias.map_or(0.0, |b| b[oc]));
+    }
+    for (t, at) in g.tap_offsets().into_iter().enumerate() {
+        let shifted = View {
+            data: &xp[at..],
+            rs: p.hp * p.wp,
+            cs: 1,
+        };
+        gemm_strided(grid, (p.n, 1), (o, p.n, g.c), true, w.tap(t), shifted);
+    }
+    let ow = g.out_w();
+    for (plane, rows) in out
+        .chunks_exact_mut(g.out_h() * ow)
+        .zip(grid.chunks_exact(p.n))
+    {
+        for (d, s) in plane.chunks_exact_mut(ow).zip(rows.chunks_exact(p.wp)) {
+            d.copy_from_slice(&s[..ow]);
+        }
+    }
+}
+
+/// The adjoint of [`forward`] without bias: `dx (C x H x W) = crop(sum_t
+/// shift_t^T(W_t^T grid(dy)))`, dy ReLU'd if `relu_dy`; `scratch` holds
+/// `O * p.n + p.len` floats.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn data_grad(
+    g: &Geometry,
+    w: TapWeights,
+    o: usize,
+    dy: &[f32],
+    relu_dy: bool,
+    dx: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let p = g.padded();
+    let (grid, dxp) = scratch.split_at_mut(o * p.n);
+    g.grid_from_output(dy, relu_dy, grid);
+    dxp.fill(0.0);
+    let dyv = View {
+        data: grid,
+        rs: p.n,
+        cs: 1,
+    };
+    for (t, at) in g.tap_offsets().into_iter().enumerate() {
+        let dst = &mut dxp[at..];
+        gemm_strided(dst, (p.hp * p.wp, 1), (g.c, p.n, o), true, w.tap_t(t), dyv);
+    }
+    for (c, plane) in dx.chunks_exact_mut(g.h * g.w).enumerate() {
+        for (y, row) in plane.chunks_exact_mut(g.w).enumerate() {
+            let at = (c * p.hp + y + g.pad) * p.wp + g.pad;
+            row.copy_from_slice(&dxp[at..at + g.w]);
+        }
+    }
+}
+
+/// `dW_t += grid(dy) shift_t(pad(x))^T` for every tap, into `dw` laid out
+/// as `layout` describes the weights (its `data` unused); x and dy ReLU'd
+/// if asked; `scratch` holds `O * p.n + p.len` floats.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn weight_grad(
+    g: &Geometry,
+    layout: (usize, usize, usize),
+    o: usize,
+    (x, relu_x): (&[f32], bool),
+    (dy, relu_dy): (&[f32], bool),
+    dw: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let (tap_step, rs, cs) = layout;
+    let p = g.padded();
+    let (grid, xp) = scratch.split_at_mut(o * p.n);
+    g.grid_from_output(dy, relu_dy, grid);
+    g.pad_image(x, relu_x, xp);
+    let dyv = View {
+        data: grid,
+        rs: p.n,
+        cs: 1,
+    };
+    for (t, at) in g.tap_offsets().into_iter().enumerate() {
+        let shifted_t = View {
+            data: &xp[at..],
+            rs: 1,
+            cs: p.hp * p.wp,
+        };
+        gemm_strided(
+            &mut dw[t * tap_step..],
+            (rs, cs),
+            (o, g.c, p.n),
+            true,
+            dyv,
+            shifted_t,
+        );
+    }
+}
