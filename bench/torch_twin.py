@@ -22,7 +22,10 @@ random (the cost does not depend on them). Prints one JSON line per model:
 {"model", "seconds" (median per step, or per sampling run), "throughput"
 (images/s)}.
 
-Usage: python bench/torch_twin.py [--steps N] [--threads T] [--only vq|ar|sample]
+- ops: each convolution layer shape of the two models alone, forward and
+  backward at batch 64.
+
+Usage: python bench/torch_twin.py [--steps N] [--threads T] [--only ops|vq|ar|sample]
 """
 
 import argparse
@@ -205,6 +208,39 @@ class PixelCnn(nn.Module):
         return values
 
 
+def layers():
+    """The layers of compare_bench.rs's `ops`: name, input (C, H, W), layer."""
+    out = []
+    for name, shape, (c, o, k, s, p) in [
+        ("vq stem conv3x3 1->32, 32x32", (1, 32, 32), (1, 32, 3, 1, 1)),
+        ("vq down conv4x4/2 32->32, 32x32", (32, 32, 32), (32, 32, 4, 2, 1)),
+        ("vq res conv3x3 32->16, 8x8", (32, 8, 8), (32, 16, 3, 1, 1)),
+        ("vq out conv3x3 32->1, 32x32", (32, 32, 32), (32, 1, 3, 1, 1)),
+        ("ar 1x1 32->32, 32x32", (32, 32, 32), (32, 32, 1, 1, 0)),
+    ]:
+        out.append((name, shape, nn.Conv2d(c, o, k, s, p)))
+    out.append(("vq up convT4x4/2 32->32, 16x16", (32, 16, 16), nn.ConvTranspose2d(32, 32, 4, 2, 1)))
+    out.append(("ar masked conv3x3 16->32, 32x32", (16, 32, 32), MaskedConv(16, 32, 3, True, False)))
+    return out
+
+
+def ops(reps):
+    """Median forward + backward (input gradient included) of (y * r).sum()."""
+    for name, (c, h, w), layer in layers():
+        x = torch.randn(BATCH, c, h, w, requires_grad=True)
+        r = torch.randn_like(layer(x))
+        times = []
+        for i in range(reps + 2):
+            t = time.perf_counter()
+            y = layer(x)
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            (y * r).sum().backward()
+            if i >= 2:
+                times.append(time.perf_counter() - t)
+        print(json.dumps({"op": name, "seconds": statistics.median(times)}), flush=True)
+
+
 def train(model, batch_fn, steps, warmup):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     times = []
@@ -228,7 +264,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", choices=["vq", "ar", "sample"])
+    p.add_argument("--only", choices=["ops", "vq", "ar", "sample"])
     p.add_argument("--sample-images", type=int, default=10)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -238,6 +274,8 @@ def main():
     def pixels():
         return torch.randint(0, 256, (BATCH, 1, 32, 32), generator=g)
 
+    if a.only in (None, "ops"):
+        ops(max(a.steps, 5))
     if a.only in (None, "vq"):
         vq = VqLevel1()
         s = train(vq, lambda: (pixels().float() / 255.0 - 0.5,), a.steps, 3)

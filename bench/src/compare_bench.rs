@@ -3,9 +3,11 @@
 //! its decoder1 gated PixelCNN given 8x8 codes), trained at batch 64 on
 //! random 32x32x1 inputs, and the PixelCNN's cached sampler on 10 images.
 //!
-//! `cargo run --release -p haic-bench --bin compare-bench [-- --steps N] [--only vq|ar|sample]`
+//! `cargo run --release -p haic-bench --bin compare-bench [-- --steps N] [--only ops|vq|ar|sample]`
 //!
-//! Prints the matmul peak, then one JSON line per model: `seconds` (median
+//! Prints the matmul peak; for each convolution layer shape in the models
+//! (`ops`), the median time of its forward and backward at batch 64; then
+//! one JSON line per model: `seconds` (median
 //! step, or median of 3 sampling runs), `throughput` (images/s), and for
 //! training `gflop_per_step` (3 x the forward matmul FLOPs of the layers,
 //! counted from their shapes as they run, + 3 x the quantiser's distance
@@ -17,11 +19,12 @@ use common::{ar_info, matmul_peak, median, pixel_table, tiny_level1, tiny_pixelc
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{Device, Module, Tensor, Var};
 use stages::data::level_table::Rows;
 use stages::models::aux_decoder::AuxKind;
-use stages::models::conv::FORWARD_FLOPS;
+use stages::models::conv::{Conv, ConvTranspose, FORWARD_FLOPS};
 use stages::models::optim::{AdamW, OptimConfig};
+use stages::models::vars::SeededVars;
 use stages::rng::SplitMix64;
 use stages::train_ar::model::{ArModel, Sampling};
 use stages::train_vq::level::VqLevel;
@@ -121,6 +124,109 @@ fn sample(n: usize) -> Res<f64> {
     Ok(median(times))
 }
 
+/// A layer of the models at batch 64: name, input (C, H, W), and the layer.
+fn layers() -> Res<
+    Vec<(
+        &'static str,
+        (usize, usize, usize),
+        Box<dyn Module>,
+        SeededVars,
+    )>,
+> {
+    let dev = Device::Cpu;
+    let mut out: Vec<(
+        &'static str,
+        (usize, usize, usize),
+        Box<dyn Module>,
+        SeededVars,
+    )> = Vec::new();
+    let conv = |c, o, k, s, p| -> Res<(Box<dyn Module>, SeededVars)> {
+        let vars = SeededVars::new(1);
+        let layer = Conv::new(c, o, k, s, p, vars.var_builder(&dev))?;
+        Ok((Box::new(layer), vars))
+    };
+    for (name, shape, (c, o, k, s, p)) in [
+        (
+            "vq stem conv3x3 1->32, 32x32",
+            (1, 32, 32),
+            (1, 32, 3, 1, 1),
+        ),
+        (
+            "vq down conv4x4/2 32->32, 32x32",
+            (32, 32, 32),
+            (32, 32, 4, 2, 1),
+        ),
+        ("vq res conv3x3 32->16, 8x8", (32, 8, 8), (32, 16, 3, 1, 1)),
+        (
+            "vq out conv3x3 32->1, 32x32",
+            (32, 32, 32),
+            (32, 1, 3, 1, 1),
+        ),
+        ("ar 1x1 32->32, 32x32", (32, 32, 32), (32, 32, 1, 1, 0)),
+    ] {
+        let (layer, vars) = conv(c, o, k, s, p)?;
+        out.push((name, shape, layer, vars));
+    }
+    let vars = SeededVars::new(1);
+    let up = ConvTranspose::new(32, 32, 4, 2, 1, vars.var_builder(&dev))?;
+    out.push((
+        "vq up convT4x4/2 32->32, 16x16",
+        (32, 16, 16),
+        Box::new(up),
+        vars,
+    ));
+    // The PixelCNN's vertical stack: rows above and the centre row (6 of 9 taps).
+    let vars = SeededVars::new(1);
+    let mask: Vec<f32> = (0..32 * 16 * 9)
+        .map(|i| if i % 9 < 6 { 1.0 } else { 0.0 })
+        .collect();
+    let vertical = Conv::new(16, 32, 3, 1, 1, vars.var_builder(&dev))?.masked(Tensor::from_vec(
+        mask,
+        (32, 16, 3, 3),
+        &dev,
+    )?)?;
+    out.push((
+        "ar masked conv3x3 16->32, 32x32",
+        (16, 32, 32),
+        Box::new(vertical),
+        vars,
+    ));
+    Ok(out)
+}
+
+/// Median forward + backward time of each layer (input gradient included),
+/// of `(y * r).sum()` for a fixed random r.
+fn ops(reps: usize) -> Res<()> {
+    let dev = Device::Cpu;
+    let mut rng = SplitMix64(3);
+    for (name, (c, h, w), layer, _vars) in layers()? {
+        let x: Vec<f32> = (0..BATCH * c * h * w)
+            .map(|_| rng.normal() as f32)
+            .collect();
+        let x = Var::from_vec(x, (BATCH, c, h, w), &dev)?;
+        let y = layer.forward(x.as_tensor())?;
+        let r: Vec<f32> = (0..y.elem_count()).map(|_| rng.normal() as f32).collect();
+        let r = Tensor::from_vec(r, y.shape(), &dev)?;
+        let mut times = Vec::new();
+        for i in 0..reps + 2 {
+            let t = Instant::now();
+            let y = layer.forward(x.as_tensor())?;
+            let grads = (y * &r)?.sum_all()?.backward()?;
+            if grads.get(&x).is_none() {
+                return Err(format!("{name}: no input gradient").into());
+            }
+            if i >= 2 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        println!(
+            "{{\"impl\": \"candle\", \"op\": \"{name}\", \"seconds\": {:.6}}}",
+            median(times)
+        );
+    }
+    Ok(())
+}
+
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -148,6 +254,9 @@ fn main() -> Res<()> {
             gflop / s / peak
         );
     };
+    if wanted("ops") {
+        ops(steps.max(5))?;
+    }
     if wanted("vq") {
         report("vq", vq(steps)?);
     }

@@ -210,7 +210,7 @@ impl Conv {
             return self.forward_reference(&x);
         }
         let s = g.stride;
-        if s > 1 && self.k % s == 0 && g.taps == all_taps(self.k) {
+        if s > 1 && self.k.is_multiple_of(s) && g.taps == all_taps(self.k) {
             return self.strided_as_blocks(x, g, relu_input);
         }
         let wm = match &self.tap_index {
@@ -374,7 +374,7 @@ impl ConvTranspose {
             let x = if relu_input { x.relu()? } else { x.clone() };
             return self.forward_reference(&x);
         }
-        if s > 1 && k % s == 0 {
+        if s > 1 && k.is_multiple_of(s) {
             // The adjoint of a stride-1 convolution over s x s blocks of
             // the output, the blocks then put back in place.
             let kb = k / s;
