@@ -36,6 +36,14 @@ const BATCH: usize = 64;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// A benchmarked layer: its name, input (C, H, W), the layer and its weights.
+type Layer = (
+    &'static str,
+    (usize, usize, usize),
+    Box<dyn Module>,
+    SeededVars,
+);
+
 fn random_rows(rng: &mut SplitMix64, n: usize, values: usize, below: u64) -> Rows {
     Rows {
         ids: (0..n as i64).collect(),
@@ -125,21 +133,9 @@ fn sample(n: usize) -> Res<f64> {
 }
 
 /// A layer of the models at batch 64: name, input (C, H, W), and the layer.
-fn layers() -> Res<
-    Vec<(
-        &'static str,
-        (usize, usize, usize),
-        Box<dyn Module>,
-        SeededVars,
-    )>,
-> {
+fn layers() -> Res<Vec<Layer>> {
     let dev = Device::Cpu;
-    let mut out: Vec<(
-        &'static str,
-        (usize, usize, usize),
-        Box<dyn Module>,
-        SeededVars,
-    )> = Vec::new();
+    let mut out: Vec<Layer> = Vec::new();
     let conv = |c, o, k, s, p| -> Res<(Box<dyn Module>, SeededVars)> {
         let vars = SeededVars::new(1);
         let layer = Conv::new(c, o, k, s, p, vars.var_builder(&dev))?;

@@ -23,27 +23,57 @@ pub(super) struct SpaceToDepth {
 }
 
 impl SpaceToDepth {
-    /// Calls `f(block index, image index)` for every block value that
-    /// comes from inside an image of `c` x `h` x `w`.
-    fn for_each(&self, (c, h, w): (usize, usize, usize), mut f: impl FnMut(usize, usize)) {
-        let s = self.s;
+    /// Calls `f(block start, image start, count)` for every run of block
+    /// values (consecutive) that come from inside an image of `c` x `h` x
+    /// `w` (every s-th pixel of a row from the image start).
+    fn runs(&self, (c, h, w): (usize, usize, usize), mut f: impl FnMut(usize, usize, usize)) {
+        let (s, p) = (self.s, self.pad);
         for ch in 0..c {
             for dy in 0..s {
                 for dx in 0..s {
                     let plane = (ch * s + dy) * s + dx;
+                    // Columns j whose pixel j*s + dx - p lies in 0..w.
+                    let lo = if dx >= p { 0 } else { (p - dx).div_ceil(s) }.min(self.ws);
+                    let hi = match w + p > dx {
+                        true => ((w + p - dx - 1) / s + 1).min(self.ws),
+                        false => 0,
+                    };
+                    if hi <= lo {
+                        continue;
+                    }
                     for i in 0..self.hs {
-                        let Some(y) = (i * s + dy).checked_sub(self.pad).filter(|&y| y < h) else {
+                        let Some(y) = (i * s + dy).checked_sub(p).filter(|&y| y < h) else {
                             continue;
                         };
-                        for j in 0..self.ws {
-                            if let Some(x) = (j * s + dx).checked_sub(self.pad).filter(|&x| x < w) {
-                                f((plane * self.hs + i) * self.ws + j, (ch * h + y) * w + x);
-                            }
-                        }
+                        let block = (plane * self.hs + i) * self.ws + lo;
+                        let x = lo * s + dx - p;
+                        f(block, (ch * h + y) * w + x, hi - lo);
                     }
                 }
             }
         }
+    }
+
+    /// Image (C x H x W) -> blocks, zero where no pixel maps.
+    fn gather(&self, chw: (usize, usize, usize), img: &[f32], relu_in: bool, blocks: &mut [f32]) {
+        let s = self.s;
+        blocks.fill(0.0);
+        self.runs(chw, |b0, x0, n| {
+            for (j, d) in blocks[b0..b0 + n].iter_mut().enumerate() {
+                *d = relu(img[x0 + j * s], relu_in);
+            }
+        });
+    }
+
+    /// Blocks -> image (C x H x W), zero where no block value maps.
+    fn scatter(&self, chw: (usize, usize, usize), blocks: &[f32], img: &mut [f32]) {
+        let s = self.s;
+        img.fill(0.0);
+        self.runs(chw, |b0, x0, n| {
+            for (j, &v) in blocks[b0..b0 + n].iter().enumerate() {
+                img[x0 + j * s] = v;
+            }
+        });
     }
 }
 
@@ -59,9 +89,7 @@ impl CustomOp1 for SpaceToDepth {
         let mut out = vec![0f32; b * block];
         out.par_chunks_mut(block)
             .zip(x.par_chunks(c * h * w))
-            .for_each(|(o, xb)| {
-                self.for_each((c, h, w), |si, xi| o[si] = relu(xb[xi], self.relu_input))
-            });
+            .for_each(|(o, xb)| self.gather((c, h, w), xb, self.relu_input, o));
         Ok((
             CpuStorage::F32(out),
             Shape::from((b, c * self.s * self.s, self.hs, self.ws)),
@@ -105,7 +133,7 @@ impl CustomOp2 for DepthToSpace {
             .zip(blocks.par_chunks(block))
             .enumerate()
             .for_each(|(bi, (o, sb))| {
-                self.0.for_each((c, h, w), |si, xi| o[xi] = sb[si]);
+                self.0.scatter((c, h, w), sb, o);
                 if let Some(x) = x {
                     crate::models::kernels::relu_backward(o, &x[bi * c * h * w..][..c * h * w]);
                 }
@@ -137,7 +165,7 @@ impl CustomOp1 for BlocksToImage {
         let mut out = vec![0f32; b * c * h * w];
         out.par_chunks_mut(c * h * w)
             .zip(blocks.par_chunks(block))
-            .for_each(|(o, sb)| self.layout.for_each((c, h, w), |si, xi| o[xi] = sb[si]));
+            .for_each(|(o, sb)| self.layout.scatter((c, h, w), sb, o));
         Ok((CpuStorage::F32(out), Shape::from((b, c, h, w))))
     }
 
