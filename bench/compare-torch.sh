@@ -5,10 +5,13 @@
 #   bash bench/compare-torch.sh [RUNS] [STEPS]
 #
 # RUNS rounds (default 5), each running the candle benchmark
-# (`compare-bench`) and then the twin, each timing STEPS training steps
-# (default 10) of the level-1 VQ model and of the gated PixelCNN, and 3
-# sampling runs of 10 images. The table gives the median over rounds of
-# each side's median; the last line reads
+# (`compare-bench`) and then the twin, each timing every convolution layer
+# shape of the two models alone (forward and backward at batch 64), STEPS
+# training steps (default 10) of the level-1 VQ model and of the gated
+# PixelCNN, and 3 sampling runs of 10 images. The tables give the median
+# over rounds of each side's median (GFLOP/step: 3 x the layers' forward
+# FLOPs from their shapes, masked taps not counted, one count for both
+# sides); the last line reads
 #   ratio_vs_torch vq=X ar=Y sample=Z
 # (candle throughput / PyTorch throughput: above 1, candle is faster).
 #
@@ -44,8 +47,8 @@ import json, statistics, sys
 import torch
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 threads = sys.argv[2]
-def med(impl, model, key):
-    v = [r[key] for r in rows if r.get("impl") == impl and r.get("model") == model]
+def med(impl, model, key, kind="model"):
+    v = [r[key] for r in rows if r.get("impl") == impl and r.get(kind) == model]
     return statistics.median(v)
 peaks = [r["matmul_peak_gflops"] for r in rows if "matmul_peak_gflops" in r]
 peak = statistics.median(peaks)
@@ -62,5 +65,11 @@ for model, unit in [("vq", "ms/step"), ("ar", "ms/step"), ("sample", "s/10 img")
         g = med("candle", model, "gflop_per_step")
         line += f"   {g:>10.2f}  {100 * g / c / peak:>15.1f}  {100 * g / t / peak:>17.1f}"
     print(line)
+ops = list(dict.fromkeys(r["op"] for r in rows if "op" in r))
+if ops:
+    print(f"{'layer (batch 64, forward + backward)':<36} {'candle':>9} {'pytorch':>9} {'ratio':>7}")
+for op in ops:
+    c, t = med("candle", op, "seconds", "op"), med("torch", op, "seconds", "op")
+    print(f"{op:<36} {c * 1e3:>6.1f} ms {t * 1e3:>6.1f} ms {t / c:>6.2f}x")
 print("ratio_vs_torch " + " ".join(f"{m}={ratios[m]:.2f}" for m in ["vq", "ar", "sample"]))
 PY
