@@ -21,7 +21,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, Init, VarBuilder};
 
 use ops::{ConvOp, ConvTransposeOp};
-use space_to_depth::{BlocksToImage, SpaceToDepth};
+use space_to_depth::{BlockConv, BlockConvTranspose, SpaceToDepth};
 
 /// Multiply-add FLOPs (2 per MAC) of the forward matmuls of every
 /// convolution since the start, for benchmarks that report a FLOP rate.
@@ -210,7 +210,7 @@ impl Conv {
             return self.forward_reference(&x);
         }
         let s = g.stride;
-        if s > 1 && self.k.is_multiple_of(s) && g.taps == all_taps(self.k) {
+        if s > 1 && self.k.is_multiple_of(s) && self.k > s && g.taps == all_taps(self.k) {
             return self.strided_as_blocks(x, g, relu_input);
         }
         let wm = match &self.tap_index {
@@ -280,7 +280,6 @@ impl Conv {
             ws: g.out_w() + kb - 1,
             relu_input,
         };
-        let xb = x.contiguous()?.apply_op1(blocks)?;
         let over_blocks = Geometry {
             c: g.c * s * s,
             h: blocks.hs,
@@ -292,14 +291,11 @@ impl Conv {
         };
         let w = weight_over_blocks(&self.weight()?, s)?;
         let w_t = w.reshape((w.dim(0)?, ()))?.t()?.contiguous()?;
-        xb.apply_op3(
-            &w_t,
-            &self.bias,
-            ConvOp {
-                g: over_blocks,
-                relu_input: false,
-            },
-        )
+        let op = BlockConv {
+            blocks,
+            g: over_blocks,
+        };
+        x.contiguous()?.apply_op3(&w_t, &self.bias, op)
     }
 }
 
@@ -374,7 +370,7 @@ impl ConvTranspose {
             let x = if relu_input { x.relu()? } else { x.clone() };
             return self.forward_reference(&x);
         }
-        if s > 1 && k.is_multiple_of(s) {
+        if s > 1 && k.is_multiple_of(s) && k > s {
             // The adjoint of a stride-1 convolution over s x s blocks of
             // the output, the blocks then put back in place.
             let kb = k / s;
@@ -395,23 +391,13 @@ impl ConvTranspose {
                 taps: all_taps(kb),
             };
             let wb = weight_over_blocks(&self.weight, s)?.reshape((c_in, ()))?;
-            let bias = self
-                .bias
-                .reshape((c_out, 1))?
-                .broadcast_as((c_out, s * s))?
-                .contiguous()?
-                .reshape(c_out * s * s)?;
-            let op = ConvTransposeOp {
+            let op = BlockConvTranspose {
+                blocks: layout,
                 g: over_blocks,
+                out: (c_out, g.h, g.w),
                 relu_input,
             };
-            let blocks = x.contiguous()?.apply_op3(&wb, &bias, op)?;
-            return blocks.apply_op1(BlocksToImage {
-                layout,
-                c: c_out,
-                h: g.h,
-                w: g.w,
-            });
+            return x.contiguous()?.apply_op3(&wb, &self.bias, op);
         }
         let w_mat = self.weight.reshape((c_in, g.row_len()))?;
         x.contiguous()?

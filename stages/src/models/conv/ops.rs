@@ -258,7 +258,7 @@ impl CustomOp3 for ConvOp {
 
 impl ConvOp {
     /// Tap t's O x C matrix inside w_t (C*T x O).
-    fn taps(w_t: &[f32], t: usize, o: usize) -> TapWeights<'_> {
+    pub(super) fn taps(w_t: &[f32], t: usize, o: usize) -> TapWeights<'_> {
         TapWeights {
             data: w_t,
             tap_step: o,
@@ -519,7 +519,7 @@ impl CustomOp3 for ConvTransposeOp {
 
 impl ConvTransposeOp {
     /// Tap t's Cin x C matrix inside w (Cin x C*T).
-    fn taps(w: &[f32], t: usize, ct: usize) -> TapWeights<'_> {
+    pub(super) fn taps(w: &[f32], t: usize, ct: usize) -> TapWeights<'_> {
         TapWeights {
             data: w,
             tap_step: 1,

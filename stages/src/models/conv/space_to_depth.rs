@@ -4,11 +4,14 @@
 //! blocks, each block's pixels stacked as channels (the weights rearranged
 //! alike). That runs on the column-free stride-1 kernels.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::Geometry;
+use super::implicit;
+use super::ops::{ConvOp, ConvTransposeOp};
 use crate::models::contiguous_f32;
-use crate::models::kernels::relu;
+use crate::models::kernels::{relu, relu_backward, sum_chunks, with_scratch};
 
 /// (B, C, H, W) -> (B, C*s*s, HS, WS): channel `(c*s + dy)*s + dx` at (i, j)
 /// holds pixel `(i*s + dy - pad, j*s + dx - pad)` of channel c (zero outside
@@ -55,7 +58,13 @@ impl SpaceToDepth {
     }
 
     /// Image (C x H x W) -> blocks, zero where no pixel maps.
-    fn gather(&self, chw: (usize, usize, usize), img: &[f32], relu_in: bool, blocks: &mut [f32]) {
+    pub(super) fn gather(
+        &self,
+        chw: (usize, usize, usize),
+        img: &[f32],
+        relu_in: bool,
+        blocks: &mut [f32],
+    ) {
         let s = self.s;
         blocks.fill(0.0);
         self.runs(chw, |b0, x0, n| {
@@ -66,7 +75,7 @@ impl SpaceToDepth {
     }
 
     /// Blocks -> image (C x H x W), zero where no block value maps.
-    fn scatter(&self, chw: (usize, usize, usize), blocks: &[f32], img: &mut [f32]) {
+    pub(super) fn scatter(&self, chw: (usize, usize, usize), blocks: &[f32], img: &mut [f32]) {
         let s = self.s;
         img.fill(0.0);
         self.runs(chw, |b0, x0, n| {
@@ -77,41 +86,25 @@ impl SpaceToDepth {
     }
 }
 
-impl CustomOp1 for SpaceToDepth {
-    fn name(&self) -> &'static str {
-        "space-to-depth"
-    }
-
-    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, c, h, w) = l.shape().dims4()?;
-        let x = contiguous_f32(st, l, "space-to-depth")?;
-        let block = c * self.s * self.s * self.hs * self.ws;
-        let mut out = vec![0f32; b * block];
-        out.par_chunks_mut(block)
-            .zip(x.par_chunks(c * h * w))
-            .for_each(|(o, xb)| self.gather((c, h, w), xb, self.relu_input, o));
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((b, c * self.s * self.s, self.hs, self.ws)),
-        ))
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(
-            &grad.contiguous()?,
-            &DepthToSpace(*self, true),
-        )?))
-    }
+/// A strided convolution as one op: per image, the input's blocks (kept in
+/// a scratch buffer, never a tensor) convolved by the stride-1 kernels of
+/// `g` (the geometry over blocks). (x (B, C, H, W), w_t (C*s*s*T, O), bias
+/// (O)) -> (B, O, OH, OW).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BlockConv {
+    pub blocks: SpaceToDepth,
+    pub g: Geometry,
 }
 
-/// The adjoint of [`SpaceToDepth`]: (x (B, C, H, W) for the shape, and the
-/// ReLU mask if `.1`; blocks (B, C*s*s, HS, WS)) -> (B, C, H, W).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct DepthToSpace(pub SpaceToDepth, pub bool);
+/// The image shape of a contiguous (B, C, H, W) layout, and one image's length.
+fn image(l: &Layout) -> candle_core::Result<((usize, usize, usize), usize)> {
+    let (_, c, h, w) = l.shape().dims4()?;
+    Ok(((c, h, w), c * h * w))
+}
 
-impl CustomOp2 for DepthToSpace {
+impl CustomOp3 for BlockConv {
     fn name(&self) -> &'static str {
-        "depth-to-space"
+        "conv2d-blocks"
     }
 
     fn cpu_fwd(
@@ -120,65 +113,294 @@ impl CustomOp2 for DepthToSpace {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, c, h, w) = l1.shape().dims4()?;
-        let blocks = contiguous_f32(s2, l2, "depth-to-space")?;
-        let x = match self.1 && self.0.relu_input {
-            true => Some(contiguous_f32(s1, l1, "depth-to-space")?),
-            false => None,
-        };
-        let block = c * self.0.s * self.0.s * self.0.hs * self.0.ws;
-        let mut out = vec![0f32; b * c * h * w];
-        out.par_chunks_mut(c * h * w)
-            .zip(blocks.par_chunks(block))
-            .enumerate()
-            .for_each(|(bi, (o, sb))| {
-                self.0.scatter((c, h, w), sb, o);
-                if let Some(x) = x {
-                    crate::models::kernels::relu_backward(o, &x[bi * c * h * w..][..c * h * w]);
-                }
+        let g = self.g;
+        let op = "strided conv";
+        let (x, w_t, bias) = (
+            contiguous_f32(s1, l1, op)?,
+            contiguous_f32(s2, l2, op)?,
+            contiguous_f32(s3, l3, op)?,
+        );
+        let ((chw, len), o) = (image(l1)?, bias.len());
+        let b = l1.dims()[0];
+        let (blocks, p) = (g.c * g.h * g.w, g.padded());
+        let w = ConvOp::taps(w_t, g.k * g.k, o);
+        let out_len = o * g.out_h() * g.out_w();
+        let mut out = vec![0f32; b * out_len];
+        out.par_chunks_mut(out_len)
+            .zip(x.par_chunks(len))
+            .for_each(|(ob, xb)| {
+                with_scratch(blocks + p.len + o * p.n, |buf| {
+                    let (sb, rest) = buf.split_at_mut(blocks);
+                    self.blocks.gather(chw, xb, self.blocks.relu_input, sb);
+                    implicit::forward(&g, w, o, sb, false, Some(bias), ob, rest)
+                })
             });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-}
-
-/// `DepthToSpace` as a differentiable op on blocks, for the transposed
-/// convolution's output: (B, C*s*s, HS, WS) -> (B, C, H, W).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct BlocksToImage {
-    pub layout: SpaceToDepth,
-    pub c: usize,
-    pub h: usize,
-    pub w: usize,
-}
-
-impl CustomOp1 for BlocksToImage {
-    fn name(&self) -> &'static str {
-        "blocks-to-image"
-    }
-
-    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let b = l.shape().dims4()?.0;
-        let blocks = contiguous_f32(st, l, "blocks-to-image")?;
-        let (c, h, w) = (self.c, self.h, self.w);
-        let block = c * self.layout.s * self.layout.s * self.layout.hs * self.layout.ws;
-        let mut out = vec![0f32; b * c * h * w];
-        out.par_chunks_mut(c * h * w)
-            .zip(blocks.par_chunks(block))
-            .for_each(|(o, sb)| self.layout.scatter((c, h, w), sb, o));
-        Ok((CpuStorage::F32(out), Shape::from((b, c, h, w))))
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((b, o, g.out_h(), g.out_w())),
+        ))
     }
 
     fn bwd(
         &self,
-        _arg: &Tensor,
+        x: &Tensor,
+        w_t: &Tensor,
+        _bias: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let plain = SpaceToDepth {
-            relu_input: false,
-            ..self.layout
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = match x.track_op() {
+            true => Some(x.apply_op3_no_bwd(w_t, &grad, &BlockConvGrad(*self, Part::Data))?),
+            false => None,
         };
-        Ok(Some(grad.contiguous()?.apply_op1(plain)?))
+        let (ct, o) = w_t.dims2()?;
+        let both = x.apply_op3_no_bwd(w_t, &grad, &BlockConvGrad(*self, Part::Weight))?;
+        let dw = both.narrow(0, 0, ct * o)?.reshape((ct, o))?;
+        let db = both.narrow(0, ct * o, o)?;
+        Ok((dx, Some(dw), Some(db)))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Part {
+    /// The input gradient.
+    Data,
+    /// [dw_t | db], flat.
+    Weight,
+}
+
+/// (x, w_t, dy) -> a gradient of [`BlockConv`].
+struct BlockConvGrad(BlockConv, Part);
+
+impl CustomOp3 for BlockConvGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-blocks-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let BlockConv { blocks: layout, g } = self.0;
+        let op = "strided conv gradient";
+        let (x, w_t, dy) = (
+            contiguous_f32(s1, l1, op)?,
+            contiguous_f32(s2, l2, op)?,
+            contiguous_f32(s3, l3, op)?,
+        );
+        let (chw, len) = image(l1)?;
+        let (b, (ct, o)) = (l1.dims()[0], l2.shape().dims2()?);
+        let (blocks, p) = (g.c * g.h * g.w, g.padded());
+        let out_len = o * g.out_h() * g.out_w();
+        match self.1 {
+            Part::Data => {
+                let w = ConvOp::taps(w_t, g.k * g.k, o);
+                let mut dx = vec![0f32; x.len()];
+                dx.par_chunks_mut(len)
+                    .zip(x.par_chunks(len).zip(dy.par_chunks(out_len)))
+                    .for_each(|(dxb, (xb, dyb))| {
+                        with_scratch(blocks + o * p.n + p.len, |buf| {
+                            let (sb, rest) = buf.split_at_mut(blocks);
+                            implicit::data_grad(&g, w, o, dyb, false, sb, rest);
+                            layout.scatter(chw, sb, dxb);
+                        });
+                        if layout.relu_input {
+                            relu_backward(dxb, xb);
+                        }
+                    });
+                Ok((CpuStorage::F32(dx), l1.shape().clone()))
+            }
+            Part::Weight => {
+                let total = sum_chunks(b, ct * o + o, |images, acc| {
+                    let (dw, db) = acc.split_at_mut(ct * o);
+                    for bi in images {
+                        let dyb = &dy[bi * out_len..(bi + 1) * out_len];
+                        with_scratch(blocks + o * p.n + p.len, |buf| {
+                            let (sb, rest) = buf.split_at_mut(blocks);
+                            layout.gather(chw, &x[bi * len..(bi + 1) * len], layout.relu_input, sb);
+                            let taps = (o, 1, g.k * g.k * o);
+                            implicit::weight_grad(&g, taps, o, (sb, false), (dyb, false), dw, rest);
+                        });
+                        for (d, plane) in db.iter_mut().zip(dyb.chunks_exact(out_len / o)) {
+                            *d += plane.iter().sum::<f32>();
+                        }
+                    }
+                });
+                Ok((CpuStorage::F32(total), Shape::from(ct * o + o)))
+            }
+        }
+    }
+}
+
+/// A strided transposed convolution as one op, the adjoint of
+/// [`BlockConv`]: per image, the stride-1 adjoint kernels of `g` give the
+/// output's blocks (in a scratch buffer), put in place. (x (B, Cin, h, w),
+/// w (Cin, Cout*s*s*T), bias (Cout)) -> (B, Cout, H, W); `relu_input`
+/// applies to x.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BlockConvTranspose {
+    pub blocks: SpaceToDepth,
+    pub g: Geometry,
+    /// The output image: Cout, H, W.
+    pub out: (usize, usize, usize),
+    pub relu_input: bool,
+}
+
+impl CustomOp3 for BlockConvTranspose {
+    fn name(&self) -> &'static str {
+        "conv-transpose2d-blocks"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.g;
+        let op = "strided conv_transpose";
+        let (x, w, bias) = (
+            contiguous_f32(s1, l1, op)?,
+            contiguous_f32(s2, l2, op)?,
+            contiguous_f32(s3, l3, op)?,
+        );
+        let ((c_in, ..), len) = image(l1)?;
+        let (b, (_, ct)) = (l1.dims()[0], l2.shape().dims2()?);
+        let (blocks, p) = (g.c * g.h * g.w, g.padded());
+        let w = ConvTransposeOp::taps(w, g.k * g.k, ct);
+        let (c_out, h, wd) = self.out;
+        let mut out = vec![0f32; b * c_out * h * wd];
+        out.par_chunks_mut(c_out * h * wd)
+            .zip(x.par_chunks(len))
+            .for_each(|(ob, xb)| {
+                with_scratch(blocks + c_in * p.n + p.len, |buf| {
+                    let (sb, rest) = buf.split_at_mut(blocks);
+                    implicit::data_grad(&g, w, c_in, xb, self.relu_input, sb, rest);
+                    self.blocks.scatter(self.out, sb, ob);
+                });
+                for (plane, &bias) in ob.chunks_exact_mut(h * wd).zip(bias) {
+                    for v in plane {
+                        *v += bias;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b, c_out, h, wd))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = match x.track_op() {
+            true => {
+                Some(x.apply_op3_no_bwd(w, &grad, &BlockConvTransposeGrad(*self, Part::Data))?)
+            }
+            false => None,
+        };
+        let (c_in, ct) = w.dims2()?;
+        let c_out = self.out.0;
+        let both = x.apply_op3_no_bwd(w, &grad, &BlockConvTransposeGrad(*self, Part::Weight))?;
+        let dw = both.narrow(0, 0, c_in * ct)?.reshape((c_in, ct))?;
+        let db = both.narrow(0, c_in * ct, c_out)?;
+        Ok((dx, Some(dw), Some(db)))
+    }
+}
+
+/// (x, w, dy) -> a gradient of [`BlockConvTranspose`].
+struct BlockConvTransposeGrad(BlockConvTranspose, Part);
+
+impl CustomOp3 for BlockConvTransposeGrad {
+    fn name(&self) -> &'static str {
+        "conv-transpose2d-blocks-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let BlockConvTranspose {
+            blocks: layout,
+            g,
+            out,
+            relu_input,
+        } = self.0;
+        let op = "strided conv_transpose gradient";
+        let (x, w, dy) = (
+            contiguous_f32(s1, l1, op)?,
+            contiguous_f32(s2, l2, op)?,
+            contiguous_f32(s3, l3, op)?,
+        );
+        let ((c_in, ..), len) = image(l1)?;
+        let (b, (_, ct)) = (l1.dims()[0], l2.shape().dims2()?);
+        let (blocks, p) = (g.c * g.h * g.w, g.padded());
+        let out_len = out.0 * out.1 * out.2;
+        match self.1 {
+            Part::Data => {
+                let w = ConvTransposeOp::taps(w, g.k * g.k, ct);
+                let mut dx = vec![0f32; x.len()];
+                dx.par_chunks_mut(len)
+                    .zip(x.par_chunks(len).zip(dy.par_chunks(out_len)))
+                    .for_each(|(dxb, (xb, dyb))| {
+                        with_scratch(blocks + p.len + c_in * p.n, |buf| {
+                            let (sb, rest) = buf.split_at_mut(blocks);
+                            layout.gather(out, dyb, false, sb);
+                            implicit::forward(&g, w, c_in, sb, false, None, dxb, rest);
+                        });
+                        if relu_input {
+                            relu_backward(dxb, xb);
+                        }
+                    });
+                Ok((CpuStorage::F32(dx), l1.shape().clone()))
+            }
+            Part::Weight => {
+                let total = sum_chunks(b, c_in * ct + out.0, |images, acc| {
+                    let (dw, db) = acc.split_at_mut(c_in * ct);
+                    for bi in images {
+                        let dyb = &dy[bi * out_len..(bi + 1) * out_len];
+                        with_scratch(blocks + c_in * p.n + p.len, |buf| {
+                            let (sb, rest) = buf.split_at_mut(blocks);
+                            layout.gather(out, dyb, false, sb);
+                            let taps = (1, ct, g.k * g.k);
+                            let xb = &x[bi * len..(bi + 1) * len];
+                            implicit::weight_grad(
+                                &g,
+                                taps,
+                                c_in,
+                                (sb, false),
+                                (xb, relu_input),
+                                dw,
+                                rest,
+                            );
+                        });
+                        for (d, plane) in db.iter_mut().zip(dyb.chunks_exact(out.1 * out.2)) {
+                            *d += plane.iter().sum::<f32>();
+                        }
+                    }
+                });
+                Ok((CpuStorage::F32(total), Shape::from(c_in * ct + out.0)))
+            }
+        }
     }
 }
