@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::aux_decoder::class_rows;
 use super::conv::Conv;
-use super::kernels::{CHUNK, View, gemm, relu, relu_backward, with_scratch};
+use super::kernels::{CHUNK, View, add_plane_sums, gemm, relu, relu_backward, with_scratch};
 use super::{contiguous_f32, fastmath};
 
 /// -ln softmax(logits)[target] at every position and group: (B, G, H, W),
@@ -127,16 +127,8 @@ impl NllHead {
         for (oc, row) in y.chunks_exact_mut(l).enumerate() {
             row.fill(wb[oc * (c + 1) + c]);
         }
-        let a = View {
-            data: wb,
-            rs: c + 1,
-            cs: 1,
-        };
-        let bv = View {
-            data: xr,
-            rs: l,
-            cs: 1,
-        };
+        let a = View::new(wb, c + 1, 1);
+        let bv = View::new(xr, l, 1);
         gemm(y, (o, l, c), true, a, bv, false);
     }
 }
@@ -242,26 +234,12 @@ impl CustomOp3 for NllHeadGrad {
                             softmax_grad_plane(plane, k, gg, tt);
                         }
                         let dy = &*y;
-                        let wt = View {
-                            data: wb,
-                            rs: 1,
-                            cs: c + 1,
-                        };
-                        let dyv = View {
-                            data: dy,
-                            rs: l,
-                            cs: 1,
-                        };
+                        let wt = View::new(wb, 1, c + 1);
+                        let dyv = View::new(dy, l, 1);
                         gemm(dxb, (c, l, o), false, wt, dyv, false);
-                        let xt = View {
-                            data: xr,
-                            rs: 1,
-                            cs: l,
-                        };
+                        let xt = View::new(xr, 1, l);
                         gemm(dw, (o, c, l), true, dyv, xt, false);
-                        for (d, row) in db.iter_mut().zip(dy.chunks_exact(l)) {
-                            *d += row.iter().sum::<f32>();
-                        }
+                        add_plane_sums(db, dy, l);
                     });
                     if head.relu_input {
                         relu_backward(dxb, xb);

@@ -37,7 +37,11 @@ pub(crate) struct View<'a> {
     pub cs: usize,
 }
 
-impl View<'_> {
+impl<'a> View<'a> {
+    pub fn new(data: &'a [f32], rs: usize, cs: usize) -> Self {
+        View { data, rs, cs }
+    }
+
     fn check(&self, rows: usize, cols: usize) {
         if rows > 0 && cols > 0 {
             let last = (rows - 1) * self.rs + (cols - 1) * self.cs;
@@ -171,4 +175,21 @@ pub(crate) fn sum_chunks(
         }
     }
     total
+}
+
+/// `sums[i] += sum(planes[i])` for consecutive planes of `plane` values:
+/// a bias gradient.
+pub(crate) fn add_plane_sums(sums: &mut [f32], planes: &[f32], plane: usize) {
+    for (d, p) in sums.iter_mut().zip(planes.chunks_exact(plane)) {
+        *d += p.iter().sum::<f32>();
+    }
+}
+
+/// Adds `bias[i]` to every value of plane i of `planes`.
+pub(crate) fn add_bias(planes: &mut [f32], bias: &[f32], plane: usize) {
+    for (p, &b) in planes.chunks_exact_mut(plane).zip(bias) {
+        for v in p {
+            *v += b;
+        }
+    }
 }

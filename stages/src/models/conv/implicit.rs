@@ -23,20 +23,12 @@ pub(super) struct TapWeights<'a> {
 
 impl<'a> TapWeights<'a> {
     fn tap(&self, t: usize) -> View<'a> {
-        View {
-            data: &self.data[t * self.tap_step..],
-            rs: self.rs,
-            cs: self.cs,
-        }
+        View::new(&self.data[t * self.tap_step..], self.rs, self.cs)
     }
 
     /// The C x O transpose of tap t.
     fn tap_t(&self, t: usize) -> View<'a> {
-        View {
-            data: &self.data[t * self.tap_step..],
-            rs: self.cs,
-            cs: self.rs,
-        }
+        View::new(&self.data[t * self.tap_step..], self.cs, self.rs)
     }
 }
 
@@ -125,11 +117,7 @@ pub(super) fn forward(
         row.fill(bias.map_or(0.0, |b| b[oc]));
     }
     for (t, at) in g.tap_offsets().into_iter().enumerate() {
-        let shifted = View {
-            data: &xp[at..],
-            rs: p.hp * p.wp,
-            cs: 1,
-        };
+        let shifted = View::new(&xp[at..], p.hp * p.wp, 1);
         gemm_strided(grid, (p.n, 1), (o, p.n, g.c), true, w.tap(t), shifted);
     }
     let ow = g.out_w();
@@ -160,11 +148,7 @@ pub(super) fn data_grad(
     let (grid, dxp) = scratch.split_at_mut(o * p.n);
     g.grid_from_output(dy, relu_dy, grid);
     dxp.fill(0.0);
-    let dyv = View {
-        data: grid,
-        rs: p.n,
-        cs: 1,
-    };
+    let dyv = View::new(grid, p.n, 1);
     for (t, at) in g.tap_offsets().into_iter().enumerate() {
         let dst = &mut dxp[at..];
         gemm_strided(dst, (p.hp * p.wp, 1), (g.c, p.n, o), true, w.tap_t(t), dyv);
@@ -195,17 +179,9 @@ pub(super) fn weight_grad(
     let (grid, xp) = scratch.split_at_mut(o * p.n);
     g.grid_from_output(dy, relu_dy, grid);
     g.pad_image(x, relu_x, xp);
-    let dyv = View {
-        data: grid,
-        rs: p.n,
-        cs: 1,
-    };
+    let dyv = View::new(grid, p.n, 1);
     for (t, at) in g.tap_offsets().into_iter().enumerate() {
-        let shifted_t = View {
-            data: &xp[at..],
-            rs: 1,
-            cs: p.hp * p.wp,
-        };
+        let shifted_t = View::new(&xp[at..], 1, p.hp * p.wp);
         gemm_strided(
             &mut dw[t * tap_step..],
             (rs, cs),

@@ -30,7 +30,9 @@ use rayon::prelude::*;
 use super::Geometry;
 use super::implicit::{self, TapWeights};
 use crate::models::contiguous_f32;
-use crate::models::kernels::{View, gemm, relu, relu_backward, sum_chunks, with_scratch};
+use crate::models::kernels::{
+    View, add_bias, add_plane_sums, gemm, relu, relu_backward, sum_chunks, with_scratch,
+};
 
 impl Geometry {
     fn out_len(&self) -> usize {
@@ -206,16 +208,8 @@ impl CustomOp3 for ConvOp {
                     }
                 });
             }
-            let a = View {
-                data: cols,
-                rs: 1,
-                cs: n,
-            };
-            let wv = View {
-                data: w_t,
-                rs: o,
-                cs: 1,
-            };
+            let a = View::new(cols, 1, n);
+            let wv = View::new(w_t, o, 1);
             gemm(y, (n, o, ct), false, a, wv, true);
             let y = &*y;
             out.par_chunks_mut(o * l)
@@ -328,16 +322,8 @@ impl CustomOp3 for ConvDataGrad {
             .zip(x.par_chunks(image).zip(dy.par_chunks(o * l)))
             .for_each(|(dxb, (xb, dyb))| {
                 with_scratch(ct * l, |cols| {
-                    let a = View {
-                        data: w_t,
-                        rs: o,
-                        cs: 1,
-                    };
-                    let b = View {
-                        data: dyb,
-                        rs: l,
-                        cs: 1,
-                    };
+                    let a = View::new(w_t, o, 1);
+                    let b = View::new(dyb, l, 1);
                     gemm(cols, (ct, l, o), false, a, b, false);
                     g.col2im(cols, &taps, dxb);
                 });
@@ -392,22 +378,12 @@ impl CustomOp2 for ConvWeightGrad {
                 } else {
                     with_scratch(ct * l, |cols| {
                         g.im2col(xb, &taps, relu_input, cols);
-                        let a = View {
-                            data: cols,
-                            rs: l,
-                            cs: 1,
-                        };
-                        let bv = View {
-                            data: dyb,
-                            rs: 1,
-                            cs: l,
-                        };
+                        let a = View::new(cols, l, 1);
+                        let bv = View::new(dyb, 1, l);
                         gemm(dw, (ct, o, l), true, a, bv, false);
                     });
                 }
-                for (d, plane) in db.iter_mut().zip(dyb.chunks_exact(l)) {
-                    *d += plane.iter().sum::<f32>();
-                }
+                add_plane_sums(db, dyb, l);
             }
         });
         Ok((CpuStorage::F32(total), Shape::from(ct * o + o)))
@@ -458,11 +434,7 @@ impl CustomOp3 for ConvTransposeOp {
                     with_scratch(c_in * p.n + p.len, |buf| {
                         implicit::data_grad(&g, w, c_in, xb, self.relu_input, ob, buf)
                     });
-                    for (plane, &bias) in ob.chunks_exact_mut(g.plane()).zip(bias) {
-                        for v in plane {
-                            *v += bias;
-                        }
-                    }
+                    add_bias(ob, bias, g.plane());
                 });
             return Ok((CpuStorage::F32(out), Shape::from((b, g.c, g.h, g.w))));
         }
@@ -474,24 +446,12 @@ impl CustomOp3 for ConvTransposeOp {
                     for (d, &v) in xr.iter_mut().zip(xb) {
                         *d = relu(v, self.relu_input);
                     }
-                    let a = View {
-                        data: w,
-                        rs: 1,
-                        cs: ct,
-                    };
-                    let bv = View {
-                        data: xr,
-                        rs: l,
-                        cs: 1,
-                    };
+                    let a = View::new(w, 1, ct);
+                    let bv = View::new(xr, l, 1);
                     gemm(cols, (ct, l, c_in), false, a, bv, false);
                     g.col2im(cols, &taps, ob);
                 });
-                for (plane, &bias) in ob.chunks_exact_mut(g.plane()).zip(bias) {
-                    for v in plane {
-                        *v += bias;
-                    }
-                }
+                add_bias(ob, bias, g.plane());
             });
         Ok((CpuStorage::F32(out), Shape::from((b, g.c, g.h, g.w))))
     }
@@ -576,16 +536,8 @@ impl CustomOp3 for ConvTransposeDataGrad {
             .for_each(|(dxb, (xb, dyb))| {
                 with_scratch(ct * l, |cols| {
                     g.im2col(dyb, &taps, false, cols);
-                    let a = View {
-                        data: w,
-                        rs: ct,
-                        cs: 1,
-                    };
-                    let bv = View {
-                        data: cols,
-                        rs: l,
-                        cs: 1,
-                    };
+                    let a = View::new(w, ct, 1);
+                    let bv = View::new(cols, l, 1);
                     gemm(dxb, (c_in, l, ct), false, a, bv, false);
                 });
                 if relu_input {
@@ -639,9 +591,7 @@ impl CustomOp2 for ConvTransposeWeightGrad {
                             buf,
                         )
                     });
-                    for (d, plane) in db.iter_mut().zip(dyb.chunks_exact(g.plane())) {
-                        *d += plane.iter().sum::<f32>();
-                    }
+                    add_plane_sums(db, dyb, g.plane());
                     continue;
                 }
                 with_scratch(ct * l + c_in * l, |buf| {
@@ -650,21 +600,11 @@ impl CustomOp2 for ConvTransposeWeightGrad {
                     for (d, &v) in xr.iter_mut().zip(xb) {
                         *d = relu(v, relu_input);
                     }
-                    let a = View {
-                        data: xr,
-                        rs: l,
-                        cs: 1,
-                    };
-                    let bv = View {
-                        data: cols,
-                        rs: 1,
-                        cs: l,
-                    };
+                    let a = View::new(xr, l, 1);
+                    let bv = View::new(cols, 1, l);
                     gemm(dw, (c_in, ct, l), true, a, bv, false);
                 });
-                for (d, plane) in db.iter_mut().zip(dyb.chunks_exact(g.plane())) {
-                    *d += plane.iter().sum::<f32>();
-                }
+                add_plane_sums(db, dyb, g.plane());
             }
         });
         Ok((CpuStorage::F32(total), Shape::from(c_in * ct + g.c)))

@@ -11,7 +11,9 @@ use super::Geometry;
 use super::implicit;
 use super::ops::{ConvOp, ConvTransposeOp};
 use crate::models::contiguous_f32;
-use crate::models::kernels::{relu, relu_backward, sum_chunks, with_scratch};
+use crate::models::kernels::{
+    add_bias, add_plane_sums, relu, relu_backward, sum_chunks, with_scratch,
+};
 
 /// (B, C, H, W) -> (B, C*s*s, HS, WS): channel `(c*s + dy)*s + dx` at (i, j)
 /// holds pixel `(i*s + dy - pad, j*s + dx - pad)` of channel c (zero outside
@@ -230,9 +232,7 @@ impl CustomOp3 for BlockConvGrad {
                             let taps = (o, 1, g.k * g.k * o);
                             implicit::weight_grad(&g, taps, o, (sb, false), (dyb, false), dw, rest);
                         });
-                        for (d, plane) in db.iter_mut().zip(dyb.chunks_exact(out_len / o)) {
-                            *d += plane.iter().sum::<f32>();
-                        }
+                        add_plane_sums(db, dyb, out_len / o);
                     }
                 });
                 Ok((CpuStorage::F32(total), Shape::from(ct * o + o)))
@@ -290,11 +290,7 @@ impl CustomOp3 for BlockConvTranspose {
                     implicit::data_grad(&g, w, c_in, xb, self.relu_input, sb, rest);
                     self.blocks.scatter(self.out, sb, ob);
                 });
-                for (plane, &bias) in ob.chunks_exact_mut(h * wd).zip(bias) {
-                    for v in plane {
-                        *v += bias;
-                    }
-                }
+                add_bias(ob, bias, h * wd);
             });
         Ok((CpuStorage::F32(out), Shape::from((b, c_out, h, wd))))
     }
@@ -394,9 +390,7 @@ impl CustomOp3 for BlockConvTransposeGrad {
                                 rest,
                             );
                         });
-                        for (d, plane) in db.iter_mut().zip(dyb.chunks_exact(out.1 * out.2)) {
-                            *d += plane.iter().sum::<f32>();
-                        }
+                        add_plane_sums(db, dyb, out.1 * out.2);
                     }
                 });
                 Ok((CpuStorage::F32(total), Shape::from(c_in * ct + out.0)))
