@@ -13,12 +13,9 @@
 //!   dimension), so a position's value does not depend on how many other
 //!   positions or images are computed with it: what exact incremental
 //!   sampling needs.
-//! - Stride-1 convolutions use no columns: on a padded copy of the image,
-//!   tap (ky, kx) of every output position reads a fixed offset, so the
-//!   layer is one gemm per tap straight from the padded image (into an
-//!   output grid as wide as the padded image, whose extra columns are
-//!   dropped). They work image by image, which also keeps a position's
-//!   value independent of the other positions and images.
+//! - Stride-1 layers with a kernel wider than 1 hand over to the
+//!   column-free kernels of [`super::implicit`], image by image (which
+//!   also keeps a position's value independent of the other positions).
 //! - Everything else works image by image in parallel, each image with a
 //!   single-threaded gemm into buffers that stay allocated per thread.
 //!   Weight gradients sum over fixed chunks of images, then over chunks in
