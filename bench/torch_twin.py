@@ -105,7 +105,7 @@ class VqLevel1(nn.Module):
         self.codebook.copy_(self.embed_sum / smoothed[:, None])
 
 
-def mask(c_out, c_in, k, vertical, type_a, gate_out=True):
+def mask(c_out, c_in, k, vertical, type_a):
     """haic-pipe's masks for one pixel channel (a single channel group)."""
     m = torch.zeros(c_out, c_in, k, k)
     centre = k // 2
