@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::aux_decoder::class_rows;
 use super::conv::Conv;
-use super::kernels::{CHUNK, View, add_plane_sums, gemm, relu, relu_backward, with_scratch};
+use super::kernels::{CHUNK, View, add_plane_sums, gemm, relu_backward, relu_copy, with_scratch};
 use super::{contiguous_f32, fastmath};
 
 /// -ln softmax(logits)[target] at every position and group: (B, G, H, W),
@@ -121,9 +121,7 @@ impl NllHead {
         y: &mut [f32],
         xr: &mut [f32],
     ) {
-        for (d, &v) in xr.iter_mut().zip(xb) {
-            *d = relu(v, self.relu_input);
-        }
+        relu_copy(xr, xb, self.relu_input);
         for (oc, row) in y.chunks_exact_mut(l).enumerate() {
             row.fill(wb[oc * (c + 1) + c]);
         }

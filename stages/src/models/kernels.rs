@@ -144,6 +144,27 @@ pub(crate) fn relu(v: f32, on: bool) -> f32 {
     if on { v.max(0.0) } else { v }
 }
 
+/// `dst = relu(src)` when `on`, else a copy.
+pub(crate) fn relu_copy(dst: &mut [f32], src: &[f32], on: bool) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = relu(v, on);
+    }
+}
+
+/// Splits a flat [dW | db] gradient (what the weight-gradient kernels
+/// return) into dW of `shape` and db of `bias` values.
+pub(crate) fn split_weight_grads(
+    both: &candle_core::Tensor,
+    shape: (usize, usize),
+    bias: usize,
+) -> candle_core::Result<(candle_core::Tensor, candle_core::Tensor)> {
+    let n = shape.0 * shape.1;
+    Ok((
+        both.narrow(0, 0, n)?.reshape(shape)?,
+        both.narrow(0, n, bias)?,
+    ))
+}
+
 /// Zeroes the gradient where the input of a fused ReLU was negative
 /// (candle's ReLU passes the gradient at 0).
 pub(crate) fn relu_backward(grad: &mut [f32], input: &[f32]) {

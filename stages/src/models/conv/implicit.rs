@@ -9,7 +9,7 @@
 //! convolution and, as its adjoint, the transposed convolution.
 
 use super::Geometry;
-use crate::models::kernels::{View, gemm_strided, relu};
+use crate::models::kernels::{View, gemm_strided, relu_copy};
 
 /// Where tap t's O x C matrix lies in a weight buffer: element (o, c) at
 /// `t * tap_step + o * rs + c * cs`.
@@ -70,9 +70,7 @@ impl Geometry {
         for (c, plane) in img.chunks_exact(self.h * self.w).enumerate() {
             for (y, row) in plane.chunks_exact(self.w).enumerate() {
                 let at = (c * hp + y + self.pad) * wp + self.pad;
-                for (d, &v) in xp[at..at + self.w].iter_mut().zip(row) {
-                    *d = relu(v, relu_in);
-                }
+                relu_copy(&mut xp[at..at + self.w], row, relu_in);
             }
         }
     }
@@ -82,9 +80,7 @@ impl Geometry {
         let (wp, ow) = (self.padded().wp, self.out_w());
         grid.fill(0.0);
         for (g, o) in grid.chunks_exact_mut(wp).zip(out.chunks_exact(ow)) {
-            for (d, &v) in g[..ow].iter_mut().zip(o) {
-                *d = relu(v, relu_in);
-            }
+            relu_copy(&mut g[..ow], o, relu_in);
         }
     }
 

@@ -28,7 +28,8 @@ use super::Geometry;
 use super::implicit::{self, TapWeights};
 use crate::models::contiguous_f32;
 use crate::models::kernels::{
-    View, add_bias, add_plane_sums, gemm, relu, relu_backward, sum_chunks, with_scratch,
+    View, add_bias, add_plane_sums, gemm, relu, relu_backward, relu_copy, split_weight_grads,
+    sum_chunks, with_scratch,
 };
 
 impl Geometry {
@@ -142,10 +143,6 @@ impl Geometry {
     }
 }
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    contiguous_f32(s, l, what)
-}
-
 fn check_len(data: &[f32], len: usize, what: &str) -> candle_core::Result<()> {
     if data.len() != len {
         candle_core::bail!("{what}: {} values where {len} were expected", data.len());
@@ -177,9 +174,9 @@ impl CustomOp3 for ConvOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.g;
         let (x, w_t, bias) = (
-            f32s(s1, l1, "conv")?,
-            f32s(s2, l2, "conv")?,
-            f32s(s3, l3, "conv")?,
+            contiguous_f32(s1, l1, "conv")?,
+            contiguous_f32(s2, l2, "conv")?,
+            contiguous_f32(s3, l3, "conv")?,
         );
         let (b, o) = (l1.dims()[0], bias.len());
         let (taps, l) = (g.tap_list(), g.out_len());
@@ -241,8 +238,7 @@ impl CustomOp3 for ConvOp {
         };
         let (ct, o) = w_t.dims2()?;
         let both = x.apply_op2_no_bwd(&grad, &ConvWeightGrad(*self))?;
-        let dw = both.narrow(0, 0, ct * o)?.reshape((ct, o))?;
-        let db = both.narrow(0, ct * o, o)?;
+        let (dw, db) = split_weight_grads(&both, (ct, o), o)?;
         Ok((dx, Some(dw), Some(db)))
     }
 }
@@ -292,9 +288,9 @@ impl CustomOp3 for ConvDataGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let ConvOp { g, relu_input } = self.0;
         let (x, w_t, dy) = (
-            f32s(s1, l1, "conv")?,
-            f32s(s2, l2, "conv")?,
-            f32s(s3, l3, "conv")?,
+            contiguous_f32(s1, l1, "conv")?,
+            contiguous_f32(s2, l2, "conv")?,
+            contiguous_f32(s3, l3, "conv")?,
         );
         let (taps, l) = (g.tap_list(), g.out_len());
         let ct = g.c * taps.len();
@@ -348,7 +344,10 @@ impl CustomOp2 for ConvWeightGrad {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let ConvOp { g, relu_input } = self.0;
-        let (x, dy) = (f32s(s1, l1, "conv")?, f32s(s2, l2, "conv")?);
+        let (x, dy) = (
+            contiguous_f32(s1, l1, "conv")?,
+            contiguous_f32(s2, l2, "conv")?,
+        );
         let (b, o) = (l1.dims()[0], l2.dims()[1]);
         let (taps, l) = (g.tap_list(), g.out_len());
         let ct = g.c * taps.len();
@@ -412,9 +411,9 @@ impl CustomOp3 for ConvTransposeOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.g;
         let (x, w, bias) = (
-            f32s(s1, l1, "conv_transpose")?,
-            f32s(s2, l2, "conv_transpose")?,
-            f32s(s3, l3, "conv_transpose")?,
+            contiguous_f32(s1, l1, "conv_transpose")?,
+            contiguous_f32(s2, l2, "conv_transpose")?,
+            contiguous_f32(s3, l3, "conv_transpose")?,
         );
         let (b, c_in) = (l1.dims()[0], l1.dims()[1]);
         let (taps, l) = (g.tap_list(), g.out_len());
@@ -440,9 +439,7 @@ impl CustomOp3 for ConvTransposeOp {
             .for_each(|(ob, xb)| {
                 with_scratch(ct * l + c_in * l, |buf| {
                     let (cols, xr) = buf.split_at_mut(ct * l);
-                    for (d, &v) in xr.iter_mut().zip(xb) {
-                        *d = relu(v, self.relu_input);
-                    }
+                    relu_copy(xr, xb, self.relu_input);
                     let a = View::new(w, 1, ct);
                     let bv = View::new(xr, l, 1);
                     gemm(cols, (ct, l, c_in), false, a, bv, false);
@@ -468,8 +465,7 @@ impl CustomOp3 for ConvTransposeOp {
         };
         let (c_in, ct) = w.dims2()?;
         let both = x.apply_op2_no_bwd(&grad, &ConvTransposeWeightGrad(*self))?;
-        let dw = both.narrow(0, 0, c_in * ct)?.reshape((c_in, ct))?;
-        let db = both.narrow(0, c_in * ct, self.g.c)?;
+        let (dw, db) = split_weight_grads(&both, (c_in, ct), self.g.c)?;
         Ok((dx, Some(dw), Some(db)))
     }
 }
@@ -505,9 +501,9 @@ impl CustomOp3 for ConvTransposeDataGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let ConvTransposeOp { g, relu_input } = self.0;
         let (x, w, dy) = (
-            f32s(s1, l1, "conv_transpose")?,
-            f32s(s2, l2, "conv_transpose")?,
-            f32s(s3, l3, "conv_transpose")?,
+            contiguous_f32(s1, l1, "conv_transpose")?,
+            contiguous_f32(s2, l2, "conv_transpose")?,
+            contiguous_f32(s3, l3, "conv_transpose")?,
         );
         let c_in = l1.dims()[1];
         let (taps, l) = (g.tap_list(), g.out_len());
@@ -562,8 +558,8 @@ impl CustomOp2 for ConvTransposeWeightGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let ConvTransposeOp { g, relu_input } = self.0;
         let (x, dy) = (
-            f32s(s1, l1, "conv_transpose")?,
-            f32s(s2, l2, "conv_transpose")?,
+            contiguous_f32(s1, l1, "conv_transpose")?,
+            contiguous_f32(s2, l2, "conv_transpose")?,
         );
         let (b, c_in) = (l1.dims()[0], l1.dims()[1]);
         let (taps, l) = (g.tap_list(), g.out_len());
@@ -594,9 +590,7 @@ impl CustomOp2 for ConvTransposeWeightGrad {
                 with_scratch(ct * l + c_in * l, |buf| {
                     let (cols, xr) = buf.split_at_mut(ct * l);
                     g.im2col(dyb, &taps, false, cols);
-                    for (d, &v) in xr.iter_mut().zip(xb) {
-                        *d = relu(v, relu_input);
-                    }
+                    relu_copy(xr, xb, relu_input);
                     let a = View::new(xr, l, 1);
                     let bv = View::new(cols, 1, l);
                     gemm(dw, (c_in, ct, l), true, a, bv, false);

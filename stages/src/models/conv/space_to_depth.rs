@@ -12,7 +12,7 @@ use super::implicit;
 use super::ops::{ConvOp, ConvTransposeOp};
 use crate::models::contiguous_f32;
 use crate::models::kernels::{
-    add_bias, add_plane_sums, relu, relu_backward, sum_chunks, with_scratch,
+    add_bias, add_plane_sums, relu, relu_backward, split_weight_grads, sum_chunks, with_scratch,
 };
 
 /// (B, C, H, W) -> (B, C*s*s, HS, WS): channel `(c*s + dy)*s + dx` at (i, j)
@@ -161,8 +161,7 @@ impl CustomOp3 for BlockConv {
         };
         let (ct, o) = w_t.dims2()?;
         let both = x.apply_op3_no_bwd(w_t, &grad, &BlockConvGrad(*self, Part::Weight))?;
-        let dw = both.narrow(0, 0, ct * o)?.reshape((ct, o))?;
-        let db = both.narrow(0, ct * o, o)?;
+        let (dw, db) = split_weight_grads(&both, (ct, o), o)?;
         Ok((dx, Some(dw), Some(db)))
     }
 }
@@ -313,8 +312,7 @@ impl CustomOp3 for BlockConvTranspose {
         let (c_in, ct) = w.dims2()?;
         let c_out = self.out.0;
         let both = x.apply_op3_no_bwd(w, &grad, &BlockConvTransposeGrad(*self, Part::Weight))?;
-        let dw = both.narrow(0, 0, c_in * ct)?.reshape((c_in, ct))?;
-        let db = both.narrow(0, c_in * ct, c_out)?;
+        let (dw, db) = split_weight_grads(&both, (c_in, ct), c_out)?;
         Ok((dx, Some(dw), Some(db)))
     }
 }
