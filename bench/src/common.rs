@@ -1,16 +1,23 @@
 //! What the benchmark binaries share (each includes this file as a module).
 #![allow(dead_code)]
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use stages::data::level_table::LevelTable;
+use stages::data::level_table::{LevelTable, Rows};
 use stages::models::aux_decoder::{AuxDecoderConfig, AuxKind};
+use stages::models::conv::FORWARD_FLOPS;
 use stages::models::encoder::{EncoderConfig, InputKind};
+use stages::models::optim::{AdamW, OptimConfig};
 use stages::models::pixelcnn::PixelCnnConfig;
 use stages::models::quantiser::QuantiserConfig;
+use stages::rng::SplitMix64;
 use stages::train_ar::model::{AR_FORMAT, ArInfo, CodeMapInfo};
-use stages::train_vq::level::LevelConfig;
+use stages::train_vq::level::{LevelConfig, VqLevel};
+
+/// The batch of the training benchmarks.
+pub const BATCH: usize = 64;
 
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -106,4 +113,45 @@ pub fn pixel_table() -> LevelTable {
         splits: Default::default(),
         source_key: None,
     }
+}
+
+/// `n` rows of `values` random values below `below`, random labels of 10 classes.
+pub fn random_rows(rng: &mut SplitMix64, n: usize, values: usize, below: u64) -> Rows {
+    Rows {
+        ids: (0..n as i64).collect(),
+        labels: (0..n).map(|_| rng.below(10) as i32).collect(),
+        values: (0..n * values).map(|_| rng.below(below) as u16).collect(),
+    }
+}
+
+/// A level-1 VQ level of `cfg` trained for `steps` full steps (batch
+/// tensors, forward, backward, AdamW, EMA update) at batch 64 on random
+/// 32x32x1 pixels, after 3 warm-up steps: the median step in seconds, the
+/// FLOPs of a step (3 x the convolutions' forward matmuls, counted as they
+/// run, + 3 x the quantiser's distance matmul) and the parameter count.
+pub fn vq_training(
+    cfg: &LevelConfig,
+    steps: usize,
+) -> Result<(f64, u64, usize), Box<dyn std::error::Error>> {
+    let mut level = VqLevel::new(cfg, &pixel_table(), 0, &Device::Cpu)?;
+    let mut opt = AdamW::new(level.trainable(), OptimConfig::default())?;
+    let (mut rng, mut mask_rng) = (SplitMix64(1), SplitMix64(2));
+    let (mut times, mut flops) = (Vec::new(), 0);
+    for i in 0..steps + 3 {
+        let rows = random_rows(&mut rng, BATCH, 1024, 256);
+        let before = FORWARD_FLOPS.load(Ordering::Relaxed);
+        let t = Instant::now();
+        let batch = level.batch(&rows)?;
+        let loss = level.loss(&batch, &mut mask_rng)?;
+        let after = FORWARD_FLOPS.load(Ordering::Relaxed);
+        let grads = loss.total.backward()?;
+        opt.step(&grads, 1e-3)?;
+        level.quantiser.ema_update(&loss.z, &loss.codes)?;
+        if i >= 3 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+        let quantiser = 2 * loss.codes.len() * cfg.encoder.dim * cfg.quantiser.codebook_size;
+        flops = 3 * (after - before) + 3 * quantiser as u64;
+    }
+    Ok((median(times), flops, level.vars.parameter_count()))
 }

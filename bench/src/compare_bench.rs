@@ -14,25 +14,23 @@
 //! matmul) and `peak_fraction` (the step's FLOP rate over the peak).
 
 mod common;
-use common::{ar_info, matmul_peak, median, pixel_table, tiny_level1, tiny_pixelcnn};
+use common::{
+    BATCH, ar_info, matmul_peak, median, random_rows, tiny_level1, tiny_pixelcnn, vq_training,
+};
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use candle_core::{Device, Module, Tensor, Var};
-use stages::data::level_table::Rows;
 use stages::models::aux_decoder::AuxKind;
 use stages::models::conv::{Conv, ConvTranspose, FORWARD_FLOPS};
 use stages::models::optim::{AdamW, OptimConfig};
 use stages::models::vars::SeededVars;
 use stages::rng::SplitMix64;
 use stages::train_ar::model::{ArModel, Sampling};
-use stages::train_vq::level::VqLevel;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-const BATCH: usize = 64;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -44,51 +42,10 @@ type Layer = (
     SeededVars,
 );
 
-fn random_rows(rng: &mut SplitMix64, n: usize, values: usize, below: u64) -> Rows {
-    Rows {
-        ids: (0..n as i64).collect(),
-        labels: (0..n).map(|_| rng.below(10) as i32).collect(),
-        values: (0..n * values).map(|_| rng.below(below) as u16).collect(),
-    }
-}
-
-fn lr_config() -> OptimConfig {
-    OptimConfig {
-        lr: 1e-3,
-        ..Default::default()
-    }
-}
-
-/// Median step time and FLOPs of a step of tiny.yaml's level 1 (`ff`).
-fn vq(steps: usize) -> Res<(f64, u64)> {
-    let cfg = tiny_level1(AuxKind::Ff);
-    let mut level = VqLevel::new(&cfg, &pixel_table(), 0, &Device::Cpu)?;
-    let mut opt = AdamW::new(level.trainable(), lr_config())?;
-    let (mut rng, mut mask_rng) = (SplitMix64(1), SplitMix64(2));
-    let (mut times, mut flops) = (Vec::new(), 0);
-    for i in 0..steps + 3 {
-        let rows = random_rows(&mut rng, BATCH, 1024, 256);
-        let before = FORWARD_FLOPS.load(Ordering::Relaxed);
-        let t = Instant::now();
-        let batch = level.batch(&rows)?;
-        let loss = level.loss(&batch, &mut mask_rng)?;
-        let after = FORWARD_FLOPS.load(Ordering::Relaxed);
-        let grads = loss.total.backward()?;
-        opt.step(&grads, 1e-3)?;
-        level.quantiser.ema_update(&loss.z, &loss.codes)?;
-        if i >= 3 {
-            times.push(t.elapsed().as_secs_f64());
-        }
-        let quantiser = 2 * loss.codes.len() * cfg.encoder.dim * cfg.quantiser.codebook_size;
-        flops = 3 * (after - before) + 3 * quantiser as u64;
-    }
-    Ok((median(times), flops))
-}
-
 /// Median step time and FLOPs of a step of tiny.yaml's decoder1.
 fn ar(steps: usize) -> Res<(f64, u64)> {
     let model = ArModel::new(ar_info(tiny_pixelcnn(), true, false), &Device::Cpu)?;
-    let mut opt = AdamW::new(model.trainable(), lr_config())?;
+    let mut opt = AdamW::new(model.trainable(), OptimConfig::default())?;
     let mut rng = SplitMix64(1);
     let (mut times, mut flops) = (Vec::new(), 0);
     for i in 0..steps + 2 {
@@ -254,7 +211,8 @@ fn main() -> Res<()> {
         ops(steps.max(5))?;
     }
     if wanted("vq") {
-        report("vq", vq(steps)?);
+        let (seconds, flops, _) = vq_training(&tiny_level1(AuxKind::Ff), steps)?;
+        report("vq", (seconds, flops));
     }
     if wanted("ar") {
         report("ar", ar(steps)?);

@@ -15,24 +15,20 @@
 //! nearest-code search with the argmin kernel and with candle's argmin.
 
 mod common;
-use common::{matmul_peak, median, pixel_table, tiny_level1};
+use common::{BATCH, matmul_peak, median, tiny_level1, vq_training};
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use stages::data::level_table::Rows;
 use stages::models::aux_decoder::{AuxDecoderConfig, AuxKind};
-use stages::models::conv::{FORWARD_FLOPS, USE_CANDLE_CONVS};
+use stages::models::conv::USE_CANDLE_CONVS;
 use stages::models::nearest::{ArgminRows, code_distances, nearest_code, nearest_code_reference};
-use stages::models::optim::{AdamW, OptimConfig};
 use stages::rng::SplitMix64;
-use stages::train_vq::level::{LevelConfig, VqLevel};
+use stages::train_vq::level::LevelConfig;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-const BATCH: usize = 64;
 
 /// Nearest code for 65,536 vectors of 64 dims against 512 codes: the
 /// argmin kernel against candle's generic argmin, both after the same matmul.
@@ -84,35 +80,7 @@ fn run(
     steps: usize,
     peak: f64,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let dev = Device::Cpu;
-    let mut level = VqLevel::new(cfg, &pixel_table(), 0, &dev)?;
-    let mut opt = AdamW::new(level.trainable(), OptimConfig::default())?;
-    let mut rng = SplitMix64(1);
-    let mut mask_rng = SplitMix64(2);
-    let mut times = Vec::new();
-    let mut flops = 0u64;
-    for i in 0..steps + 3 {
-        let rows = Rows {
-            ids: (0..BATCH as i64).collect(),
-            labels: vec![0; BATCH],
-            values: (0..BATCH * 1024).map(|_| rng.below(256) as u16).collect(),
-        };
-        let before = FORWARD_FLOPS.load(Ordering::Relaxed);
-        let t = Instant::now();
-        let batch = level.batch(&rows)?;
-        let loss = level.loss(&batch, &mut mask_rng)?;
-        let after = FORWARD_FLOPS.load(Ordering::Relaxed);
-        let grads = loss.total.backward()?;
-        opt.step(&grads, 1e-3)?;
-        level.quantiser.ema_update(&loss.z, &loss.codes)?;
-        if i >= 3 {
-            times.push(t.elapsed().as_secs_f64());
-        }
-        let n_vectors = loss.codes.len();
-        let quantiser = 2 * n_vectors * cfg.encoder.dim * cfg.quantiser.codebook_size;
-        flops = 3 * (after - before) + 3 * quantiser as u64;
-    }
-    let step = median(times);
+    let (step, flops, parameters) = vq_training(cfg, steps)?;
     let gflops = flops as f64 / 1e9;
     println!(
         "{name:<28} {:>8.1} ms/step  {:>7.1} images/s  {:>6.2} GFLOP/step  {:>6.1} GFLOP/s  {:>5.1} % of matmul peak  ({} parameters)",
@@ -121,7 +89,7 @@ fn run(
         gflops,
         gflops / step,
         100.0 * gflops / step / peak,
-        level.vars.parameter_count()
+        parameters
     );
     Ok(())
 }
