@@ -207,6 +207,7 @@ fn default_jobs() -> u32 {
 }
 
 fn main() {
+    stages::tuning::apply();
     let cli = Cli::parse();
     if let Cmd::Worker { job } = &cli.command {
         std::process::exit(worker(job));

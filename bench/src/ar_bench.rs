@@ -264,6 +264,7 @@ fn encode() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    stages::tuning::apply();
     let steps: usize = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())

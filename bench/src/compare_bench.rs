@@ -188,6 +188,7 @@ fn arg(name: &str) -> Option<String> {
 }
 
 fn main() -> Res<()> {
+    stages::tuning::apply();
     let steps: usize = match arg("--steps") {
         Some(s) => s.parse().map_err(|_| format!("--steps {s}: not a count"))?,
         None => 10,

@@ -95,6 +95,7 @@ fn run(
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    stages::tuning::apply();
     let steps: usize = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())

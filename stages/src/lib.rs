@@ -29,6 +29,7 @@ pub mod sample;
 pub mod train_ar;
 pub mod train_vq;
 pub mod training;
+pub mod tuning;
 
 use pipeline::stage::{Kinds, StageKind};
 
