@@ -518,11 +518,12 @@ mod tests {
             (3, 2, 1, 10, 8, 6),
             (3, 1, 1, 17, 4, 4),
         ];
-        for (k, s, p, b, h, w) in cases {
+        // 1 input channel takes the columns, 6 the implicit kernels.
+        for ((k, s, p, b, h, w), c) in cases.into_iter().flat_map(|c| [(c, 1), (c, 6)]) {
             let vars = SeededVars::new(1);
-            let conv = Conv::new(3, 5, k, s, p, vars.var_builder(&dev)).unwrap();
-            let x = input((b, 3, h, w), 2);
-            let what = format!("conv k{k} s{s} p{p}, {b}x3x{h}x{w}");
+            let conv = Conv::new(c, 5, k, s, p, vars.var_builder(&dev)).unwrap();
+            let x = input((b, c, h, w), 2);
+            let what = format!("conv k{k} s{s} p{p}, {b}x{c}x{h}x{w}");
             compare(&conv, &vars, &x, &what);
             compare(&Relu(&conv), &vars, &x, &format!("{what}, fused ReLU"));
         }
@@ -558,40 +559,55 @@ mod tests {
     #[test]
     fn a_mask_that_zeroes_whole_taps_skips_them_and_matches_candle() {
         let dev = Device::Cpu;
-        let (c_in, c_out, k) = (3, 4, 5);
-        // Rows above the centre, and the centre row's left half: 12 of 25 taps.
-        let mut m = vec![0f32; c_out * c_in * k * k];
-        for (i, v) in m.iter_mut().enumerate() {
-            let (ky, kx) = ((i / k) % k, i % k);
-            if ky < 2 || (ky == 2 && kx < 2) {
-                *v = 1.0;
+        let (c_out, k) = (4, 5);
+        // 3 input channels take the columns, 6 the implicit kernels.
+        for c_in in [3, 6] {
+            // Rows above the centre, and the centre row's left half: 12 of
+            // 25 taps.
+            let mut m = vec![0f32; c_out * c_in * k * k];
+            for (i, v) in m.iter_mut().enumerate() {
+                let (ky, kx) = ((i / k) % k, i % k);
+                if ky < 2 || (ky == 2 && kx < 2) {
+                    *v = 1.0;
+                }
             }
+            let vars = SeededVars::new(5);
+            let conv = Conv::new(c_in, c_out, k, 1, 2, vars.var_builder(&dev))
+                .unwrap()
+                .masked(Tensor::from_vec(m, (c_out, c_in, k, k), &dev).unwrap())
+                .unwrap();
+            assert_eq!(conv.taps.count_ones(), 12);
+            let x = input((2, c_in, 6, 6), 6);
+            compare(
+                &conv,
+                &vars,
+                &x,
+                &format!("masked conv, {c_in} channels in"),
+            );
         }
-        let vars = SeededVars::new(5);
-        let conv = Conv::new(c_in, c_out, k, 1, 2, vars.var_builder(&dev))
-            .unwrap()
-            .masked(Tensor::from_vec(m, (c_out, c_in, k, k), &dev).unwrap())
-            .unwrap();
-        assert_eq!(conv.taps.count_ones(), 12);
-        let x = input((2, c_in, 6, 6), 6);
-        compare(&conv, &vars, &x, "masked conv");
     }
 
     #[test]
     fn transposed_convolutions_match_candle_forward_and_backward() {
         let dev = Device::Cpu;
-        for (k, s, p, b, h, w) in [
+        for case in [
             (4, 2, 1, 2, 4, 4),
             (4, 2, 1, 1, 3, 5),
             (4, 2, 1, 11, 2, 2),
             (3, 1, 1, 2, 5, 5),
             (2, 2, 0, 2, 3, 3),
             (3, 2, 1, 1, 4, 3),
-        ] {
+        ]
+        .into_iter()
+        // 3 output channels take the columns at stride 1, 5 the implicit
+        // kernels.
+        .flat_map(|c| [(c, 3), (c, 5)])
+        {
+            let ((k, s, p, b, h, w), c_out) = case;
             let vars = SeededVars::new(3);
-            let up = ConvTranspose::new(4, 3, k, s, p, vars.var_builder(&dev)).unwrap();
+            let up = ConvTranspose::new(4, c_out, k, s, p, vars.var_builder(&dev)).unwrap();
             let x = input((b, 4, h, w), 4);
-            let what = format!("conv_transpose k{k} s{s} p{p}, {b}x4x{h}x{w}");
+            let what = format!("conv_transpose k{k} s{s} p{p}, {b}x4x{h}x{w} -> {c_out}");
             compare(&up, &vars, &x, &what);
             compare(&Relu(&up), &vars, &x, &format!("{what}, fused ReLU"));
         }

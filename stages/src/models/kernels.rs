@@ -169,9 +169,8 @@ pub(crate) fn split_weight_grads(
 /// (candle's ReLU passes the gradient at 0).
 pub(crate) fn relu_backward(grad: &mut [f32], input: &[f32]) {
     for (g, &x) in grad.iter_mut().zip(input) {
-        if x < 0.0 {
-            *g = 0.0;
-        }
+        // A select, not a conditional store, so the loop vectorises.
+        *g = if x < 0.0 { 0.0 } else { *g };
     }
 }
 
