@@ -512,6 +512,9 @@ mod tests {
             (2, 1, 0, 2, 5, 4),
             (4, 2, 1, 2, 8, 8),
             (4, 2, 1, 1, 7, 9),
+            // The last row and column feed no output (the blocks leave them
+            // out).
+            (4, 2, 0, 1, 9, 9),
             (1, 1, 0, 2, 5, 5),
             (1, 1, 0, 1, 3, 7),
             (3, 2, 0, 2, 9, 9),

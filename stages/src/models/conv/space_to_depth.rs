@@ -28,31 +28,43 @@ pub(super) struct SpaceToDepth {
 }
 
 impl SpaceToDepth {
-    /// Calls `f(block start, image start, count)` for every run of block
-    /// values (consecutive) that come from inside an image of `c` x `h` x
-    /// `w` (every s-th pixel of a row from the image start).
-    fn runs(&self, (c, h, w): (usize, usize, usize), mut f: impl FnMut(usize, usize, usize)) {
+    /// The columns j of a block row whose pixel `j*s + dx - pad` lies in
+    /// `0..w`.
+    fn columns(&self, dx: usize, w: usize) -> std::ops::Range<usize> {
+        let (s, p) = (self.s, self.pad);
+        let lo = if dx >= p { 0 } else { (p - dx).div_ceil(s) }.min(self.ws);
+        let hi = match w + p > dx {
+            true => ((w + p - dx - 1) / s + 1).min(self.ws),
+            false => 0,
+        };
+        lo..hi.max(lo)
+    }
+
+    /// Calls `f(block row start, pixels)` for every row of every block
+    /// plane, `pixels` being `Some((image start, columns))` when the row
+    /// comes from inside an image of `c` x `h` x `w`: the image start is
+    /// the pixel of the first column, every s-th pixel from there.
+    fn block_rows(
+        &self,
+        (c, h, w): (usize, usize, usize),
+        mut f: impl FnMut(usize, Option<(usize, std::ops::Range<usize>)>),
+    ) {
         let (s, p) = (self.s, self.pad);
         for ch in 0..c {
             for dy in 0..s {
                 for dx in 0..s {
                     let plane = (ch * s + dy) * s + dx;
-                    // Columns j whose pixel j*s + dx - p lies in 0..w.
-                    let lo = if dx >= p { 0 } else { (p - dx).div_ceil(s) }.min(self.ws);
-                    let hi = match w + p > dx {
-                        true => ((w + p - dx - 1) / s + 1).min(self.ws),
-                        false => 0,
-                    };
-                    if hi <= lo {
-                        continue;
-                    }
+                    let cols = self.columns(dx, w);
                     for i in 0..self.hs {
-                        let Some(y) = (i * s + dy).checked_sub(p).filter(|&y| y < h) else {
-                            continue;
-                        };
-                        let block = (plane * self.hs + i) * self.ws + lo;
-                        let x = lo * s + dx - p;
-                        f(block, (ch * h + y) * w + x, hi - lo);
+                        let row = (plane * self.hs + i) * self.ws;
+                        let y = (i * s + dy).checked_sub(p).filter(|&y| y < h);
+                        match y {
+                            Some(y) if !cols.is_empty() => {
+                                let x = cols.start * s + dx - p;
+                                f(row, Some(((ch * h + y) * w + x, cols.clone())));
+                            }
+                            _ => f(row, None),
+                        }
                     }
                 }
             }
@@ -67,15 +79,25 @@ impl SpaceToDepth {
         relu_in: bool,
         blocks: &mut [f32],
     ) {
-        let s = self.s;
-        blocks.fill(0.0);
-        self.runs(chw, |b0, x0, n| {
+        if self.s == 2 && self.covers(chw.1, chw.2) {
+            return self.gather_stride_two(chw, img, relu_in, blocks);
+        }
+        let (s, ws) = (self.s, self.ws);
+        self.block_rows(chw, |row, pixels| {
+            let dst = &mut blocks[row..row + ws];
+            let Some((x0, cols)) = pixels else {
+                dst.fill(0.0);
+                return;
+            };
+            dst[..cols.start].fill(0.0);
+            dst[cols.end..].fill(0.0);
+            let (dst, n) = (&mut dst[cols.clone()], cols.len());
             let src = &img[x0..x0 + (n - 1) * s + 1];
             match (s, relu_in) {
-                (2, true) => every_second(&mut blocks[b0..b0 + n], src, |v| v.max(0.0)),
-                (2, false) => every_second(&mut blocks[b0..b0 + n], src, |v| v),
+                (2, true) => every_second(dst, src, |v| v.max(0.0)),
+                (2, false) => every_second(dst, src, |v| v),
                 _ => {
-                    for (j, d) in blocks[b0..b0 + n].iter_mut().enumerate() {
+                    for (j, d) in dst.iter_mut().enumerate() {
                         *d = relu(src[j * s], relu_in);
                     }
                 }
@@ -83,15 +105,109 @@ impl SpaceToDepth {
         });
     }
 
+    /// Whether every pixel of an h x w image lies in some block.
+    fn covers(&self, h: usize, w: usize) -> bool {
+        (h + self.pad).div_ceil(self.s) <= self.hs && (w + self.pad).div_ceil(self.s) <= self.ws
+    }
+
     /// Blocks -> image (C x H x W), zero where no block value maps.
     pub(super) fn scatter(&self, chw: (usize, usize, usize), blocks: &[f32], img: &mut [f32]) {
+        let (_, h, w) = chw;
+        if self.s == 2 && self.covers(h, w) {
+            return self.scatter_stride_two(chw, blocks, img);
+        }
         let s = self.s;
         img.fill(0.0);
-        self.runs(chw, |b0, x0, n| {
-            for (j, &v) in blocks[b0..b0 + n].iter().enumerate() {
-                img[x0 + j * s] = v;
+        self.block_rows(chw, |row, pixels| {
+            if let Some((x0, cols)) = pixels {
+                for (j, &v) in blocks[row + cols.start..row + cols.end].iter().enumerate() {
+                    img[x0 + j * s] = v;
+                }
             }
         });
+    }
+
+    /// [`Self::gather`] for stride 2 when the blocks cover the image: each
+    /// image row splits into one row of the dx = 0 plane and one of the
+    /// dx = 1 plane (see [`Self::scatter_stride_two`]); the blocks' other
+    /// values are padding, zero.
+    fn gather_stride_two(
+        &self,
+        (c, h, w): (usize, usize, usize),
+        img: &[f32],
+        relu_in: bool,
+        blocks: &mut [f32],
+    ) {
+        let (p, hs, ws) = (self.pad, self.hs, self.ws);
+        let (dx_even, skip_even, skip_odd) = (p % 2, p / 2, p.div_ceil(2));
+        blocks.fill(0.0);
+        for ch in 0..c {
+            for y in 0..h {
+                let (dy, i) = ((y + p) % 2, (y + p) / 2);
+                let start = |dx: usize| (((ch * 2 + dy) * 2 + dx) * hs + i) * ws;
+                let (lo, hi) = (start(0), start(1));
+                // The dx = 0 row lies before the dx = 1 row.
+                let (first, second) = blocks.split_at_mut(hi);
+                let (row0, row1) = (&mut first[lo..lo + ws], &mut second[..ws]);
+                let (even, odd) = match dx_even {
+                    0 => (&mut row0[skip_even..], &mut row1[skip_odd..]),
+                    _ => (&mut row1[skip_even..], &mut row0[skip_odd..]),
+                };
+                let row = &img[(ch * h + y) * w..(ch * h + y + 1) * w];
+                match relu_in {
+                    true => split_pairs(row, even, odd, |v| v.max(0.0)),
+                    false => split_pairs(row, even, odd, |v| v),
+                }
+            }
+        }
+    }
+
+    /// [`Self::scatter`] for stride 2 when the blocks cover the image: each
+    /// image row interleaves one row of the dx = 0 plane and one of the
+    /// dx = 1 plane, written in pairs so the stores vectorise.
+    fn scatter_stride_two(
+        &self,
+        (c, h, w): (usize, usize, usize),
+        blocks: &[f32],
+        img: &mut [f32],
+    ) {
+        let (p, hs, ws) = (self.pad, self.hs, self.ws);
+        // Pixel x = 2m + e comes from plane dx = (e + p) % 2, column
+        // m + (e + p) / 2.
+        let (dx_even, skip_even) = (p % 2, p / 2);
+        let (dx_odd, skip_odd) = ((p + 1) % 2, p.div_ceil(2));
+        for ch in 0..c {
+            for y in 0..h {
+                let (dy, i) = ((y + p) % 2, (y + p) / 2);
+                let block_row = |dx: usize, skip: usize| {
+                    let plane = (ch * 2 + dy) * 2 + dx;
+                    &blocks[(plane * hs + i) * ws + skip..(plane * hs + i + 1) * ws]
+                };
+                let (even, odd) = (block_row(dx_even, skip_even), block_row(dx_odd, skip_odd));
+                let row = &mut img[(ch * h + y) * w..(ch * h + y + 1) * w];
+                let mut pairs = row.chunks_exact_mut(2);
+                for ((pair, &a), &b) in (&mut pairs).zip(even).zip(odd) {
+                    pair[0] = a;
+                    pair[1] = b;
+                }
+                if let [last] = pairs.into_remainder() {
+                    *last = even[w / 2];
+                }
+            }
+        }
+    }
+}
+
+/// `even[m] = f(row[2 m])`, `odd[m] = f(row[2 m + 1])`.
+#[inline(always)]
+fn split_pairs(row: &[f32], even: &mut [f32], odd: &mut [f32], f: impl Fn(f32) -> f32) {
+    let mut pairs = row.chunks_exact(2);
+    for ((pair, e), o) in (&mut pairs).zip(even.iter_mut()).zip(odd.iter_mut()) {
+        *e = f(pair[0]);
+        *o = f(pair[1]);
+    }
+    if let [last] = pairs.remainder() {
+        even[row.len() / 2] = f(*last);
     }
 }
 
