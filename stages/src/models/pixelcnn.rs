@@ -19,7 +19,9 @@
 //! centre connects input group i to output group j only if j > i (type A)
 //! or j >= i (type B).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Module, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Module, Shape, Tensor,
+};
 use candle_nn::{Embedding, VarBuilder, embedding};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -27,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::categorical::categorical_nll_of_conv;
 use super::conv::{Conv, ConvTranspose};
 use super::encoder::{InputEmbedding, InputKind, ResBlock};
+use super::kernels::with_scratch;
 use super::{contiguous_f32, fastmath};
 
 pub mod incremental;
@@ -237,6 +240,226 @@ impl CustomOp2 for GateGrad {
                 gate_backward(oa, ob, a, b, gb)
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `gate(x + y + extra)`, `y` optional, `extra` (B, 2h, 1, 1) or (B, 2h,
+/// H, W) broadcast over x's (B, 2h, H, W): what each gated layer computes.
+/// On the CPU one op forward and one pass backward: candle's adds (and
+/// their gradients, each summed into a fresh zero tensor) were the largest
+/// item of a PixelCNN step besides the convolutions and the NLL.
+pub fn gate_of_sum(
+    x: &Tensor,
+    y: Option<&Tensor>,
+    extra: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let composed = || {
+        let mut pre = match y {
+            Some(y) => (x + y)?,
+            None => x.clone(),
+        };
+        if let Some(e) = extra {
+            pre = pre.broadcast_add(e)?;
+        }
+        gate(&pre)
+    };
+    let Some(e) = extra else {
+        return composed();
+    };
+    let (b, c, h, w) = x.dims4()?;
+    let fits = matches!(e.dims4()?, (eb, ec, eh, ew) if eb == b && ec == c
+        && ((eh, ew) == (1, 1) || (eh, ew) == (h, w)));
+    if !x.device().is_cpu() || COMPOSED_GATE.load(std::sync::atomic::Ordering::Relaxed) || !fits {
+        return composed();
+    }
+    let (x, e) = (x.contiguous()?, e.contiguous()?);
+    match y {
+        Some(y) => x.apply_op3(&y.contiguous()?, &e, GateOfSum),
+        None => x.apply_op2(&e, GateOfSum),
+    }
+}
+
+/// See [`gate_of_sum`].
+struct GateOfSum;
+
+/// A contiguous f32 tensor's values, from its storage (read-locked by the
+/// caller).
+fn cpu_slice<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match storage {
+        candle_core::Storage::Cpu(s) => contiguous_f32(s, layout, what),
+        _ => candle_core::bail!("{what}: a CPU tensor was expected"),
+    }
+}
+
+impl GateOfSum {
+    /// One image's pre-activation `x + y + e` into `pre` (2h planes of
+    /// `plane` values), summed in the order candle's adds take.
+    fn pre(pre: &mut [f32], x: &[f32], y: Option<&[f32]>, e: &[f32], plane: usize) {
+        match y {
+            Some(y) => {
+                for ((p, &a), &b) in pre.iter_mut().zip(x).zip(y) {
+                    *p = a + b;
+                }
+            }
+            None => pre.copy_from_slice(x),
+        }
+        if e.len() == pre.len() {
+            for (p, &v) in pre.iter_mut().zip(e) {
+                *p += v;
+            }
+        } else {
+            for (row, &v) in pre.chunks_exact_mut(plane).zip(e) {
+                for p in row {
+                    *p += v;
+                }
+            }
+        }
+    }
+
+    fn forward(
+        x: &[f32],
+        y: Option<&[f32]>,
+        e: &[f32],
+        l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = l.shape().dims4()?;
+        let (image, plane) = (c * h * w, h * w);
+        let e_image = e.len() / b;
+        let mut out = vec![0f32; x.len() / 2];
+        out.par_chunks_mut(image / 2)
+            .enumerate()
+            .for_each(|(bi, o)| {
+                let at = bi * image..(bi + 1) * image;
+                let yb = y.map(|y| &y[at.clone()]);
+                let eb = &e[bi * e_image..(bi + 1) * e_image];
+                with_scratch(image, |pre| {
+                    Self::pre(pre, &x[at], yb, eb, plane);
+                    let (a, g) = pre.split_at(image / 2);
+                    gate_forward(o, a, g)
+                })
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b, c / 2, h, w))))
+    }
+
+    /// The gradient of the pre-activation, and of `extra` when it is one
+    /// value per channel (else the same tensor).
+    fn backward(
+        x: &Tensor,
+        y: Option<&Tensor>,
+        e: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (b, c, h, w) = x.dims4()?;
+        let (image, plane) = (c * h * w, h * w);
+        let grad = grad.contiguous()?;
+        let per_channel = e.dims4()?.2 == 1 && h * w > 1;
+        let what = "gated layer gradient";
+        let ((xg, xl), (eg, el), (gg, gl)) = (
+            x.storage_and_layout(),
+            e.storage_and_layout(),
+            grad.storage_and_layout(),
+        );
+        let (xs, es, gs) = (
+            cpu_slice(&xg, xl, what)?,
+            cpu_slice(&eg, el, what)?,
+            cpu_slice(&gg, gl, what)?,
+        );
+        let yg = y.map(|y| y.storage_and_layout());
+        let ys = match &yg {
+            Some((g, l)) => Some(cpu_slice(g, l, what)?),
+            None => None,
+        };
+        let e_image = es.len() / b;
+        let mut dpre = vec![0f32; b * image];
+        dpre.par_chunks_mut(image).enumerate().for_each(|(bi, d)| {
+            let at = bi * image..(bi + 1) * image;
+            with_scratch(image, |pre| {
+                let yb = ys.map(|y| &y[at.clone()]);
+                Self::pre(pre, &xs[at], yb, &es[bi * e_image..][..e_image], plane);
+                let (a, g) = pre.split_at(image / 2);
+                let (da, dg) = d.split_at_mut(image / 2);
+                gate_backward(da, dg, a, g, &gs[bi * image / 2..][..image / 2]);
+            })
+        });
+        let mut de = vec![0f32; if per_channel { b * c } else { 0 }];
+        for (d, row) in de.iter_mut().zip(dpre.chunks_exact(plane)) {
+            *d = row.iter().sum();
+        }
+        let dpre = Tensor::from_vec(dpre, (b, c, h, w), x.device())?;
+        let de = match per_channel {
+            true => Tensor::from_vec(de, (b, c, 1, 1), x.device())?,
+            false => dpre.clone(),
+        };
+        Ok((dpre, de))
+    }
+}
+
+impl CustomOp2 for GateOfSum {
+    fn name(&self) -> &'static str {
+        "gate-of-sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let what = "gated layer";
+        let (x, e) = (contiguous_f32(s1, l1, what)?, contiguous_f32(s2, l2, what)?);
+        Self::forward(x, None, e, l1)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        e: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, de) = Self::backward(x, None, e, grad)?;
+        Ok((Some(dx), Some(de)))
+    }
+}
+
+impl CustomOp3 for GateOfSum {
+    fn name(&self) -> &'static str {
+        "gate-of-sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let what = "gated layer";
+        let (x, y, e) = (
+            contiguous_f32(s1, l1, what)?,
+            contiguous_f32(s2, l2, what)?,
+            contiguous_f32(s3, l3, what)?,
+        );
+        Self::forward(x, Some(y), e, l1)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        e: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, de) = Self::backward(x, Some(y), e, grad)?;
+        Ok((Some(dx.clone()), Some(dx), Some(de)))
     }
 }
 
@@ -486,14 +709,14 @@ impl PixelCnn {
         let input = self.input.forward(x)?;
         let (mut v, mut h) = (input.clone(), input);
         for layer in &self.layers {
-            let mut v_pre = layer.vertical.forward(&v)?;
-            let mut h_pre = (layer.horizontal.forward(&h)? + layer.v_to_h.forward(&v_pre)?)?;
-            if let Some(e) = &layer.extra(labels, cond)? {
-                v_pre = v_pre.broadcast_add(e)?;
-                h_pre = h_pre.broadcast_add(e)?;
-            }
-            v = gate(&v_pre)?;
-            let h_new = layer.h_out.forward(&gate(&h_pre)?)?;
+            let v_pre = layer.vertical.forward(&v)?;
+            let (h_conv, v_to_h) = (layer.horizontal.forward(&h)?, layer.v_to_h.forward(&v_pre)?);
+            let extra = layer.extra(labels, cond)?;
+            v = gate_of_sum(&v_pre, None, extra.as_ref())?;
+            let h_new =
+                layer
+                    .h_out
+                    .forward(&gate_of_sum(&h_conv, Some(&v_to_h), extra.as_ref())?)?;
             h = if layer.residual { (h + h_new)? } else { h_new };
         }
         Ok(h)
@@ -779,6 +1002,57 @@ mod tests {
         let ((y1, g1), (y2, g2)) = (run(false), run(true));
         assert!(crate::models::max_abs_diff(&y1, &y2) < 1e-6);
         assert!(crate::models::max_abs_diff(&g1, &g2) < 1e-5);
+    }
+
+    #[test]
+    fn the_fused_gated_sum_matches_candles_adds_in_value_and_gradients() {
+        use std::sync::atomic::Ordering;
+        let dev = Device::Cpu;
+        let mut r = SplitMix64(4);
+        let mut var = |dims: (usize, usize, usize, usize)| {
+            let n = dims.0 * dims.1 * dims.2 * dims.3;
+            let v: Vec<f32> = (0..n).map(|_| 1.5 * r.normal() as f32).collect();
+            Var::from_vec(v, dims, &dev).unwrap()
+        };
+        let (x, y) = (var((3, 6, 4, 5)), var((3, 6, 4, 5)));
+        let (per_channel, per_position) = (var((3, 6, 1, 1)), var((3, 6, 4, 5)));
+        let w = var((3, 3, 4, 5));
+        for with_y in [false, true] {
+            for e in [&per_channel, &per_position] {
+                let run = |composed: bool| {
+                    COMPOSED_GATE.store(composed, Ordering::Relaxed);
+                    let y_arg = with_y.then(|| y.as_tensor());
+                    let out = gate_of_sum(x.as_tensor(), y_arg, Some(e.as_tensor())).unwrap();
+                    COMPOSED_GATE.store(false, Ordering::Relaxed);
+                    let g = (&out * w.as_tensor()).unwrap().sum_all().unwrap();
+                    let g = g.backward().unwrap();
+                    let grads: Vec<Tensor> = [&x, &y, e]
+                        .iter()
+                        .filter_map(|v| g.get(v.as_tensor()).cloned())
+                        .collect();
+                    (out, grads)
+                };
+                let ((o1, g1), (o2, g2)) = (run(false), run(true));
+                let what = format!("with y: {with_y}, extra {:?}", e.dims());
+                assert!(crate::models::max_abs_diff(&o1, &o2) < 1e-6, "{what}");
+                assert_eq!(g1.len(), if with_y { 3 } else { 2 }, "{what}");
+                assert_eq!(g1.len(), g2.len(), "{what}");
+                for (a, b) in g1.iter().zip(&g2) {
+                    let scale = b
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    let diff = crate::models::max_abs_diff(a, b);
+                    assert!(
+                        diff <= 1e-5 * scale.max(1.0),
+                        "{what}: gradient off by {diff}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
