@@ -110,9 +110,23 @@ pub(super) fn forward(
     out: &mut [f32],
     scratch: &mut [f32],
 ) {
-    let p = g.padded();
-    let (xp, grid) = scratch.split_at_mut(p.len);
+    let (xp, grid) = scratch.split_at_mut(g.padded().len);
     g.pad_image(x, relu_in, xp);
+    forward_padded(g, w, o, xp, bias, out, grid);
+}
+
+/// [`forward`] of an image already in the padded layout `xp` (`p.len`
+/// floats, zero outside the image); `grid` holds `O * p.n` floats.
+pub(super) fn forward_padded(
+    g: &Geometry,
+    w: TapWeights,
+    o: usize,
+    xp: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    grid: &mut [f32],
+) {
+    let p = g.padded();
     for (oc, row) in grid.chunks_exact_mut(p.n).enumerate() {
         row.fill(bias.map_or(0.0, |b| b[oc]));
     }
@@ -146,18 +160,34 @@ pub(super) fn data_grad(
 ) {
     let p = g.padded();
     let (grid, dxp) = scratch.split_at_mut(o * p.n);
+    data_grad_padded(g, w, o, dy, relu_dy, dxp, grid);
+    for (c, plane) in dx.chunks_exact_mut(g.h * g.w).enumerate() {
+        for (y, row) in plane.chunks_exact_mut(g.w).enumerate() {
+            let at = (c * p.hp + y + g.pad) * p.wp + g.pad;
+            row.copy_from_slice(&dxp[at..at + g.w]);
+        }
+    }
+}
+
+/// [`data_grad`] into the padded layout: `dxp` (`p.len` floats) gets the
+/// gradient of the padded image, padding included; `grid` holds `O * p.n`
+/// floats.
+pub(super) fn data_grad_padded(
+    g: &Geometry,
+    w: TapWeights,
+    o: usize,
+    dy: &[f32],
+    relu_dy: bool,
+    dxp: &mut [f32],
+    grid: &mut [f32],
+) {
+    let p = g.padded();
     g.grid_from_output(dy, relu_dy, grid);
     dxp.fill(0.0);
     let dyv = View::new(grid, p.n, 1);
     for (t, at) in g.tap_offsets().into_iter().enumerate() {
         let dst = &mut dxp[at..];
         gemm_strided(dst, (p.hp * p.wp, 1), (g.c, p.n, o), true, w.tap_t(t), dyv);
-    }
-    for (c, plane) in dx.chunks_exact_mut(g.h * g.w).enumerate() {
-        for (y, row) in plane.chunks_exact_mut(g.w).enumerate() {
-            let at = (c * p.hp + y + g.pad) * p.wp + g.pad;
-            row.copy_from_slice(&dxp[at..at + g.w]);
-        }
     }
 }
 
@@ -174,11 +204,25 @@ pub(super) fn weight_grad(
     dw: &mut [f32],
     scratch: &mut [f32],
 ) {
+    let (grid, xp) = scratch.split_at_mut(o * g.padded().n);
+    g.pad_image(x, relu_x, xp);
+    weight_grad_padded(g, layout, o, xp, (dy, relu_dy), dw, grid);
+}
+
+/// [`weight_grad`] of an image already in the padded layout `xp`; `grid`
+/// holds `O * p.n` floats.
+pub(super) fn weight_grad_padded(
+    g: &Geometry,
+    layout: (usize, usize, usize),
+    o: usize,
+    xp: &[f32],
+    (dy, relu_dy): (&[f32], bool),
+    dw: &mut [f32],
+    grid: &mut [f32],
+) {
     let (tap_step, rs, cs) = layout;
     let p = g.padded();
-    let (grid, xp) = scratch.split_at_mut(o * p.n);
     g.grid_from_output(dy, relu_dy, grid);
-    g.pad_image(x, relu_x, xp);
     let dyv = View::new(grid, p.n, 1);
     for (t, at) in g.tap_offsets().into_iter().enumerate() {
         let shifted_t = View::new(&xp[at..], 1, p.hp * p.wp);

@@ -105,6 +105,21 @@ impl SpaceToDepth {
         });
     }
 
+    /// [`Self::gather`] into the stride-1 kernels' padded layout of the
+    /// block image (see `implicit`): the block geometry has no padding, so
+    /// that is the blocks followed by zeros.
+    pub(super) fn gather_padded(
+        &self,
+        chw: (usize, usize, usize),
+        img: &[f32],
+        relu_in: bool,
+        xp: &mut [f32],
+    ) {
+        let (blocks, slack) = xp.split_at_mut(chw.0 * self.s * self.s * self.hs * self.ws);
+        self.gather(chw, img, relu_in, blocks);
+        slack.fill(0.0);
+    }
+
     /// Whether every pixel of an h x w image lies in some block.
     fn covers(&self, h: usize, w: usize) -> bool {
         (h + self.pad).div_ceil(self.s) <= self.hs && (w + self.pad).div_ceil(self.s) <= self.ws
@@ -263,17 +278,18 @@ impl CustomOp3 for BlockConv {
         );
         let ((chw, len), o) = (image(l1)?, bias.len());
         let b = l1.dims()[0];
-        let (blocks, p) = (g.c * g.h * g.w, g.padded());
+        let p = g.padded();
         let w = ConvOp::taps(w_t, g.k * g.k, o);
         let out_len = o * g.out_h() * g.out_w();
         let mut out = vec![0f32; b * out_len];
         out.par_chunks_mut(out_len)
             .zip(x.par_chunks(len))
             .for_each(|(ob, xb)| {
-                with_scratch(blocks + p.len + o * p.n, |buf| {
-                    let (sb, rest) = buf.split_at_mut(blocks);
-                    self.blocks.gather(chw, xb, self.blocks.relu_input, sb);
-                    implicit::forward(&g, w, o, sb, false, Some(bias), ob, rest)
+                with_scratch(p.len + o * p.n, |buf| {
+                    let (xp, grid) = buf.split_at_mut(p.len);
+                    self.blocks
+                        .gather_padded(chw, xb, self.blocks.relu_input, xp);
+                    implicit::forward_padded(&g, w, o, xp, Some(bias), ob, grid)
                 })
             });
         Ok((
@@ -345,10 +361,10 @@ impl CustomOp3 for BlockConvGrad {
                 dx.par_chunks_mut(len)
                     .zip(x.par_chunks(len).zip(dy.par_chunks(out_len)))
                     .for_each(|(dxb, (xb, dyb))| {
-                        with_scratch(blocks + o * p.n + p.len, |buf| {
-                            let (sb, rest) = buf.split_at_mut(blocks);
-                            implicit::data_grad(&g, w, o, dyb, false, sb, rest);
-                            layout.scatter(chw, sb, dxb);
+                        with_scratch(p.len + o * p.n, |buf| {
+                            let (dxp, grid) = buf.split_at_mut(p.len);
+                            implicit::data_grad_padded(&g, w, o, dyb, false, dxp, grid);
+                            layout.scatter(chw, &dxp[..blocks], dxb);
                         });
                         if layout.relu_input {
                             relu_backward(dxb, xb);
@@ -361,11 +377,12 @@ impl CustomOp3 for BlockConvGrad {
                     let (dw, db) = acc.split_at_mut(ct * o);
                     for bi in images {
                         let dyb = &dy[bi * out_len..(bi + 1) * out_len];
-                        with_scratch(blocks + o * p.n + p.len, |buf| {
-                            let (sb, rest) = buf.split_at_mut(blocks);
-                            layout.gather(chw, &x[bi * len..(bi + 1) * len], layout.relu_input, sb);
+                        with_scratch(p.len + o * p.n, |buf| {
+                            let (xp, grid) = buf.split_at_mut(p.len);
+                            let xb = &x[bi * len..(bi + 1) * len];
+                            layout.gather_padded(chw, xb, layout.relu_input, xp);
                             let taps = (o, 1, g.k * g.k * o);
-                            implicit::weight_grad(&g, taps, o, (sb, false), (dyb, false), dw, rest);
+                            implicit::weight_grad_padded(&g, taps, o, xp, (dyb, false), dw, grid);
                         });
                         add_plane_sums(db, dyb, out_len / o);
                     }
@@ -420,10 +437,10 @@ impl CustomOp3 for BlockConvTranspose {
         out.par_chunks_mut(c_out * h * wd)
             .zip(x.par_chunks(len))
             .for_each(|(ob, xb)| {
-                with_scratch(blocks + c_in * p.n + p.len, |buf| {
-                    let (sb, rest) = buf.split_at_mut(blocks);
-                    implicit::data_grad(&g, w, c_in, xb, self.relu_input, sb, rest);
-                    self.blocks.scatter(self.out, sb, ob);
+                with_scratch(p.len + c_in * p.n, |buf| {
+                    let (dxp, grid) = buf.split_at_mut(p.len);
+                    implicit::data_grad_padded(&g, w, c_in, xb, self.relu_input, dxp, grid);
+                    self.blocks.scatter(self.out, &dxp[..blocks], ob);
                 });
                 add_bias(ob, bias, h * wd);
             });
@@ -484,7 +501,7 @@ impl CustomOp3 for BlockConvTransposeGrad {
         );
         let ((c_in, ..), len) = image(l1)?;
         let (b, (_, ct)) = (l1.dims()[0], l2.shape().dims2()?);
-        let (blocks, p) = (g.c * g.h * g.w, g.padded());
+        let p = g.padded();
         let out_len = out.0 * out.1 * out.2;
         match self.1 {
             Part::Data => {
@@ -493,10 +510,10 @@ impl CustomOp3 for BlockConvTransposeGrad {
                 dx.par_chunks_mut(len)
                     .zip(x.par_chunks(len).zip(dy.par_chunks(out_len)))
                     .for_each(|(dxb, (xb, dyb))| {
-                        with_scratch(blocks + p.len + c_in * p.n, |buf| {
-                            let (sb, rest) = buf.split_at_mut(blocks);
-                            layout.gather(out, dyb, false, sb);
-                            implicit::forward(&g, w, c_in, sb, false, None, dxb, rest);
+                        with_scratch(p.len + c_in * p.n, |buf| {
+                            let (xp, grid) = buf.split_at_mut(p.len);
+                            layout.gather_padded(out, dyb, false, xp);
+                            implicit::forward_padded(&g, w, c_in, xp, None, dxb, grid);
                         });
                         if relu_input {
                             relu_backward(dxb, xb);
@@ -509,20 +526,13 @@ impl CustomOp3 for BlockConvTransposeGrad {
                     let (dw, db) = acc.split_at_mut(c_in * ct);
                     for bi in images {
                         let dyb = &dy[bi * out_len..(bi + 1) * out_len];
-                        with_scratch(blocks + c_in * p.n + p.len, |buf| {
-                            let (sb, rest) = buf.split_at_mut(blocks);
-                            layout.gather(out, dyb, false, sb);
+                        with_scratch(p.len + c_in * p.n, |buf| {
+                            let (xp, grid) = buf.split_at_mut(p.len);
+                            layout.gather_padded(out, dyb, false, xp);
                             let taps = (1, ct, g.k * g.k);
                             let xb = &x[bi * len..(bi + 1) * len];
-                            implicit::weight_grad(
-                                &g,
-                                taps,
-                                c_in,
-                                (sb, false),
-                                (xb, relu_input),
-                                dw,
-                                rest,
-                            );
+                            let dy = (xb, relu_input);
+                            implicit::weight_grad_padded(&g, taps, c_in, xp, dy, dw, grid);
                         });
                         add_plane_sums(db, dyb, out.1 * out.2);
                     }
