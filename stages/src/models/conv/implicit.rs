@@ -9,7 +9,7 @@
 //! convolution and, as its adjoint, the transposed convolution.
 
 use super::Geometry;
-use crate::models::kernels::{View, gemm_strided, relu_copy};
+use crate::models::kernels::{View, gemm_strided, relu, relu_copy};
 
 /// Where tap t's O x C matrix lies in a weight buffer: element (o, c) at
 /// `t * tap_step + o * rs + c * cs`.
@@ -234,5 +234,93 @@ pub(super) fn weight_grad_padded(
             dyv,
             shifted_t,
         );
+    }
+}
+
+impl Geometry {
+    /// The taps that take part as runs of neighbours on one kernel row:
+    /// (ky, first kx, count, index of the first in [`Geometry::tap_list`]).
+    fn tap_runs(&self) -> Vec<(usize, usize, usize, usize)> {
+        let mut runs: Vec<(usize, usize, usize, usize)> = Vec::new();
+        for (t, (ky, kx)) in self.tap_list().into_iter().enumerate() {
+            match runs.last_mut() {
+                Some(run) if run.0 == ky && run.1 + run.2 == kx => run.2 += 1,
+                _ => runs.push((ky, kx, 1, t)),
+            }
+        }
+        runs
+    }
+
+    /// Floats of the channels-last padded image: Hp x Wp x C, plus `k`
+    /// pixels of zeros so the last tap's view stays inside.
+    fn channels_last_len(&self) -> usize {
+        let p = self.padded();
+        (p.hp * p.wp + self.k) * self.c
+    }
+
+    /// `img` (C x H x W) into the channels-last padded layout, pixel
+    /// (y, x) channel c at `(y * Wp + x) * C + c`, ReLU'd if `relu_in`.
+    fn pad_channels_last(&self, img: &[f32], relu_in: bool, xp: &mut [f32]) {
+        let (p, c) = (self.padded(), self.c);
+        xp.fill(0.0);
+        for y in 0..self.h {
+            let row = (y + self.pad) * p.wp + self.pad;
+            let dst = &mut xp[row * c..(row + self.w) * c];
+            for (ch, plane) in img.chunks_exact(self.h * self.w).enumerate() {
+                let src = &plane[y * self.w..(y + 1) * self.w];
+                for (d, &v) in dst[ch..].iter_mut().step_by(c).zip(src) {
+                    *d = relu(v, relu_in);
+                }
+            }
+        }
+    }
+}
+
+/// The scratch [`weight_grad_tap_major`] needs for O outputs.
+pub(super) fn tap_major_scratch(g: &Geometry, o: usize) -> usize {
+    g.channels_last_len() + o * g.padded().n
+}
+
+/// `acc (O x T*C) += dW` of one image, tap-major: element (o, t * C + c).
+/// With the image channels-last, the taps of a run on one kernel row read
+/// one contiguous window per position, so each run is one gemm over
+/// `count * C` inputs; the tap-by-tap [`weight_grad`] gives gemm a result
+/// only O x C big, which it fills slowly. x and dy ReLU'd if asked;
+/// `scratch` holds [`tap_major_scratch`] floats.
+pub(super) fn weight_grad_tap_major(
+    g: &Geometry,
+    o: usize,
+    (x, relu_x): (&[f32], bool),
+    (dy, relu_dy): (&[f32], bool),
+    acc: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let (p, c) = (g.padded(), g.c);
+    let (xp, grid) = scratch.split_at_mut(g.channels_last_len());
+    g.pad_channels_last(x, relu_x, xp);
+    g.grid_from_output(dy, relu_dy, grid);
+    let inputs = g.tap_list().len() * c;
+    let dyv = View::new(grid, p.n, 1);
+    for (ky, kx, count, first) in g.tap_runs() {
+        let window = View::new(&xp[(ky * p.wp + kx) * c..], c, 1);
+        let dst = &mut acc[first * c..];
+        gemm_strided(dst, (inputs, 1), (o, count * c, p.n), true, dyv, window);
+    }
+}
+
+/// Adds a tap-major weight gradient (O x T*C, element (o, t * C + c)) into
+/// `dw` laid out as `layout` (tap_step, rs, cs) describes, like
+/// [`weight_grad`]'s.
+pub(super) fn add_tap_major(
+    tap_major: &[f32],
+    (c, taps): (usize, usize),
+    (tap_step, rs, cs): (usize, usize, usize),
+    dw: &mut [f32],
+) {
+    for (o, row) in tap_major.chunks_exact(taps * c).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            let (t, ch) = (j / c, j % c);
+            dw[t * tap_step + o * rs + ch * cs] += v;
+        }
     }
 }

@@ -354,31 +354,38 @@ impl CustomOp2 for ConvWeightGrad {
         let image = g.c * g.plane();
         let total = sum_chunks(b, ct * o + o, |images, acc| {
             let (dw, db) = acc.split_at_mut(ct * o);
-            for bi in images {
-                let dyb = &dy[bi * o * l..(bi + 1) * o * l];
-                let xb = &x[bi * image..(bi + 1) * image];
-                if g.implicit() {
-                    let p = g.padded();
-                    let layout = (o, 1, taps.len() * o);
-                    with_scratch(o * p.n + p.len, |buf| {
-                        implicit::weight_grad(
+            if g.implicit() {
+                // Tap-major over the chunk, then into w_t's layout once.
+                let t_count = taps.len();
+                let mut tap_major = vec![0f32; o * ct];
+                for bi in images {
+                    let dyb = &dy[bi * o * l..(bi + 1) * o * l];
+                    let xb = (&x[bi * image..(bi + 1) * image], relu_input);
+                    with_scratch(implicit::tap_major_scratch(&g, o), |buf| {
+                        implicit::weight_grad_tap_major(
                             &g,
-                            layout,
                             o,
-                            (xb, relu_input),
+                            xb,
                             (dyb, false),
-                            dw,
+                            &mut tap_major,
                             buf,
                         )
                     });
-                } else {
-                    with_scratch(ct * l, |cols| {
-                        g.im2col(xb, &taps, relu_input, cols);
-                        let a = View::new(cols, l, 1);
-                        let bv = View::new(dyb, 1, l);
-                        gemm(dw, (ct, o, l), true, a, bv, false);
-                    });
+                    add_plane_sums(db, dyb, l);
                 }
+                let layout = (o, 1, t_count * o);
+                implicit::add_tap_major(&tap_major, (g.c, t_count), layout, dw);
+                return;
+            }
+            for bi in images {
+                let dyb = &dy[bi * o * l..(bi + 1) * o * l];
+                let xb = &x[bi * image..(bi + 1) * image];
+                with_scratch(ct * l, |cols| {
+                    g.im2col(xb, &taps, relu_input, cols);
+                    let a = View::new(cols, l, 1);
+                    let bv = View::new(dyb, 1, l);
+                    gemm(dw, (ct, o, l), true, a, bv, false);
+                });
                 add_plane_sums(db, dyb, l);
             }
         });
