@@ -6,7 +6,12 @@
 //! from the padded image, into an output grid as wide as the padded image
 //! (OH x Wp; the Wp - OW extra columns of each row are dropped, or are
 //! zero where the grid is a gradient). The three kernels serve both the
-//! convolution and, as its adjoint, the transposed convolution.
+//! convolution and, as its adjoint, the transposed convolution; each has a
+//! variant for an image already padded (the space-to-depth blocks).
+//!
+//! A convolution's weight gradient also runs on a channels-last copy, where
+//! a run of taps on one kernel row is one contiguous window per position,
+//! so one gemm covers the run ([`weight_grad_tap_major`]).
 
 use super::Geometry;
 use crate::models::kernels::{View, gemm_strided, relu, relu_copy};
