@@ -91,16 +91,8 @@ impl SpaceToDepth {
             };
             dst[..cols.start].fill(0.0);
             dst[cols.end..].fill(0.0);
-            let (dst, n) = (&mut dst[cols.clone()], cols.len());
-            let src = &img[x0..x0 + (n - 1) * s + 1];
-            match (s, relu_in) {
-                (2, true) => every_second(dst, src, |v| v.max(0.0)),
-                (2, false) => every_second(dst, src, |v| v),
-                _ => {
-                    for (j, d) in dst.iter_mut().enumerate() {
-                        *d = relu(src[j * s], relu_in);
-                    }
-                }
+            for (j, d) in dst[cols].iter_mut().enumerate() {
+                *d = relu(img[x0 + j * s], relu_in);
             }
         });
     }
@@ -224,19 +216,6 @@ fn split_pairs(row: &[f32], even: &mut [f32], odd: &mut [f32], f: impl Fn(f32) -
     if let [last] = pairs.remainder() {
         even[row.len() / 2] = f(*last);
     }
-}
-
-/// `dst[j] = f(src[2 j])`, `src` holding `2 dst.len() - 1` values. Stride 2
-/// spelled out as pairs, so the loads vectorise.
-#[inline(always)]
-fn every_second(dst: &mut [f32], src: &[f32], f: impl Fn(f32) -> f32) {
-    let Some((last, head)) = dst.split_last_mut() else {
-        return;
-    };
-    for (d, pair) in head.iter_mut().zip(src.chunks_exact(2)) {
-        *d = f(pair[0]);
-    }
-    *last = f(src[2 * head.len()]);
 }
 
 /// A strided convolution as one op: per image, the input's blocks (kept in
