@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use super::aux_decoder::class_rows;
 use super::conv::Conv;
 use super::kernels::{CHUNK, View, add_plane_sums, gemm, relu_backward, relu_copy, with_scratch};
-use super::{contiguous_f32, fastmath};
+use super::{contiguous_f32, contiguous_f32x3, fastmath};
 
 /// -ln softmax(logits)[target] at every position and group: (B, G, H, W),
 /// for u32 `targets` (B, G, H, W) in 0..K.
@@ -206,11 +206,7 @@ impl CustomOp3 for NllHeadGrad {
         let head = &self.0;
         let (b, c, l, o) = head_sizes(l1, l2)?;
         let op = "NLL head gradient";
-        let (x, wb, grad) = (
-            contiguous_f32(s1, l1, op)?,
-            contiguous_f32(s2, l2, op)?,
-            contiguous_f32(s3, l3, op)?,
-        );
+        let (x, wb, grad) = contiguous_f32x3((s1, l1), (s2, l2), (s3, l3), op)?;
         let (k, groups) = (head.classes, o / head.classes);
         let mut dx = vec![0f32; b * c * l];
         // Per chunk of images: d W (O x C) and d bias (O), summed in order.
@@ -369,11 +365,7 @@ impl CustomOp3 for CategoricalNllGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, _, k, hw) = planes(l1, self.0.classes)?;
         let op = "categorical NLL gradient";
-        let (x, nll, grad) = (
-            contiguous_f32(s1, l1, op)?,
-            contiguous_f32(s2, l2, op)?,
-            contiguous_f32(s3, l3, op)?,
-        );
+        let (x, nll, grad) = contiguous_f32x3((s1, l1), (s2, l2), (s3, l3), op)?;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(k * hw)
             .zip(x.par_chunks(k * hw))

@@ -151,18 +151,27 @@ pub(crate) fn relu_copy(dst: &mut [f32], src: &[f32], on: bool) {
     }
 }
 
-/// Splits a flat [dW | db] gradient (what the weight-gradient kernels
-/// return) into dW of `shape` and db of `bias` values.
-pub(crate) fn split_weight_grads(
-    both: &candle_core::Tensor,
-    shape: (usize, usize),
-    bias: usize,
-) -> candle_core::Result<(candle_core::Tensor, candle_core::Tensor)> {
+/// The gradients of a layer op over (x, weight, bias): dx from `data`
+/// when x needs one, and dW (of `shape`) and db (`bias` values) split
+/// from the flat [dW | db] that `weight` returns.
+pub(crate) fn layer_grads(
+    x: &candle_core::Tensor,
+    (shape, bias): ((usize, usize), usize),
+    data: impl FnOnce() -> candle_core::Result<candle_core::Tensor>,
+    weight: impl FnOnce() -> candle_core::Result<candle_core::Tensor>,
+) -> candle_core::Result<(
+    Option<candle_core::Tensor>,
+    Option<candle_core::Tensor>,
+    Option<candle_core::Tensor>,
+)> {
+    let dx = match x.track_op() {
+        true => Some(data()?),
+        false => None,
+    };
+    let both = weight()?;
     let n = shape.0 * shape.1;
-    Ok((
-        both.narrow(0, 0, n)?.reshape(shape)?,
-        both.narrow(0, n, bias)?,
-    ))
+    let dw = both.narrow(0, 0, n)?.reshape(shape)?;
+    Ok((dx, Some(dw), Some(both.narrow(0, n, bias)?)))
 }
 
 /// Zeroes the gradient where the input of a fused ReLU was negative

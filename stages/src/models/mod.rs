@@ -32,6 +32,20 @@ pub(crate) fn contiguous_f32<'a>(
     Ok(&storage.as_slice::<f32>()?[start..end])
 }
 
+/// [`contiguous_f32`] of a `CustomOp3`'s three inputs.
+pub(crate) fn contiguous_f32x3<'a>(
+    (s1, l1): (&'a candle_core::CpuStorage, &candle_core::Layout),
+    (s2, l2): (&'a candle_core::CpuStorage, &candle_core::Layout),
+    (s3, l3): (&'a candle_core::CpuStorage, &candle_core::Layout),
+    op: &str,
+) -> candle_core::Result<(&'a [f32], &'a [f32], &'a [f32])> {
+    Ok((
+        contiguous_f32(s1, l1, op)?,
+        contiguous_f32(s2, l2, op)?,
+        contiguous_f32(s3, l3, op)?,
+    ))
+}
+
 /// The largest absolute difference between two tensors of one shape (tests
 /// that hold a kernel against candle's own ops).
 #[cfg(test)]

@@ -30,7 +30,7 @@ use super::categorical::categorical_nll_of_conv;
 use super::conv::{Conv, ConvTranspose};
 use super::encoder::{InputEmbedding, InputKind, ResBlock};
 use super::kernels::with_scratch;
-use super::{contiguous_f32, fastmath};
+use super::{contiguous_f32, contiguous_f32x3, fastmath};
 
 pub mod incremental;
 
@@ -445,11 +445,7 @@ impl CustomOp3 for GateOfSum {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let what = "gated layer";
-        let (x, y, e) = (
-            contiguous_f32(s1, l1, what)?,
-            contiguous_f32(s2, l2, what)?,
-            contiguous_f32(s3, l3, what)?,
-        );
+        let (x, y, e) = contiguous_f32x3((s1, l1), (s2, l2), (s3, l3), what)?;
         Self::forward(x, Some(y), e, l1)
     }
 

@@ -26,11 +26,11 @@ use rayon::prelude::*;
 
 use super::Geometry;
 use super::implicit::{self, TapWeights};
-use crate::models::contiguous_f32;
 use crate::models::kernels::{
-    View, add_bias, add_plane_sums, gemm, relu, relu_backward, relu_copy, split_weight_grads,
-    sum_chunks, with_scratch,
+    View, add_bias, add_plane_sums, gemm, layer_grads, relu, relu_backward, relu_copy, sum_chunks,
+    with_scratch,
 };
+use crate::models::{contiguous_f32, contiguous_f32x3};
 
 impl Geometry {
     fn out_len(&self) -> usize {
@@ -173,11 +173,7 @@ impl CustomOp3 for ConvOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.g;
-        let (x, w_t, bias) = (
-            contiguous_f32(s1, l1, "conv")?,
-            contiguous_f32(s2, l2, "conv")?,
-            contiguous_f32(s3, l3, "conv")?,
-        );
+        let (x, w_t, bias) = contiguous_f32x3((s1, l1), (s2, l2), (s3, l3), "conv")?;
         let (b, o) = (l1.dims()[0], bias.len());
         let (taps, l) = (g.tap_list(), g.out_len());
         let (ct, n) = (g.c * taps.len(), b * l);
@@ -232,14 +228,13 @@ impl CustomOp3 for ConvOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let dx = match x.track_op() {
-            true => Some(x.apply_op3_no_bwd(w_t, &grad, &ConvDataGrad(*self))?),
-            false => None,
-        };
         let (ct, o) = w_t.dims2()?;
-        let both = x.apply_op2_no_bwd(&grad, &ConvWeightGrad(*self))?;
-        let (dw, db) = split_weight_grads(&both, (ct, o), o)?;
-        Ok((dx, Some(dw), Some(db)))
+        layer_grads(
+            x,
+            ((ct, o), o),
+            || x.apply_op3_no_bwd(w_t, &grad, &ConvDataGrad(*self)),
+            || x.apply_op2_no_bwd(&grad, &ConvWeightGrad(*self)),
+        )
     }
 }
 
@@ -287,11 +282,7 @@ impl CustomOp3 for ConvDataGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let ConvOp { g, relu_input } = self.0;
-        let (x, w_t, dy) = (
-            contiguous_f32(s1, l1, "conv")?,
-            contiguous_f32(s2, l2, "conv")?,
-            contiguous_f32(s3, l3, "conv")?,
-        );
+        let (x, w_t, dy) = contiguous_f32x3((s1, l1), (s2, l2), (s3, l3), "conv")?;
         let (taps, l) = (g.tap_list(), g.out_len());
         let ct = g.c * taps.len();
         let o = l2.dims()[1];
@@ -417,11 +408,7 @@ impl CustomOp3 for ConvTransposeOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.g;
-        let (x, w, bias) = (
-            contiguous_f32(s1, l1, "conv_transpose")?,
-            contiguous_f32(s2, l2, "conv_transpose")?,
-            contiguous_f32(s3, l3, "conv_transpose")?,
-        );
+        let (x, w, bias) = contiguous_f32x3((s1, l1), (s2, l2), (s3, l3), "conv_transpose")?;
         let (b, c_in) = (l1.dims()[0], l1.dims()[1]);
         let (taps, l) = (g.tap_list(), g.out_len());
         let ct = g.c * taps.len();
@@ -466,14 +453,12 @@ impl CustomOp3 for ConvTransposeOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let dx = match x.track_op() {
-            true => Some(x.apply_op3_no_bwd(w, &grad, &ConvTransposeDataGrad(*self))?),
-            false => None,
-        };
-        let (c_in, ct) = w.dims2()?;
-        let both = x.apply_op2_no_bwd(&grad, &ConvTransposeWeightGrad(*self))?;
-        let (dw, db) = split_weight_grads(&both, (c_in, ct), self.g.c)?;
-        Ok((dx, Some(dw), Some(db)))
+        layer_grads(
+            x,
+            (w.dims2()?, self.g.c),
+            || x.apply_op3_no_bwd(w, &grad, &ConvTransposeDataGrad(*self)),
+            || x.apply_op2_no_bwd(&grad, &ConvTransposeWeightGrad(*self)),
+        )
     }
 }
 
@@ -507,11 +492,7 @@ impl CustomOp3 for ConvTransposeDataGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let ConvTransposeOp { g, relu_input } = self.0;
-        let (x, w, dy) = (
-            contiguous_f32(s1, l1, "conv_transpose")?,
-            contiguous_f32(s2, l2, "conv_transpose")?,
-            contiguous_f32(s3, l3, "conv_transpose")?,
-        );
+        let (x, w, dy) = contiguous_f32x3((s1, l1), (s2, l2), (s3, l3), "conv_transpose")?;
         let c_in = l1.dims()[1];
         let (taps, l) = (g.tap_list(), g.out_len());
         let ct = g.c * taps.len();

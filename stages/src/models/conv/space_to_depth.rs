@@ -10,9 +10,9 @@ use rayon::prelude::*;
 use super::Geometry;
 use super::implicit;
 use super::ops::{ConvOp, ConvTransposeOp};
-use crate::models::contiguous_f32;
+use crate::models::contiguous_f32x3;
 use crate::models::kernels::{
-    add_bias, add_plane_sums, relu, relu_backward, split_weight_grads, sum_chunks, with_scratch,
+    add_bias, add_plane_sums, layer_grads, relu, relu_backward, sum_chunks, with_scratch,
 };
 
 /// (B, C, H, W) -> (B, C*s*s, HS, WS): channel `(c*s + dy)*s + dx` at (i, j)
@@ -250,11 +250,7 @@ impl CustomOp3 for BlockConv {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.g;
         let op = "strided conv";
-        let (x, w_t, bias) = (
-            contiguous_f32(s1, l1, op)?,
-            contiguous_f32(s2, l2, op)?,
-            contiguous_f32(s3, l3, op)?,
-        );
+        let (x, w_t, bias) = contiguous_f32x3((s1, l1), (s2, l2), (s3, l3), op)?;
         let ((chw, len), o) = (image(l1)?, bias.len());
         let b = l1.dims()[0];
         let p = g.padded();
@@ -286,14 +282,13 @@ impl CustomOp3 for BlockConv {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let dx = match x.track_op() {
-            true => Some(x.apply_op3_no_bwd(w_t, &grad, &BlockConvGrad(*self, Part::Data))?),
-            false => None,
-        };
         let (ct, o) = w_t.dims2()?;
-        let both = x.apply_op3_no_bwd(w_t, &grad, &BlockConvGrad(*self, Part::Weight))?;
-        let (dw, db) = split_weight_grads(&both, (ct, o), o)?;
-        Ok((dx, Some(dw), Some(db)))
+        layer_grads(
+            x,
+            ((ct, o), o),
+            || x.apply_op3_no_bwd(w_t, &grad, &BlockConvGrad(*self, Part::Data)),
+            || x.apply_op3_no_bwd(w_t, &grad, &BlockConvGrad(*self, Part::Weight)),
+        )
     }
 }
 
@@ -324,11 +319,7 @@ impl CustomOp3 for BlockConvGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let BlockConv { blocks: layout, g } = self.0;
         let op = "strided conv gradient";
-        let (x, w_t, dy) = (
-            contiguous_f32(s1, l1, op)?,
-            contiguous_f32(s2, l2, op)?,
-            contiguous_f32(s3, l3, op)?,
-        );
+        let (x, w_t, dy) = contiguous_f32x3((s1, l1), (s2, l2), (s3, l3), op)?;
         let (chw, len) = image(l1)?;
         let (b, (ct, o)) = (l1.dims()[0], l2.shape().dims2()?);
         let (blocks, p) = (g.c * g.h * g.w, g.padded());
@@ -402,11 +393,7 @@ impl CustomOp3 for BlockConvTranspose {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.g;
         let op = "strided conv_transpose";
-        let (x, w, bias) = (
-            contiguous_f32(s1, l1, op)?,
-            contiguous_f32(s2, l2, op)?,
-            contiguous_f32(s3, l3, op)?,
-        );
+        let (x, w, bias) = contiguous_f32x3((s1, l1), (s2, l2), (s3, l3), op)?;
         let ((c_in, ..), len) = image(l1)?;
         let (b, (_, ct)) = (l1.dims()[0], l2.shape().dims2()?);
         let (blocks, p) = (g.c * g.h * g.w, g.padded());
@@ -435,17 +422,12 @@ impl CustomOp3 for BlockConvTranspose {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let dx = match x.track_op() {
-            true => {
-                Some(x.apply_op3_no_bwd(w, &grad, &BlockConvTransposeGrad(*self, Part::Data))?)
-            }
-            false => None,
-        };
-        let (c_in, ct) = w.dims2()?;
-        let c_out = self.out.0;
-        let both = x.apply_op3_no_bwd(w, &grad, &BlockConvTransposeGrad(*self, Part::Weight))?;
-        let (dw, db) = split_weight_grads(&both, (c_in, ct), c_out)?;
-        Ok((dx, Some(dw), Some(db)))
+        layer_grads(
+            x,
+            (w.dims2()?, self.out.0),
+            || x.apply_op3_no_bwd(w, &grad, &BlockConvTransposeGrad(*self, Part::Data)),
+            || x.apply_op3_no_bwd(w, &grad, &BlockConvTransposeGrad(*self, Part::Weight)),
+        )
     }
 }
 
@@ -473,11 +455,7 @@ impl CustomOp3 for BlockConvTransposeGrad {
             relu_input,
         } = self.0;
         let op = "strided conv_transpose gradient";
-        let (x, w, dy) = (
-            contiguous_f32(s1, l1, op)?,
-            contiguous_f32(s2, l2, op)?,
-            contiguous_f32(s3, l3, op)?,
-        );
+        let (x, w, dy) = contiguous_f32x3((s1, l1), (s2, l2), (s3, l3), op)?;
         let ((c_in, ..), len) = image(l1)?;
         let (b, (_, ct)) = (l1.dims()[0], l2.shape().dims2()?);
         let p = g.padded();
