@@ -49,6 +49,10 @@ enum Cmd {
         /// GPU devices to hand out as slots, e.g. `cuda:0,cuda:1`.
         #[arg(long, value_delimiter = ',')]
         gpus: Vec<String>,
+        /// Where stages run: `local` worker processes or `slurm` jobs
+        /// (default: the pipeline's `executor.kind`, else local).
+        #[arg(long, value_enum)]
+        executor: Option<ExecutorArg>,
         /// Stop everything at the first failure (default: keep going).
         #[arg(long, conflicts_with = "keep_going")]
         fail_fast: bool,
@@ -200,6 +204,21 @@ enum Format {
     Csv,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExecutorArg {
+    Local,
+    Slurm,
+}
+
+impl From<ExecutorArg> for pipeline::spec::ExecutorKind {
+    fn from(e: ExecutorArg) -> Self {
+        match e {
+            ExecutorArg::Local => pipeline::spec::ExecutorKind::Local,
+            ExecutorArg::Slurm => pipeline::spec::ExecutorKind::Slurm,
+        }
+    }
+}
+
 fn default_jobs() -> u32 {
     std::thread::available_parallelism()
         .map(|n| n.get() as u32)
@@ -271,6 +290,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             resume,
             jobs,
             gpus,
+            executor,
             fail_fast,
             keep_going: _,
             wait,
@@ -295,6 +315,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 gpu_devices: gpus,
                 fail_fast,
                 wait_lock: wait,
+                executor: executor.map(Into::into),
             };
             let summary = run(p, kinds, ws, opts, sink.clone(), cancel).await?;
             render::finish(mode);

@@ -70,6 +70,9 @@ pub enum Error {
 
     #[error("stage `{stage}` failed: {message}")]
     Stage { stage: String, message: String },
+
+    #[error("slurm: {0}")]
+    Slurm(String),
 }
 
 impl Error {

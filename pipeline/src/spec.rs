@@ -9,6 +9,7 @@
 //! root: ..                         # deps/outs are relative to this (default: the file's folder)
 //! vars: {steps: 2000}              # values that `${steps}` refers to
 //! defaults: {resources: {cpus: 1}, timeout: 3600}
+//! executor: {kind: slurm, partition: gpu, time: "04:00:00"}  # default: local
 //! stages:
 //!   words:
 //!     kind: command
@@ -54,6 +55,68 @@ fn one() -> u32 {
 impl Default for Resources {
     fn default() -> Self {
         Resources { gpus: 0, cpus: 1 }
+    }
+}
+
+/// Where the stages run (`executor:`); `run --executor` overrides `kind`.
+/// The settings after `kind` are the Slurm back-end's; a local run ignores
+/// them. None of this enters a stage key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutorSpec {
+    #[serde(default)]
+    pub kind: ExecutorKind,
+    /// `sbatch --partition`.
+    pub partition: Option<String>,
+    /// `sbatch --account`.
+    pub account: Option<String>,
+    /// `sbatch --time`, the time limit of one job (e.g. `"04:00:00"`); a
+    /// training stage checkpoints before it and is requeued.
+    pub time: Option<String>,
+    /// `sbatch --mem`, e.g. `"8G"`.
+    pub mem: Option<String>,
+    /// Seconds between two polls of the run's jobs (one `squeue` call each).
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval: f64,
+    /// Seconds before the time limit at which Slurm sends SIGUSR1
+    /// (`--signal=B:USR1@N`): the worker checkpoints and the job requeues.
+    #[serde(default = "default_signal_before_limit")]
+    pub signal_before_limit: u64,
+    /// More `sbatch` arguments, passed as given.
+    #[serde(default)]
+    pub sbatch_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecutorKind {
+    /// Worker processes on this machine.
+    #[default]
+    Local,
+    /// One `sbatch` job per stage.
+    Slurm,
+}
+
+fn default_poll_interval() -> f64 {
+    5.0
+}
+
+fn default_signal_before_limit() -> u64 {
+    120
+}
+
+impl Default for ExecutorSpec {
+    fn default() -> Self {
+        ExecutorSpec {
+            kind: ExecutorKind::Local,
+            partition: None,
+            account: None,
+            time: None,
+            mem: None,
+            poll_interval: default_poll_interval(),
+            signal_before_limit: default_signal_before_limit(),
+            sbatch_args: Vec::new(),
+        }
     }
 }
 
@@ -107,6 +170,7 @@ pub struct Pipeline {
     pub dir: PathBuf,
     pub stages: Vec<Stage>,
     pub index: HashMap<String, usize>,
+    pub executor: ExecutorSpec,
 }
 
 impl Pipeline {
@@ -137,6 +201,7 @@ struct RawPipeline {
     vars: IndexMap<Spanned<String>, Spanned<Value>>,
     #[serde(default)]
     defaults: Option<RawDefaults>,
+    executor: Option<Spanned<ExecutorSpec>>,
     stages: Option<IndexMap<Spanned<String>, Spanned<RawStage>>>,
 }
 
@@ -381,11 +446,30 @@ pub fn parse(text: &str, path: &Path, kinds: &dyn KindRules) -> Result<Pipeline>
         index.insert(stage_name, stages.len());
         stages.push(stage);
     }
+    let executor = match raw.executor {
+        Some(e) => {
+            if !(e.value.poll_interval.is_finite() && e.value.poll_interval > 0.0) {
+                return Err(SpecError {
+                    pos: at(&e.referenced),
+                    stage: None,
+                    message: format!(
+                        "executor.poll_interval is {}; it must be a positive number of seconds",
+                        e.value.poll_interval
+                    ),
+                    hint: None,
+                }
+                .into());
+            }
+            e.value
+        }
+        None => ExecutorSpec::default(),
+    };
     Ok(Pipeline {
         path: path.to_path_buf(),
         dir,
         stages,
         index,
+        executor,
     })
 }
 

@@ -12,11 +12,18 @@
 //! stage's scratch folder, which is keyed by the stage key and so survives
 //! interruptions: the next attempt finds it with
 //! [`StageContext::latest_checkpoint`].
+//!
+//! SIGUSR1 asks a worker to checkpoint and stop (a cluster job's time limit
+//! is near): a training loop sees [`StageContext::checkpoint_requested`],
+//! saves a checkpoint, calls [`StageContext::stopping_after_checkpoint`] and
+//! returns; the worker then exits with [`EXIT_CHECKPOINTED`] and its job is
+//! requeued to continue from that checkpoint.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -193,7 +200,41 @@ pub enum WorkerEvent {
     Failed {
         message: String,
     },
+    /// Checkpointed at `step` on SIGUSR1 and stopped; see [`EXIT_CHECKPOINTED`].
+    Stopped {
+        step: u64,
+    },
+    /// Where the worker computes: its device and host (the first event).
+    Placed {
+        device: String,
+        host: String,
+    },
 }
+
+/// The exit code of a worker that checkpointed and stopped on SIGUSR1
+/// (`EX_TEMPFAIL`): run it again and it continues.
+pub const EXIT_CHECKPOINTED: i32 = 75;
+
+/// Set by the SIGUSR1 handler; read by the stage between steps.
+static CHECKPOINT_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigusr1(_: libc::c_int) {
+    CHECKPOINT_REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// SIGUSR1 no longer kills this process; it asks the stage to checkpoint.
+fn install_checkpoint_signal() {
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe {
+        libc::signal(
+            libc::SIGUSR1,
+            on_sigusr1 as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+    }
+}
+
+/// No step yet: [`StageContext::stopping_after_checkpoint`] was not called.
+const NOT_STOPPING: u64 = u64::MAX;
 
 /// What a running stage sees: its params, inputs, output folder, checkpoints,
 /// and a way to report progress and metrics.
@@ -201,6 +242,7 @@ pub struct StageContext {
     pub job: Job,
     out_dir: PathBuf,
     events: Mutex<Box<dyn Write + Send>>,
+    stopped_at: AtomicU64,
 }
 
 impl StageContext {
@@ -209,7 +251,21 @@ impl StageContext {
             job,
             out_dir,
             events: Mutex::new(events),
+            stopped_at: AtomicU64::new(NOT_STOPPING),
         }
+    }
+
+    /// Whether SIGUSR1 asked this worker to checkpoint and stop. Stages that
+    /// checkpoint poll this between steps; others run on.
+    pub fn checkpoint_requested(&self) -> bool {
+        CHECKPOINT_REQUESTED.load(Ordering::SeqCst)
+    }
+
+    /// The stage saved a checkpoint at `step` because one was requested and
+    /// now returns (with any error): the worker exits with
+    /// [`EXIT_CHECKPOINTED`] instead of reporting a failure.
+    pub fn stopping_after_checkpoint(&self, step: u64) {
+        self.stopped_at.store(step, Ordering::SeqCst);
     }
 
     /// The params, deserialised into the kind's config type.
@@ -370,6 +426,12 @@ fn report_failure(events: &Mutex<Box<dyn Write + Send>>, message: String) {
     emit_to(events, &WorkerEvent::Failed { message });
 }
 
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 /// Reads a job file.
 pub fn read_job(path: &Path) -> Result<Job> {
     let bytes = std::fs::read(path).ctx(|| format!("reading job file {}", path.display()))?;
@@ -378,9 +440,25 @@ pub fn read_job(path: &Path) -> Result<Job> {
 }
 
 /// The worker: runs one job, publishes its artifact, reports on `events`.
-/// Returns the process exit code (0 success, 1 stage failure, 2 bad job).
-pub fn run_job(kinds: &Kinds, job: Job, events: Box<dyn Write + Send>) -> i32 {
+/// Returns the process exit code (0 success, 1 stage failure, 2 bad job,
+/// [`EXIT_CHECKPOINTED`] stopped on request).
+pub fn run_job(kinds: &Kinds, mut job: Job, events: Box<dyn Write + Send>) -> i32 {
+    install_checkpoint_signal();
+    // A cluster job learns its device only when it starts (the GPUs Slurm
+    // granted); the launcher says so in HAIC_DEVICE.
+    if let Ok(device) = std::env::var("HAIC_DEVICE")
+        && !device.is_empty()
+    {
+        job.device = device;
+    }
     let events = Mutex::new(events);
+    emit_to(
+        &events,
+        &WorkerEvent::Placed {
+            device: job.device.clone(),
+            host: host_name(),
+        },
+    );
     let fail = |msg: String| report_failure(&events, msg);
     let Some(kind) = kinds.get(&job.kind) else {
         fail(format!(
@@ -408,8 +486,17 @@ pub fn run_job(kinds: &Kinds, job: Job, events: Box<dyn Write + Send>) -> i32 {
     };
     let ctx = StageContext::new(job, staging.data(), out_events);
     let result = kind.run(&ctx);
+    let stopped_at = ctx.stopped_at.load(Ordering::SeqCst);
     let events = ctx.events;
     let fail = |msg: String| report_failure(&events, msg);
+    if result.is_err() && stopped_at != NOT_STOPPING {
+        let _ = remove_tree(&staging.root);
+        eprintln!(
+            "haic-pipe worker: checkpointed at step {stopped_at} on request (SIGUSR1); run again to continue"
+        );
+        emit_to(&events, &WorkerEvent::Stopped { step: stopped_at });
+        return EXIT_CHECKPOINTED;
+    }
     if let Err(e) = result {
         let _ = remove_tree(&staging.root);
         fail(e.to_string());

@@ -52,6 +52,10 @@ pub enum Error {
     /// A param that is valid YAML but not a valid setting.
     #[error("{0}")]
     Params(String),
+
+    /// The stage checkpointed at this step on request (SIGUSR1) and stopped.
+    #[error("checkpointed at step {0} on request; run again to continue")]
+    Stopped(u64),
 }
 
 impl Error {

@@ -71,10 +71,14 @@ pub struct Due {
     pub log: bool,
     pub validate: bool,
     pub checkpoint: bool,
+    /// A checkpoint was requested (SIGUSR1): save it, then stop with
+    /// [`Error::Stopped`] after telling the context.
+    pub stop: bool,
 }
 
 /// When a training loop logs, validates and checkpoints (every N steps and
-/// at the last one; no checkpoint at the last, the artifact follows), and
+/// at the last one; no checkpoint at the last, the artifact follows; and
+/// when SIGUSR1 asked for one, after which the loop stops), and
 /// the metrics every loop logs: `train.lr`, `train.grad_norm` and
 /// `train.images_per_s` since the previous log.
 pub struct Cadence {
@@ -109,10 +113,13 @@ impl Cadence {
         grad_norm: f64,
     ) -> Due {
         let last = step == self.steps;
+        // At the last step the artifact follows at once; no need to stop.
+        let stop = !last && ctx.checkpoint_requested();
         let due = Due {
             log: step.is_multiple_of(self.log_every) || last,
             validate: step.is_multiple_of(self.validate_every) || last,
-            checkpoint: step.is_multiple_of(self.checkpoint_every) && !last,
+            checkpoint: (step.is_multiple_of(self.checkpoint_every) && !last) || stop,
+            stop,
         };
         if due.log {
             let s = step as i64;

@@ -1,4 +1,5 @@
-//! Where stages run: worker slots and the local back-end.
+//! Where stages run: worker slots and the local back-end; the Slurm
+//! back-end is [`slurm`].
 //!
 //! A stage runs as a child process, `haic-pipe worker --job FILE` (the same
 //! command a cluster back-end submits), in its own process group so that
@@ -24,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, IoContext, Result};
 use crate::stage::WorkerEvent;
+
+pub mod slurm;
 
 /// How long a stopped worker gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);

@@ -133,6 +133,18 @@ pub struct Rating {
     pub origin: String,
 }
 
+/// A stage run left `running` (see [`Registry::running_stage_runs`]).
+#[derive(Debug, Clone)]
+pub struct RunningStage {
+    pub id: i64,
+    pub stage: String,
+    pub key: String,
+    pub attempt: i64,
+    pub worker: String,
+    pub job_id: Option<String>,
+    pub log_path: String,
+}
+
 /// The writer's handle. Cheap to share behind an `Arc`; writes are serialised.
 pub struct Registry {
     path: PathBuf,
@@ -246,20 +258,77 @@ impl Registry {
     }
 
     /// Stage runs of `run_id` left `running`/`pending` by a driver that died
-    /// become `interrupted`. Returns their stage names.
-    pub async fn reconcile(&self, run_id: i64) -> Result<Vec<String>> {
-        let rows = self
-            .fetch_all(
-                sqlx::query(
-                    "UPDATE stage_runs SET status = 'interrupted',
+    /// become `interrupted`, except those in `keep` (cluster jobs still
+    /// running, which the new driver adopts). Returns their stage names.
+    pub async fn reconcile(&self, run_id: i64, keep: &[i64]) -> Result<Vec<String>> {
+        let mut qb = QueryBuilder::new(
+            "UPDATE stage_runs SET status = 'interrupted',
                  finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
                  error = coalesce(error, 'the driver stopped while this stage ran; resumed later')
-             WHERE run_id = ? AND status IN ('running', 'pending') RETURNING stage",
-                )
-                .bind(run_id),
-            )
-            .await?;
+             WHERE status IN ('running', 'pending') AND run_id = ",
+        );
+        qb.push_bind(run_id);
+        if !keep.is_empty() {
+            qb.push(" AND id NOT IN (");
+            let mut ids = qb.separated(", ");
+            for id in keep {
+                ids.push_bind(*id);
+            }
+            qb.push(")");
+        }
+        qb.push(" RETURNING stage");
+        let mut c = self.conn.lock().await;
+        let rows = qb
+            .build()
+            .fetch_all(&mut *c)
+            .await
+            .map_err(db_err(&self.path))?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Stage runs of `run_id` still marked `running`, with what a resumed
+    /// driver needs to find their cluster jobs.
+    pub async fn running_stage_runs(&self, run_id: i64) -> Result<Vec<RunningStage>> {
+        let q = sqlx::query(
+            "SELECT id, stage, coalesce(key, ''), attempt, coalesce(worker, ''), job_id, coalesce(log_path, '')
+             FROM stage_runs WHERE run_id = ? AND status = 'running' ORDER BY id",
+        )
+        .bind(run_id);
+        let rows = self.fetch_all(q).await?;
+        Ok(rows
+            .iter()
+            .map(|r| RunningStage {
+                id: r.get(0),
+                stage: r.get(1),
+                key: r.get(2),
+                attempt: r.get(3),
+                worker: r.get(4),
+                job_id: r.get(5),
+                log_path: r.get(6),
+            })
+            .collect())
+    }
+
+    /// Records the cluster job a stage run was submitted as.
+    pub async fn set_job_id(&self, id: i64, job_id: &str) -> Result<()> {
+        self.execute(
+            sqlx::query("UPDATE stage_runs SET job_id = ? WHERE id = ?")
+                .bind(job_id)
+                .bind(id),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Records the device a worker reported it computed on.
+    pub async fn set_device(&self, id: i64, device: &str) -> Result<()> {
+        self.execute(
+            sqlx::query("UPDATE stage_runs SET device = ? WHERE id = ?")
+                .bind(device)
+                .bind(id),
+        )
+        .await?;
+        Ok(())
     }
 
     pub async fn finish_run(&self, run_id: i64, status: &str) -> Result<()> {

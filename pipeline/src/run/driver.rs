@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::{ArtifactStore, KeyMaterial, Manifest};
 use crate::error::{Error, IoContext, Result};
+use crate::executor::slurm::{SlurmExecutor, Submission, events_path};
 use crate::executor::{Slots, WorkerEnd, WorkerLaunch, spawn_local};
 use crate::graph::Graph;
 use crate::hashing::DepHasher;
@@ -39,6 +40,21 @@ impl Outcome {
     }
 }
 
+/// Where the driver runs workers.
+pub(super) enum Backend {
+    Local(Slots),
+    Slurm(Box<SlurmExecutor>),
+}
+
+/// A Slurm job a stopped driver left running, taken over on resume.
+#[derive(Debug, Clone)]
+pub(super) struct Adopted {
+    pub(super) row_id: i64,
+    pub(super) job_id: u64,
+    pub(super) attempt: i64,
+    pub(super) log: PathBuf,
+}
+
 pub(super) struct Driver {
     pub(super) p: Pipeline,
     pub(super) g: Graph,
@@ -50,7 +66,9 @@ pub(super) struct Driver {
     pub(super) outcomes: Mutex<Vec<Option<Outcome>>>,
     pub(super) hasher: Mutex<DepHasher>,
     pub(super) cancel: CancellationToken,
-    pub(super) slots: Slots,
+    pub(super) backend: Backend,
+    /// Stage key -> a job to adopt instead of submitting (resume, Slurm).
+    pub(super) adoptable: Mutex<HashMap<String, Adopted>>,
     pub(super) sink: EventSink,
     pub(super) fail_fast: bool,
     pub(super) exe: PathBuf,
@@ -344,88 +362,113 @@ impl Driver {
         }
     }
 
+    /// Jobs left to adopt after the run (their stage's key changed, or the
+    /// stage was not selected): cancelled, their rows closed as interrupted.
+    pub(super) async fn release_unadopted(&self) -> Result<()> {
+        let left: Vec<Adopted> = self
+            .adoptable
+            .lock()
+            .map(|mut a| a.drain().map(|(_, v)| v).collect())
+            .unwrap_or_default();
+        let Backend::Slurm(ex) = &self.backend else {
+            return Ok(());
+        };
+        for a in left {
+            ex.cancel_job(a.job_id).await;
+            self.registry
+                .finish_stage_run(
+                    a.row_id,
+                    StageStatus::Interrupted,
+                    Some(&format!(
+                        "Slurm job {} was cancelled on resume: its stage was not run again with the same key",
+                        a.job_id
+                    )),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn run_worker(&self, i: usize, material: &KeyMaterial, key: &str) -> Result<StageStatus> {
         let st = &self.p.stages[i];
-        let slot = tokio::select! {
-            s = self.slots.acquire(st.resources.cpus, st.resources.gpus) => match s {
-                Ok(s) => s,
-                Err(e) => {
-                    return Ok(self.record_unstarted(i, StageStatus::Failed, Some(e.to_string())).await);
+        let slot = match &self.backend {
+            Backend::Local(slots) => tokio::select! {
+                s = slots.acquire(st.resources.cpus, st.resources.gpus) => match s {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        return Ok(self.record_unstarted(i, StageStatus::Failed, Some(e.to_string())).await);
+                    }
+                },
+                _ = self.cancel.cancelled() => {
+                    return Ok(self.record_unstarted(i, StageStatus::Skipped, Some("the run was stopped".into())).await);
                 }
             },
-            _ = self.cancel.cancelled() => {
-                return Ok(self.record_unstarted(i, StageStatus::Skipped, Some("the run was stopped".into())).await);
+            Backend::Slurm(_) => None,
+        };
+        let adopted = self.adoptable.lock().ok().and_then(|mut a| a.remove(key));
+        let (id, attempt, log) = match &adopted {
+            Some(a) => (a.row_id, a.attempt, a.log.clone()),
+            None => {
+                let attempt = self.registry.last_attempt(self.run_id, &st.name).await? + 1;
+                let log = self.ws.logs().join(format!(
+                    "run{:05}-{}-attempt{attempt}.log",
+                    self.run_id, st.name
+                ));
+                (0, attempt, log)
             }
         };
-        let attempt = self.registry.last_attempt(self.run_id, &st.name).await? + 1;
-        let log = self.ws.logs().join(format!(
-            "run{:05}-{}-attempt{attempt}.log",
-            self.run_id, st.name
-        ));
         let log_str = log.display().to_string();
-        let mat = material.to_json();
-        let id = self
-            .registry
-            .start_stage_run(
-                &NewStageRun {
-                    key: Some(key),
-                    key_material: Some(&mat),
-                    attempt,
-                    worker: Some("local"),
-                    device: Some(&slot.device),
-                    log_path: Some(&log_str),
-                    ..NewStageRun::new(self.run_id, &st.name, &st.kind, StageStatus::Running)
-                },
-                &Value::Object(st.params.clone()),
-            )
-            .await?;
+        // Where the worker computes: the local slot's device; on Slurm the
+        // worker reports it once the job runs.
+        let device = match &slot {
+            Some(s) => s.device.clone(),
+            None => "slurm".to_string(),
+        };
+        let worker = match &self.backend {
+            Backend::Local(_) => "local",
+            Backend::Slurm(_) => "slurm",
+        };
+        let id = if adopted.is_some() {
+            id
+        } else {
+            let mat = material.to_json();
+            self.registry
+                .start_stage_run(
+                    &NewStageRun {
+                        key: Some(key),
+                        key_material: Some(&mat),
+                        attempt,
+                        worker: Some(worker),
+                        device: Some(&device),
+                        log_path: Some(&log_str),
+                        ..NewStageRun::new(self.run_id, &st.name, &st.kind, StageStatus::Running)
+                    },
+                    &Value::Object(st.params.clone()),
+                )
+                .await?
+        };
         (self.sink)(&Event::StageStarted {
             stage: st.name.clone(),
             attempt,
-            device: slot.device.clone(),
+            device: match &adopted {
+                Some(a) => format!("slurm job {} (adopted)", a.job_id),
+                None => device.clone(),
+            },
             log: log_str.clone(),
         });
         let started = Instant::now();
 
         let scratch = self.ws.scratch(key);
         std::fs::create_dir_all(&scratch).ctx(|| format!("creating {}", scratch.display()))?;
-        let job = Job {
-            stage: st.name.clone(),
-            kind: st.kind.clone(),
-            key: key.to_string(),
-            params: Value::Object(st.params.clone()),
-            inputs: st
-                .inputs
-                .iter()
-                .filter_map(|(name, up)| {
-                    let o = self.outcome(self.p.index[up.as_str()])?;
-                    Some((name.clone(), self.store.data_dir(o.key.as_deref()?)))
-                })
-                .collect(),
-            input_keys: st
-                .inputs
-                .iter()
-                .filter_map(|(name, up)| {
-                    let o = self.outcome(self.p.index[up.as_str()])?;
-                    Some((name.clone(), o.key.clone()?))
-                })
-                .collect(),
-            deps: st
-                .deps
-                .iter()
-                .map(|d| (d.clone(), self.p.dir.join(d)))
-                .collect(),
-            outs: st.outs.clone(),
-            pipeline_dir: self.p.dir.clone(),
-            artifacts_dir: self.store.root().to_path_buf(),
-            scratch_dir: scratch.clone(),
-            device: slot.device.clone(),
-            attempt,
-        };
         let job_file = scratch.join(format!("job-run{}-attempt{attempt}.json", self.run_id));
-        let job_json = serde_json::to_vec_pretty(&job).unwrap_or_default();
-        std::fs::write(&job_file, job_json).ctx(|| format!("writing {}", job_file.display()))?;
+        if adopted.is_none() {
+            let job = self.job(i, key, &scratch, &device, attempt);
+            let job_json = serde_json::to_vec_pretty(&job).unwrap_or_default();
+            std::fs::write(&job_file, job_json)
+                .ctx(|| format!("writing {}", job_file.display()))?;
+        }
 
+        let placed = Mutex::new(None);
         let on_event = |e| match e {
             WorkerEvent::Progress {
                 done,
@@ -445,29 +488,80 @@ impl Driver {
                     value,
                 });
             }
+            WorkerEvent::Placed { device, host } => {
+                if let Ok(mut p) = placed.lock() {
+                    *p = Some(format!("{device}@{host}"));
+                }
+            }
+            WorkerEvent::Stopped { step } => self.sink_notice(format!(
+                "stage `{}` checkpointed at step {step} before its time limit; Slurm requeues it",
+                st.name
+            )),
             _ => {}
         };
-        let launch = WorkerLaunch {
-            exe: &self.exe,
-            job_file: &job_file,
-            log_file: &log,
-            device: &slot.device,
-            threads: slot.threads,
-            timeout_s: st.timeout_s,
-        };
-        let end = match spawn_local(launch) {
-            Ok(worker) => {
-                // Recorded while it runs, so that a stopped driver's successor
-                // (and a person) can see which process it was.
-                let _ = self
-                    .registry
-                    .set_worker(id, &format!("local:{}", worker.pid))
-                    .await;
-                worker.wait(&self.cancel, on_event).await
+        let end = match &self.backend {
+            Backend::Local(_) => {
+                let launch = WorkerLaunch {
+                    exe: &self.exe,
+                    job_file: &job_file,
+                    log_file: &log,
+                    device: &device,
+                    threads: slot.as_ref().map(|s| s.threads).unwrap_or(1),
+                    timeout_s: st.timeout_s,
+                };
+                match spawn_local(launch) {
+                    Ok(worker) => {
+                        // Recorded while it runs, so that a stopped driver's
+                        // successor (and a person) can see which process it was.
+                        let _ = self
+                            .registry
+                            .set_worker(id, &format!("local:{}", worker.pid))
+                            .await;
+                        worker.wait(&self.cancel, on_event).await
+                    }
+                    Err(e) => Err(e),
+                }
             }
-            Err(e) => Err(e),
+            Backend::Slurm(ex) => {
+                let job_id = match &adopted {
+                    Some(a) => Ok(ex.watch(a.job_id)),
+                    None => {
+                        let submitted = ex
+                            .submit(&Submission {
+                                stage: &st.name,
+                                key,
+                                attempt,
+                                job_file: &job_file,
+                                script: &scratch
+                                    .join(format!("job-run{}-attempt{attempt}.sh", self.run_id)),
+                                events: &events_path(&log),
+                                log: &log,
+                                cpus: st.resources.cpus,
+                                gpus: st.resources.gpus,
+                            })
+                            .await;
+                        if let Ok(job_id) = &submitted {
+                            self.registry.set_job_id(id, &job_id.to_string()).await?;
+                        }
+                        submitted
+                    }
+                };
+                match job_id {
+                    Ok(job_id) => {
+                        ex.wait(job_id, &log, st.timeout_s, &self.cancel, on_event)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
         };
         drop(slot);
+        // A local slot's device is known up front; a cluster job's only now.
+        if matches!(self.backend, Backend::Slurm(_))
+            && let Some(dev) = placed.lock().ok().and_then(|mut p| p.take())
+        {
+            let _ = self.registry.set_device(id, &dev).await;
+        }
         let lineage: Vec<(String, String)> = st
             .inputs
             .iter()
@@ -535,5 +629,50 @@ impl Driver {
             self.cancel.cancel();
         }
         Ok(status)
+    }
+
+    /// The job file's contents for stage `i`.
+    fn job(
+        &self,
+        i: usize,
+        key: &str,
+        scratch: &std::path::Path,
+        device: &str,
+        attempt: i64,
+    ) -> Job {
+        let st = &self.p.stages[i];
+        Job {
+            stage: st.name.clone(),
+            kind: st.kind.clone(),
+            key: key.to_string(),
+            params: Value::Object(st.params.clone()),
+            inputs: st
+                .inputs
+                .iter()
+                .filter_map(|(name, up)| {
+                    let o = self.outcome(self.p.index[up.as_str()])?;
+                    Some((name.clone(), self.store.data_dir(o.key.as_deref()?)))
+                })
+                .collect(),
+            input_keys: st
+                .inputs
+                .iter()
+                .filter_map(|(name, up)| {
+                    let o = self.outcome(self.p.index[up.as_str()])?;
+                    Some((name.clone(), o.key.clone()?))
+                })
+                .collect(),
+            deps: st
+                .deps
+                .iter()
+                .map(|d| (d.clone(), self.p.dir.join(d)))
+                .collect(),
+            outs: st.outs.clone(),
+            pipeline_dir: self.p.dir.clone(),
+            artifacts_dir: self.store.root().to_path_buf(),
+            scratch_dir: scratch.to_path_buf(),
+            device: device.to_string(),
+            attempt,
+        }
     }
 }

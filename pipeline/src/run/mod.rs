@@ -16,7 +16,7 @@
 //!    cancellation (Ctrl-C, SIGTERM, `--fail-fast`) is our own token, since
 //!    dropping dagrs' future does not stop its nodes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -26,17 +26,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::KeyMaterial;
 use crate::error::{IoContext, Result};
+use crate::executor::slurm::SlurmExecutor;
 use crate::executor::{Slots, current_exe};
 use crate::graph;
 use crate::hashing::DepHasher;
 use crate::registry::{Registry, StageStatus};
-use crate::spec::Pipeline;
+use crate::spec::{ExecutorKind, Pipeline};
 use crate::stage::Kinds;
 use crate::workspace::Workspace;
 
 mod driver;
 
-use driver::Driver;
+use driver::{Adopted, Backend, Driver};
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -47,6 +48,8 @@ pub struct RunOptions {
     pub gpu_devices: Vec<String>,
     pub fail_fast: bool,
     pub wait_lock: bool,
+    /// Overrides the pipeline's `executor.kind` (`run --executor`).
+    pub executor: Option<ExecutorKind>,
 }
 
 /// What the driver reports as it goes; the CLI renders these.
@@ -122,10 +125,25 @@ pub async fn run(
 
     let mut targets = opts.targets.clone();
     let mut resumed = false;
+    let exe = current_exe()?;
+    let kind = opts.executor.unwrap_or(p.executor.kind);
+    let notice_sink = sink.clone();
+    let notice: Arc<dyn Fn(String) + Send + Sync> =
+        Arc::new(move |message| notice_sink(&Event::Notice { message }));
+    // The run id is known only below; the Slurm back-end is made there.
+    let mut slurm = None;
+    let mut adoptable = HashMap::new();
     let run_id = match (opts.resume, registry.newest_run(&pipeline_key).await?) {
         (true, Some((id, status, old_targets))) if status != "succeeded" => {
             registry.reopen_run(id).await?;
-            let stopped = registry.reconcile(id).await?;
+            let mut keep = Vec::new();
+            if kind == ExecutorKind::Slurm {
+                let ex = slurm_executor(&p, &ws, id, exe.clone(), notice.clone());
+                adoptable = adoptable_jobs(&registry, &ex, id).await?;
+                keep = adoptable.values().map(|a: &Adopted| a.row_id).collect();
+                slurm = Some(ex);
+            }
+            let stopped = registry.reconcile(id, &keep).await?;
             if !stopped.is_empty() {
                 sink(&Event::Notice {
                     message: format!(
@@ -157,6 +175,13 @@ pub async fn run(
                 .await?
         }
     };
+    let backend = match kind {
+        ExecutorKind::Local => Backend::Local(Slots::new(opts.jobs, opts.gpu_devices.clone())),
+        ExecutorKind::Slurm => Backend::Slurm(Box::new(match slurm {
+            Some(ex) => ex,
+            None => slurm_executor(&p, &ws, run_id, exe.clone(), notice.clone()),
+        })),
+    };
     let selected = g.select(&p, &targets)?;
     let n_selected = selected.iter().filter(|s| **s).count();
     sink(&Event::RunStarted {
@@ -173,11 +198,12 @@ pub async fn run(
     let finished_sink = sink.clone();
     let driver = Arc::new(Driver {
         store: ws.store(),
-        slots: Slots::new(opts.jobs, opts.gpu_devices.clone()),
+        backend,
+        adoptable: Mutex::new(adoptable),
         outcomes: Mutex::new(vec![None; n]),
         hasher: Mutex::new(hasher),
         fail_fast: opts.fail_fast,
-        exe: current_exe()?,
+        exe,
         metrics: mtx,
         p,
         g,
@@ -189,7 +215,12 @@ pub async fn run(
         sink,
     });
 
-    let result = driver.clone().drive(&selected).await;
+    let mut result = driver.clone().drive(&selected).await;
+    if let Err(e) = driver.release_unadopted().await
+        && result.is_ok()
+    {
+        result = Err(e);
+    }
     // Close the metrics channel (the driver holds the last sender) and flush.
     let counts = driver.counts(&selected);
     let interrupted = driver.cancel.is_cancelled() && !driver.fail_fast;
@@ -267,4 +298,62 @@ pub(crate) fn stage_material(
             .device_dependent()
             .then(|| if st.resources.gpus > 0 { "cuda" } else { "cpu" }.to_string()),
     })
+}
+
+/// The Slurm back-end of run `run_id`; its job name is unique to the run
+/// and the workspace, so a resumed driver polls the same jobs.
+fn slurm_executor(
+    p: &Pipeline,
+    ws: &Workspace,
+    run_id: i64,
+    exe: std::path::PathBuf,
+    notice: Arc<dyn Fn(String) + Send + Sync>,
+) -> SlurmExecutor {
+    let ws_tag = blake3::hash(ws.root.as_os_str().as_encoded_bytes()).to_hex();
+    SlurmExecutor::new(
+        p.executor.clone(),
+        &format!("{}-r{run_id}", &ws_tag[..10]),
+        exe,
+        notice,
+    )
+}
+
+/// Stage runs a stopped driver left running whose Slurm job is still queued
+/// or running, by stage key: the resumed driver waits for these jobs instead
+/// of submitting them again. Matched by the job's comment (stage, key and
+/// attempt), so a job submitted just before its driver died, whose id never
+/// reached the registry, is found too.
+async fn adoptable_jobs(
+    registry: &Registry,
+    ex: &SlurmExecutor,
+    run_id: i64,
+) -> Result<HashMap<String, Adopted>> {
+    let rows = registry.running_stage_runs(run_id).await?;
+    if !rows.iter().any(|r| r.worker == "slurm") {
+        return Ok(HashMap::new());
+    }
+    let jobs = ex.jobs().await.map_err(|e| {
+        crate::error::Error::Slurm(format!(
+            "cannot see this run's jobs to resume it ({e}); nothing was resubmitted, try again when Slurm answers"
+        ))
+    })?;
+    let mut found = HashMap::new();
+    for r in rows.iter().filter(|r| r.worker == "slurm") {
+        let comment = format!("haic:{}:{}:{}", r.stage, r.key, r.attempt);
+        if let Some(j) = jobs.iter().find(|j| j.comment == comment && !j.finished()) {
+            if r.job_id.is_none() {
+                registry.set_job_id(r.id, &j.id.to_string()).await?;
+            }
+            found.insert(
+                r.key.clone(),
+                Adopted {
+                    row_id: r.id,
+                    job_id: j.id,
+                    attempt: r.attempt,
+                    log: r.log_path.clone().into(),
+                },
+            );
+        }
+    }
+    Ok(found)
 }

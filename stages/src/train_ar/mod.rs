@@ -162,7 +162,7 @@ impl StageKind for TrainAr {
     }
 
     fn version(&self) -> u32 {
-        1
+        2 // 2: metrics.json without the reconstruction's seconds
     }
 
     fn device_dependent(&self) -> bool {
@@ -381,6 +381,10 @@ impl<'a> Trainer<'a> {
             if due.checkpoint {
                 self.save_checkpoint()?;
             }
+            if due.stop {
+                ctx.stopping_after_checkpoint(self.step);
+                return Err(Error::Stopped(self.step).into());
+            }
             ctx.progress(
                 self.step,
                 total,
@@ -472,8 +476,14 @@ impl<'a> Trainer<'a> {
                 Sampling::Cached,
             )
             .map_err(Error::candle("sampling"))?;
-        let seconds = started.elapsed().as_secs_f64();
         let s = self.step as i64;
+        // A metric, not part of metrics.json: the artifact's digest depends
+        // only on the stage's inputs.
+        self.ctx.metric(
+            "val.reconstruction_seconds",
+            s,
+            started.elapsed().as_secs_f64(),
+        );
         let result = match info.target {
             InputKind::Pixels { channels } => {
                 let mse = samples
@@ -493,7 +503,7 @@ impl<'a> Trainer<'a> {
                     (info.height, info.width, channels),
                     n,
                 )?;
-                json!({"rows": n, "mse": mse, "psnr": psnr, "seconds": seconds})
+                json!({"rows": n, "mse": mse, "psnr": psnr})
             }
             InputKind::Codes { .. } => {
                 let same = samples
@@ -503,7 +513,7 @@ impl<'a> Trainer<'a> {
                     .count();
                 let accuracy = same as f64 / samples.len() as f64;
                 self.ctx.metric("val.reconstruction_accuracy", s, accuracy);
-                json!({"rows": n, "accuracy": accuracy, "seconds": seconds})
+                json!({"rows": n, "accuracy": accuracy})
             }
         };
         eprintln!("reconstruction: {result}");

@@ -358,6 +358,10 @@ impl<'a> Trainer<'a> {
             if due.checkpoint {
                 self.save_checkpoint()?;
             }
+            if due.stop {
+                ctx.stopping_after_checkpoint(self.step);
+                return Err(Error::Stopped(self.step).into());
+            }
             ctx.progress(
                 self.step,
                 total,
