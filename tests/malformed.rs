@@ -199,6 +199,16 @@ const CASES: &[Case] = &[
         yaml: "stages:\n\ta:\n\t\tkind: command\n",
         expect: &["pipeline.yaml:2:"],
     },
+    Case {
+        name: "a type error above the stages (this panicked once)",
+        yaml: "defaults: {timeout: x}\nstages:\n  a:\n    kind: command\n    cmd: x\n",
+        expect: &["pipeline.yaml:1:21", "expected a whole number >= 0"],
+    },
+    Case {
+        name: "an unknown executor",
+        yaml: "executor: {kind: pbs}\nstages:\n  a:\n    kind: command\n    cmd: x\n",
+        expect: &["pipeline.yaml:1:", "pbs"],
+    },
 ];
 
 #[test]

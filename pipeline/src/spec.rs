@@ -518,6 +518,10 @@ fn stage_at_line(text: &str, line: u64) -> Option<String> {
         return None;
     }
     let upto = (line as usize).min(lines.len());
+    // An error above the stages (in `executor:`, say) is in no stage.
+    if upto <= stages_at + 1 {
+        return None;
+    }
     for l in lines[stages_at + 1..upto].iter().rev() {
         if !is_content(l) {
             continue;
@@ -711,6 +715,40 @@ mod tests {
 
     fn parse_str(s: &str) -> Result<Pipeline> {
         parse(s, Path::new("/p/pipe.yaml"), &OnlyCommand)
+    }
+
+    #[test]
+    fn the_executor_block_is_read_and_checked() {
+        let stage = "stages:\n  a: {kind: command, cmd: x}\n";
+        let p = parse_str(stage).unwrap();
+        assert_eq!(p.executor, ExecutorSpec::default());
+        let p = parse_str(&format!(
+            "executor: {{kind: slurm, partition: gpu, time: \"1:00:00\", poll_interval: 0.5, sbatch_args: [--qos=x]}}\n{stage}"
+        ))
+        .unwrap();
+        assert_eq!(p.executor.kind, ExecutorKind::Slurm);
+        assert_eq!(p.executor.partition.as_deref(), Some("gpu"));
+        assert_eq!(p.executor.poll_interval, 0.5);
+        assert_eq!(p.executor.signal_before_limit, 120);
+        assert_eq!(p.executor.sbatch_args, ["--qos=x"]);
+
+        let e = parse_str(&format!("executor: {{kind: pbs}}\n{stage}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("/p/pipe.yaml:1:") && e.contains("pbs"), "{e}");
+        let e = parse_str(&format!(
+            "executor: {{kind: slurm, partitoin: gpu}}\n{stage}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("partitoin"), "{e}");
+        let e = parse_str(&format!("executor: {{poll_interval: 0}}\n{stage}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/p/pipe.yaml:1:") && e.contains("executor.poll_interval is 0"),
+            "{e}"
+        );
     }
 
     #[test]
