@@ -8,7 +8,8 @@
 #
 # DIR (default /tmp/haic-slurm) holds everything: config, munge key and
 # socket, state, logs, pid files. Clients find the cluster through
-# SLURM_CONF=DIR/etc/slurm.conf. Facts this rests on:
+# SLURM_CONF=DIR/etc/slurm.conf. HAIC_SLURM_PORT (default 16817, and the
+# next port) lets two such clusters run side by side. Facts this rests on:
 # ../shared/notes/slurm-local.md (munged as the munge user with a 711 socket
 # folder, fake GPUs as character devices, timeouts on every client call).
 set -euo pipefail
@@ -16,12 +17,20 @@ set -euo pipefail
 cmd=${1:-}
 dir=${2:-${HAIC_SLURM_DIR:-/tmp/haic-slurm}}
 conf="$dir/etc/slurm.conf"
+port=${HAIC_SLURM_PORT:-16817}
 
 need_root() {
   if [ "$(id -u)" != 0 ]; then
     echo "slurm-local: $1 needs root (slurmd and munged switch users)" >&2
     exit 1
   fi
+}
+
+# A start that failed stops what it started.
+fail() {
+  echo "slurm-local: $1" >&2
+  "$0" stop "$dir" >/dev/null 2>&1 || true
+  exit 1
 }
 
 # kill PID if it is still the daemon named NAME (a pid file can be stale).
@@ -79,8 +88,8 @@ start)
   cat >"$conf" <<EOF
 ClusterName=haic
 SlurmctldHost=localhost
-SlurmctldPort=16817
-SlurmdPort=16818
+SlurmctldPort=$port
+SlurmdPort=$((port + 1))
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -112,8 +121,8 @@ AutoDetect=off
 NodeName=$host Name=gpu File=$dir/dev/nvidia[0-1]
 EOF
   export SLURM_CONF="$conf"
-  slurmctld -i
-  slurmd
+  slurmctld -i || fail "slurmctld did not start; logs in $dir/log"
+  slurmd || fail "slurmd did not start; logs in $dir/log"
   # Ready when the node is idle; stop early if a daemon died.
   for _ in $(seq 100); do
     state=$(timeout 5 sinfo -h -o %T 2>/dev/null || true)
@@ -124,17 +133,15 @@ EOF
         sleep 0.5
         pid=$(cat "$dir/$d.pid" 2>/dev/null || true)
         if [ -z "$pid" ] || [ ! -d "/proc/$pid" ]; then
-          echo "slurm-local: $d did not start; its log:" >&2
           tail -20 "$dir/log/$d.log" >&2 || true
-          exit 1
+          fail "$d did not start (its log is above; another cluster on port $port? set HAIC_SLURM_PORT)"
         fi
       fi
     done
     sleep 0.2
   done
   if [ "$state" != idle ]; then
-    echo "slurm-local: node not idle after 20 s (state: ${state:-none}); logs in $dir/log" >&2
-    exit 1
+    fail "node not idle after 20 s (state: ${state:-none}); logs in $dir/log"
   fi
   echo "$conf"
   ;;

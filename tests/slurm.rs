@@ -390,3 +390,58 @@ stages:
         "one stage run, one job: requeued, not resubmitted"
     );
 }
+
+#[test]
+fn slurm_client_failures_are_retried_and_reported_not_taken_as_job_failures() {
+    let Some(_c) = cluster() else { return };
+    // `sbatch` and `squeue` that fail their first calls the way an
+    // overloaded controller does, then work.
+    let bin = tempfile::tempdir().expect("tempdir");
+    for (tool, fails) in [("sbatch", 1), ("squeue", 3)] {
+        let real = String::from_utf8(
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .expect("which")
+                .stdout,
+        )
+        .expect("utf-8");
+        let script = format!(
+            "#!/bin/sh\nn=$(cat '{dir}/{tool}.count' 2>/dev/null || echo 0)\necho $((n + 1)) > '{dir}/{tool}.count'\nif [ \"$n\" -lt {fails} ]; then echo '{tool}: error: Socket timed out on send/recv operation' >&2; exit 1; fi\nexec {real} \"$@\"\n",
+            dir = bin.path().display(),
+            real = real.trim(),
+        );
+        let path = bin.path().join(tool);
+        std::fs::write(&path, script).expect("write");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let p = Project::new(&format!(
+        "{FAST_POLL}stages:\n  a:\n    kind: command\n    cmd: \"echo done > a.txt\"\n    outs: [a.txt]\n"
+    ));
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = p
+        .cmd(&["run", "pipeline.yaml"])
+        .env("PATH", path)
+        .output()
+        .expect("run");
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("sbatch for stage `a` failed (try 1 of 5)")
+            && err.contains("Socket timed out"),
+        "{err}"
+    );
+    assert!(err.contains("polling Slurm failed (1 in a row"), "{err}");
+    assert_eq!(p.read("a.txt"), "done\n");
+    let name = &job_fields(&wait_for_job(&p, "a"))["JobName"];
+    let jobs = slurm(
+        "squeue",
+        &["--name", name, "--states=all", "-h", "-o", "%i"],
+    );
+    assert_eq!(jobs.lines().count(), 1, "submitted once: {jobs}");
+}
