@@ -46,7 +46,8 @@ enum Cmd {
         /// CPU worker slots.
         #[arg(long, short, default_value_t = default_jobs())]
         jobs: u32,
-        /// GPU devices to hand out as slots, e.g. `cuda:0,cuda:1`.
+        /// GPU devices to hand out as slots, e.g. `cuda:0,cuda:1` (default:
+        /// CUDA_VISIBLE_DEVICES, else every GPU the CUDA driver sees).
         #[arg(long, value_delimiter = ',')]
         gpus: Vec<String>,
         /// Where stages run: `local` worker processes or `slurm` jobs
@@ -312,7 +313,11 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 targets: stages,
                 resume,
                 jobs,
-                gpu_devices: gpus,
+                gpu_devices: if gpus.is_empty() {
+                    pipeline::executor::gpus::visible_gpus()
+                } else {
+                    gpus
+                },
                 fail_fast,
                 wait_lock: wait,
                 executor: executor.map(Into::into),

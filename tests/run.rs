@@ -496,3 +496,60 @@ fn a_worker_computes_with_as_many_threads_as_cpu_slots_it_holds() {
     assert_eq!(p.read("one.txt"), "1\n");
     assert_eq!(p.read("two.txt"), "2\n");
 }
+
+#[test]
+fn gpu_slots_come_from_cuda_visible_devices_one_stage_per_device() {
+    let stage = |name: &str, gpus: u32| {
+        format!(
+            "  {name}:\n    kind: command\n    cmd: \"date +%s.%N > {name}.start; echo $CUDA_VISIBLE_DEVICES $HAIC_DEVICE > {name}.txt; sleep 1; date +%s.%N > {name}.end\"\n    outs: [{name}.start, {name}.txt, {name}.end]\n    resources: {{gpus: {gpus}}}\n"
+        )
+    };
+    let p = Project::new(&format!(
+        "stages:\n{}{}{}",
+        stage("a", 1),
+        stage("b", 1),
+        stage("c", 0)
+    ));
+    // Devices 3 and 5 of a larger machine: the slots keep their ids.
+    let out = p
+        .cmd(&["run", "pipeline.yaml", "--jobs", "3"])
+        .env("CUDA_VISIBLE_DEVICES", "3,5")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut gpus = vec![p.read("a.txt"), p.read("b.txt")];
+    gpus.sort();
+    assert_eq!(gpus, ["3 cuda:3\n", "5 cuda:5\n"]);
+    assert_eq!(
+        p.read("c.txt"),
+        "cpu\n",
+        "no GPU for a stage that needs none"
+    );
+    let time = |f: &str| p.read(f).trim().parse::<f64>().expect("a time");
+    let (a0, a1, b0, b1) = (
+        time("a.start"),
+        time("a.end"),
+        time("b.start"),
+        time("b.end"),
+    );
+    assert!(
+        a0 < b1 && b0 < a1,
+        "both ran at once: a {a0}-{a1}, b {b0}-{b1}"
+    );
+    let mut devices: Vec<String> = p
+        .query("SELECT device FROM stage_runs ORDER BY stage")
+        .iter()
+        .map(|r| r["device"].as_str().unwrap_or_default().to_string())
+        .collect();
+    devices.sort();
+    assert_eq!(devices, ["cpu", "cuda:3", "cuda:5"]);
+
+    // More GPUs than the machine has: a clear failure, not a hang.
+    let p = Project::new(&format!("stages:\n{}", stage("big", 3)));
+    let out = p
+        .cmd(&["run", "pipeline.yaml"])
+        .env("CUDA_VISIBLE_DEVICES", "0,1")
+        .output()
+        .unwrap();
+    assert_error(&out, 1, "needs 3 GPU(s) but this driver has 2");
+}

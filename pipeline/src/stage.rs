@@ -204,10 +204,13 @@ pub enum WorkerEvent {
     Stopped {
         step: u64,
     },
-    /// Where the worker computes: its device and host (the first event).
+    /// Where the worker computes: its device, host and, on a GPU, the
+    /// GPU's name (the first event).
     Placed {
         device: String,
         host: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gpu: Option<String>,
     },
 }
 
@@ -457,6 +460,12 @@ pub fn run_job(kinds: &Kinds, mut job: Job, events: Box<dyn Write + Send>) -> i3
         &WorkerEvent::Placed {
             device: job.device.clone(),
             host: host_name(),
+            // The worker sees only its own devices (CUDA_VISIBLE_DEVICES).
+            gpu: job
+                .device
+                .starts_with("cuda")
+                .then(|| crate::executor::gpus::gpu_name(0))
+                .flatten(),
         },
     );
     let fail = |msg: String| report_failure(&events, msg);

@@ -8,7 +8,8 @@
 //! unobserved; `run --resume` then re-runs it from its last checkpoint.
 //!
 //! Slots: `--jobs N` CPU slots (a stage takes `resources.cpus` of them, at most
-//! N), and one slot per GPU device for stages with `resources.gpus > 0`. A
+//! N), and one slot per GPU device for stages with `resources.gpus > 0`
+//! (`--gpus`, else every visible GPU: see [`gpus`]). A
 //! worker computes with as many threads as it holds CPU slots
 //! (`RAYON_NUM_THREADS`, unless the driver's environment sets it), so stages
 //! running side by side do not oversubscribe the cores.
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Error, IoContext, Result};
 use crate::stage::WorkerEvent;
 
+pub mod gpus;
 pub mod slurm;
 
 /// How long a stopped worker gets between SIGTERM and SIGKILL.
@@ -173,9 +175,13 @@ pub fn spawn_local(launch: WorkerLaunch<'_>) -> Result<LocalWorker> {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         cmd.env("RAYON_NUM_THREADS", threads.to_string());
     }
-    if let Some(gpus) = device.strip_prefix("cuda:") {
-        cmd.env("CUDA_VISIBLE_DEVICES", gpus.replace(",cuda:", ","));
-    }
+    // A worker sees its own GPUs only; a CPU stage sees none (it would
+    // otherwise inherit the driver's CUDA_VISIBLE_DEVICES).
+    let visible = device
+        .strip_prefix("cuda:")
+        .map(|gpus| gpus.replace(",cuda:", ","))
+        .unwrap_or_default();
+    cmd.env("CUDA_VISIBLE_DEVICES", visible);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(|| {

@@ -444,7 +444,9 @@ fn batch_script(exe: &Path, job_file: &Path, gpus: u32) -> String {
         // The devices Slurm granted, in the local back-end's spelling.
         r#"HAIC_DEVICE="cuda:${CUDA_VISIBLE_DEVICES//,/,cuda:}""#
     } else {
-        "HAIC_DEVICE=cpu"
+        // No GPU for a stage that needs none, whatever the submitting
+        // shell's CUDA_VISIBLE_DEVICES was (sbatch exports it).
+        "HAIC_DEVICE=cpu CUDA_VISIBLE_DEVICES="
     };
     format!(
         r#"#!/bin/bash
@@ -700,7 +702,10 @@ mod tests {
         );
         assert!(s.contains(r"'/opt/it'\''s/haic-pipe' worker --job '/w/job.json' &"));
         assert!(s.contains("cuda:${CUDA_VISIBLE_DEVICES//,/,cuda:}"));
-        assert!(batch_script(Path::new("/x"), Path::new("/j"), 0).contains("HAIC_DEVICE=cpu"));
+        assert!(
+            batch_script(Path::new("/x"), Path::new("/j"), 0)
+                .contains("export HAIC_DEVICE=cpu CUDA_VISIBLE_DEVICES=\n")
+        );
     }
 
     #[test]

@@ -488,9 +488,17 @@ impl Driver {
                     value,
                 });
             }
-            WorkerEvent::Placed { device, host } => {
+            WorkerEvent::Placed { device, host, gpu } => {
+                // A local slot's device is known up front; a cluster job's
+                // only now. A GPU's name is worth recording either way.
+                let cluster = matches!(self.backend, Backend::Slurm(_));
                 if let Ok(mut p) = placed.lock() {
-                    *p = Some(format!("{device}@{host}"));
+                    *p = match (cluster, gpu) {
+                        (true, None) => Some(format!("{device}@{host}")),
+                        (true, Some(g)) => Some(format!("{device}@{host} ({g})")),
+                        (false, Some(g)) => Some(format!("{device} ({g})")),
+                        (false, None) => None,
+                    };
                 }
             }
             WorkerEvent::Stopped { step } => self.sink_notice(format!(
@@ -556,10 +564,7 @@ impl Driver {
             }
         };
         drop(slot);
-        // A local slot's device is known up front; a cluster job's only now.
-        if matches!(self.backend, Backend::Slurm(_))
-            && let Some(dev) = placed.lock().ok().and_then(|mut p| p.take())
-        {
+        if let Some(dev) = placed.lock().ok().and_then(|mut p| p.take()) {
             let _ = self.registry.set_device(id, &dev).await;
         }
         let lineage: Vec<(String, String)> = st
