@@ -44,6 +44,9 @@ const CLIENT_TRIES: u32 = 5;
 /// Polls a watched job may be missing from `squeue` and `sacct` (just
 /// submitted, or a slow controller) before it counts as lost.
 const MISSING_POLLS: u32 = 10;
+/// Times the driver requeues a job that ended right after its worker
+/// checkpointed (see [`SlurmExecutor::wait`]).
+const DRIVER_REQUEUES: u32 = 3;
 
 /// One job as `squeue` or `sacct` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,6 +273,10 @@ impl SlurmExecutor {
         let mut rx = self.states.clone();
         let mut events = EventTail::new(events_path(log));
         let mut missing = 0u32;
+        let mut requeues = 0u32;
+        // Polls during which a finished state is taken as stale, after the
+        // driver requeued the job.
+        let mut settling = 0u32;
         let mut seen_poll = rx.borrow().polls;
         let deadline = async {
             match timeout_s {
@@ -311,10 +318,42 @@ impl SlurmExecutor {
                 continue;
             };
             missing = 0;
-            if job.finished() {
-                events.read(&mut on_event);
-                break Ok(ending(job, &events, log));
+            if !job.finished() {
+                settling = 0;
+                continue;
             }
+            if settling > 0 {
+                settling -= 1;
+                continue;
+            }
+            events.read(&mut on_event);
+            let done = job.state == "COMPLETED" && events.published.is_some();
+            // The worker checkpointed and its script requeued the job, but
+            // the job ended anyway: a restart in the same second as the
+            // requeue finds its credential revoked ("Job credential
+            // revoked"). The checkpoint is there; requeue it once more.
+            if events.stopped && !done && requeues < DRIVER_REQUEUES {
+                requeues += 1;
+                (self.notice)(format!(
+                    "Slurm job {id} ended {} after its worker checkpointed; requeueing it ({requeues} of {DRIVER_REQUEUES})",
+                    job.state
+                ));
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let args = vec!["requeue".to_string(), id.to_string()];
+                match retried("scontrol requeue", &*self.notice, || {
+                    client("scontrol", &args)
+                })
+                .await
+                {
+                    Ok(_) => {
+                        events.stopped = false;
+                        settling = MISSING_POLLS;
+                        continue;
+                    }
+                    Err(e) => (self.notice)(format!("requeueing Slurm job {id} failed: {e}")),
+                }
+            }
+            break Ok(ending(job, &events, log));
         };
         self.unwatch(id);
         end
@@ -390,6 +429,8 @@ struct EventTail {
     partial: String,
     published: Option<(String, u64)>,
     failure: Option<String>,
+    /// The worker's last word was that it checkpointed and stopped.
+    stopped: bool,
 }
 
 impl EventTail {
@@ -400,6 +441,7 @@ impl EventTail {
             partial: String::new(),
             published: None,
             failure: None,
+            stopped: false,
         }
     }
 
@@ -419,19 +461,23 @@ impl EventTail {
         self.partial.push_str(&String::from_utf8_lossy(&buf));
         while let Some(nl) = self.partial.find('\n') {
             let line: String = self.partial.drain(..=nl).collect();
-            match serde_json::from_str::<WorkerEvent>(line.trim()) {
-                Ok(WorkerEvent::Published { digest, bytes, .. }) => {
+            let event = match serde_json::from_str::<WorkerEvent>(line.trim()) {
+                Ok(e) => e,
+                Err(_) => continue, // Slurm's own lines, if any
+            };
+            self.stopped = matches!(event, WorkerEvent::Stopped { .. });
+            match event {
+                WorkerEvent::Published { digest, bytes, .. } => {
                     self.published = Some((digest, bytes))
                 }
-                Ok(WorkerEvent::Failed { message }) => self.failure = Some(message),
-                // A requeued job starts over: an earlier attempt's failure
-                // no longer describes it.
-                Ok(e @ WorkerEvent::Stopped { .. }) => {
+                WorkerEvent::Failed { message } => self.failure = Some(message),
+                // A requeued job starts over: an earlier run's failure no
+                // longer describes it.
+                e @ WorkerEvent::Stopped { .. } => {
                     self.failure = None;
                     on_event(e)
                 }
-                Ok(e) => on_event(e),
-                Err(_) => {} // Slurm's own lines, if any
+                e => on_event(e),
             }
         }
     }
@@ -737,5 +783,13 @@ mod tests {
         tail.read(&mut |e| seen.push(e));
         assert_eq!(seen.len(), 2, "{seen:?}");
         assert_eq!(tail.failure, None, "a stop clears the earlier failure");
+        assert!(tail.stopped);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        writeln!(f, "{{\"event\":\"progress\",\"done\":6,\"total\":9}}").unwrap();
+        tail.read(&mut |e| seen.push(e));
+        assert!(!tail.stopped, "it ran again");
     }
 }
