@@ -275,9 +275,9 @@ fn workspace_for(cli_ws: &Option<PathBuf>, pipeline: Option<&Path>) -> Result<Wo
         Some(p) => Ok(Workspace::locate(p, cli_ws.as_deref())?),
         None => {
             let root = cli_ws.clone().unwrap_or_else(|| PathBuf::from(".haic"));
-            Ok(Workspace {
-                root: std::path::absolute(&root).context("resolving the workspace path")?,
-            })
+            Ok(Workspace::open(
+                std::path::absolute(&root).context("resolving the workspace path")?,
+            )?)
         }
     }
 }

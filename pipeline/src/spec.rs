@@ -85,6 +85,10 @@ pub struct ExecutorSpec {
     /// More `sbatch` arguments, passed as given.
     #[serde(default)]
     pub sbatch_args: Vec<String>,
+    /// An absolute folder on a filesystem the nodes share: the workspace's
+    /// artifacts, scratch and logs go there, its registry stays with the
+    /// driver (see [`crate::workspace`]).
+    pub shared_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +120,7 @@ impl Default for ExecutorSpec {
             poll_interval: default_poll_interval(),
             signal_before_limit: default_signal_before_limit(),
             sbatch_args: Vec::new(),
+            shared_dir: None,
         }
     }
 }
@@ -455,6 +460,20 @@ pub fn parse(text: &str, path: &Path, kinds: &dyn KindRules) -> Result<Pipeline>
                     message: format!(
                         "executor.poll_interval is {}; it must be a positive number of seconds",
                         e.value.poll_interval
+                    ),
+                    hint: None,
+                }
+                .into());
+            }
+            if let Some(d) = &e.value.shared_dir
+                && !d.is_absolute()
+            {
+                return Err(SpecError {
+                    pos: at(&e.referenced),
+                    stage: None,
+                    message: format!(
+                        "executor.shared_dir `{}` must be an absolute path (the nodes see it at the same path)",
+                        d.display()
                     ),
                     hint: None,
                 }

@@ -8,7 +8,14 @@
 //!   scratch/         per stage key: checkpoints, job files, the command sandbox
 //!   logs/            one log file per stage attempt
 //!   lock             held (flock) by the one process that may write
+//!   data-dir         only with `executor.shared_dir`: the folder that holds
+//!                    artifacts/, scratch/ and logs/ instead of this one
 //! ```
+//!
+//! With `executor.shared_dir` the stage data lives on a filesystem that
+//! cluster nodes share, while the registry and the lock stay here with the
+//! driver. The workspace records that folder once (`data-dir`), so every
+//! command finds the artifacts; it never moves them.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -21,7 +28,12 @@ use crate::error::{Error, IoContext, Result};
 #[derive(Debug, Clone)]
 pub struct Workspace {
     pub root: PathBuf,
+    /// Where artifacts/, scratch/ and logs/ are: `root`, or the folder that
+    /// `root/data-dir` names.
+    pub data: PathBuf,
 }
+
+const DATA_DIR_FILE: &str = "data-dir";
 
 impl Workspace {
     /// `explicit` (from `--workspace` or `HAIC_WORKSPACE`) or `.haic/` beside the pipeline.
@@ -34,12 +46,53 @@ impl Workspace {
                 abs.parent().unwrap_or(Path::new("/")).join(".haic")
             }
         };
-        Ok(Workspace { root })
+        Workspace::open(root)
+    }
+
+    /// The workspace at `root` (absolute), reading where its data lives.
+    pub fn open(root: PathBuf) -> Result<Workspace> {
+        let record = root.join(DATA_DIR_FILE);
+        let data = match std::fs::read_to_string(&record) {
+            Ok(text) => PathBuf::from(text.trim()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => root.clone(),
+            Err(e) => return Err(Error::io(format!("reading {}", record.display()), e)),
+        };
+        Ok(Workspace { root, data })
+    }
+
+    /// Puts this workspace's stage data in `dir` (absolute), recording it
+    /// once. Refused when the data already lives elsewhere: nothing moves.
+    pub fn use_shared_dir(&mut self, dir: &Path) -> Result<()> {
+        if self.data == dir {
+            return Ok(());
+        }
+        let has_artifacts = std::fs::read_dir(self.data.join("artifacts"))
+            .map(|rd| rd.flatten().any(|e| e.file_name().len() == 64))
+            .unwrap_or(false);
+        if self.data != self.root || has_artifacts {
+            return Err(Error::Invalid(format!(
+                "executor.shared_dir is {}, but workspace {} keeps its artifacts in {}; nothing is moved: use a new workspace (--workspace) for the new folder, or set shared_dir back",
+                dir.display(),
+                self.root.display(),
+                self.data.display()
+            )));
+        }
+        std::fs::create_dir_all(&self.root)
+            .ctx(|| format!("creating workspace folder {}", self.root.display()))?;
+        let record = self.root.join(DATA_DIR_FILE);
+        let tmp = self.root.join(format!(".{DATA_DIR_FILE}.tmp"));
+        std::fs::write(&tmp, format!("{}\n", dir.display()))
+            .ctx(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &record).ctx(|| format!("writing {}", record.display()))?;
+        self.data = dir.to_path_buf();
+        Ok(())
     }
 
     pub fn create(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.root)
+            .ctx(|| format!("creating workspace folder {}", self.root.display()))?;
         for d in ["artifacts/.staging", "scratch", "logs"] {
-            let p = self.root.join(d);
+            let p = self.data.join(d);
             std::fs::create_dir_all(&p)
                 .ctx(|| format!("creating workspace folder {}", p.display()))?;
         }
@@ -51,20 +104,21 @@ impl Workspace {
     }
 
     pub fn store(&self) -> ArtifactStore {
-        ArtifactStore::new(self.root.join("artifacts"))
+        ArtifactStore::new(self.data.join("artifacts"))
     }
 
     pub fn scratch(&self, key: &str) -> PathBuf {
-        self.root.join("scratch").join(key)
+        self.data.join("scratch").join(key)
     }
 
     pub fn logs(&self) -> PathBuf {
-        self.root.join("logs")
+        self.data.join("logs")
     }
 
     /// Takes the writer lock. Without `wait`, fails at once naming the holder.
     pub fn lock(&self, wait: bool) -> Result<WorkspaceLock> {
-        self.create()?;
+        std::fs::create_dir_all(&self.root)
+            .ctx(|| format!("creating workspace folder {}", self.root.display()))?;
         let path = self.root.join("lock");
         let mut file = OpenOptions::new()
             .read(true)
@@ -118,13 +172,41 @@ mod tests {
     #[test]
     fn second_lock_names_the_holder() {
         let dir = tempfile::tempdir().unwrap();
-        let ws = Workspace {
-            root: dir.path().join(".haic"),
-        };
+        let ws = Workspace::open(dir.path().join(".haic")).unwrap();
         let held = ws.lock(false).unwrap();
         let e = ws.lock(false).err().unwrap().to_string();
         assert!(e.contains(&std::process::id().to_string()), "{e}");
         drop(held);
         ws.lock(false).unwrap();
+    }
+
+    #[test]
+    fn a_shared_dir_is_recorded_once_and_never_swapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join(".haic");
+        let shared = dir.path().join("shared");
+        let mut ws = Workspace::open(root.clone()).unwrap();
+        assert_eq!(ws.data, root);
+        ws.use_shared_dir(&shared).unwrap();
+        ws.create().unwrap();
+        assert!(shared.join("artifacts").is_dir() && !root.join("artifacts").exists());
+        let again = Workspace::open(root.clone()).unwrap();
+        assert_eq!(again.store().root(), shared.join("artifacts"));
+        assert_eq!(again.registry_path(), root.join("registry.db"));
+        let mut again = again;
+        let e = again
+            .use_shared_dir(&dir.path().join("elsewhere"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("keeps its artifacts in") && e.contains("shared"),
+            "{e}"
+        );
+
+        // A workspace that already has artifacts of its own keeps them there.
+        let root2 = dir.path().join(".haic2");
+        std::fs::create_dir_all(root2.join("artifacts").join("a".repeat(64))).unwrap();
+        let mut ws2 = Workspace::open(root2).unwrap();
+        assert!(ws2.use_shared_dir(&shared).is_err());
     }
 }

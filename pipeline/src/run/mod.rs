@@ -117,7 +117,12 @@ pub async fn run(
 ) -> Result<RunSummary> {
     let started = Instant::now();
     let g = graph::build(&p)?;
+    let mut ws = ws;
     let _lock = ws.lock(opts.wait_lock)?;
+    if let Some(dir) = &p.executor.shared_dir {
+        ws.use_shared_dir(dir)?;
+    }
+    ws.create()?;
     let registry = Arc::new(Registry::open(&ws.registry_path()).await?);
     let pipeline_key = p.path.display().to_string();
     let text = std::fs::read(&p.path).ctx(|| format!("reading {}", p.path.display()))?;
