@@ -363,7 +363,8 @@ stages:
     let t = Instant::now();
     loop {
         let f = job_fields(&job);
-        if f["Restarts"] != "0" && f["JobState"] == "PENDING" && f["Reason"] == "BeginTime" {
+        let (restarted, state) = (f["Restarts"] != "0", f["JobState"].as_str());
+        if restarted && state == "PENDING" && f["Reason"] == "BeginTime" {
             std::thread::sleep(Duration::from_secs(2));
             slurm(
                 "scontrol",
@@ -371,7 +372,8 @@ stages:
             );
             break;
         }
-        if f["Restarts"] != "0" && f["JobState"] != "PENDING" {
+        // Running again, or over (REQUEUED and PENDING come before either).
+        if restarted && state != "PENDING" && !state.starts_with("REQUEUE") {
             break;
         }
         assert!(

@@ -8,8 +8,9 @@
 //!   and attempt (`haic:STAGE:KEY:ATTEMPT`): a resumed driver finds the jobs
 //!   its predecessor left running by key and adopts them.
 //! - **Files.** The job's stdout is the worker's event stream (JSON lines,
-//!   read as it grows), its stderr the stage log; both append, so a requeued
-//!   job continues them. The workspace must be on a filesystem the nodes
+//!   read as it grows, every 0.2 s), its stderr the stage log; both append,
+//!   so a requeued job continues them. A `published` event ends the stage at
+//!   once: dependents need not wait for the next poll. The workspace must be on a filesystem the nodes
 //!   share; only the driver writes the registry.
 //! - **Time limits.** `--signal=B:USR1@N` reaches the batch script, which
 //!   passes it to the worker; a training stage checkpoints and exits with
@@ -44,6 +45,8 @@ const CLIENT_TRIES: u32 = 5;
 /// Polls a watched job may be missing from `squeue` and `sacct` (just
 /// submitted, or a slow controller) before it counts as lost.
 const MISSING_POLLS: u32 = 10;
+/// How often a waiting stage reads its job's events file.
+const EVENTS_EVERY: Duration = Duration::from_millis(200);
 /// Times the driver requeues a job that ended right after its worker
 /// checkpointed (see [`SlurmExecutor::wait`]).
 const DRIVER_REQUEUES: u32 = 3;
@@ -285,12 +288,23 @@ impl SlurmExecutor {
             }
         };
         tokio::pin!(deadline);
+        // The events file is read more often than Slurm is polled: progress
+        // streams, and a published artifact ends the wait at once (the job
+        // may still be exiting; the artifact is committed either way).
+        let mut tail_tick = tokio::time::interval(EVENTS_EVERY);
         let end = loop {
             tokio::select! {
                 changed = rx.changed() => {
                     if changed.is_err() {
                         break Err(Error::Slurm("the poller stopped".into()));
                     }
+                }
+                _ = tail_tick.tick() => {
+                    events.read(&mut on_event);
+                    if let Some((digest, bytes)) = events.published.clone() {
+                        break Ok(WorkerEnd::Published { digest, bytes });
+                    }
+                    continue;
                 }
                 _ = cancel.cancelled() => {
                     self.cancel_run().await;

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU check of the cuda feature, for a machine with a GPU and the CUDA
+# toolkit (nvcc): builds with --features cuda, runs the smoke pipeline once
+# on CPU and once with every stage on a GPU, and prints per stage the device,
+# the seconds and the validation metrics of both runs side by side.
+#
+#   bash bench/gpu-smoke.sh            # the whole check
+#   HAIC_GPU_SMOKE_CPU_ONLY=1 bash bench/gpu-smoke.sh   # the CPU half only
+#                                      # (a default build; checks the script)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=$(mktemp -d)
+if [ -n "${HAIC_GPU_SMOKE_CPU_ONLY:-}" ]; then
+  cargo build --release -q
+  runs="cpu"
+else
+  cargo build --release -q --features cuda
+  runs="cpu gpu"
+fi
+bin=target/release/haic-pipe
+sed "s|^root: \.\.|root: $PWD|" pipelines/smoke.yaml >"$out/cpu.yaml"
+{ cat "$out/cpu.yaml"; echo "defaults: {resources: {gpus: 1}}"; } >"$out/gpu.yaml"
+
+query="SELECT s.stage, s.device,
+  round((julianday(s.finished_at) - julianday(s.started_at)) * 86400, 2) AS seconds,
+  group_concat(m.name || '=' || round(m.last_value, 4), ' ') AS metrics
+FROM stage_runs s LEFT JOIN metric_summaries m ON m.stage_run_id = s.id
+  AND m.name IN ('val.bits_per_dim', 'val.mse', 'val.accuracy', 'val.perplexity')
+WHERE s.status = 'succeeded' GROUP BY s.id ORDER BY s.id"
+for run in $runs; do
+  start=$(date +%s.%N)
+  HAIC_WORKSPACE="$out/ws-$run" "$bin" run "$out/$run.yaml" >"$out/$run.log" 2>&1 ||
+    { tail -20 "$out/$run.log"; exit 1; }
+  end=$(date +%s.%N)
+  echo "== $run: $(awk "BEGIN { printf \"%.1f\", $end - $start }") s in all"
+  HAIC_WORKSPACE="$out/ws-$run" "$bin" registry -p "$out/$run.yaml" query "$query"
+done
+echo "(workspaces and logs: $out)"
