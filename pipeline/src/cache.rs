@@ -424,6 +424,25 @@ impl ArtifactStore {
         Ok(m)
     }
 
+    /// Moves a damaged artifact out of the store (to `.damaged/KEY-N`), so
+    /// that its key is missing and its stage runs again. Returns where.
+    pub fn set_aside(&self, key: &str) -> Result<PathBuf> {
+        let dir = self.root.join(".damaged");
+        fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        let mut n = 0;
+        let target = loop {
+            let t = dir.join(format!("{key}-{n}"));
+            if !t.exists() {
+                break t;
+            }
+            n += 1;
+        };
+        let from = self.dir(key);
+        fs::rename(&from, &target)
+            .ctx(|| format!("moving {} to {}", from.display(), target.display()))?;
+        Ok(target)
+    }
+
     /// Keys of every published artifact.
     pub fn keys(&self) -> Result<Vec<String>> {
         let mut keys = Vec::new();

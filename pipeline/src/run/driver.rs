@@ -340,6 +340,15 @@ impl Driver {
             Ok(None) => {}
             Err(e) => self.sink_notice(format!("stage `{}`: {e}; running it again", st.name)),
         }
+        if let Err(msg) = self.verify_inputs(i).await {
+            let s = self
+                .record_unstarted(i, StageStatus::Failed, Some(msg))
+                .await;
+            if self.fail_fast {
+                self.cancel.cancel();
+            }
+            return s;
+        }
         match self.run_worker(i, &material, &key).await {
             Ok(s) => s,
             Err(e) => {
@@ -360,6 +369,38 @@ impl Driver {
                 StageStatus::Failed
             }
         }
+    }
+
+    /// Re-hashes the artifacts stage `i` reads against their manifests, so
+    /// that a damaged one (a flipped bit, a truncated file) is never used. A
+    /// damaged artifact is set aside under `artifacts/.damaged/`; the stage
+    /// fails saying so, and the next run re-creates the artifact.
+    async fn verify_inputs(&self, i: usize) -> std::result::Result<(), String> {
+        let st = &self.p.stages[i];
+        for (name, up) in &st.inputs {
+            let u = self.p.index[up.as_str()];
+            let Some(key) = self.outcome(u).and_then(|o| o.key) else {
+                continue;
+            };
+            let store = self.store.clone();
+            let k = key.clone();
+            let checked = tokio::task::spawn_blocking(move || store.verify(&k))
+                .await
+                .map_err(|e| format!("verifying input `{name}`: {e}"))?;
+            let Err(e) = checked else { continue };
+            let aside = self.store.set_aside(&key);
+            return Err(format!(
+                "input `{name}` (the artifact of stage `{up}`) is damaged: {e}; {}; `run --resume` (or `run`) makes it again",
+                match aside {
+                    Ok(path) => format!("it was moved to {}", path.display()),
+                    Err(e) => format!(
+                        "moving it aside failed too ({e}); remove {} by hand",
+                        self.store.dir(&key).display()
+                    ),
+                }
+            ));
+        }
+        Ok(())
     }
 
     /// Jobs left to adopt after the run (their stage's key changed, or the
