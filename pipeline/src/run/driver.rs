@@ -393,6 +393,8 @@ impl Driver {
                 "input `{name}` (the artifact of stage `{up}`) is damaged: {e}; {}; `run --resume` (or `run`) makes it again",
                 match aside {
                     Ok(path) => format!("it was moved to {}", path.display()),
+                    // A sibling stage found it first and moved it.
+                    Err(_) if !self.store.dir(&key).exists() => "it is out of the store".into(),
                     Err(e) => format!(
                         "moving it aside failed too ({e}); remove {} by hand",
                         self.store.dir(&key).display()
@@ -403,8 +405,9 @@ impl Driver {
         Ok(())
     }
 
-    /// Jobs left to adopt after the run (their stage's key changed, or the
-    /// stage was not selected): cancelled, their rows closed as interrupted.
+    /// Jobs left to adopt after the run (their stage was cached by then, not
+    /// selected, or its key changed): cancelled, their rows closed as
+    /// interrupted.
     pub(super) async fn release_unadopted(&self) -> Result<()> {
         let left: Vec<Adopted> = self
             .adoptable
@@ -421,7 +424,7 @@ impl Driver {
                     a.row_id,
                     StageStatus::Interrupted,
                     Some(&format!(
-                        "Slurm job {} was cancelled on resume: its stage was not run again with the same key",
+                        "the resumed run did not wait for Slurm job {} (its stage was cached by then, not selected, or its key changed); cancelled if it still ran",
                         a.job_id
                     )),
                 )
