@@ -34,18 +34,6 @@ impl Rng {
     }
 }
 
-fn digests(p: &Project) -> BTreeMap<String, String> {
-    p.query("SELECT stage, digest FROM artifacts")
-        .into_iter()
-        .map(|r| {
-            (
-                r["stage"].as_str().unwrap_or_default().to_string(),
-                r["digest"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect()
-}
-
 /// `(stage, kind, pid)` of the local workers running now.
 fn running_workers(p: &Project) -> Vec<(String, String, u32)> {
     p.try_query("SELECT stage, kind, worker FROM stage_runs WHERE status = 'running'")
@@ -92,12 +80,7 @@ fn episode(rng: &mut Rng, want_kills: usize, want: &BTreeMap<String, String>) ->
         if drivers > 1 {
             args.push("--resume");
         }
-        let mut driver = p
-            .cmd(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("driver");
+        let mut driver = p.spawn(&args, false);
         if kills.len() >= want_kills {
             let status = driver.wait().expect("driver");
             assert!(status.success(), "the last resume failed: {status}");
@@ -147,7 +130,7 @@ fn episode(rng: &mut Rng, want_kills: usize, want: &BTreeMap<String, String>) ->
         }
     }
 
-    assert_eq!(&digests(&p), want, "the same artifacts as without kills");
+    assert_eq!(&p.digests(), want, "the same artifacts as without kills");
     assert_eq!(integrity_check(&p), "ok");
     let left = p.query("SELECT stage FROM stage_runs WHERE status IN ('running', 'pending')");
     assert!(left.is_empty(), "left running: {left:?}");
@@ -185,7 +168,7 @@ fn kill_9_chaos_ends_with_the_uninterrupted_digests() {
     let whole = smoke("");
     let out = whole.run(&[]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let want = digests(&whole);
+    let want = whole.digests();
     assert_eq!(want.len(), 14);
 
     let mut rng = Rng(seed);

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{Project, stderr};
@@ -32,12 +31,7 @@ fn chain() -> String {
 #[test]
 fn queries_while_a_run_writes_never_block_and_see_whole_rows() {
     let p = Project::new(&chain());
-    let mut driver = p
-        .cmd(&["run", "pipeline.yaml"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("driver");
+    let mut driver = p.spawn(&["run", "pipeline.yaml"], false);
     let mut last_done = 0;
     let mut answered = 0;
     let t = Instant::now();
@@ -91,12 +85,7 @@ fn gc_or_a_second_run_during_a_run_is_refused_and_deletes_nothing() {
         chain().replace("echo 0 > s0.txt", "echo zero > s0.txt"),
     )
     .unwrap();
-    let mut driver = p
-        .cmd(&["run", "pipeline.yaml"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("driver");
+    let mut driver = p.spawn(&["run", "pipeline.yaml"], false);
     let t = Instant::now();
     while p.artifact_count() == before {
         assert!(

@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Project, assert_error, pairs, send_signal, sorted, stderr};
+use common::{Project, assert_error, assert_ran_at_once, pairs, send_signal, sorted, stderr};
 
 const CHAIN: &str = r#"
 stages:
@@ -525,17 +525,7 @@ fn gpu_slots_come_from_cuda_visible_devices_one_stage_per_device() {
         "cpu\n",
         "no GPU for a stage that needs none"
     );
-    let time = |f: &str| p.read(f).trim().parse::<f64>().expect("a time");
-    let (a0, a1, b0, b1) = (
-        time("a.start"),
-        time("a.end"),
-        time("b.start"),
-        time("b.end"),
-    );
-    assert!(
-        a0 < b1 && b0 < a1,
-        "both ran at once: a {a0}-{a1}, b {b0}-{b1}"
-    );
+    assert_ran_at_once(&p, "a", "b");
     let mut devices: Vec<String> = p
         .query("SELECT device FROM stage_runs ORDER BY stage")
         .iter()

@@ -7,11 +7,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{Project, repo, send_signal, smoke, stderr};
+use common::{Project, assert_ran_at_once, repo, send_signal, smoke, stderr};
 
 static CLUSTER: Mutex<()> = Mutex::new(());
 
@@ -55,19 +55,6 @@ fn job_fields(id: &str) -> BTreeMap<String, String> {
 /// Polls every 0.2 s so that the tests do not wait on the default 5 s.
 const FAST_POLL: &str = "executor: {kind: slurm, poll_interval: 0.2}\n";
 
-/// stage -> artifact digest of a project's registry.
-fn digests(p: &Project) -> BTreeMap<String, String> {
-    p.query("SELECT stage, digest FROM artifacts")
-        .into_iter()
-        .map(|r| {
-            (
-                r["stage"].as_str().unwrap_or_default().to_string(),
-                r["digest"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect()
-}
-
 /// The Slurm job id recorded for `stage`, once there is one.
 fn wait_for_job(p: &Project, stage: &str) -> String {
     let t = Instant::now();
@@ -107,7 +94,7 @@ fn the_smoke_pipeline_on_slurm_ends_with_the_local_digests() {
     let out = on_slurm.run(&["--executor", "slurm"]);
     assert!(out.status.success(), "{}", stderr(&out));
 
-    let (want, got) = (digests(&local), digests(&on_slurm));
+    let (want, got) = (local.digests(), on_slurm.digests());
     assert_eq!(want.len(), 14, "{want:?}");
     assert_eq!(got, want, "same artifacts, bit for bit");
     let rows =
@@ -140,17 +127,7 @@ fn two_gpu_stages_run_at_once_on_different_devices() {
     let mut devices = vec![p.read("a.txt"), p.read("b.txt")];
     devices.sort();
     assert_eq!(devices, ["0 cuda:0\n", "1 cuda:1\n"]);
-    let time = |f: &str| p.read(f).trim().parse::<f64>().expect("a time");
-    let (a0, a1, b0, b1) = (
-        time("a.start"),
-        time("a.end"),
-        time("b.start"),
-        time("b.end"),
-    );
-    assert!(
-        a0 < b1 && b0 < a1,
-        "both ran at once: a {a0}-{a1}, b {b0}-{b1}"
-    );
+    assert_ran_at_once(&p, "a", "b");
     let mut recorded: Vec<String> = p
         .query("SELECT device FROM stage_runs")
         .iter()
@@ -225,12 +202,7 @@ fn a_killed_driver_resumes_by_adopting_its_running_jobs() {
     outs: [after.txt]
 "
     ));
-    let mut driver = p
-        .cmd(&["run", "pipeline.yaml"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("driver");
+    let mut driver = p.spawn(&["run", "pipeline.yaml"], false);
     let job = wait_for_job(&p, "slow");
     wait_for_state(&job, "RUNNING");
     send_signal(driver.id(), "KILL");
@@ -276,12 +248,7 @@ fn stopping_the_driver_cancels_the_runs_jobs() {
     outs: [slow.txt]
 "
     ));
-    let driver = p
-        .cmd(&["run", "pipeline.yaml"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("driver");
+    let driver = p.spawn(&["run", "pipeline.yaml"], true);
     let job = wait_for_job(&p, "slow");
     wait_for_state(&job, "RUNNING");
     send_signal(driver.id(), "TERM");
@@ -330,12 +297,7 @@ stages:
     assert!(out.status.success(), "{}", stderr(&out));
 
     let p = Project::new(&pipeline(FAST_POLL));
-    let driver = p
-        .cmd(&["run", "pipeline.yaml"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("driver");
+    let driver = p.spawn(&["run", "pipeline.yaml"], true);
     let job = wait_for_job(&p, "vq1");
     // What Slurm sends `signal_before_limit` seconds before the time limit
     // (`--signal=B:USR1@N`), sent now: to the batch script, after step 20.
@@ -372,8 +334,9 @@ stages:
             );
             break;
         }
-        // Running again, or over (REQUEUED and PENDING come before either).
-        if restarted && state != "PENDING" && !state.starts_with("REQUEUE") {
+        // Running again, or over (COMPLETING, REQUEUED and PENDING come
+        // before either).
+        if restarted && ["RUNNING", "COMPLETED", "FAILED", "CANCELLED"].contains(&state) {
             break;
         }
         assert!(
@@ -395,7 +358,7 @@ stages:
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("the requeued job resumed:\n{log}"));
     assert!((20..200).contains(&step), "resumed at step {step}");
-    assert_eq!(digests(&p), digests(&local), "continued, to the same bytes");
+    assert_eq!(p.digests(), local.digests(), "continued, to the same bytes");
     assert_eq!(
         p.query("SELECT count(*) AS n FROM stage_runs WHERE stage = 'vq1'")[0]["n"],
         1,

@@ -1,6 +1,7 @@
 //! Helpers for end-to-end tests of the `haic-pipe` binary.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -172,6 +173,33 @@ impl Project {
         std::fs::read_to_string(rows[0]["log_path"].as_str().expect("log path")).expect("log")
     }
 
+    /// `stage -> artifact digest` of every artifact in the registry.
+    pub fn digests(&self) -> BTreeMap<String, String> {
+        self.query("SELECT stage, digest FROM artifacts")
+            .into_iter()
+            .map(|r| {
+                (
+                    r["stage"].as_str().unwrap_or_default().to_string(),
+                    r["digest"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// Starts `haic-pipe ARGS` in the background; stdout is dropped, stderr
+    /// kept (for `wait_with_output`) when `keep_stderr`.
+    pub fn spawn(&self, args: &[&str], keep_stderr: bool) -> std::process::Child {
+        self.cmd(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(if keep_stderr {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            })
+            .spawn()
+            .expect("starting haic-pipe")
+    }
+
     pub fn artifact_count(&self) -> usize {
         count_artifacts(&self.path(".haic/artifacts"))
     }
@@ -181,6 +209,18 @@ pub fn count_artifacts(dir: &Path) -> usize {
     std::fs::read_dir(dir)
         .map(|rd| rd.flatten().filter(|e| e.file_name().len() == 64).count())
         .unwrap_or(0)
+}
+
+/// Stages `a` and `b` wrote `NAME.start` and `NAME.end` (`date +%s.%N`):
+/// they ran at the same time.
+pub fn assert_ran_at_once(p: &Project, a: &str, b: &str) {
+    let time = |f: String| p.read(&f).trim().parse::<f64>().expect("a time");
+    let (a0, a1) = (time(format!("{a}.start")), time(format!("{a}.end")));
+    let (b0, b1) = (time(format!("{b}.start")), time(format!("{b}.end")));
+    assert!(
+        a0 < b1 && b0 < a1,
+        "both ran at once: {a} {a0}-{a1}, {b} {b0}-{b1}"
+    );
 }
 
 /// `kill -SIG PID`.

@@ -276,6 +276,17 @@ impl Driver {
         status
     }
 
+    /// Stage `i` failed before a worker started (`--fail-fast` stops the rest).
+    async fn fail_unstarted(&self, i: usize, msg: String) -> StageStatus {
+        let s = self
+            .record_unstarted(i, StageStatus::Failed, Some(msg))
+            .await;
+        if self.fail_fast {
+            self.cancel.cancel();
+        }
+        s
+    }
+
     /// Runs stage `i` if it must; records and returns its status.
     async fn execute(self: Arc<Self>, i: usize) -> StageStatus {
         let st = &self.p.stages[i];
@@ -301,15 +312,7 @@ impl Driver {
         }
         let material = match self.material(i) {
             Ok(m) => m,
-            Err(msg) => {
-                let s = self
-                    .record_unstarted(i, StageStatus::Failed, Some(msg))
-                    .await;
-                if self.fail_fast {
-                    self.cancel.cancel();
-                }
-                return s;
-            }
+            Err(msg) => return self.fail_unstarted(i, msg).await,
         };
         let key = material.key();
         match self.store.manifest(&key) {
@@ -341,13 +344,7 @@ impl Driver {
             Err(e) => self.sink_notice(format!("stage `{}`: {e}; running it again", st.name)),
         }
         if let Err(msg) = self.verify_inputs(i).await {
-            let s = self
-                .record_unstarted(i, StageStatus::Failed, Some(msg))
-                .await;
-            if self.fail_fast {
-                self.cancel.cancel();
-            }
-            return s;
+            return self.fail_unstarted(i, msg).await;
         }
         match self.run_worker(i, &material, &key).await {
             Ok(s) => s,
