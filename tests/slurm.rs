@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{Project, assert_ran_at_once, repo, send_signal, smoke, stderr};
+use common::{Project, assert_ran_at_once, send_signal, smoke, stderr};
 
 static CLUSTER: Mutex<()> = Mutex::new(());
 
@@ -261,43 +261,21 @@ fn stopping_the_driver_cancels_the_runs_jobs() {
 #[test]
 fn sigusr1_before_the_time_limit_checkpoints_and_the_requeued_job_continues() {
     let Some(_c) = cluster() else { return };
-    let pipeline = |extra: &str| {
-        format!(
-            "{extra}root: {root}
-stages:
-  prep:
-    kind: preprocess
-    params:
-      source:
-        format: idx
-        train:
-          images: data/fashion-mnist/train-images-idx3-ubyte.gz
-          labels: data/fashion-mnist/train-labels-idx1-ubyte.gz
-      transforms: {{pad: 2}}
-      subset: 300
-      validation: {{fraction: 0.1, seed: 0}}
-  vq1:
-    kind: train_vq
-    inputs: {{table: prep}}
-    params:
-      steps: 200
-      batch_size: 16
-      checkpoint_every: 1000
-      validation_rows: 30
-      encoder: {{hidden: 8, res_blocks: 1, res_hidden: 4, downsample: 2, dim: 8}}
-      quantiser: {{codebook_size: 16}}
-      decoder: {{kind: ff, hidden: 8, res_blocks: 1, res_hidden: 4}}
-      optimizer: {{lr: 0.003}}
-",
-            root = repo().display()
-        )
+    // The smoke pipeline's level 1, trained for 200 steps instead of 20.
+    let vq1_for_200_steps = |p: &Project| {
+        let text = p
+            .read("pipeline.yaml")
+            .replacen("steps: 20\n", "steps: 200\n", 1);
+        p.write("pipeline.yaml", &text);
     };
-    let local = Project::new(&pipeline(""));
-    let out = local.run(&[]);
+    let local = smoke("");
+    vq1_for_200_steps(&local);
+    let out = local.run(&["vq1"]);
     assert!(out.status.success(), "{}", stderr(&out));
 
-    let p = Project::new(&pipeline(FAST_POLL));
-    let driver = p.spawn(&["run", "pipeline.yaml"], true);
+    let p = smoke(FAST_POLL);
+    vq1_for_200_steps(&p);
+    let driver = p.spawn(&["run", "pipeline.yaml", "vq1"], true);
     let job = wait_for_job(&p, "vq1");
     // What Slurm sends `signal_before_limit` seconds before the time limit
     // (`--signal=B:USR1@N`), sent now: to the batch script, after step 20.
