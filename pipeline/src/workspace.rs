@@ -66,9 +66,7 @@ impl Workspace {
         if self.data == dir {
             return Ok(());
         }
-        let has_artifacts = std::fs::read_dir(self.data.join("artifacts"))
-            .map(|rd| rd.flatten().any(|e| e.file_name().len() == 64))
-            .unwrap_or(false);
+        let has_artifacts = !self.store().keys()?.is_empty();
         if self.data != self.root || has_artifacts {
             return Err(Error::Invalid(format!(
                 "executor.shared_dir is {}, but workspace {} keeps its artifacts in {}; nothing is moved: use a new workspace (--workspace) for the new folder, or set shared_dir back",

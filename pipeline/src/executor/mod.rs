@@ -144,6 +144,39 @@ pub struct WorkerLaunch<'a> {
     pub timeout_s: Option<u64>,
 }
 
+/// What a worker's event lines say about how it ends; every other event
+/// goes on to the driver. Both back-ends read a worker's events through it.
+#[derive(Debug, Default)]
+pub(crate) struct WorkerReport {
+    pub(crate) published: Option<(String, u64)>,
+    pub(crate) failure: Option<String>,
+    /// The last event was that the worker checkpointed and stopped.
+    pub(crate) stopped: bool,
+}
+
+impl WorkerReport {
+    /// Takes one line of the worker's stdout; a line that is no event (the
+    /// worker's contract says there are none; a cluster may add its own) is
+    /// skipped.
+    pub(crate) fn line(&mut self, line: &str, on_event: &mut impl FnMut(WorkerEvent)) {
+        let Ok(event) = serde_json::from_str::<WorkerEvent>(line.trim()) else {
+            return;
+        };
+        self.stopped = matches!(event, WorkerEvent::Stopped { .. });
+        match event {
+            WorkerEvent::Published { digest, bytes, .. } => self.published = Some((digest, bytes)),
+            WorkerEvent::Failed { message } => self.failure = Some(message),
+            // A requeued job starts over: an earlier run's failure no
+            // longer describes it.
+            e @ WorkerEvent::Stopped { .. } => {
+                self.failure = None;
+                on_event(e)
+            }
+            e => on_event(e),
+        }
+    }
+}
+
 /// A started local worker.
 pub struct LocalWorker {
     child: tokio::process::Child,
@@ -224,8 +257,7 @@ impl LocalWorker {
             .take()
             .ok_or_else(|| Error::Invalid("worker stdout missing".into()))?;
         let mut lines = BufReader::new(stdout).lines();
-        let mut published = None;
-        let mut failure = None;
+        let mut report = WorkerReport::default();
         let deadline = async {
             match timeout_s {
                 Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
@@ -237,12 +269,7 @@ impl LocalWorker {
         let status = loop {
             tokio::select! {
                 line = lines.next_line(), if stdout_open => match line {
-                    Ok(Some(line)) => match serde_json::from_str::<WorkerEvent>(&line) {
-                        Ok(WorkerEvent::Published { digest, bytes, .. }) => published = Some((digest, bytes)),
-                        Ok(WorkerEvent::Failed { message }) => failure = Some(message),
-                        Ok(e) => on_event(e),
-                        Err(_) => {} // not an event line; the worker's contract says it never happens
-                    },
+                    Ok(Some(line)) => report.line(&line, &mut on_event),
                     _ => stdout_open = false,
                 },
                 status = self.child.wait(), if !stdout_open => {
@@ -259,7 +286,7 @@ impl LocalWorker {
             }
         };
         let log_file = &self.log_file;
-        Ok(match (status.code(), published, failure) {
+        Ok(match (status.code(), report.published, report.failure) {
             (Some(0), Some((digest, bytes)), _) => WorkerEnd::Published { digest, bytes },
             (_, _, Some(msg)) => WorkerEnd::Failed(msg),
             (Some(code), _, None) => WorkerEnd::Failed(format!(

@@ -33,7 +33,7 @@ use tokio::process::Command;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{WorkerEnd, log_tail};
+use super::{WorkerEnd, WorkerReport, log_tail};
 use crate::error::{Error, IoContext, Result};
 use crate::spec::ExecutorSpec;
 use crate::stage::{EXIT_CHECKPOINTED, WorkerEvent};
@@ -133,6 +133,11 @@ impl Drop for SlurmExecutor {
     }
 }
 
+/// The comment that ties a job to its stage run (see [`JobState::key`]).
+pub fn job_comment(stage: &str, key: &str, attempt: i64) -> String {
+    format!("haic:{stage}:{key}:{attempt}")
+}
+
 /// The events file beside a stage log: `X.log` -> `X.events.jsonl`.
 pub fn events_path(log: &Path) -> PathBuf {
     log.with_extension("events.jsonl")
@@ -182,7 +187,7 @@ impl SlurmExecutor {
     pub async fn submit(&self, s: &Submission<'_>) -> Result<u64> {
         std::fs::write(s.script, batch_script(&self.exe, s.job_file, s.gpus))
             .ctx(|| format!("writing {}", s.script.display()))?;
-        let comment = format!("haic:{}:{}:{}", s.stage, s.key, s.attempt);
+        let comment = job_comment(s.stage, s.key, s.attempt);
         let mut args: Vec<String> = vec![
             "--parsable".into(),
             format!("--job-name={}", self.job_name),
@@ -301,7 +306,7 @@ impl SlurmExecutor {
                 }
                 _ = tail_tick.tick() => {
                     events.read(&mut on_event);
-                    if let Some((digest, bytes)) = events.published.clone() {
+                    if let Some((digest, bytes)) = events.report.published.clone() {
                         break Ok(WorkerEnd::Published { digest, bytes });
                     }
                     continue;
@@ -341,12 +346,12 @@ impl SlurmExecutor {
                 continue;
             }
             events.read(&mut on_event);
-            let done = job.state == "COMPLETED" && events.published.is_some();
+            let done = job.state == "COMPLETED" && events.report.published.is_some();
             // The worker checkpointed and its script requeued the job, but
             // the job ended anyway: a restart in the same second as the
             // requeue finds its credential revoked ("Job credential
             // revoked"). The checkpoint is there; requeue it once more.
-            if events.stopped && !done && requeues < DRIVER_REQUEUES {
+            if events.report.stopped && !done && requeues < DRIVER_REQUEUES {
                 requeues += 1;
                 (self.notice)(format!(
                     "Slurm job {id} ended {} after its worker checkpointed; requeueing it ({requeues} of {DRIVER_REQUEUES})",
@@ -360,7 +365,7 @@ impl SlurmExecutor {
                 .await
                 {
                     Ok(_) => {
-                        events.stopped = false;
+                        events.report.stopped = false;
                         settling = MISSING_POLLS;
                         continue;
                     }
@@ -400,7 +405,7 @@ impl SlurmExecutor {
 fn ending(job: &JobState, events: &EventTail, log: &Path) -> WorkerEnd {
     let id = job.id;
     if job.state == "COMPLETED"
-        && let Some((digest, bytes)) = events.published.clone()
+        && let Some((digest, bytes)) = events.report.published.clone()
     {
         return WorkerEnd::Published { digest, bytes };
     }
@@ -423,7 +428,7 @@ fn ending(job: &JobState, events: &EventTail, log: &Path) -> WorkerEnd {
     } else {
         format!(", reason {}", job.reason)
     };
-    let what = match &events.failure {
+    let what = match &events.report.failure {
         Some(msg) => format!(": {msg}"),
         None if job.state == "COMPLETED" => {
             format!(": the worker reported no artifact{}", log_tail(log))
@@ -441,10 +446,7 @@ struct EventTail {
     path: PathBuf,
     offset: u64,
     partial: String,
-    published: Option<(String, u64)>,
-    failure: Option<String>,
-    /// The worker's last word was that it checkpointed and stopped.
-    stopped: bool,
+    report: WorkerReport,
 }
 
 impl EventTail {
@@ -453,9 +455,7 @@ impl EventTail {
             path,
             offset: 0,
             partial: String::new(),
-            published: None,
-            failure: None,
-            stopped: false,
+            report: WorkerReport::default(),
         }
     }
 
@@ -475,24 +475,7 @@ impl EventTail {
         self.partial.push_str(&String::from_utf8_lossy(&buf));
         while let Some(nl) = self.partial.find('\n') {
             let line: String = self.partial.drain(..=nl).collect();
-            let event = match serde_json::from_str::<WorkerEvent>(line.trim()) {
-                Ok(e) => e,
-                Err(_) => continue, // Slurm's own lines, if any
-            };
-            self.stopped = matches!(event, WorkerEvent::Stopped { .. });
-            match event {
-                WorkerEvent::Published { digest, bytes, .. } => {
-                    self.published = Some((digest, bytes))
-                }
-                WorkerEvent::Failed { message } => self.failure = Some(message),
-                // A requeued job starts over: an earlier run's failure no
-                // longer describes it.
-                e @ WorkerEvent::Stopped { .. } => {
-                    self.failure = None;
-                    on_event(e)
-                }
-                e => on_event(e),
-            }
+            self.report.line(&line, on_event);
         }
     }
 }
@@ -796,14 +779,17 @@ mod tests {
         .unwrap();
         tail.read(&mut |e| seen.push(e));
         assert_eq!(seen.len(), 2, "{seen:?}");
-        assert_eq!(tail.failure, None, "a stop clears the earlier failure");
-        assert!(tail.stopped);
+        assert_eq!(
+            tail.report.failure, None,
+            "a stop clears the earlier failure"
+        );
+        assert!(tail.report.stopped);
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
             .unwrap();
         writeln!(f, "{{\"event\":\"progress\",\"done\":6,\"total\":9}}").unwrap();
         tail.read(&mut |e| seen.push(e));
-        assert!(!tail.stopped, "it ran again");
+        assert!(!tail.report.stopped, "it ran again");
     }
 }

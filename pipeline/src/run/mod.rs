@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::KeyMaterial;
 use crate::error::{IoContext, Result};
-use crate::executor::slurm::SlurmExecutor;
+use crate::executor::slurm::{SlurmExecutor, job_comment};
 use crate::executor::{Slots, current_exe};
 use crate::graph;
 use crate::hashing::DepHasher;
@@ -344,7 +344,7 @@ async fn adoptable_jobs(
     })?;
     let mut found = HashMap::new();
     for r in rows.iter().filter(|r| r.worker == "slurm") {
-        let comment = format!("haic:{}:{}:{}", r.stage, r.key, r.attempt);
+        let comment = job_comment(&r.stage, &r.key, r.attempt);
         if let Some(j) = jobs.iter().find(|j| j.comment == comment && !j.finished()) {
             if r.job_id.is_none() {
                 registry.set_job_id(r.id, &j.id.to_string()).await?;
