@@ -483,6 +483,45 @@ fn a_killed_worker_fails_its_stage_and_resume_runs_it_again() {
 }
 
 #[test]
+fn an_artifact_the_registry_lost_is_recorded_when_a_run_finds_it() {
+    // A driver killed after its worker published and before it recorded
+    // the artifact leaves one the registry does not know (the chaos test
+    // found this with the quick `bound` stage); the deletion stands in for
+    // that moment, which no signal hits reliably.
+    let p = Project::new(
+        "stages:\n  a:\n    kind: command\n    cmd: echo data > a.txt\n    outs: [a.txt]\n  b:\n    kind: command\n    cmd: cat $HAIC_INPUT_SRC/a.txt > b.txt\n    inputs: {src: a}\n    outs: [b.txt]\n  d:\n    kind: command\n    cmd: echo d > d.txt\n    outs: [d.txt]\n",
+    );
+    assert!(p.run(&[]).status.success());
+    let want = p.digests();
+    let db = p.path(".haic/registry.db");
+    let forget = "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute(\"DELETE FROM artifacts WHERE stage IN ('b', 'd')\"); c.commit()";
+    common::run_python("python3", forget, &[&db]);
+    assert_eq!(p.digests().len(), want.len() - 2);
+
+    let out = p.run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(p.digests(), want, "every artifact is known again");
+    let rows = p.query(
+        "SELECT a.stage, r.run_id, r.status FROM artifacts a JOIN stage_runs r ON r.id = a.stage_run_id WHERE a.stage IN ('b', 'd') ORDER BY a.stage",
+    );
+    for r in &rows {
+        assert_eq!(
+            (&r["run_id"], &r["status"]),
+            (&2.into(), &"cached".into()),
+            "{rows:?}"
+        );
+    }
+    let read = p.query(
+        "SELECT l.input, a.stage FROM lineage l JOIN stage_runs r ON r.id = l.stage_run_id JOIN artifacts a ON a.key = l.artifact_key WHERE r.run_id = 2",
+    );
+    assert_eq!(read.len(), 1, "b's lineage is recorded with it: {read:?}");
+    assert_eq!(
+        (&read[0]["input"], &read[0]["stage"]),
+        (&"src".into(), &"a".into())
+    );
+}
+
+#[test]
 fn a_worker_computes_with_as_many_threads_as_cpu_slots_it_holds() {
     let p = Project::new(
         "stages:\n  one:\n    kind: command\n    cmd: echo $RAYON_NUM_THREADS > one.txt\n    outs: [one.txt]\n  two:\n    kind: command\n    resources: {cpus: 2}\n    cmd: echo $RAYON_NUM_THREADS > two.txt\n    outs: [two.txt]\n",

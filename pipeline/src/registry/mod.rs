@@ -14,7 +14,7 @@ mod query;
 
 pub use query::{QueryResult, query_read_only};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -365,6 +365,14 @@ impl Registry {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
+    /// The keys of every artifact the registry knows.
+    pub async fn artifact_keys(&self) -> Result<HashSet<String>> {
+        let rows = self
+            .fetch_all(sqlx::query("SELECT key FROM artifacts"))
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     /// Inserts stage runs in one transaction (the plan's cached and skipped
     /// stages), many rows per statement.
     pub async fn insert_stage_runs(&self, runs: &[NewStageRun<'_>]) -> Result<Vec<i64>> {
@@ -461,21 +469,59 @@ impl Registry {
         path: &str,
         lineage: &[(String, String)],
     ) -> Result<()> {
+        self.insert_artifact(true, stage_run_id, m, path, lineage)
+            .await
+            .map(|_| ())
+    }
+
+    /// Records an artifact found in the store that the registry does not
+    /// know (its driver died between the worker's publish and the record),
+    /// with the stage run that found it; a known one is left as it is.
+    /// Whether a row was added.
+    pub async fn record_found_artifact(
+        &self,
+        stage_run_id: i64,
+        m: &crate::cache::Manifest,
+        path: &str,
+        lineage: &[(String, String)],
+    ) -> Result<bool> {
+        self.insert_artifact(false, stage_run_id, m, path, lineage)
+            .await
+    }
+
+    /// Replaces a known artifact's row, or keeps it (then lineage is
+    /// written only with a new artifact row).
+    async fn insert_artifact(
+        &self,
+        replace: bool,
+        stage_run_id: i64,
+        m: &crate::cache::Manifest,
+        path: &str,
+        lineage: &[(String, String)],
+    ) -> Result<bool> {
         let mut c = self.conn.lock().await;
         let mut tx = c.begin().await.map_err(db_err(&self.path))?;
-        sqlx::query(
-            "INSERT OR REPLACE INTO artifacts (key, stage, kind, path, digest, bytes, stage_run_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&m.key)
-        .bind(&m.stage)
-        .bind(&m.kind)
-        .bind(path)
-        .bind(&m.digest)
-        .bind(m.bytes as i64)
-        .bind(stage_run_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err(&self.path))?;
+        let sql = if replace {
+            "INSERT OR REPLACE INTO artifacts (key, stage, kind, path, digest, bytes, stage_run_id) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        } else {
+            "INSERT OR IGNORE INTO artifacts (key, stage, kind, path, digest, bytes, stage_run_id) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        };
+        let added = sqlx::query(sql)
+            .bind(&m.key)
+            .bind(&m.stage)
+            .bind(&m.kind)
+            .bind(path)
+            .bind(&m.digest)
+            .bind(m.bytes as i64)
+            .bind(stage_run_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err(&self.path))?
+            .rows_affected()
+            > 0;
+        if !added {
+            return Ok(false);
+        }
         for (input, key) in lineage {
             sqlx::query("INSERT OR REPLACE INTO lineage (stage_run_id, input, artifact_key) VALUES (?, ?, ?)")
                 .bind(stage_run_id)
@@ -486,7 +532,7 @@ impl Registry {
                 .map_err(db_err(&self.path))?;
         }
         tx.commit().await.map_err(db_err(&self.path))?;
-        Ok(())
+        Ok(true)
     }
 
     /// Writes a batch of metric points and updates their summaries, in one transaction.

@@ -2,7 +2,7 @@
 //! [`crate::run`]): planning fresh stages, and executing the rest as dagrs
 //! nodes that run worker processes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -180,8 +180,16 @@ impl Driver {
                 }
             })
             .collect();
-        self.registry.insert_stage_runs(&rows).await?;
-        for (i, _) in &cached_rows {
+        let ids = self.registry.insert_stage_runs(&rows).await?;
+        let known = if cached_rows.is_empty() {
+            HashSet::new()
+        } else {
+            self.registry.artifact_keys().await?
+        };
+        for ((i, key), id) in cached_rows.iter().zip(ids) {
+            if !known.contains(key) {
+                self.record_found_artifact(*i, id, key).await?;
+            }
             (self.sink)(&Event::StageCached {
                 stage: self.p.stages[*i].name.clone(),
             });
@@ -239,6 +247,32 @@ impl Driver {
             &|j| self.outcome(j)?.digest,
             &mut hasher,
         )
+    }
+
+    /// `(input name, artifact key)` of what stage `i` reads.
+    fn lineage(&self, i: usize) -> Vec<(String, String)> {
+        self.p.stages[i]
+            .inputs
+            .iter()
+            .filter_map(|(name, up)| {
+                let o = self.outcome(self.p.index[up.as_str()])?;
+                Some((name.clone(), o.key?))
+            })
+            .collect()
+    }
+
+    /// A stage found cached whose artifact the registry does not know: a
+    /// driver died after its worker published and before recording it.
+    /// The artifact gets its row, made by the stage run `id` that found it.
+    async fn record_found_artifact(&self, i: usize, id: i64, key: &str) -> Result<()> {
+        let Ok(Some(m)) = self.store.manifest(key) else {
+            return Ok(());
+        };
+        let path = self.store.dir(key).display().to_string();
+        self.registry
+            .record_found_artifact(id, &m, &path, &self.lineage(i))
+            .await?;
+        Ok(())
     }
 
     fn restore_outs(&self, i: usize, m: &Manifest) -> Result<()> {
@@ -323,8 +357,15 @@ impl Driver {
                         key: Some(&key),
                         ..NewStageRun::new(self.run_id, &st.name, &st.kind, StageStatus::Cached)
                     };
-                    if let Err(e) = self.registry.insert_stage_runs(&[row]).await {
-                        self.sink_notice(format!("registry: {e}"));
+                    match self.registry.insert_stage_runs(&[row]).await {
+                        Ok(ids) => {
+                            for id in ids {
+                                if let Err(e) = self.record_found_artifact(i, id, &key).await {
+                                    self.sink_notice(format!("registry: {e}"));
+                                }
+                            }
+                        }
+                        Err(e) => self.sink_notice(format!("registry: {e}")),
                     }
                     self.set_outcome(
                         i,
@@ -608,14 +649,7 @@ impl Driver {
         if let Some(dev) = placed.lock().ok().and_then(|mut p| p.take()) {
             let _ = self.registry.set_device(id, &dev).await;
         }
-        let lineage: Vec<(String, String)> = st
-            .inputs
-            .iter()
-            .filter_map(|(name, up)| {
-                let o = self.outcome(self.p.index[up.as_str()])?;
-                Some((name.clone(), o.key?))
-            })
-            .collect();
+        let lineage = self.lineage(i);
         let (status, error, digest) = match end {
             Ok(WorkerEnd::Published { .. }) => match self.store.manifest(key) {
                 Ok(Some(m)) => {
