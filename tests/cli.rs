@@ -7,34 +7,10 @@ use common::{Project, assert_error, stderr};
 const TWO: &str = "stages:\n  a:\n    kind: command\n    cmd: echo ${v} > a.txt\n    params: {v: 1}\n    outs: [a.txt]\n  b:\n    kind: command\n    cmd: cat a.txt a.txt > b.txt\n    deps: [a.txt]\n    outs: [b.txt]\n";
 
 #[test]
-fn registry_query_is_read_only_and_speaks_three_formats() {
+fn registry_query_speaks_three_formats() {
     let p = Project::new(TWO);
     assert!(p.run(&[]).status.success());
-    for (sql, why) in [
-        ("DELETE FROM runs", "only SELECT"),
-        ("UPDATE runs SET status = 'x'", "only SELECT"),
-        ("select 1; drop table runs", "one statement"),
-        ("ATTACH DATABASE '/tmp/x.db' AS x", "only SELECT"),
-        (
-            "SELECT load_extension('x')",
-            "`load_extension` is not allowed",
-        ),
-        (
-            "WITH x AS (SELECT 1) INSERT INTO runs (pipeline) SELECT 1 FROM x",
-            "refused",
-        ),
-        ("SELECT nope FROM runs", "no such column"),
-    ] {
-        let out = p.haic(&["registry", "-p", "pipeline.yaml", "query", sql]);
-        assert_eq!(out.status.code(), Some(2), "{sql}");
-        assert!(stderr(&out).contains(why), "{sql}: {}", stderr(&out));
-    }
-    assert_eq!(
-        p.query("SELECT count(*) AS n FROM runs")[0]["n"],
-        1,
-        "nothing was written"
-    );
-
+    // Refused queries are in the bad-input corpus (bad_input.rs).
     let csv = p.haic(&[
         "registry",
         "-p",

@@ -81,7 +81,8 @@ pub fn restore_weights_and_moments(
     opt: &mut AdamW,
     optimizer_steps: u64,
 ) -> Result<(), StageError> {
-    vars.load(tensors, "model.", &file(dir))?;
+    vars.load(tensors, "model.")
+        .map_err(|e| format!("{}: {e}", file(dir).display()))?;
     opt.load_state(tensors, "optim.", optimizer_steps)?;
     Ok(())
 }

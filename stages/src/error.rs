@@ -1,7 +1,7 @@
 //! The stages crate's one error type. Data errors name the file and, where
 //! there is one, the record, and say what to do.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -84,3 +84,20 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The bytes of the index file `name` (`table.json`, `level.json`, ...) of
+/// an input artifact's folder, and its path. A folder without one is the
+/// output of another kind of stage than the input needs: `what` names the
+/// kind it should be.
+pub fn read_index(dir: &Path, name: &str, what: &str) -> Result<(PathBuf, Vec<u8>)> {
+    let path = dir.join(name);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok((path, bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::data(
+            dir,
+            None,
+            format!("has no {name}, so it is not {what}; check the stage this input names"),
+        )),
+        Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+    }
+}

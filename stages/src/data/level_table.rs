@@ -96,9 +96,8 @@ struct FormatOnly {
 
 impl LevelTable {
     pub fn open(dir: &Path) -> Result<LevelTable> {
-        let path = dir.join("table.json");
-        let bytes = std::fs::read(&path)
-            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let (path, bytes) =
+            crate::error::read_index(dir, "table.json", crate::data::table::TABLE_KINDS)?;
         let not_index =
             |e: serde_json::Error| Error::data(&path, None, format!("not a table index: {e}"));
         let format: FormatOnly = serde_json::from_slice(&bytes).map_err(not_index)?;

@@ -131,11 +131,12 @@ impl SplitIndex {
     }
 }
 
+/// What a folder with a `table.json` is, for errors about one without.
+pub const TABLE_KINDS: &str = "an image or code table (the output of a preprocess or encode stage)";
+
 impl TableIndex {
     pub fn read(dir: &Path) -> Result<TableIndex> {
-        let path = dir.join("table.json");
-        let bytes = std::fs::read(&path)
-            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let (path, bytes) = crate::error::read_index(dir, "table.json", TABLE_KINDS)?;
         serde_json::from_slice(&bytes)
             .map_err(|e| Error::data(&path, None, format!("not a table index: {e}")))
     }

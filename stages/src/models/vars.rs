@@ -5,7 +5,6 @@
 //! an unseedable thread RNG.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
@@ -54,27 +53,25 @@ impl SeededVars {
     }
 
     /// Overwrites every variable with the tensor of the same name in `tensors`
-    /// (a loaded checkpoint); a missing or misshapen one is an error.
-    pub fn load(
-        &self,
-        tensors: &BTreeMap<String, Tensor>,
-        prefix: &str,
-        file: &Path,
-    ) -> candle_core::Result<()> {
+    /// (a loaded checkpoint); a missing or misshapen one is an error that
+    /// says which (the caller names the file).
+    pub fn load(&self, tensors: &BTreeMap<String, Tensor>, prefix: &str) -> Result<(), String> {
         for (name, var) in self.lock().iter() {
             let key = format!("{prefix}{name}");
-            let t = tensors.get(&key).ok_or_else(|| {
-                candle_core::Error::Msg(format!("{} has no tensor `{key}`", file.display()))
-            })?;
-            if t.shape() != var.shape() {
-                candle_core::bail!(
-                    "{}: `{key}` is {:?}, the model needs {:?}",
-                    file.display(),
+            let t = tensors
+                .get(&key)
+                .ok_or_else(|| format!("has no tensor `{key}`"))?;
+            if t.shape() != var.shape() || t.dtype() != var.dtype() {
+                return Err(format!(
+                    "`{key}` is {:?} {:?}, the model needs {:?} {:?}",
+                    t.dtype(),
                     t.dims(),
+                    var.dtype(),
                     var.dims()
-                );
+                ));
             }
-            var.set(t)?;
+            // Shape, dtype and device match, which is all `set` checks.
+            var.set(t).map_err(|e| format!("`{key}`: {e}"))?;
         }
         Ok(())
     }

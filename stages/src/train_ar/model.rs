@@ -368,17 +368,19 @@ impl ArModel {
             .collect();
         model
             .vars
-            .load(&tensors, "", &p)
-            .map_err(|e| Error::data(&p, None, e.to_string()))?;
+            .load(&tensors, "")
+            .map_err(|e| Error::data(&p, None, e))?;
         Ok(model)
     }
 }
 
 /// The `ar.json` of a trained AR model's folder.
 pub fn read_info(dir: &Path) -> Result<ArInfo> {
-    let path = dir.join("ar.json");
-    let bytes =
-        std::fs::read(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let (path, bytes) = crate::error::read_index(
+        dir,
+        "ar.json",
+        "a trained AR model (the output of a train_ar stage)",
+    )?;
     let info: ArInfo = serde_json::from_slice(&bytes).map_err(|e| {
         Error::data(
             &path,

@@ -321,9 +321,11 @@ impl VqLevel {
 
     /// A trained level, from the folder `save` wrote.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let path = dir.join("level.json");
-        let bytes = std::fs::read(&path)
-            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let (path, bytes) = crate::error::read_index(
+            dir,
+            "level.json",
+            "a trained VQ level (the output of a train_vq stage)",
+        )?;
         let info: LevelInfo = serde_json::from_slice(&bytes)
             .map_err(|e| Error::data(&path, None, format!("not a trained VQ level: {e}")))?;
         if info.format != LEVEL_FORMAT {
@@ -344,8 +346,8 @@ impl VqLevel {
         let p = dir.join("model.safetensors");
         level
             .vars
-            .load(&tensors, "", &p)
-            .map_err(|e| Error::data(&p, None, e.to_string()))?;
+            .load(&tensors, "")
+            .map_err(|e| Error::data(&p, None, e))?;
         let codebook = tensors
             .get("quantiser.codebook")
             .ok_or_else(|| Error::data(&p, None, "no tensor `quantiser.codebook`"))?;
