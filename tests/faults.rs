@@ -1,13 +1,15 @@
 //! Faults in the artifact store: a damaged artifact is detected by digest
 //! when a stage is about to read it, never used, set aside, and made again
-//! by the next run; a deleted artifact folder simply re-runs its stage.
+//! by the next run; a deleted artifact folder simply re-runs its stage; a
+//! full disk fails the stage that writes, leaves nothing half-written, and
+//! a resume after freeing space finishes.
 
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use common::{Project, stderr};
+use common::{Project, bin, repo, stderr};
 
 const PIPELINE: &str = "stages:
   a:
@@ -121,4 +123,112 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     all
+}
+
+/// Every shipped training image through `preprocess`: 4.4 MB of Parquet,
+/// more than the 3 MiB workspace below holds.
+fn all_images() -> String {
+    format!(
+        "root: {}\nstages:\n  prep:\n    kind: preprocess\n    params:\n      source:\n        format: idx\n        train:\n          images: data/fashion-mnist/train-images-idx3-ubyte.gz\n          labels: data/fashion-mnist/train-labels-idx1-ubyte.gz\n",
+        repo().display()
+    )
+}
+
+/// Whether this process may make a user and mount namespace (to mount a
+/// small tmpfs without being root). `.ci/run` requires it
+/// (`HAIC_REQUIRE_UNSHARE=1`); elsewhere the test is skipped with a note.
+fn unshare_works() -> bool {
+    let ok = std::process::Command::new("unshare")
+        .args(["-rm", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok && std::env::var("HAIC_REQUIRE_UNSHARE").as_deref() == Ok("1") {
+        panic!("`unshare -rm` is unavailable and HAIC_REQUIRE_UNSHARE=1");
+    }
+    ok
+}
+
+#[test]
+fn a_full_disk_fails_the_writing_stage_cleanly_and_resume_finishes() {
+    if !unshare_works() {
+        eprintln!("skipped: `unshare -rm` (user and mount namespaces) is unavailable here");
+        return;
+    }
+    let reference = Project::new(&all_images());
+    assert!(reference.run(&[]).status.success());
+    let want = reference.digests();
+
+    // Inside its own mount namespace the script mounts a 3 MiB tmpfs as
+    // the workspace, runs, grows the tmpfs (space freed), resumes, and
+    // copies what the test looks at out before the mount goes away.
+    let p = Project::new(&all_images());
+    for d in ["ws", "out"] {
+        std::fs::create_dir(p.path(d)).unwrap();
+    }
+    let script = r#"
+        set -u
+        mount -t tmpfs -o size=3m tmpfs ws || exit 99
+        "$BIN" run pipeline.yaml --workspace ws 2> out/first.err
+        echo $? > out/first.code
+        ls -A ws/artifacts > out/first.artifacts
+        ls -A ws/artifacts/.staging > out/first.staging
+        mount -o remount,size=64m ws || exit 99
+        "$BIN" run pipeline.yaml --workspace ws --resume 2> out/second.err
+        echo $? > out/second.code
+        cp -a ws out/ws
+    "#;
+    let status = std::process::Command::new("unshare")
+        .args(["-rm", "sh", "-c", script])
+        .current_dir(p.path(""))
+        .env("BIN", bin())
+        .env_remove("HAIC_WORKSPACE")
+        .status()
+        .unwrap();
+    assert!(status.success(), "the namespace script failed: {status}");
+
+    let err = p.read("out/first.err");
+    assert_eq!(p.read("out/first.code").trim(), "1", "{err}");
+    assert!(
+        err.contains("prep: failed")
+            && err.contains("No space left on device")
+            && err.contains("hint: the disk holding the workspace is full; free space"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(p.read("out/first.staging"), "", "nothing left half-written");
+    assert_eq!(
+        p.read("out/first.artifacts"),
+        ".staging\n",
+        "nothing published"
+    );
+
+    assert_eq!(
+        p.read("out/second.code").trim(),
+        "0",
+        "{}",
+        p.read("out/second.err")
+    );
+    let query = |sql: &str| {
+        let out = p.haic(&[
+            "registry",
+            "--workspace",
+            "out/ws",
+            "query",
+            sql,
+            "--format",
+            "csv",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(
+        query("SELECT attempt, status FROM stage_runs ORDER BY id"),
+        "attempt,status\n1,failed\n2,succeeded\n"
+    );
+    let digest = query("SELECT digest FROM artifacts WHERE stage = 'prep'");
+    assert_eq!(
+        digest.lines().nth(1),
+        want.get("prep").map(String::as_str),
+        "the same table as on a roomy disk"
+    );
 }

@@ -508,7 +508,7 @@ pub fn run_job(kinds: &Kinds, mut job: Job, events: Box<dyn Write + Send>) -> i3
     }
     if let Err(e) = result {
         let _ = remove_tree(&staging.root);
-        fail(e.to_string());
+        fail(format!("{e}{}", disk_full_hint(&*e)));
         return 1;
     }
     match store.commit(staging, &stage, &kind_name) {
@@ -524,10 +524,32 @@ pub fn run_job(kinds: &Kinds, mut job: Job, events: Box<dyn Write + Send>) -> i3
             0
         }
         Err(e) => {
-            fail(format!("publishing the artifact failed: {e}"));
+            fail(format!(
+                "publishing the artifact failed: {e}{}",
+                disk_full_hint(&e)
+            ));
             1
         }
     }
+}
+
+/// What to do when the error comes from a full disk (or quota) anywhere in
+/// its chain of causes; else nothing. The staging folder is gone by then,
+/// so freeing space is all a resume needs.
+fn disk_full_hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            )
+        {
+            return "\n  hint: the disk holding the workspace is full; free space (`haic-pipe gc` removes old artifacts), then `run --resume` continues";
+        }
+        cause = c.source();
+    }
+    ""
 }
 
 #[cfg(test)]
