@@ -339,21 +339,23 @@ fn kill_9_of_the_driver_then_resume_finishes_the_same_run() {
 }
 
 #[test]
-fn sigterm_stops_cleanly_and_resume_completes() {
-    let p = Project::new(RESUMABLE);
-    let driver = start_and_wait_for(&p, "running.flag", &[]);
-    send_signal(driver.id(), "TERM");
-    let out = driver.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130));
-    let hist = p.query("SELECT stage, status FROM stage_runs ORDER BY id");
-    assert_eq!(hist.last().unwrap()["status"], "interrupted");
-    assert_eq!(
-        p.query("SELECT status FROM runs")[0]["status"],
-        "interrupted"
-    );
-    let out = p.run(&["--resume"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(p.query("SELECT status FROM runs")[0]["status"], "succeeded");
+fn sigterm_or_ctrl_c_stops_cleanly_and_resume_completes() {
+    for signal in ["TERM", "INT"] {
+        let p = Project::new(RESUMABLE);
+        let driver = start_and_wait_for(&p, "running.flag", &[]);
+        send_signal(driver.id(), signal);
+        let out = driver.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(130), "SIG{signal}");
+        let hist = p.query("SELECT stage, status FROM stage_runs ORDER BY id");
+        assert_eq!(hist.last().unwrap()["status"], "interrupted", "SIG{signal}");
+        assert_eq!(
+            p.query("SELECT status FROM runs")[0]["status"],
+            "interrupted"
+        );
+        let out = p.run(&["--resume"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(p.query("SELECT status FROM runs")[0]["status"], "succeeded");
+    }
 }
 
 #[test]
