@@ -201,19 +201,23 @@ fn only_the_named_targets_and_their_upstream_run() {
 
 #[test]
 fn a_stage_that_runs_too_long_fails_with_its_timeout() {
-    let p = Project::new("stages:\n  s:\n    kind: command\n    cmd: sleep 20\n    timeout: 1\n");
-    let t = Instant::now();
-    let out = p.run(&[]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(t.elapsed() < Duration::from_secs(15));
-    let e = p.query("SELECT error FROM stage_runs");
-    assert!(
-        e[0]["error"]
-            .as_str()
-            .unwrap()
-            .contains("timed out after 1 s"),
-        "{e:?}"
-    );
+    // A slow command, and a hung one that ignores SIGTERM: the worker stops
+    // on SIGTERM and its whole process group gets SIGKILL.
+    for cmd in ["sleep 20", "trap '' TERM; sleep 60"] {
+        let p = Project::new(&format!(
+            "stages:\n  s:\n    kind: command\n    cmd: \"{cmd}\"\n    timeout: 1\n"
+        ));
+        let t = Instant::now();
+        let out = p.run(&[]);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {}", stderr(&out));
+        assert!(t.elapsed() < Duration::from_secs(20), "{cmd}");
+        let e = p.query("SELECT error FROM stage_runs");
+        let error = e[0]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("timed out after 1 s (the stage's `timeout`); raise it"),
+            "{cmd}: {e:?}"
+        );
+    }
 }
 
 #[test]
