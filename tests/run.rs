@@ -489,6 +489,23 @@ fn a_killed_worker_fails_its_stage_and_resume_runs_it_again() {
 }
 
 #[test]
+fn an_out_is_never_written_through_a_symlink_that_leaves_the_pipeline_folder() {
+    let outside = tempfile::tempdir().unwrap();
+    let p = Project::new(
+        "stages:\n  a:\n    kind: command\n    cmd: mkdir -p link && echo x > link/a.txt\n    outs: [link/a.txt]\n",
+    );
+    std::os::unix::fs::symlink(outside.path(), p.path("link")).unwrap();
+    let out = p.run(&[]);
+    assert_error(&out, 1, "out `link/a.txt` would be written to");
+    assert!(stderr(&out).contains("through a symlink that leaves the pipeline folder"));
+    assert_eq!(
+        std::fs::read_dir(outside.path()).unwrap().count(),
+        0,
+        "nothing was written outside"
+    );
+}
+
+#[test]
 fn an_artifact_the_registry_lost_is_recorded_when_a_run_finds_it() {
     // A driver killed after its worker published and before it recorded
     // the artifact leaves one the registry does not know (the chaos test

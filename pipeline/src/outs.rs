@@ -48,9 +48,36 @@ pub fn restore(
                 continue;
             }
         }
+        stays_inside(&p.dir, &dst, out)?;
         copy_into_place(&store.data_dir(&m.key).join(out), &dst)?;
     }
     Ok(())
+}
+
+/// An out's path is inside the pipeline folder (the spec refuses `..` and
+/// absolute paths), but a folder on the way may be a symlink that leads
+/// elsewhere; nothing is written through one.
+fn stays_inside(root: &Path, dst: &Path, out: &str) -> Result<()> {
+    let mut existing = dst.parent().unwrap_or(root);
+    while !existing.exists() {
+        match existing.parent() {
+            Some(up) => existing = up,
+            None => break,
+        }
+    }
+    let real = existing
+        .canonicalize()
+        .ctx(|| format!("resolving {}", existing.display()))?;
+    let real_root = root
+        .canonicalize()
+        .ctx(|| format!("resolving {}", root.display()))?;
+    if real.starts_with(&real_root) {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "out `{out}` would be written to {} through a symlink that leaves the pipeline folder; outs stay inside it: replace the link with a folder or write the out elsewhere",
+        real.display()
+    )))
 }
 
 /// Copies `src` (file or folder) to `dst` through a temporary sibling and one rename.
