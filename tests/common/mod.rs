@@ -286,3 +286,13 @@ pub fn smoke(extra: &str) -> Project {
     let text = text.replacen("root: ..", &format!("root: {}", repo().display()), 1);
     Project::new(&format!("{text}{extra}"))
 }
+
+/// The smoke pipeline run up to its human-eval export: the project and the
+/// package folder.
+pub fn human_eval_package() -> (Project, PathBuf) {
+    let p = smoke("");
+    let out = p.run(&["human_eval"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pkg = p.artifact_data("stage", "human_eval");
+    (p, pkg)
+}
