@@ -134,6 +134,41 @@ fn all_images() -> String {
     )
 }
 
+/// Runs `script` (sh) in the project folder, inside a user and mount
+/// namespace of its own where `ws` is a tmpfs of `size`; `$BIN` is
+/// haic-pipe. The workspace is copied to `out/ws` before the mount goes.
+fn in_small_workspace(p: &Project, size: &str, script: &str) {
+    for d in ["ws", "out"] {
+        std::fs::create_dir(p.path(d)).unwrap();
+    }
+    let script = format!(
+        "set -u\nmount -t tmpfs -o size={size} tmpfs ws || exit 99\n{script}\ncp -a ws out/ws\n"
+    );
+    let status = std::process::Command::new("unshare")
+        .args(["-rm", "sh", "-c", &script])
+        .current_dir(p.path(""))
+        .env("BIN", bin())
+        .env_remove("HAIC_WORKSPACE")
+        .status()
+        .unwrap();
+    assert!(status.success(), "the namespace script failed: {status}");
+}
+
+/// A registry query (CSV) on the workspace copied to `out/ws`.
+fn query(p: &Project, sql: &str) -> String {
+    let out = p.haic(&[
+        "registry",
+        "--workspace",
+        "out/ws",
+        "query",
+        sql,
+        "--format",
+        "csv",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 /// Whether this process may make a user and mount namespace (to mount a
 /// small tmpfs without being root). `.ci/run` requires it
 /// (`HAIC_REQUIRE_UNSHARE=1`); elsewhere the test is skipped with a note.
@@ -162,12 +197,10 @@ fn a_full_disk_fails_the_writing_stage_cleanly_and_resume_finishes() {
     // the workspace, runs, grows the tmpfs (space freed), resumes, and
     // copies what the test looks at out before the mount goes away.
     let p = Project::new(&all_images());
-    for d in ["ws", "out"] {
-        std::fs::create_dir(p.path(d)).unwrap();
-    }
-    let script = r#"
-        set -u
-        mount -t tmpfs -o size=3m tmpfs ws || exit 99
+    in_small_workspace(
+        &p,
+        "3m",
+        r#"
         "$BIN" run pipeline.yaml --workspace ws 2> out/first.err
         echo $? > out/first.code
         ls -A ws/artifacts > out/first.artifacts
@@ -175,16 +208,8 @@ fn a_full_disk_fails_the_writing_stage_cleanly_and_resume_finishes() {
         mount -o remount,size=64m ws || exit 99
         "$BIN" run pipeline.yaml --workspace ws --resume 2> out/second.err
         echo $? > out/second.code
-        cp -a ws out/ws
-    "#;
-    let status = std::process::Command::new("unshare")
-        .args(["-rm", "sh", "-c", script])
-        .current_dir(p.path(""))
-        .env("BIN", bin())
-        .env_remove("HAIC_WORKSPACE")
-        .status()
-        .unwrap();
-    assert!(status.success(), "the namespace script failed: {status}");
+    "#,
+    );
 
     let err = p.read("out/first.err");
     assert_eq!(p.read("out/first.code").trim(), "1", "{err}");
@@ -208,27 +233,62 @@ fn a_full_disk_fails_the_writing_stage_cleanly_and_resume_finishes() {
         "{}",
         p.read("out/second.err")
     );
-    let query = |sql: &str| {
-        let out = p.haic(&[
-            "registry",
-            "--workspace",
-            "out/ws",
-            "query",
-            sql,
-            "--format",
-            "csv",
-        ]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
     assert_eq!(
-        query("SELECT attempt, status FROM stage_runs ORDER BY id"),
+        query(&p, "SELECT attempt, status FROM stage_runs ORDER BY id"),
         "attempt,status\n1,failed\n2,succeeded\n"
     );
-    let digest = query("SELECT digest FROM artifacts WHERE stage = 'prep'");
+    let digest = query(&p, "SELECT digest FROM artifacts WHERE stage = 'prep'");
     assert_eq!(
         digest.lines().nth(1),
         want.get("prep").map(String::as_str),
         "the same table as on a roomy disk"
+    );
+}
+
+#[test]
+fn a_full_disk_under_the_registry_stops_the_run_and_resume_finishes() {
+    if !unshare_works() {
+        eprintln!("skipped: `unshare -rm` (user and mount namespaces) is unavailable here");
+        return;
+    }
+    // The first attempt of `fill` fills the disk and keeps the file in its
+    // scratch; the driver's next registry write finds no room.
+    let p = Project::new(
+        "stages:\n  fill:\n    kind: command\n    cmd: \"[ -e $HAIC_SCRATCH/filled ] || { touch $HAIC_SCRATCH/filled; head -c 50000000 /dev/zero > $HAIC_SCRATCH/fill; }; echo x > x.txt\"\n    outs: [x.txt]\n",
+    );
+    in_small_workspace(
+        &p,
+        "2m",
+        r#"
+        "$BIN" run pipeline.yaml --workspace ws 2> out/first.err
+        echo $? > out/first.code
+        find ws -name fill -delete
+        "$BIN" run pipeline.yaml --workspace ws --resume 2> out/second.err
+        echo $? > out/second.code
+    "#,
+    );
+    let err = p.read("out/first.err");
+    assert_ne!(p.read("out/first.code").trim(), "0", "{err}");
+    assert!(
+        err.contains(
+            "database or disk is full; the disk holding the workspace is full: free space"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        p.read("out/second.code").trim(),
+        "0",
+        "{}",
+        p.read("out/second.err")
+    );
+    assert_eq!(
+        query(&p, "SELECT * FROM pragma_integrity_check").trim(),
+        "integrity_check\nok"
+    );
+    assert_eq!(query(&p, "SELECT status FROM runs"), "status\nsucceeded\n");
+    assert!(
+        query(&p, "SELECT attempt, status FROM stage_runs ORDER BY id").ends_with("2,succeeded\n"),
+        "the resume ran fill again"
     );
 }

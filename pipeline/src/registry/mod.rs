@@ -152,9 +152,18 @@ pub struct Registry {
 }
 
 fn db_err(path: &Path) -> impl Fn(sqlx::Error) -> Error + '_ {
-    move |e| Error::Registry {
-        path: path.to_path_buf(),
-        message: e.to_string(),
+    move |e| {
+        // SQLITE_FULL (13): what to do, as the stages say for their writes.
+        let full = matches!(&e, sqlx::Error::Database(d) if d.code().as_deref() == Some("13"));
+        let hint = if full {
+            "; the disk holding the workspace is full: free space (`haic-pipe gc` removes old artifacts), then `run --resume` continues"
+        } else {
+            ""
+        };
+        Error::Registry {
+            path: path.to_path_buf(),
+            message: format!("{e}{hint}"),
+        }
     }
 }
 
