@@ -205,27 +205,13 @@ pub fn for_each_code_batch(
     batch_rows: usize,
     mut f: impl FnMut(CodeRows) -> Result<()>,
 ) -> Result<()> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    let pq = |e| Error::Parquet {
-        context: format!("reading {}", path.display()),
-        source: e,
-    };
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(pq)?
-        .with_batch_size(batch_rows.max(1))
-        .build()
-        .map_err(pq)?;
-    for batch in reader {
+    for batch in crate::data::parquet_read::ParquetBatches::open(path, batch_rows)? {
         let mut out = CodeRows {
             ids: Vec::new(),
             labels: Vec::new(),
             codes: Vec::new(),
         };
-        let batch = batch.map_err(|e| Error::Arrow {
-            context: format!("reading {}", path.display()),
-            source: e,
-        })?;
+        let batch = batch?;
         let bad = |name: &str| {
             Error::data(
                 path,

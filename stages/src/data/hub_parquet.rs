@@ -5,16 +5,16 @@
 use std::path::PathBuf;
 
 use arrow_array::{Array, BinaryArray, LargeBinaryArray, RecordBatch, StructArray};
-use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 
 use super::folder::decode;
+use super::parquet_read::ParquetBatches;
 use super::{Sample, SampleSource};
 use crate::error::{Error, Result};
 
 pub struct HubParquetReader {
     files: Vec<PathBuf>,
     file_index: usize,
-    reader: Option<ParquetRecordBatchReader>,
+    reader: Option<ParquetBatches>,
     batch: Option<RecordBatch>,
     row_in_batch: usize,
     row_in_file: u64,
@@ -25,20 +25,8 @@ pub struct HubParquetReader {
     failed: bool,
 }
 
-fn open_reader(path: &PathBuf) -> Result<(ParquetRecordBatchReader, u64)> {
-    let f = std::fs::File::open(path)
-        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| Error::Parquet {
-        context: format!("{} is not a readable Parquet file", path.display()),
-        source: e,
-    })?;
-    let rows = b.metadata().file_metadata().num_rows().max(0) as u64;
-    let r = b.with_batch_size(256).build().map_err(|e| Error::Parquet {
-        context: format!("reading {}", path.display()),
-        source: e,
-    })?;
-    Ok((r, rows))
-}
+/// Rows per record batch read.
+const BATCH_ROWS: usize = 256;
 
 impl HubParquetReader {
     pub fn open(
@@ -49,7 +37,7 @@ impl HubParquetReader {
     ) -> Result<Self> {
         let mut total = 0;
         for f in files {
-            total += open_reader(f)?.1;
+            total += ParquetBatches::open(f, BATCH_ROWS)?.rows;
         }
         Ok(HubParquetReader {
             files: files.to_vec(),
@@ -207,8 +195,8 @@ impl Iterator for HubParquetReader {
             self.batch = None;
             if self.reader.is_none() {
                 let path = self.files.get(self.file_index)?.clone();
-                match open_reader(&path) {
-                    Ok((r, _)) => {
+                match ParquetBatches::open(&path, BATCH_ROWS) {
+                    Ok(r) => {
                         self.reader = Some(r);
                         self.row_in_file = 0;
                     }
@@ -220,13 +208,7 @@ impl Iterator for HubParquetReader {
                     self.batch = Some(b);
                     self.row_in_batch = 0;
                 }
-                Some(Err(e)) => {
-                    let path = self.files[self.file_index].clone();
-                    return self.fail(Error::Arrow {
-                        context: format!("reading {}", path.display()),
-                        source: e,
-                    });
-                }
+                Some(Err(e)) => return self.fail(e),
                 None => {
                     self.reader = None;
                     self.file_index += 1;

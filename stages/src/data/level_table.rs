@@ -233,11 +233,13 @@ impl LevelTable {
                 let path = self.dir.join(f);
                 let file = std::fs::File::open(&path)
                     .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-                let reader = SerializedFileReader::new(file).map_err(|e| Error::Parquet {
-                    context: format!("reading {}", path.display()),
-                    source: e,
-                })?;
-                Ok(reader.metadata().file_metadata().num_rows().max(0) as u64)
+                crate::data::parquet_read::guarded(&path, || {
+                    let reader = SerializedFileReader::new(file).map_err(|e| Error::Parquet {
+                        context: format!("reading {}", path.display()),
+                        source: e,
+                    })?;
+                    Ok(reader.metadata().file_metadata().num_rows().max(0) as u64)
+                })
             })
             .collect()
     }

@@ -12,6 +12,7 @@ pub mod grid;
 pub mod hub_parquet;
 pub mod idx;
 pub mod level_table;
+pub mod parquet_read;
 pub mod table;
 pub mod transform;
 

@@ -287,21 +287,11 @@ pub fn for_each_batch(
     batch_rows: usize,
     mut f: impl FnMut(Vec<Row>) -> Result<()>,
 ) -> Result<TableMeta> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    let pq = |e| Error::Parquet {
-        context: format!("reading {}", path.display()),
-        source: e,
-    };
-    let b =
-        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).map_err(pq)?;
-    let meta = TableMeta::from_schema(b.schema(), path)?;
-    for batch in b.with_batch_size(batch_rows.max(1)).build().map_err(pq)? {
+    let batches = crate::data::parquet_read::ParquetBatches::open(path, batch_rows)?;
+    let meta = TableMeta::from_schema(&batches.schema, path)?;
+    for batch in batches {
         let mut rows = Vec::with_capacity(batch_rows);
-        let batch = batch.map_err(|e| Error::Arrow {
-            context: format!("reading {}", path.display()),
-            source: e,
-        })?;
+        let batch = batch?;
         let col = |name: &str| {
             batch
                 .column_by_name(name)
