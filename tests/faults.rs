@@ -134,15 +134,30 @@ fn all_images() -> String {
     )
 }
 
-/// Runs `script` (sh) in the project folder, inside a user and mount
-/// namespace of its own where `ws` is a tmpfs of `size`; `$BIN` is
-/// haic-pipe. The workspace is copied to `out/ws` before the mount goes.
-fn in_small_workspace(p: &Project, size: &str, script: &str) {
+/// In the project folder, inside a user and mount namespace of its own
+/// where `ws` is a tmpfs of `size`: runs the pipeline (stderr and exit
+/// status to `out/first.err` and `out/first.code`), then `free_space` (sh;
+/// `$BIN` is haic-pipe), then `run --resume` (`out/second.*`), and copies
+/// the workspace to `out/ws` before the mount goes. False, after a note,
+/// where namespaces are unavailable (see [`unshare_works`]).
+fn run_then_resume_in_small_workspace(p: &Project, size: &str, free_space: &str) -> bool {
+    if !unshare_works() {
+        eprintln!("skipped: `unshare -rm` (user and mount namespaces) is unavailable here");
+        return false;
+    }
     for d in ["ws", "out"] {
         std::fs::create_dir(p.path(d)).unwrap();
     }
     let script = format!(
-        "set -u\nmount -t tmpfs -o size={size} tmpfs ws || exit 99\n{script}\ncp -a ws out/ws\n"
+        r#"set -u
+mount -t tmpfs -o size={size} tmpfs ws || exit 99
+"$BIN" run pipeline.yaml --workspace ws 2> out/first.err
+echo $? > out/first.code
+{free_space}
+"$BIN" run pipeline.yaml --workspace ws --resume 2> out/second.err
+echo $? > out/second.code
+cp -a ws out/ws
+"#
     );
     let status = std::process::Command::new("unshare")
         .args(["-rm", "sh", "-c", &script])
@@ -152,6 +167,7 @@ fn in_small_workspace(p: &Project, size: &str, script: &str) {
         .status()
         .unwrap();
     assert!(status.success(), "the namespace script failed: {status}");
+    true
 }
 
 /// A registry query (CSV) on the workspace copied to `out/ws`.
@@ -185,31 +201,22 @@ fn unshare_works() -> bool {
 
 #[test]
 fn a_full_disk_fails_the_writing_stage_cleanly_and_resume_finishes() {
-    if !unshare_works() {
-        eprintln!("skipped: `unshare -rm` (user and mount namespaces) is unavailable here");
+    // A 3 MiB workspace; what the first run left is listed before the
+    // tmpfs grows (space freed) for the resume.
+    let p = Project::new(&all_images());
+    let ran = run_then_resume_in_small_workspace(
+        &p,
+        "3m",
+        "ls -A ws/artifacts > out/first.artifacts
+ls -A ws/artifacts/.staging > out/first.staging
+mount -o remount,size=64m ws || exit 99",
+    );
+    if !ran {
         return;
     }
     let reference = Project::new(&all_images());
     assert!(reference.run(&[]).status.success());
     let want = reference.digests();
-
-    // Inside its own mount namespace the script mounts a 3 MiB tmpfs as
-    // the workspace, runs, grows the tmpfs (space freed), resumes, and
-    // copies what the test looks at out before the mount goes away.
-    let p = Project::new(&all_images());
-    in_small_workspace(
-        &p,
-        "3m",
-        r#"
-        "$BIN" run pipeline.yaml --workspace ws 2> out/first.err
-        echo $? > out/first.code
-        ls -A ws/artifacts > out/first.artifacts
-        ls -A ws/artifacts/.staging > out/first.staging
-        mount -o remount,size=64m ws || exit 99
-        "$BIN" run pipeline.yaml --workspace ws --resume 2> out/second.err
-        echo $? > out/second.code
-    "#,
-    );
 
     let err = p.read("out/first.err");
     assert_eq!(p.read("out/first.code").trim(), "1", "{err}");
@@ -247,31 +254,19 @@ fn a_full_disk_fails_the_writing_stage_cleanly_and_resume_finishes() {
 
 #[test]
 fn a_full_disk_under_the_registry_stops_the_run_and_resume_finishes() {
-    if !unshare_works() {
-        eprintln!("skipped: `unshare -rm` (user and mount namespaces) is unavailable here");
-        return;
-    }
     // The first attempt of `fill` fills the disk and keeps the file in its
     // scratch; the driver's next registry write finds no room.
     let p = Project::new(
         "stages:\n  fill:\n    kind: command\n    cmd: \"[ -e $HAIC_SCRATCH/filled ] || { touch $HAIC_SCRATCH/filled; head -c 50000000 /dev/zero > $HAIC_SCRATCH/fill; }; echo x > x.txt\"\n    outs: [x.txt]\n",
     );
-    in_small_workspace(
-        &p,
-        "2m",
-        r#"
-        "$BIN" run pipeline.yaml --workspace ws 2> out/first.err
-        echo $? > out/first.code
-        find ws -name fill -delete
-        "$BIN" run pipeline.yaml --workspace ws --resume 2> out/second.err
-        echo $? > out/second.code
-    "#,
-    );
+    if !run_then_resume_in_small_workspace(&p, "2m", "find ws -name fill -delete") {
+        return;
+    }
     let err = p.read("out/first.err");
     assert_ne!(p.read("out/first.code").trim(), "0", "{err}");
     assert!(
         err.contains(
-            "database or disk is full; the disk holding the workspace is full: free space"
+            "database or disk is full; the disk holding the workspace is full; free space"
         ),
         "{err}"
     );

@@ -39,6 +39,10 @@ impl std::fmt::Display for SpecError {
     }
 }
 
+/// What to do when the disk holding the workspace is full, said both by a
+/// stage whose write failed and by the driver whose registry write did.
+pub const DISK_FULL_ADVICE: &str = "the disk holding the workspace is full; free space (`haic-pipe gc` removes old artifacts), then `run --resume` continues";
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]

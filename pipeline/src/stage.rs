@@ -536,7 +536,7 @@ pub fn run_job(kinds: &Kinds, mut job: Job, events: Box<dyn Write + Send>) -> i3
 /// What to do when the error comes from a full disk (or quota) anywhere in
 /// its chain of causes; else nothing. The staging folder is gone by then,
 /// so freeing space is all a resume needs.
-fn disk_full_hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
+fn disk_full_hint(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cause = Some(e);
     while let Some(c) = cause {
         if let Some(io) = c.downcast_ref::<std::io::Error>()
@@ -545,11 +545,11 @@ fn disk_full_hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
                 std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
             )
         {
-            return "\n  hint: the disk holding the workspace is full; free space (`haic-pipe gc` removes old artifacts), then `run --resume` continues";
+            return format!("\n  hint: {}", crate::error::DISK_FULL_ADVICE);
         }
         cause = c.source();
     }
-    ""
+    String::new()
 }
 
 #[cfg(test)]

@@ -155,14 +155,14 @@ fn db_err(path: &Path) -> impl Fn(sqlx::Error) -> Error + '_ {
     move |e| {
         // SQLITE_FULL (13): what to do, as the stages say for their writes.
         let full = matches!(&e, sqlx::Error::Database(d) if d.code().as_deref() == Some("13"));
-        let hint = if full {
-            "; the disk holding the workspace is full: free space (`haic-pipe gc` removes old artifacts), then `run --resume` continues"
+        let message = if full {
+            format!("{e}; {}", crate::error::DISK_FULL_ADVICE)
         } else {
-            ""
+            e.to_string()
         };
         Error::Registry {
             path: path.to_path_buf(),
-            message: format!("{e}{hint}"),
+            message,
         }
     }
 }
