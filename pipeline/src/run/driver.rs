@@ -187,8 +187,10 @@ impl Driver {
             self.registry.artifact_keys().await?
         };
         for ((i, key), id) in cached_rows.iter().zip(ids) {
-            if !known.contains(key) {
-                self.record_found_artifact(*i, id, key).await?;
+            if !known.contains(key)
+                && let Ok(Some(m)) = self.store.manifest(key)
+            {
+                self.record_found_artifact(*i, id, &m).await?;
             }
             (self.sink)(&Event::StageCached {
                 stage: self.p.stages[*i].name.clone(),
@@ -264,13 +266,10 @@ impl Driver {
     /// A stage found cached whose artifact the registry does not know: a
     /// driver died after its worker published and before recording it.
     /// The artifact gets its row, made by the stage run `id` that found it.
-    async fn record_found_artifact(&self, i: usize, id: i64, key: &str) -> Result<()> {
-        let Ok(Some(m)) = self.store.manifest(key) else {
-            return Ok(());
-        };
-        let path = self.store.dir(key).display().to_string();
+    async fn record_found_artifact(&self, i: usize, id: i64, m: &Manifest) -> Result<()> {
+        let path = self.store.dir(&m.key).display().to_string();
         self.registry
-            .record_found_artifact(id, &m, &path, &self.lineage(i))
+            .record_found_artifact(id, m, &path, &self.lineage(i))
             .await?;
         Ok(())
     }
@@ -360,7 +359,7 @@ impl Driver {
                     match self.registry.insert_stage_runs(&[row]).await {
                         Ok(ids) => {
                             for id in ids {
-                                if let Err(e) = self.record_found_artifact(i, id, &key).await {
+                                if let Err(e) = self.record_found_artifact(i, id, &m).await {
                                     self.sink_notice(format!("registry: {e}"));
                                 }
                             }
