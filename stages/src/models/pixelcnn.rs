@@ -935,6 +935,7 @@ mod tests {
     /// whole network's.
     #[test]
     fn incremental_logits_equal_the_whole_networks() {
+        let _one_path = crate::models::KERNEL_SWITCH.read();
         let dev = Device::Cpu;
         let (c, h, w, n) = (3, 6, 6, 4);
         let vars = SeededVars::new(8);
@@ -983,6 +984,7 @@ mod tests {
     #[test]
     fn the_gate_kernel_matches_candles_composition_in_value_and_gradient() {
         use std::sync::atomic::Ordering;
+        let _switching = crate::models::KERNEL_SWITCH.write();
         let dev = Device::Cpu;
         let mut r = SplitMix64(3);
         let v: Vec<f32> = (0..2 * 6 * 3 * 4)
@@ -1006,6 +1008,7 @@ mod tests {
     #[test]
     fn the_fused_gated_sum_matches_candles_adds_in_value_and_gradients() {
         use std::sync::atomic::Ordering;
+        let _switching = crate::models::KERNEL_SWITCH.write();
         let dev = Device::Cpu;
         let mut r = SplitMix64(4);
         let mut var = |dims: (usize, usize, usize, usize)| {
