@@ -3,7 +3,7 @@
 //! its decoder1 gated PixelCNN given 8x8 codes), trained at batch 64 on
 //! random 32x32x1 inputs, and the PixelCNN's cached sampler on 10 images.
 //!
-//! `cargo run --release -p haic-bench --bin compare-bench [-- --steps N] [--only ops|vq|ar|sample]`
+//! `cargo run --release -p haic-bench --bin compare-bench [-- --steps N] [--only ops|vq|ar|sample] [--op NAME-PART]`
 //!
 //! Prints the matmul peak; for each convolution layer shape in the models
 //! (`ops`), the median time of its forward and backward at batch 64; then
@@ -152,7 +152,11 @@ fn layers() -> Res<Vec<Layer>> {
 fn ops(reps: usize) -> Res<()> {
     let dev = Device::Cpu;
     let mut rng = SplitMix64(3);
+    let only_op = arg("--op");
     for (name, (c, h, w), layer, _vars) in layers()? {
+        if only_op.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
         let x: Vec<f32> = (0..BATCH * c * h * w)
             .map(|_| rng.normal() as f32)
             .collect();

@@ -13,6 +13,7 @@
 //! `bias`); on other devices than the CPU they call candle's own ops (the
 //! reference the tests compare against).
 
+mod direct;
 mod implicit;
 mod ops;
 mod space_to_depth;
@@ -521,12 +522,17 @@ mod tests {
             (3, 2, 1, 10, 8, 6),
             (3, 1, 1, 17, 4, 4),
         ];
-        // 1 input channel takes the columns, 6 the implicit kernels.
-        for ((k, s, p, b, h, w), c) in cases.into_iter().flat_map(|c| [(c, 1), (c, 6)]) {
+        // Channels in -> out: at stride 1, one channel on a side runs the
+        // direct kernels, 2 -> 5 the columns and 6 -> 5 the implicit ones.
+        let channels = [(1, 5), (6, 1), (2, 5), (6, 5)];
+        for ((k, s, p, b, h, w), (c, o)) in cases
+            .into_iter()
+            .flat_map(|case| channels.map(|ch| (case, ch)))
+        {
             let vars = SeededVars::new(1);
-            let conv = Conv::new(c, 5, k, s, p, vars.var_builder(&dev)).unwrap();
+            let conv = Conv::new(c, o, k, s, p, vars.var_builder(&dev)).unwrap();
             let x = input((b, c, h, w), 2);
-            let what = format!("conv k{k} s{s} p{p}, {b}x{c}x{h}x{w}");
+            let what = format!("conv k{k} s{s} p{p}, {b}x{c}x{h}x{w} -> {o}");
             compare(&conv, &vars, &x, &what);
             compare(&Relu(&conv), &vars, &x, &format!("{what}, fused ReLU"));
         }
@@ -562,9 +568,10 @@ mod tests {
     #[test]
     fn a_mask_that_zeroes_whole_taps_skips_them_and_matches_candle() {
         let dev = Device::Cpu;
-        let (c_out, k) = (4, 5);
-        // 3 input channels take the columns, 6 the implicit kernels.
-        for c_in in [3, 6] {
+        let k = 5;
+        // Direct kernels for 1 -> 4 and 6 -> 1, columns for 3 -> 4,
+        // implicit for 6 -> 4.
+        for (c_in, c_out) in [(1, 4), (6, 1), (3, 4), (6, 4)] {
             // Rows above the centre, and the centre row's left half: 12 of
             // 25 taps.
             let mut m = vec![0f32; c_out * c_in * k * k];
@@ -585,7 +592,7 @@ mod tests {
                 &conv,
                 &vars,
                 &x,
-                &format!("masked conv, {c_in} channels in"),
+                &format!("masked conv, {c_in} channels in, {c_out} out"),
             );
         }
     }

@@ -12,6 +12,7 @@ pub mod conv;
 pub mod encoder;
 pub mod fastmath;
 mod kernels;
+mod lanes;
 pub mod masks;
 pub mod nearest;
 pub mod optim;

@@ -35,6 +35,12 @@ impl<'a> TapWeights<'a> {
     fn tap_t(&self, t: usize) -> View<'a> {
         View::new(&self.data[t * self.tap_step..], self.cs, self.rs)
     }
+
+    /// Element (o, c) of tap t.
+    #[inline(always)]
+    pub(super) fn at(&self, t: usize, o: usize, c: usize) -> f32 {
+        self.data[t * self.tap_step + o * self.rs + c * self.cs]
+    }
 }
 
 /// The stride-1 layout: the image padded to Hp x Wp (plus `k` zeros so
@@ -46,6 +52,13 @@ pub(super) struct Padded {
     pub len: usize,
     /// Output grid positions: OH x Wp.
     pub n: usize,
+}
+
+impl Padded {
+    /// One padded channel: Hp x Wp.
+    pub(super) fn plane(&self) -> usize {
+        self.hp * self.wp
+    }
 }
 
 impl Geometry {
@@ -72,8 +85,15 @@ impl Geometry {
         }
     }
 
+    /// The grid positions from the first output to the last: OH x Wp less
+    /// the extra columns after the last row. A tap's view of that many
+    /// positions ends inside its channel's padded plane.
+    pub(super) fn grid_span(&self) -> usize {
+        (self.out_h() - 1) * self.padded().wp + self.out_w()
+    }
+
     /// `img` (C x H x W) into the padded layout, ReLU'd if `relu_in`.
-    fn pad_image(&self, img: &[f32], relu_in: bool, xp: &mut [f32]) {
+    pub(super) fn pad_image(&self, img: &[f32], relu_in: bool, xp: &mut [f32]) {
         let Padded { hp, wp, .. } = self.padded();
         xp.fill(0.0);
         for (c, plane) in img.chunks_exact(self.h * self.w).enumerate() {
@@ -85,7 +105,7 @@ impl Geometry {
     }
 
     /// Output planes (O x OH x OW) onto the OH x Wp grid, extra columns zero.
-    fn grid_from_output(&self, out: &[f32], relu_in: bool, grid: &mut [f32]) {
+    pub(super) fn grid_from_output(&self, out: &[f32], relu_in: bool, grid: &mut [f32]) {
         let (wp, ow) = (self.padded().wp, self.out_w());
         grid.fill(0.0);
         for (g, o) in grid.chunks_exact_mut(wp).zip(out.chunks_exact(ow)) {
@@ -93,7 +113,31 @@ impl Geometry {
         }
     }
 
-    fn tap_offsets(&self) -> Vec<usize> {
+    /// The OH x Wp grid (O planes) cropped to the output (O x OH x OW).
+    pub(super) fn output_from_grid(&self, grid: &[f32], out: &mut [f32]) {
+        let (wp, ow, n) = (self.padded().wp, self.out_w(), self.padded().n);
+        for (plane, rows) in out
+            .chunks_exact_mut(self.out_h() * ow)
+            .zip(grid.chunks_exact(n))
+        {
+            for (d, s) in plane.chunks_exact_mut(ow).zip(rows.chunks_exact(wp)) {
+                d.copy_from_slice(&s[..ow]);
+            }
+        }
+    }
+
+    /// The padded layout cropped to the image (C x H x W).
+    pub(super) fn image_from_padded(&self, xp: &[f32], img: &mut [f32]) {
+        let p = self.padded();
+        for (c, plane) in img.chunks_exact_mut(self.h * self.w).enumerate() {
+            for (y, row) in plane.chunks_exact_mut(self.w).enumerate() {
+                let at = (c * p.hp + y + self.pad) * p.wp + self.pad;
+                row.copy_from_slice(&xp[at..at + self.w]);
+            }
+        }
+    }
+
+    pub(super) fn tap_offsets(&self) -> Vec<usize> {
         let wp = self.padded().wp;
         self.tap_list()
             .iter()
@@ -139,15 +183,7 @@ pub(super) fn forward_padded(
         let shifted = View::new(&xp[at..], p.hp * p.wp, 1);
         gemm_strided(grid, (p.n, 1), (o, p.n, g.c), true, w.tap(t), shifted);
     }
-    let ow = g.out_w();
-    for (plane, rows) in out
-        .chunks_exact_mut(g.out_h() * ow)
-        .zip(grid.chunks_exact(p.n))
-    {
-        for (d, s) in plane.chunks_exact_mut(ow).zip(rows.chunks_exact(p.wp)) {
-            d.copy_from_slice(&s[..ow]);
-        }
-    }
+    g.output_from_grid(grid, out);
 }
 
 /// The adjoint of [`forward`] without bias: `dx (C x H x W) = crop(sum_t
@@ -163,15 +199,9 @@ pub(super) fn data_grad(
     dx: &mut [f32],
     scratch: &mut [f32],
 ) {
-    let p = g.padded();
-    let (grid, dxp) = scratch.split_at_mut(o * p.n);
+    let (grid, dxp) = scratch.split_at_mut(o * g.padded().n);
     data_grad_padded(g, w, o, dy, relu_dy, dxp, grid);
-    for (c, plane) in dx.chunks_exact_mut(g.h * g.w).enumerate() {
-        for (y, row) in plane.chunks_exact_mut(g.w).enumerate() {
-            let at = (c * p.hp + y + g.pad) * p.wp + g.pad;
-            row.copy_from_slice(&dxp[at..at + g.w]);
-        }
-    }
+    g.image_from_padded(dxp, dx);
 }
 
 /// [`data_grad`] into the padded layout: `dxp` (`p.len` floats) gets the

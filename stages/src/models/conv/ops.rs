@@ -25,6 +25,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::Geometry;
+use super::direct;
 use super::implicit::{self, TapWeights};
 use crate::models::kernels::{
     View, add_bias, add_plane_sums, gemm, layer_grads, relu, relu_backward, relu_copy, sum_chunks,
@@ -180,6 +181,13 @@ impl CustomOp3 for ConvOp {
         check_len(x, b * g.c * g.plane(), "conv input")?;
         check_len(w_t, ct * o, "conv weight")?;
         let mut out = vec![0f32; b * o * l];
+        if g.direct(o) {
+            self.direct(x, w_t, bias, &mut out);
+            return Ok((
+                CpuStorage::F32(out),
+                Shape::from((b, o, g.out_h(), g.out_w())),
+            ));
+        }
         if g.implicit() {
             self.stride_one(x, w_t, bias, &mut out);
             return Ok((
@@ -249,6 +257,23 @@ impl ConvOp {
         }
     }
 
+    /// The forward of a layer with one channel on a side, image by image.
+    fn direct(&self, x: &[f32], w_t: &[f32], bias: &[f32], out: &mut [f32]) {
+        let (g, o) = (self.g, bias.len());
+        let (w, p) = (Self::taps(w_t, g.tap_list().len(), o), g.padded());
+        let offsets = g.tap_offsets();
+        out.par_chunks_mut(o * g.out_len())
+            .zip(x.par_chunks(g.c * g.plane()))
+            .for_each(|(ob, xb)| {
+                with_scratch(p.len + o * p.n, |buf| {
+                    let (xp, grid) = buf.split_at_mut(p.len);
+                    g.pad_image(xb, self.relu_input, xp);
+                    direct::forward(&g, w, &offsets, xp, Some(bias), grid);
+                    g.output_from_grid(grid, ob);
+                })
+            });
+    }
+
     /// The stride-1 forward, image by image.
     fn stride_one(&self, x: &[f32], w_t: &[f32], bias: &[f32], out: &mut [f32]) {
         let (g, o) = (self.g, bias.len());
@@ -288,6 +313,24 @@ impl CustomOp3 for ConvDataGrad {
         let o = l2.dims()[1];
         let image = g.c * g.plane();
         let mut dx = vec![0f32; x.len()];
+        if g.direct(o) {
+            let (p, w) = (g.padded(), ConvOp::taps(w_t, taps.len(), o));
+            let offsets = g.tap_offsets();
+            dx.par_chunks_mut(image)
+                .zip(x.par_chunks(image).zip(dy.par_chunks(o * l)))
+                .for_each(|(dxb, (xb, dyb))| {
+                    with_scratch(o * p.n + p.len, |buf| {
+                        let (grid, dxp) = buf.split_at_mut(o * p.n);
+                        g.grid_from_output(dyb, false, grid);
+                        direct::data_grad(&g, w, &offsets, grid, dxp);
+                        g.image_from_padded(dxp, dxb);
+                    });
+                    if relu_input {
+                        relu_backward(dxb, xb);
+                    }
+                });
+            return Ok((CpuStorage::F32(dx), l1.shape().clone()));
+        }
         if g.implicit() {
             let (p, w) = (g.padded(), ConvOp::taps(w_t, taps.len(), o));
             dx.par_chunks_mut(image)
@@ -343,8 +386,25 @@ impl CustomOp2 for ConvWeightGrad {
         let (taps, l) = (g.tap_list(), g.out_len());
         let ct = g.c * taps.len();
         let image = g.c * g.plane();
+        let offsets = g.tap_offsets();
         let total = sum_chunks(b, ct * o + o, |images, acc| {
             let (dw, db) = acc.split_at_mut(ct * o);
+            if g.direct(o) {
+                let p = g.padded();
+                for bi in images {
+                    let dyb = &dy[bi * o * l..(bi + 1) * o * l];
+                    let xb = &x[bi * image..(bi + 1) * image];
+                    with_scratch(p.len + o * p.n, |buf| {
+                        let (xp, grid) = buf.split_at_mut(p.len);
+                        g.pad_image(xb, relu_input, xp);
+                        g.grid_from_output(dyb, false, grid);
+                        let layout = (o, 1, taps.len() * o);
+                        direct::weight_grad(&g, layout, &offsets, xp, grid, dw);
+                    });
+                    add_plane_sums(db, dyb, l);
+                }
+                return;
+            }
             if g.implicit() {
                 // Tap-major over the chunk, then into w_t's layout once.
                 let t_count = taps.len();
