@@ -479,19 +479,33 @@ impl CustomOp3 for BlockConvTransposeGrad {
                 Ok((CpuStorage::F32(dx), l1.shape().clone()))
             }
             Part::Weight => {
+                let taps = g.k * g.k;
                 let total = sum_chunks(b, c_in * ct + out.0, |images, acc| {
                     let (dw, db) = acc.split_at_mut(c_in * ct);
+                    // Tap by tap a C_in x C' block with C_in contiguous, the
+                    // layout gemm writes fastest (w's own layout puts the
+                    // taps innermost), then into w's layout once.
+                    let mut tap_major = vec![0f32; c_in * ct];
                     for bi in images {
                         let dyb = &dy[bi * out_len..(bi + 1) * out_len];
                         with_scratch(p.len + c_in * p.n, |buf| {
                             let (xp, grid) = buf.split_at_mut(p.len);
                             layout.gather_padded(out, dyb, false, xp);
-                            let taps = (1, ct, g.k * g.k);
                             let xb = &x[bi * len..(bi + 1) * len];
                             let dy = (xb, relu_input);
-                            implicit::weight_grad_padded(&g, taps, c_in, xp, dy, dw, grid);
+                            let tm_layout = (c_in * g.c, 1, c_in);
+                            let tm = &mut tap_major;
+                            implicit::weight_grad_padded(&g, tm_layout, c_in, xp, dy, tm, grid);
                         });
                         add_plane_sums(db, dyb, out.1 * out.2);
+                    }
+                    // (t, i, c) at (t * C' + c) * C_in + i -> (i, c * T + t).
+                    for (t, block) in tap_major.chunks_exact(c_in * g.c).enumerate() {
+                        for (c, column) in block.chunks_exact(c_in).enumerate() {
+                            for (i, &v) in column.iter().enumerate() {
+                                dw[i * ct + c * taps + t] += v;
+                            }
+                        }
                     }
                 });
                 Ok((CpuStorage::F32(total), Shape::from(c_in * ct + out.0)))
