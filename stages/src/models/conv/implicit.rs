@@ -13,8 +13,10 @@
 //! a run of taps on one kernel row is one contiguous window per position,
 //! so one gemm covers the run ([`weight_grad_tap_major`]).
 
+use std::mem::MaybeUninit;
+
 use super::Geometry;
-use crate::models::kernels::{View, gemm_strided, relu, relu_copy};
+use crate::models::kernels::{Finish, View, gemm_strided, relu, relu_copy, store_run};
 
 /// Where tap t's O x C matrix lies in a weight buffer: element (o, c) at
 /// `t * tap_step + o * rs + c * cs`.
@@ -113,26 +115,44 @@ impl Geometry {
         }
     }
 
-    /// The OH x Wp grid (O planes) cropped to the output (O x OH x OW).
-    pub(super) fn output_from_grid(&self, grid: &[f32], out: &mut [f32]) {
-        let (wp, ow, n) = (self.padded().wp, self.out_w(), self.padded().n);
-        for (plane, rows) in out
-            .chunks_exact_mut(self.out_h() * ow)
-            .zip(grid.chunks_exact(n))
+    /// The OH x Wp grid (O planes) cropped to the output (O x OH x OW),
+    /// finished as `finish` says.
+    pub(super) fn output_from_grid(
+        &self,
+        grid: &[f32],
+        out: &mut [MaybeUninit<f32>],
+        finish: Finish,
+    ) {
+        let (p, ow, oh) = (self.padded(), self.out_w(), self.out_h());
+        for (o, (plane, rows)) in out
+            .chunks_exact_mut(oh * ow)
+            .zip(grid.chunks_exact(p.n))
+            .enumerate()
         {
-            for (d, s) in plane.chunks_exact_mut(ow).zip(rows.chunks_exact(wp)) {
-                d.copy_from_slice(&s[..ow]);
+            for (y, (d, s)) in plane
+                .chunks_exact_mut(ow)
+                .zip(rows.chunks_exact(p.wp))
+                .enumerate()
+            {
+                store_run(d, s, finish.run(o, (o * oh + y) * ow, ow));
             }
         }
     }
 
-    /// The padded layout cropped to the image (C x H x W).
-    pub(super) fn image_from_padded(&self, xp: &[f32], img: &mut [f32]) {
+    /// The padded layout cropped to the image (C x H x W), finished as
+    /// `finish` says.
+    pub(super) fn image_from_padded(
+        &self,
+        xp: &[f32],
+        img: &mut [MaybeUninit<f32>],
+        finish: Finish,
+    ) {
         let p = self.padded();
         for (c, plane) in img.chunks_exact_mut(self.h * self.w).enumerate() {
             for (y, row) in plane.chunks_exact_mut(self.w).enumerate() {
                 let at = (c * p.hp + y + self.pad) * p.wp + self.pad;
-                row.copy_from_slice(&xp[at..at + self.w]);
+                let run = finish.run(c, (c * self.h + y) * self.w, self.w);
+                store_run(row, &xp[at..at + self.w], run);
             }
         }
     }
@@ -147,7 +167,8 @@ impl Geometry {
 }
 
 /// `out (O x OH x OW) = [bias +] sum_t W_t shift_t(pad(x))`, x ReLU'd if
-/// `relu_in`; `scratch` holds `p.len + O * p.n` floats.
+/// `relu_in`, finished as `finish` says; `scratch` holds `p.len + O * p.n`
+/// floats.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward(
     g: &Geometry,
@@ -156,12 +177,12 @@ pub(super) fn forward(
     x: &[f32],
     relu_in: bool,
     bias: Option<&[f32]>,
-    out: &mut [f32],
+    (out, finish): (&mut [MaybeUninit<f32>], Finish),
     scratch: &mut [f32],
 ) {
     let (xp, grid) = scratch.split_at_mut(g.padded().len);
     g.pad_image(x, relu_in, xp);
-    forward_padded(g, w, o, xp, bias, out, grid);
+    forward_padded(g, w, o, xp, bias, (out, finish), grid);
 }
 
 /// [`forward`] of an image already in the padded layout `xp` (`p.len`
@@ -172,7 +193,7 @@ pub(super) fn forward_padded(
     o: usize,
     xp: &[f32],
     bias: Option<&[f32]>,
-    out: &mut [f32],
+    (out, finish): (&mut [MaybeUninit<f32>], Finish),
     grid: &mut [f32],
 ) {
     let p = g.padded();
@@ -183,12 +204,12 @@ pub(super) fn forward_padded(
         let shifted = View::new(&xp[at..], p.hp * p.wp, 1);
         gemm_strided(grid, (p.n, 1), (o, p.n, g.c), true, w.tap(t), shifted);
     }
-    g.output_from_grid(grid, out);
+    g.output_from_grid(grid, out, finish);
 }
 
 /// The adjoint of [`forward`] without bias: `dx (C x H x W) = crop(sum_t
-/// shift_t^T(W_t^T grid(dy)))`, dy ReLU'd if `relu_dy`; `scratch` holds
-/// `O * p.n + p.len` floats.
+/// shift_t^T(W_t^T grid(dy)))`, dy ReLU'd if `relu_dy`, finished as
+/// `finish` says; `scratch` holds `O * p.n + p.len` floats.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn data_grad(
     g: &Geometry,
@@ -196,12 +217,12 @@ pub(super) fn data_grad(
     o: usize,
     dy: &[f32],
     relu_dy: bool,
-    dx: &mut [f32],
+    (dx, finish): (&mut [MaybeUninit<f32>], Finish),
     scratch: &mut [f32],
 ) {
     let (grid, dxp) = scratch.split_at_mut(o * g.padded().n);
     data_grad_padded(g, w, o, dy, relu_dy, dxp, grid);
-    g.image_from_padded(dxp, dx);
+    g.image_from_padded(dxp, dx, finish);
 }
 
 /// [`data_grad`] into the padded layout: `dxp` (`p.len` floats) gets the

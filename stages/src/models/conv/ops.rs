@@ -21,6 +21,8 @@
 //!   Weight gradients sum over fixed chunks of images, then over chunks in
 //!   order, so results do not depend on the thread count.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -28,8 +30,8 @@ use super::Geometry;
 use super::direct;
 use super::implicit::{self, TapWeights};
 use crate::models::kernels::{
-    View, add_bias, add_plane_sums, gemm, layer_grads, relu, relu_backward, relu_copy, sum_chunks,
-    with_scratch,
+    Finish, View, add_bias, add_plane_sums, gemm, layer_grads, relu, relu_backward, relu_copy,
+    sum_chunks, with_scratch, written_in_full,
 };
 use crate::models::{contiguous_f32, contiguous_f32x3};
 
@@ -180,21 +182,12 @@ impl CustomOp3 for ConvOp {
         let (ct, n) = (g.c * taps.len(), b * l);
         check_len(x, b * g.c * g.plane(), "conv input")?;
         check_len(w_t, ct * o, "conv weight")?;
+        let shape = Shape::from((b, o, g.out_h(), g.out_w()));
+        if g.direct(o) || g.implicit() {
+            let out = written_in_full(b * o * l, |out| self.stride_one(x, w_t, bias, out));
+            return Ok((CpuStorage::F32(out), shape));
+        }
         let mut out = vec![0f32; b * o * l];
-        if g.direct(o) {
-            self.direct(x, w_t, bias, &mut out);
-            return Ok((
-                CpuStorage::F32(out),
-                Shape::from((b, o, g.out_h(), g.out_w())),
-            ));
-        }
-        if g.implicit() {
-            self.stride_one(x, w_t, bias, &mut out);
-            return Ok((
-                CpuStorage::F32(out),
-                Shape::from((b, o, g.out_h(), g.out_w())),
-            ));
-        }
         with_scratch(ct * n + n * o, |buf| {
             let (cols, y) = buf.split_at_mut(ct * n);
             if ct > 0 {
@@ -257,8 +250,9 @@ impl ConvOp {
         }
     }
 
-    /// The forward of a layer with one channel on a side, image by image.
-    fn direct(&self, x: &[f32], w_t: &[f32], bias: &[f32], out: &mut [f32]) {
+    /// The stride-1 forward, image by image: the direct kernels for one
+    /// channel on a side, else the implicit ones.
+    fn stride_one(&self, x: &[f32], w_t: &[f32], bias: &[f32], out: &mut [MaybeUninit<f32>]) {
         let (g, o) = (self.g, bias.len());
         let (w, p) = (Self::taps(w_t, g.tap_list().len(), o), g.padded());
         let offsets = g.tap_offsets();
@@ -266,24 +260,23 @@ impl ConvOp {
             .zip(x.par_chunks(g.c * g.plane()))
             .for_each(|(ob, xb)| {
                 with_scratch(p.len + o * p.n, |buf| {
+                    if !g.direct(o) {
+                        let out = (ob, Finish::Store);
+                        return implicit::forward(
+                            &g,
+                            w,
+                            o,
+                            xb,
+                            self.relu_input,
+                            Some(bias),
+                            out,
+                            buf,
+                        );
+                    }
                     let (xp, grid) = buf.split_at_mut(p.len);
                     g.pad_image(xb, self.relu_input, xp);
                     direct::forward(&g, w, &offsets, xp, Some(bias), grid);
-                    g.output_from_grid(grid, ob);
-                })
-            });
-    }
-
-    /// The stride-1 forward, image by image.
-    fn stride_one(&self, x: &[f32], w_t: &[f32], bias: &[f32], out: &mut [f32]) {
-        let (g, o) = (self.g, bias.len());
-        let w = Self::taps(w_t, g.tap_list().len(), o);
-        let p = g.padded();
-        out.par_chunks_mut(o * g.out_len())
-            .zip(x.par_chunks(g.c * g.plane()))
-            .for_each(|(ob, xb)| {
-                with_scratch(p.len + o * p.n, |buf| {
-                    implicit::forward(&g, w, o, xb, self.relu_input, Some(bias), ob, buf)
+                    g.output_from_grid(grid, ob, Finish::Store);
                 })
             });
     }
@@ -312,39 +305,36 @@ impl CustomOp3 for ConvDataGrad {
         let ct = g.c * taps.len();
         let o = l2.dims()[1];
         let image = g.c * g.plane();
-        let mut dx = vec![0f32; x.len()];
-        if g.direct(o) {
+        if g.direct(o) || g.implicit() {
             let (p, w) = (g.padded(), ConvOp::taps(w_t, taps.len(), o));
             let offsets = g.tap_offsets();
-            dx.par_chunks_mut(image)
-                .zip(x.par_chunks(image).zip(dy.par_chunks(o * l)))
-                .for_each(|(dxb, (xb, dyb))| {
-                    with_scratch(o * p.n + p.len, |buf| {
-                        let (grid, dxp) = buf.split_at_mut(o * p.n);
-                        g.grid_from_output(dyb, false, grid);
-                        direct::data_grad(&g, w, &offsets, grid, dxp);
-                        g.image_from_padded(dxp, dxb);
-                    });
-                    if relu_input {
-                        relu_backward(dxb, xb);
-                    }
-                });
+            let dx = written_in_full(x.len(), |dx| {
+                dx.par_chunks_mut(image)
+                    .zip(x.par_chunks(image).zip(dy.par_chunks(o * l)))
+                    .for_each(|(dxb, (xb, dyb))| {
+                        let finish = Finish::input_grad(relu_input, xb);
+                        with_scratch(o * p.n + p.len, |buf| {
+                            if !g.direct(o) {
+                                return implicit::data_grad(
+                                    &g,
+                                    w,
+                                    o,
+                                    dyb,
+                                    false,
+                                    (dxb, finish),
+                                    buf,
+                                );
+                            }
+                            let (grid, dxp) = buf.split_at_mut(o * p.n);
+                            g.grid_from_output(dyb, false, grid);
+                            direct::data_grad(&g, w, &offsets, grid, dxp);
+                            g.image_from_padded(dxp, dxb, finish);
+                        });
+                    })
+            });
             return Ok((CpuStorage::F32(dx), l1.shape().clone()));
         }
-        if g.implicit() {
-            let (p, w) = (g.padded(), ConvOp::taps(w_t, taps.len(), o));
-            dx.par_chunks_mut(image)
-                .zip(x.par_chunks(image).zip(dy.par_chunks(o * l)))
-                .for_each(|(dxb, (xb, dyb))| {
-                    with_scratch(o * p.n + p.len, |buf| {
-                        implicit::data_grad(&g, w, o, dyb, false, dxb, buf)
-                    });
-                    if relu_input {
-                        relu_backward(dxb, xb);
-                    }
-                });
-            return Ok((CpuStorage::F32(dx), l1.shape().clone()));
-        }
+        let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(image)
             .zip(x.par_chunks(image).zip(dy.par_chunks(o * l)))
             .for_each(|(dxb, (xb, dyb))| {
@@ -475,19 +465,21 @@ impl CustomOp3 for ConvTransposeOp {
         check_len(x, b * c_in * l, "conv_transpose input")?;
         check_len(w, c_in * ct, "conv_transpose weight")?;
         let image = g.c * g.plane();
-        let mut out = vec![0f32; b * image];
         if g.implicit() {
             let (p, w) = (g.padded(), ConvTransposeOp::taps(w, taps.len(), ct));
-            out.par_chunks_mut(image)
-                .zip(x.par_chunks(c_in * l))
-                .for_each(|(ob, xb)| {
-                    with_scratch(c_in * p.n + p.len, |buf| {
-                        implicit::data_grad(&g, w, c_in, xb, self.relu_input, ob, buf)
-                    });
-                    add_bias(ob, bias, g.plane());
-                });
+            let out = written_in_full(b * image, |out| {
+                out.par_chunks_mut(image)
+                    .zip(x.par_chunks(c_in * l))
+                    .for_each(|(ob, xb)| {
+                        with_scratch(c_in * p.n + p.len, |buf| {
+                            let out = (ob, Finish::Bias(bias));
+                            implicit::data_grad(&g, w, c_in, xb, self.relu_input, out, buf)
+                        });
+                    })
+            });
             return Ok((CpuStorage::F32(out), Shape::from((b, g.c, g.h, g.w))));
         }
+        let mut out = vec![0f32; b * image];
         out.par_chunks_mut(image)
             .zip(x.par_chunks(c_in * l))
             .for_each(|(ob, xb)| {
@@ -557,21 +549,21 @@ impl CustomOp3 for ConvTransposeDataGrad {
         let (taps, l) = (g.tap_list(), g.out_len());
         let ct = g.c * taps.len();
         let image = g.c * g.plane();
-        let mut dx = vec![0f32; x.len()];
         if g.implicit() {
             let (p, w) = (g.padded(), ConvTransposeOp::taps(w, taps.len(), ct));
-            dx.par_chunks_mut(c_in * l)
-                .zip(x.par_chunks(c_in * l).zip(dy.par_chunks(image)))
-                .for_each(|(dxb, (xb, dyb))| {
-                    with_scratch(p.len + c_in * p.n, |buf| {
-                        implicit::forward(&g, w, c_in, dyb, false, None, dxb, buf)
-                    });
-                    if relu_input {
-                        relu_backward(dxb, xb);
-                    }
-                });
+            let dx = written_in_full(x.len(), |dx| {
+                dx.par_chunks_mut(c_in * l)
+                    .zip(x.par_chunks(c_in * l).zip(dy.par_chunks(image)))
+                    .for_each(|(dxb, (xb, dyb))| {
+                        let finish = Finish::input_grad(relu_input, xb);
+                        with_scratch(p.len + c_in * p.n, |buf| {
+                            implicit::forward(&g, w, c_in, dyb, false, None, (dxb, finish), buf)
+                        });
+                    })
+            });
             return Ok((CpuStorage::F32(dx), l1.shape().clone()));
         }
+        let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(c_in * l)
             .zip(x.par_chunks(c_in * l).zip(dy.par_chunks(image)))
             .for_each(|(dxb, (xb, dyb))| {

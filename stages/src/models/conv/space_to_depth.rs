@@ -4,6 +4,8 @@
 //! blocks, each block's pixels stacked as channels (the weights rearranged
 //! alike). That runs on the column-free stride-1 kernels.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -12,7 +14,7 @@ use super::implicit;
 use super::ops::{ConvOp, ConvTransposeOp};
 use crate::models::contiguous_f32x3;
 use crate::models::kernels::{
-    add_bias, add_plane_sums, layer_grads, relu, relu_backward, sum_chunks, with_scratch,
+    Finish, add_plane_sums, layer_grads, relu, sum_chunks, with_scratch, written_in_full,
 };
 
 /// (B, C, H, W) -> (B, C*s*s, HS, WS): channel `(c*s + dy)*s + dx` at (i, j)
@@ -117,18 +119,31 @@ impl SpaceToDepth {
         (h + self.pad).div_ceil(self.s) <= self.hs && (w + self.pad).div_ceil(self.s) <= self.ws
     }
 
-    /// Blocks -> image (C x H x W), zero where no block value maps.
-    pub(super) fn scatter(&self, chw: (usize, usize, usize), blocks: &[f32], img: &mut [f32]) {
+    /// Blocks -> image (C x H x W), zero where no block value maps, every
+    /// value finished as `finish` says.
+    pub(super) fn scatter(
+        &self,
+        chw: (usize, usize, usize),
+        blocks: &[f32],
+        img: &mut [MaybeUninit<f32>],
+        finish: Finish,
+    ) {
         let (_, h, w) = chw;
         if self.s == 2 && self.covers(h, w) {
-            return self.scatter_stride_two(chw, blocks, img);
+            return self.scatter_stride_two(chw, blocks, img, finish);
         }
         let s = self.s;
-        img.fill(0.0);
+        for (r, row) in img.chunks_exact_mut(w).enumerate() {
+            let run = finish.run(r / h, r * w, w);
+            for (j, d) in row.iter_mut().enumerate() {
+                d.write(run.apply(j, 0.0));
+            }
+        }
         self.block_rows(chw, |row, pixels| {
             if let Some((x0, cols)) = pixels {
                 for (j, &v) in blocks[row + cols.start..row + cols.end].iter().enumerate() {
-                    img[x0 + j * s] = v;
+                    let at = x0 + j * s;
+                    img[at].write(finish.run(at / (h * w), at, 1).apply(0, v));
                 }
             }
         });
@@ -176,7 +191,8 @@ impl SpaceToDepth {
         &self,
         (c, h, w): (usize, usize, usize),
         blocks: &[f32],
-        img: &mut [f32],
+        img: &mut [MaybeUninit<f32>],
+        finish: Finish,
     ) {
         let (p, hs, ws) = (self.pad, self.hs, self.ws);
         // Pixel x = 2m + e comes from plane dx = (e + p) % 2, column
@@ -191,14 +207,16 @@ impl SpaceToDepth {
                     &blocks[(plane * hs + i) * ws + skip..(plane * hs + i + 1) * ws]
                 };
                 let (even, odd) = (block_row(dx_even, skip_even), block_row(dx_odd, skip_odd));
-                let row = &mut img[(ch * h + y) * w..(ch * h + y + 1) * w];
+                let at = (ch * h + y) * w;
+                let row = &mut img[at..at + w];
+                let run = finish.run(ch, at, w);
                 let mut pairs = row.chunks_exact_mut(2);
-                for ((pair, &a), &b) in (&mut pairs).zip(even).zip(odd) {
-                    pair[0] = a;
-                    pair[1] = b;
+                for (m, ((pair, &a), &b)) in (&mut pairs).zip(even).zip(odd).enumerate() {
+                    pair[0].write(run.apply(2 * m, a));
+                    pair[1].write(run.apply(2 * m + 1, b));
                 }
                 if let [last] = pairs.into_remainder() {
-                    *last = even[w / 2];
+                    last.write(run.apply(w - 1, even[w / 2]));
                 }
             }
         }
@@ -256,17 +274,19 @@ impl CustomOp3 for BlockConv {
         let p = g.padded();
         let w = ConvOp::taps(w_t, g.k * g.k, o);
         let out_len = o * g.out_h() * g.out_w();
-        let mut out = vec![0f32; b * out_len];
-        out.par_chunks_mut(out_len)
-            .zip(x.par_chunks(len))
-            .for_each(|(ob, xb)| {
-                with_scratch(p.len + o * p.n, |buf| {
-                    let (xp, grid) = buf.split_at_mut(p.len);
-                    self.blocks
-                        .gather_padded(chw, xb, self.blocks.relu_input, xp);
-                    implicit::forward_padded(&g, w, o, xp, Some(bias), ob, grid)
+        let out = written_in_full(b * out_len, |out| {
+            out.par_chunks_mut(out_len)
+                .zip(x.par_chunks(len))
+                .for_each(|(ob, xb)| {
+                    with_scratch(p.len + o * p.n, |buf| {
+                        let (xp, grid) = buf.split_at_mut(p.len);
+                        self.blocks
+                            .gather_padded(chw, xb, self.blocks.relu_input, xp);
+                        let out = (ob, Finish::Store);
+                        implicit::forward_padded(&g, w, o, xp, Some(bias), out, grid)
+                    })
                 })
-            });
+        });
         Ok((
             CpuStorage::F32(out),
             Shape::from((b, o, g.out_h(), g.out_w())),
@@ -327,19 +347,18 @@ impl CustomOp3 for BlockConvGrad {
         match self.1 {
             Part::Data => {
                 let w = ConvOp::taps(w_t, g.k * g.k, o);
-                let mut dx = vec![0f32; x.len()];
-                dx.par_chunks_mut(len)
-                    .zip(x.par_chunks(len).zip(dy.par_chunks(out_len)))
-                    .for_each(|(dxb, (xb, dyb))| {
-                        with_scratch(p.len + o * p.n, |buf| {
-                            let (dxp, grid) = buf.split_at_mut(p.len);
-                            implicit::data_grad_padded(&g, w, o, dyb, false, dxp, grid);
-                            layout.scatter(chw, &dxp[..blocks], dxb);
-                        });
-                        if layout.relu_input {
-                            relu_backward(dxb, xb);
-                        }
-                    });
+                let dx = written_in_full(x.len(), |dx| {
+                    dx.par_chunks_mut(len)
+                        .zip(x.par_chunks(len).zip(dy.par_chunks(out_len)))
+                        .for_each(|(dxb, (xb, dyb))| {
+                            with_scratch(p.len + o * p.n, |buf| {
+                                let (dxp, grid) = buf.split_at_mut(p.len);
+                                implicit::data_grad_padded(&g, w, o, dyb, false, dxp, grid);
+                                let finish = Finish::input_grad(layout.relu_input, xb);
+                                layout.scatter(chw, &dxp[..blocks], dxb, finish);
+                            });
+                        })
+                });
                 Ok((CpuStorage::F32(dx), l1.shape().clone()))
             }
             Part::Weight => {
@@ -399,17 +418,18 @@ impl CustomOp3 for BlockConvTranspose {
         let (blocks, p) = (g.c * g.h * g.w, g.padded());
         let w = ConvTransposeOp::taps(w, g.k * g.k, ct);
         let (c_out, h, wd) = self.out;
-        let mut out = vec![0f32; b * c_out * h * wd];
-        out.par_chunks_mut(c_out * h * wd)
-            .zip(x.par_chunks(len))
-            .for_each(|(ob, xb)| {
-                with_scratch(p.len + c_in * p.n, |buf| {
-                    let (dxp, grid) = buf.split_at_mut(p.len);
-                    implicit::data_grad_padded(&g, w, c_in, xb, self.relu_input, dxp, grid);
-                    self.blocks.scatter(self.out, &dxp[..blocks], ob);
-                });
-                add_bias(ob, bias, h * wd);
-            });
+        let out = written_in_full(b * c_out * h * wd, |out| {
+            out.par_chunks_mut(c_out * h * wd)
+                .zip(x.par_chunks(len))
+                .for_each(|(ob, xb)| {
+                    with_scratch(p.len + c_in * p.n, |buf| {
+                        let (dxp, grid) = buf.split_at_mut(p.len);
+                        implicit::data_grad_padded(&g, w, c_in, xb, self.relu_input, dxp, grid);
+                        let finish = Finish::Bias(bias);
+                        self.blocks.scatter(self.out, &dxp[..blocks], ob, finish);
+                    });
+                })
+        });
         Ok((CpuStorage::F32(out), Shape::from((b, c_out, h, wd))))
     }
 
@@ -463,19 +483,18 @@ impl CustomOp3 for BlockConvTransposeGrad {
         match self.1 {
             Part::Data => {
                 let w = ConvTransposeOp::taps(w, g.k * g.k, ct);
-                let mut dx = vec![0f32; x.len()];
-                dx.par_chunks_mut(len)
-                    .zip(x.par_chunks(len).zip(dy.par_chunks(out_len)))
-                    .for_each(|(dxb, (xb, dyb))| {
-                        with_scratch(p.len + c_in * p.n, |buf| {
-                            let (xp, grid) = buf.split_at_mut(p.len);
-                            layout.gather_padded(out, dyb, false, xp);
-                            implicit::forward_padded(&g, w, c_in, xp, None, dxb, grid);
-                        });
-                        if relu_input {
-                            relu_backward(dxb, xb);
-                        }
-                    });
+                let dx = written_in_full(x.len(), |dx| {
+                    dx.par_chunks_mut(len)
+                        .zip(x.par_chunks(len).zip(dy.par_chunks(out_len)))
+                        .for_each(|(dxb, (xb, dyb))| {
+                            with_scratch(p.len + c_in * p.n, |buf| {
+                                let (xp, grid) = buf.split_at_mut(p.len);
+                                layout.gather_padded(out, dyb, false, xp);
+                                let dx = (dxb, Finish::input_grad(relu_input, xb));
+                                implicit::forward_padded(&g, w, c_in, xp, None, dx, grid);
+                            });
+                        })
+                });
                 Ok((CpuStorage::F32(dx), l1.shape().clone()))
             }
             Part::Weight => {
