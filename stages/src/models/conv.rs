@@ -516,6 +516,7 @@ mod tests {
             // The last row and column feed no output (the blocks leave them
             // out).
             (4, 2, 0, 1, 9, 9),
+            (4, 2, 0, 2, 8, 8),
             (1, 1, 0, 2, 5, 5),
             (1, 1, 0, 1, 3, 7),
             (3, 2, 0, 2, 9, 9),

@@ -12,10 +12,10 @@ use rayon::prelude::*;
 use super::Geometry;
 use super::implicit;
 use super::ops::{ConvOp, ConvTransposeOp};
-use crate::models::contiguous_f32x3;
 use crate::models::kernels::{
-    Finish, add_plane_sums, layer_grads, relu, sum_chunks, with_scratch, written_in_full,
+    Finish, add_plane_sums, layer_grads, relu, store_run, sum_chunks, with_scratch, written_in_full,
 };
+use crate::models::{contiguous_f32x3, fastmath};
 
 /// (B, C, H, W) -> (B, C*s*s, HS, WS): channel `(c*s + dy)*s + dx` at (i, j)
 /// holds pixel `(i*s + dy - pad, j*s + dx - pad)` of channel c (zero outside
@@ -151,50 +151,95 @@ impl SpaceToDepth {
 
     /// [`Self::gather`] for stride 2 when the blocks cover the image: each
     /// image row splits into one row of the dx = 0 plane and one of the
-    /// dx = 1 plane (see [`Self::scatter_stride_two`]); the blocks' other
-    /// values are padding, zero.
+    /// dx = 1 plane (see [`Self::scatter_stride_two`]); every block value
+    /// is written once, padding included.
     fn gather_stride_two(
         &self,
-        (c, h, w): (usize, usize, usize),
+        chw: (usize, usize, usize),
         img: &[f32],
         relu_in: bool,
         blocks: &mut [f32],
     ) {
-        let (p, hs, ws) = (self.pad, self.hs, self.ws);
-        let (dx_even, skip_even, skip_odd) = (p % 2, p / 2, p.div_ceil(2));
-        blocks.fill(0.0);
-        for ch in 0..c {
-            for y in 0..h {
-                let (dy, i) = ((y + p) % 2, (y + p) / 2);
-                let start = |dx: usize| (((ch * 2 + dy) * 2 + dx) * hs + i) * ws;
-                let (lo, hi) = (start(0), start(1));
-                // The dx = 0 row lies before the dx = 1 row.
-                let (first, second) = blocks.split_at_mut(hi);
-                let (row0, row1) = (&mut first[lo..lo + ws], &mut second[..ws]);
-                let (even, odd) = match dx_even {
-                    0 => (&mut row0[skip_even..], &mut row1[skip_odd..]),
-                    _ => (&mut row1[skip_even..], &mut row0[skip_odd..]),
-                };
-                let row = &img[(ch * h + y) * w..(ch * h + y + 1) * w];
-                match relu_in {
-                    true => split_pairs(row, even, odd, |v| v.max(0.0)),
-                    false => split_pairs(row, even, odd, |v| v),
-                }
-            }
-        }
+        gather_stride_two(*self, chw, img, relu_in, blocks);
     }
 
     /// [`Self::scatter`] for stride 2 when the blocks cover the image: each
     /// image row interleaves one row of the dx = 0 plane and one of the
-    /// dx = 1 plane, written in pairs so the stores vectorise.
+    /// dx = 1 plane (into a row buffer, in pairs so the stores vectorise),
+    /// then is finished into place.
     fn scatter_stride_two(
         &self,
-        (c, h, w): (usize, usize, usize),
+        chw: (usize, usize, usize),
         blocks: &[f32],
         img: &mut [MaybeUninit<f32>],
         finish: Finish,
     ) {
-        let (p, hs, ws) = (self.pad, self.hs, self.ws);
+        let mut row = vec![0f32; chw.2];
+        scatter_stride_two(*self, chw, blocks, img, finish, &mut row);
+    }
+}
+
+fastmath::simd_kernel! {
+    /// See [`SpaceToDepth::gather_stride_two`].
+    fn gather_stride_two(
+        layout: SpaceToDepth,
+        chw: (usize, usize, usize),
+        img: &[f32],
+        relu_in: bool,
+        blocks: &mut [f32],
+    ) {
+        let (c, h, w) = chw;
+        let (p, hs, ws) = (layout.pad, layout.hs, layout.ws);
+        // Pixel x = 2m + e goes to plane dx = (e + p) % 2, column
+        // m + (e + p) / 2.
+        let (dx_even, skip_even, skip_odd) = (p % 2, p / 2, p.div_ceil(2));
+        let (n_even, n_odd) = (w.div_ceil(2), w / 2);
+        for ch in 0..c {
+            for dy in 0..2 {
+                for i in 0..hs {
+                    let start = |dx: usize| (((ch * 2 + dy) * 2 + dx) * hs + i) * ws;
+                    let (lo, hi) = (start(0), start(1));
+                    // The dx = 0 row lies before the dx = 1 row.
+                    let (first, second) = blocks.split_at_mut(hi);
+                    let (row0, row1) = (&mut first[lo..lo + ws], &mut second[..ws]);
+                    let y = (2 * i + dy).checked_sub(p).filter(|&y| y < h);
+                    let Some(y) = y else {
+                        row0.fill(0.0);
+                        row1.fill(0.0);
+                        continue;
+                    };
+                    let (even, odd) = match dx_even {
+                        0 => (row0, row1),
+                        _ => (row1, row0),
+                    };
+                    even[..skip_even].fill(0.0);
+                    even[skip_even + n_even..].fill(0.0);
+                    odd[..skip_odd].fill(0.0);
+                    odd[skip_odd + n_odd..].fill(0.0);
+                    let src = &img[(ch * h + y) * w..(ch * h + y + 1) * w];
+                    let (even, odd) = (&mut even[skip_even..], &mut odd[skip_odd..]);
+                    match relu_in {
+                        true => split_pairs(src, even, odd, |v| v.max(0.0)),
+                        false => split_pairs(src, even, odd, |v| v),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fastmath::simd_kernel! {
+    /// See [`SpaceToDepth::scatter_stride_two`]; `row` holds W floats.
+    fn scatter_stride_two(
+        layout: SpaceToDepth,
+        chw: (usize, usize, usize),
+        blocks: &[f32],
+        img: &mut [MaybeUninit<f32>],
+        finish: Finish,
+        row: &mut [f32],
+    ) {
+        let (c, h, w) = chw;
+        let (p, hs, ws) = (layout.pad, layout.hs, layout.ws);
         // Pixel x = 2m + e comes from plane dx = (e + p) % 2, column
         // m + (e + p) / 2.
         let (dx_even, skip_even) = (p % 2, p / 2);
@@ -207,17 +252,16 @@ impl SpaceToDepth {
                     &blocks[(plane * hs + i) * ws + skip..(plane * hs + i + 1) * ws]
                 };
                 let (even, odd) = (block_row(dx_even, skip_even), block_row(dx_odd, skip_odd));
-                let at = (ch * h + y) * w;
-                let row = &mut img[at..at + w];
-                let run = finish.run(ch, at, w);
                 let mut pairs = row.chunks_exact_mut(2);
-                for (m, ((pair, &a), &b)) in (&mut pairs).zip(even).zip(odd).enumerate() {
-                    pair[0].write(run.apply(2 * m, a));
-                    pair[1].write(run.apply(2 * m + 1, b));
+                for ((pair, &a), &b) in (&mut pairs).zip(even).zip(odd) {
+                    pair[0] = a;
+                    pair[1] = b;
                 }
                 if let [last] = pairs.into_remainder() {
-                    last.write(run.apply(w - 1, even[w / 2]));
+                    *last = even[w / 2];
                 }
+                let at = (ch * h + y) * w;
+                store_run(&mut img[at..at + w], row, finish.run(ch, at, w));
             }
         }
     }
