@@ -5,8 +5,9 @@
 //! transpose, ReLU) makes a pass and an allocation per op. Here each layer
 //! is one custom op forward and two backward, with the bias and an optional
 //! ReLU of the input ([`Conv::forward_relu`]) fused in and masked taps
-//! skipped: stride-1 layers without columns (`implicit`), strided ones
-//! (a kernel a multiple of the stride) as stride-1 layers over blocks
+//! skipped: stride-1 layers with one channel on a side directly (`direct`),
+//! other stride-1 layers without columns (`implicit`), strided ones (a
+//! kernel a multiple of the stride) as stride-1 layers over blocks
 //! (`space_to_depth`), the rest as columns plus gemm (`ops`).
 //!
 //! Layers keep PyTorch's weight layout and names (`weight` O x C x k x k,

@@ -1,6 +1,7 @@
 //! What the CPU kernels of the models share: a bounds-checked gemm on
-//! strided views, per-thread scratch buffers, fused-ReLU helpers and
-//! deterministic chunked sums of per-image gradients.
+//! strided views, per-thread scratch buffers, fused-ReLU helpers,
+//! deterministic chunked sums of per-image gradients, and outputs written
+//! once (unzeroed, finished with a bias or a ReLU's backward as stored).
 
 use std::cell::RefCell;
 use std::mem::MaybeUninit;

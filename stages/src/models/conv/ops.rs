@@ -13,9 +13,11 @@
 //!   dimension), so a position's value does not depend on how many other
 //!   positions or images are computed with it: what exact incremental
 //!   sampling needs.
-//! - Stride-1 layers with a kernel wider than 1 hand over to the
-//!   column-free kernels of [`super::implicit`], image by image (which
-//!   also keeps a position's value independent of the other positions).
+//! - Stride-1 layers with one channel on a side hand over to
+//!   [`super::direct`], those with a kernel wider than 1 and 4 or more
+//!   input channels to the column-free kernels of [`super::implicit`],
+//!   image by image (which also keeps a position's value independent of
+//!   the other positions).
 //! - Everything else works image by image in parallel, each image with a
 //!   single-threaded gemm into buffers that stay allocated per thread.
 //!   Weight gradients sum over fixed chunks of images, then over chunks in
