@@ -9,7 +9,7 @@
 //! a result does not depend on which one ran.
 
 /// The operations; a kernel written over `L: Lanes` is instantiated once
-/// per implementation (see [`dispatch`]).
+/// per implementation (see [`lanes_kernel`]).
 pub(crate) trait Lanes: Copy {
     /// `dst[i] += a * src[i]` (fused) over `dst`; `src` is at least as long.
     fn axpy(self, dst: &mut [f32], a: f32, src: &[f32]);

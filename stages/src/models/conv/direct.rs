@@ -50,8 +50,8 @@ lanes_kernel! {
 }
 
 lanes_kernel! {
-    /// The adjoint of [`forward`] without bias: `dxp (C x Hp*Wp)` =
-    /// sum_o sum_t W_t[o][c] shift_t^T(grid[o]), zeroed first.
+    /// The adjoint of `forward` without bias: `dxp (C x Hp*Wp) = sum_o
+    /// sum_t W_t[o][c] shift_t^T(grid[o])`, zeroed first.
     pub(super) fn data_grad[lanes](
         g: &Geometry,
         w: TapWeights,
