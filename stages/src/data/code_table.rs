@@ -4,7 +4,7 @@
 //! `schemas/code_table.md`.
 //!
 //! Columns: `id` int64, `label` int32, `split` utf8, `codes`
-//! fixed_size_list<uint16>[H*W] (row-major code map). Schema metadata:
+//! `fixed_size_list<uint16>[H*W]` (row-major code map). Schema metadata:
 //! `haic.format`, `haic.height`, `haic.width`, `haic.codebook_size`,
 //! `haic.class_names`, `haic.producer_key`, `haic.source_key`.
 

@@ -18,7 +18,7 @@ use super::conv::Conv;
 use super::kernels::{CHUNK, View, add_plane_sums, gemm, relu_backward, relu_copy, with_scratch};
 use super::{contiguous_f32, contiguous_f32x3, fastmath};
 
-/// -ln softmax(logits)[target] at every position and group: (B, G, H, W),
+/// `-ln softmax(logits)[target]` at every position and group: (B, G, H, W),
 /// for u32 `targets` (B, G, H, W) in 0..K.
 pub fn categorical_nll(
     logits: &Tensor,
