@@ -172,6 +172,28 @@ pub(crate) fn written_in_full(len: usize, write: impl FnOnce(&mut [MaybeUninit<f
     v
 }
 
+/// A layer's input gradient, image by image in parallel and written once:
+/// `image((dx, finish), dy, scratch)` fills one image's `dx` (x's images
+/// are `len` floats) from its `dy` (`dy_len` floats), storing through
+/// `finish`, the backward of the layer's fused input ReLU when it had one;
+/// `scratch` is a per-thread buffer of `scratch_len` floats.
+pub(crate) fn input_grad_by_image(
+    (x, len): (&[f32], usize),
+    (dy, dy_len): (&[f32], usize),
+    relu_input: bool,
+    scratch_len: usize,
+    image: impl Fn((&mut [MaybeUninit<f32>], Finish), &[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    written_in_full(x.len(), |dx| {
+        dx.par_chunks_mut(len)
+            .zip(x.par_chunks(len).zip(dy.par_chunks(dy_len)))
+            .for_each(|(dxb, (xb, dyb))| {
+                let finish = Finish::input_grad(relu_input, xb);
+                with_scratch(scratch_len, |buf| image((dxb, finish), dyb, buf))
+            })
+    })
+}
+
 /// What a kernel's last pass does to each value as it stores it in the
 /// output, so bias and the backward of a fused ReLU cost no pass of their
 /// own.

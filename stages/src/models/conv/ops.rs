@@ -32,8 +32,8 @@ use super::Geometry;
 use super::direct;
 use super::implicit::{self, TapWeights};
 use crate::models::kernels::{
-    Finish, View, add_bias, add_plane_sums, gemm, layer_grads, relu, relu_backward, relu_copy,
-    sum_chunks, with_scratch, written_in_full,
+    Finish, View, add_bias, add_plane_sums, gemm, input_grad_by_image, layer_grads, relu,
+    relu_backward, relu_copy, sum_chunks, with_scratch, written_in_full,
 };
 use crate::models::{contiguous_f32, contiguous_f32x3};
 
@@ -310,30 +310,21 @@ impl CustomOp3 for ConvDataGrad {
         if g.direct(o) || g.implicit() {
             let (p, w) = (g.padded(), ConvOp::taps(w_t, taps.len(), o));
             let offsets = g.tap_offsets();
-            let dx = written_in_full(x.len(), |dx| {
-                dx.par_chunks_mut(image)
-                    .zip(x.par_chunks(image).zip(dy.par_chunks(o * l)))
-                    .for_each(|(dxb, (xb, dyb))| {
-                        let finish = Finish::input_grad(relu_input, xb);
-                        with_scratch(o * p.n + p.len, |buf| {
-                            if !g.direct(o) {
-                                return implicit::data_grad(
-                                    &g,
-                                    w,
-                                    o,
-                                    dyb,
-                                    false,
-                                    (dxb, finish),
-                                    buf,
-                                );
-                            }
-                            let (grid, dxp) = buf.split_at_mut(o * p.n);
-                            g.grid_from_output(dyb, false, grid);
-                            direct::data_grad(&g, w, &offsets, grid, dxp);
-                            g.image_from_padded(dxp, dxb, finish);
-                        });
-                    })
-            });
+            let dx = input_grad_by_image(
+                (x, image),
+                (dy, o * l),
+                relu_input,
+                o * p.n + p.len,
+                |dx, dyb, buf| {
+                    if !g.direct(o) {
+                        return implicit::data_grad(&g, w, o, dyb, false, dx, buf);
+                    }
+                    let (grid, dxp) = buf.split_at_mut(o * p.n);
+                    g.grid_from_output(dyb, false, grid);
+                    direct::data_grad(&g, w, &offsets, grid, dxp);
+                    g.image_from_padded(dxp, dx.0, dx.1);
+                },
+            );
             return Ok((CpuStorage::F32(dx), l1.shape().clone()));
         }
         let mut dx = vec![0f32; x.len()];
@@ -553,16 +544,13 @@ impl CustomOp3 for ConvTransposeDataGrad {
         let image = g.c * g.plane();
         if g.implicit() {
             let (p, w) = (g.padded(), ConvTransposeOp::taps(w, taps.len(), ct));
-            let dx = written_in_full(x.len(), |dx| {
-                dx.par_chunks_mut(c_in * l)
-                    .zip(x.par_chunks(c_in * l).zip(dy.par_chunks(image)))
-                    .for_each(|(dxb, (xb, dyb))| {
-                        let finish = Finish::input_grad(relu_input, xb);
-                        with_scratch(p.len + c_in * p.n, |buf| {
-                            implicit::forward(&g, w, c_in, dyb, false, None, (dxb, finish), buf)
-                        });
-                    })
-            });
+            let dx = input_grad_by_image(
+                (x, c_in * l),
+                (dy, image),
+                relu_input,
+                p.len + c_in * p.n,
+                |dx, dyb, buf| implicit::forward(&g, w, c_in, dyb, false, None, dx, buf),
+            );
             return Ok((CpuStorage::F32(dx), l1.shape().clone()));
         }
         let mut dx = vec![0f32; x.len()];

@@ -13,7 +13,8 @@ use super::Geometry;
 use super::implicit;
 use super::ops::{ConvOp, ConvTransposeOp};
 use crate::models::kernels::{
-    Finish, add_plane_sums, layer_grads, relu, store_run, sum_chunks, with_scratch, written_in_full,
+    Finish, add_plane_sums, input_grad_by_image, layer_grads, relu, store_run, sum_chunks,
+    with_scratch, written_in_full,
 };
 use crate::models::{contiguous_f32x3, fastmath};
 
@@ -391,18 +392,17 @@ impl CustomOp3 for BlockConvGrad {
         match self.1 {
             Part::Data => {
                 let w = ConvOp::taps(w_t, g.k * g.k, o);
-                let dx = written_in_full(x.len(), |dx| {
-                    dx.par_chunks_mut(len)
-                        .zip(x.par_chunks(len).zip(dy.par_chunks(out_len)))
-                        .for_each(|(dxb, (xb, dyb))| {
-                            with_scratch(p.len + o * p.n, |buf| {
-                                let (dxp, grid) = buf.split_at_mut(p.len);
-                                implicit::data_grad_padded(&g, w, o, dyb, false, dxp, grid);
-                                let finish = Finish::input_grad(layout.relu_input, xb);
-                                layout.scatter(chw, &dxp[..blocks], dxb, finish);
-                            });
-                        })
-                });
+                let dx = input_grad_by_image(
+                    (x, len),
+                    (dy, out_len),
+                    layout.relu_input,
+                    p.len + o * p.n,
+                    |(dxb, finish), dyb, buf| {
+                        let (dxp, grid) = buf.split_at_mut(p.len);
+                        implicit::data_grad_padded(&g, w, o, dyb, false, dxp, grid);
+                        layout.scatter(chw, &dxp[..blocks], dxb, finish);
+                    },
+                );
                 Ok((CpuStorage::F32(dx), l1.shape().clone()))
             }
             Part::Weight => {
@@ -527,18 +527,17 @@ impl CustomOp3 for BlockConvTransposeGrad {
         match self.1 {
             Part::Data => {
                 let w = ConvTransposeOp::taps(w, g.k * g.k, ct);
-                let dx = written_in_full(x.len(), |dx| {
-                    dx.par_chunks_mut(len)
-                        .zip(x.par_chunks(len).zip(dy.par_chunks(out_len)))
-                        .for_each(|(dxb, (xb, dyb))| {
-                            with_scratch(p.len + c_in * p.n, |buf| {
-                                let (xp, grid) = buf.split_at_mut(p.len);
-                                layout.gather_padded(out, dyb, false, xp);
-                                let dx = (dxb, Finish::input_grad(relu_input, xb));
-                                implicit::forward_padded(&g, w, c_in, xp, None, dx, grid);
-                            });
-                        })
-                });
+                let dx = input_grad_by_image(
+                    (x, len),
+                    (dy, out_len),
+                    relu_input,
+                    p.len + c_in * p.n,
+                    |dx, dyb, buf| {
+                        let (xp, grid) = buf.split_at_mut(p.len);
+                        layout.gather_padded(out, dyb, false, xp);
+                        implicit::forward_padded(&g, w, c_in, xp, None, dx, grid);
+                    },
+                );
                 Ok((CpuStorage::F32(dx), l1.shape().clone()))
             }
             Part::Weight => {
