@@ -199,6 +199,20 @@ fn unshare_works() -> bool {
     ok
 }
 
+/// The first run's stderr from [`run_then_resume_in_small_workspace`],
+/// after checking that it did not panic and that the resume succeeded.
+fn first_error_and_a_good_resume(p: &Project) -> String {
+    let err = p.read("out/first.err");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        p.read("out/second.code").trim(),
+        "0",
+        "{}",
+        p.read("out/second.err")
+    );
+    err
+}
+
 #[test]
 fn a_full_disk_fails_the_writing_stage_cleanly_and_resume_finishes() {
     // A 3 MiB workspace; what the first run left is listed before the
@@ -218,7 +232,7 @@ mount -o remount,size=64m ws || exit 99",
     assert!(reference.run(&[]).status.success());
     let want = reference.digests();
 
-    let err = p.read("out/first.err");
+    let err = first_error_and_a_good_resume(&p);
     assert_eq!(p.read("out/first.code").trim(), "1", "{err}");
     assert!(
         err.contains("prep: failed")
@@ -226,19 +240,11 @@ mount -o remount,size=64m ws || exit 99",
             && err.contains("hint: the disk holding the workspace is full; free space"),
         "{err}"
     );
-    assert!(!err.contains("panicked"), "{err}");
     assert_eq!(p.read("out/first.staging"), "", "nothing left half-written");
     assert_eq!(
         p.read("out/first.artifacts"),
         ".staging\n",
         "nothing published"
-    );
-
-    assert_eq!(
-        p.read("out/second.code").trim(),
-        "0",
-        "{}",
-        p.read("out/second.err")
     );
     assert_eq!(
         query(&p, "SELECT attempt, status FROM stage_runs ORDER BY id"),
@@ -262,20 +268,13 @@ fn a_full_disk_under_the_registry_stops_the_run_and_resume_finishes() {
     if !run_then_resume_in_small_workspace(&p, "2m", "find ws -name fill -delete") {
         return;
     }
-    let err = p.read("out/first.err");
+    let err = first_error_and_a_good_resume(&p);
     assert_ne!(p.read("out/first.code").trim(), "0", "{err}");
     assert!(
         err.contains(
             "database or disk is full; the disk holding the workspace is full; free space"
         ),
         "{err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(
-        p.read("out/second.code").trim(),
-        "0",
-        "{}",
-        p.read("out/second.err")
     );
     assert_eq!(
         query(&p, "SELECT * FROM pragma_integrity_check").trim(),
