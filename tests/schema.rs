@@ -69,3 +69,29 @@ fn the_schema_rejects_structural_mistakes() {
         "stages: {a: {kind: train_vq, params: {steps: 2, decoder: {kind: \"${x}\"}}}}"
     )));
 }
+
+/// Adding a kind means adding its name to the schema's `kind` enum (and its
+/// params' `$def`): the schema and `stages::all()` name the same kinds.
+#[test]
+fn the_schema_names_every_kind_the_binary_knows() {
+    use pipeline::spec::KindRules;
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/pipeline.schema.json"),
+    )
+    .expect("reading the schema");
+    let schema: Value = serde_json::from_str(&text).expect("the schema is JSON");
+    let mut in_schema: Vec<String> = schema["$defs"]["stage"]["properties"]["kind"]["enum"]
+        .as_array()
+        .expect("$defs.stage.properties.kind.enum")
+        .iter()
+        .filter_map(|k| k.as_str().map(str::to_string))
+        .collect();
+    let mut known: Vec<String> = stages::all()
+        .kind_names()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    in_schema.sort();
+    known.sort();
+    assert_eq!(in_schema, known);
+}

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use common::{Project, assert_error, smoke, stderr};
 use serde_json::Value;
 use stages::data::level_table::LevelTable;
-use stages::train_ar::model::ArModel;
+use stages::models::ar::ArModel;
 
 /// Each metric's last value, per stage.
 fn last_values(p: &Project) -> BTreeMap<(String, String), f64> {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use common::{Project, assert_error, repo, run_python, stderr};
 use serde_json::Value;
 use stages::data::level_table::LevelTable;
-use stages::train_vq::level::VqLevel;
+use stages::models::vq_level::VqLevel;
 
 const PREP: &str = r#"
   prep:

@@ -30,13 +30,13 @@ use pipeline::stage::{Job, StageContext, StageKind};
 use stages::data::Sample;
 use stages::data::level_table::Rows;
 use stages::data::table::{ShardWriter, TABLE_FORMAT, TableIndex, TableMeta};
+use stages::models::ar::{ArInfo, ArModel, Sampling};
 use stages::models::aux_decoder::AuxKind;
 use stages::models::conv::{COMPUTE_MASKED_TAPS, FORWARD_FLOPS};
 use stages::models::optim::{AdamW, OptimConfig};
 use stages::models::pixelcnn::{COMPOSED_GATE, PixelCnnConfig};
+use stages::models::vq_level::VqLevel;
 use stages::rng::SplitMix64;
-use stages::train_ar::model::{ArInfo, ArModel, Sampling};
-use stages::train_vq::level::VqLevel;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -248,7 +248,7 @@ fn encode() -> Result<(), Box<dyn std::error::Error>> {
         };
         let ctx = StageContext::new(job, out.clone(), Box::new(std::io::sink()));
         let t = Instant::now();
-        stages::encode::Encode
+        stages::kinds::encode::Encode
             .run(&ctx)
             .map_err(|e| e.to_string())?;
         times.push(t.elapsed().as_secs_f64());

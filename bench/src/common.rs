@@ -5,16 +5,17 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use stages::data::level_table::InputKind;
 use stages::data::level_table::{LevelTable, Rows};
+use stages::models::ar::{AR_FORMAT, ArInfo, CodeMapInfo};
 use stages::models::aux_decoder::{AuxDecoderConfig, AuxKind};
 use stages::models::conv::FORWARD_FLOPS;
-use stages::models::encoder::{EncoderConfig, InputKind};
+use stages::models::encoder::EncoderConfig;
 use stages::models::optim::{AdamW, OptimConfig};
 use stages::models::pixelcnn::PixelCnnConfig;
 use stages::models::quantiser::QuantiserConfig;
+use stages::models::vq_level::{LevelConfig, VqLevel};
 use stages::rng::SplitMix64;
-use stages::train_ar::model::{AR_FORMAT, ArInfo, CodeMapInfo};
-use stages::train_vq::level::{LevelConfig, VqLevel};
 
 /// The batch of the training benchmarks.
 pub const BATCH: usize = 64;

@@ -22,12 +22,12 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use candle_core::{Device, Module, Tensor, Var};
+use stages::models::ar::{ArModel, Sampling};
 use stages::models::aux_decoder::AuxKind;
 use stages::models::conv::{Conv, ConvTranspose, FORWARD_FLOPS};
 use stages::models::optim::{AdamW, OptimConfig};
 use stages::models::vars::SeededVars;
 use stages::rng::SplitMix64;
-use stages::train_ar::model::{ArModel, Sampling};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -24,8 +24,8 @@ use candle_core::{Device, Tensor};
 use stages::models::aux_decoder::{AuxDecoderConfig, AuxKind};
 use stages::models::conv::USE_CANDLE_CONVS;
 use stages::models::nearest::{ArgminRows, code_distances, nearest_code, nearest_code_reference};
+use stages::models::vq_level::LevelConfig;
 use stages::rng::SplitMix64;
-use stages::train_vq::level::LevelConfig;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

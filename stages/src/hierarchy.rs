@@ -4,9 +4,9 @@
 //! stage keys each model recorded in its `ar.json`. `bound` and `sample`
 //! read their inputs through here.
 
+use crate::data::level_table::InputKind;
 use crate::error::Error;
-use crate::models::encoder::InputKind;
-use crate::train_ar::model::ArInfo;
+use crate::models::ar::ArInfo;
 
 /// The decoder inputs `decoder1..decoderN` in order (none is allowed when
 /// `decoders_required` is false); `others` are the kind's other inputs. An

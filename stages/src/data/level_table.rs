@@ -15,8 +15,17 @@ use serde::{Deserialize, Serialize};
 use super::code_table::{CODE_TABLE_FORMAT, CodeTableIndex, for_each_code_batch};
 use super::table::{SplitIndex, TABLE_FORMAT, TableIndex, for_each_batch as read_image_batches};
 use crate::error::{Error, Result};
-use crate::models::encoder::InputKind;
 use crate::rng::SplitMix64;
+
+/// What a level reads: pixels (level 1) or the code map of the level below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum InputKind {
+    /// f32 (B, C, H, W), scaled to [-0.5, 0.5].
+    Pixels { channels: usize },
+    /// u32 (B, H, W), values below `classes`.
+    Codes { classes: usize },
+}
 
 /// An opened image or code table.
 #[derive(Debug, Clone)]

@@ -11,6 +11,7 @@ pub mod folder;
 pub mod grid;
 pub mod hub_parquet;
 pub mod idx;
+pub mod layout;
 pub mod level_table;
 pub mod parquet_read;
 pub mod table;

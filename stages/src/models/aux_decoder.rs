@@ -16,8 +16,9 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::conv::{Conv, ConvTranspose};
-use super::encoder::{InputEmbedding, InputKind, ResBlock, same_conv};
+use super::encoder::{InputEmbedding, ResBlock, same_conv};
 use super::masks::MaskConfig;
+use crate::data::level_table::InputKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

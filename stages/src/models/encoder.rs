@@ -6,17 +6,8 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Embedding, VarBuilder, embedding};
 
 use super::conv::Conv;
+use crate::data::level_table::InputKind;
 use serde::{Deserialize, Serialize};
-
-/// What a level reads: pixels (level 1) or the code map of the level below.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum InputKind {
-    /// f32 (B, C, H, W), scaled to [-0.5, 0.5].
-    Pixels { channels: usize },
-    /// u32 (B, H, W), values below `classes`.
-    Codes { classes: usize },
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

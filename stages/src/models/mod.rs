@@ -2,9 +2,16 @@
 //! `new(cfg, vb)`, a `forward`. Weight names are stable (`encoder.down.0.weight`,
 //! ...) so the safetensors files read the same in PyTorch.
 //!
+//! The two models a stage kind shares with others live here too: a VQ
+//! level ([`vq_level`]: encoder + quantiser + auxiliary decoder, trained by
+//! `train_vq`, run by `encode`) and an AR model ([`ar`]: a gated PixelCNN
+//! with its conditioning, trained by `train_ar`, sampled by `sample`, scored
+//! by `bound`).
+//!
 //! Everything random here draws from [`crate::rng::SplitMix64`] streams the
 //! training loop owns and checkpoints; nothing uses candle's thread RNG.
 
+pub mod ar;
 pub mod aux_decoder;
 pub mod categorical;
 pub mod classifier;
@@ -19,6 +26,7 @@ pub mod optim;
 pub mod pixelcnn;
 pub mod quantiser;
 pub mod vars;
+pub mod vq_level;
 
 /// The f32 values of a contiguous CPU tensor, for the CPU kernels of
 /// `CustomOp`s; `op` names the kernel in the error.

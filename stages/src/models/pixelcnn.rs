@@ -28,9 +28,10 @@ use serde::{Deserialize, Serialize};
 
 use super::categorical::categorical_nll_of_conv;
 use super::conv::{Conv, ConvTranspose};
-use super::encoder::{InputEmbedding, InputKind, ResBlock};
+use super::encoder::{InputEmbedding, ResBlock};
 use super::kernels::with_scratch;
 use super::{contiguous_f32, contiguous_f32x3, fastmath};
+use crate::data::level_table::InputKind;
 
 pub mod incremental;
 

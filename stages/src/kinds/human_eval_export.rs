@@ -35,11 +35,11 @@ use pipeline::stage::{StageContext, StageError, StageKind};
 use serde::Deserialize;
 
 use crate::data::grid::write_image;
+use crate::data::layout::image_table_dir;
+use crate::data::level_table::InputKind;
 use crate::data::level_table::{LevelTable, Rows};
 use crate::error::Error;
-use crate::evaluate::image_table_dir;
 use crate::human_eval::{BROKEN, MANIFEST_FORMAT, Manifest, Shown, Task, tasks_csv};
-use crate::models::encoder::InputKind;
 use crate::rng::SplitMix64;
 
 pub struct HumanEvalExport;

@@ -16,10 +16,10 @@ use serde::Deserialize;
 
 use crate::data::code_table::{CODE_TABLE_FORMAT, CodeMeta, CodeShardWriter, CodeTableIndex};
 use crate::data::level_table::LevelTable;
+use crate::device::device;
 use crate::error::Error;
 use crate::models::quantiser::usage;
-use crate::train_vq::device;
-use crate::train_vq::level::VqLevel;
+use crate::models::vq_level::VqLevel;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -9,13 +9,14 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::data::level_table::InputKind;
 use crate::data::level_table::{LevelTable, Rows};
 use crate::error::{Error, Result};
 use crate::models::aux_decoder::{
     AuxDecoder, AuxDecoderConfig, AuxKind, PixelLoss, class_argmax, cross_entropy_loss, mse_loss,
     output_layout,
 };
-use crate::models::encoder::{Encoder, EncoderConfig, InputKind};
+use crate::models::encoder::{Encoder, EncoderConfig};
 use crate::models::quantiser::{Quantiser, QuantiserConfig};
 use crate::models::vars::SeededVars;
 use crate::rng::SplitMix64;

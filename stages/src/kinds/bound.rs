@@ -30,7 +30,7 @@ use serde_json::json;
 
 use crate::error::Error;
 use crate::hierarchy::{self, decoder_names};
-use crate::train_ar::model::{ArInfo, read_info};
+use crate::models::ar::{ArInfo, read_info};
 
 pub struct Bound;
 

@@ -37,8 +37,6 @@
 //! **Bit-exact resume**, as `train_vq`: a checkpoint holds the weights, the
 //! optimiser's moments, the step and the data cursor.
 
-pub mod model;
-
 use std::path::Path;
 use std::time::Instant;
 
@@ -50,16 +48,16 @@ use serde_json::json;
 
 use crate::checkpoint;
 use crate::data::grid::write_grid;
+use crate::data::level_table::InputKind;
 use crate::data::level_table::{BatchStream, Cursor, LevelTable, Rows, check_aligned};
+use crate::device::device;
 use crate::error::Error;
+use crate::models::ar::{AR_FORMAT, ArInfo, ArModel, Sampling};
 use crate::models::conv::MAX_KERNEL;
-use crate::models::encoder::InputKind;
 use crate::models::optim::{AdamW, OptimConfig};
 use crate::models::pixelcnn::{PixelCnnConfig, bits_per_dim};
 use crate::rng::SplitMix64;
-use crate::train_vq::device;
 use crate::training::{self, Cadence, Schedule, check_schedule};
-use model::{AR_FORMAT, ArInfo, ArModel, Sampling};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

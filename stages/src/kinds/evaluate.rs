@@ -26,7 +26,6 @@
 //! Output: `evaluation.json`, `evaluation.md` (the table). Metrics:
 //! `eval.real.test_accuracy`, `eval.<input>.accuracy`, `eval.<input>.cas`.
 
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use pipeline::spec::Stage;
@@ -34,12 +33,12 @@ use pipeline::stage::{StageContext, StageError, StageKind};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::data::layout::{SAMPLES_SPLIT, image_table_dir};
+use crate::data::level_table::InputKind;
 use crate::data::level_table::{LevelTable, Rows};
+use crate::device::device;
 use crate::error::Error;
 use crate::models::classifier::{Classifier, ClassifierConfig};
-use crate::models::encoder::InputKind;
-use crate::sample::SAMPLES_SPLIT;
-use crate::train_vq::device;
 
 pub struct Evaluate;
 
@@ -61,16 +60,6 @@ fn train() -> String {
 }
 fn test() -> String {
     "test".into()
-}
-
-/// The image table an input holds: a `sample` stage keeps it in `images/`.
-pub fn image_table_dir(dir: &Path) -> PathBuf {
-    let images = dir.join("images");
-    if images.join("table.json").is_file() {
-        images
-    } else {
-        dir.to_path_buf()
-    }
 }
 
 /// All rows of an image table's split, each label checked to be a class.

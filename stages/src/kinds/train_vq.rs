@@ -31,8 +31,6 @@
 //! in a fixed order; so a run killed at any step and resumed ends with the
 //! same bytes as one that was never stopped (on the same CPU and thread count).
 
-pub mod level;
-
 use std::path::Path;
 
 use candle_core::Device;
@@ -42,15 +40,17 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::checkpoint;
+use crate::data::level_table::InputKind;
 use crate::data::level_table::{BatchStream, Cursor, LevelTable, Rows};
+use crate::device::device;
 use crate::error::Error;
 use crate::models::aux_decoder::AuxDecoderConfig;
-use crate::models::encoder::{EncoderConfig, InputKind};
+use crate::models::encoder::EncoderConfig;
 use crate::models::optim::{AdamW, OptimConfig};
 use crate::models::quantiser::{QuantiserConfig, usage};
+use crate::models::vq_level::{LevelConfig, VqLevel};
 use crate::rng::SplitMix64;
 use crate::training::{self, Cadence, Schedule, check_schedule};
-use level::{LevelConfig, VqLevel};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -174,23 +174,6 @@ impl StageKind for TrainVq {
         let device = device(&ctx.job.device)?;
         let table = LevelTable::open(ctx.input("table")?)?;
         Trainer::new(ctx, cfg, table, device)?.run()
-    }
-}
-
-/// The compute device of a job (`cpu`; CUDA arrives with its issue).
-pub fn device(name: &str) -> Result<Device, Error> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        // The worker sees only the devices its slot or job was given
-        // (CUDA_VISIBLE_DEVICES): the first of them is ordinal 0.
-        #[cfg(feature = "cuda")]
-        other if other.starts_with("cuda") => {
-            let what = format!("opening {other}");
-            Device::new_cuda(0).map_err(Error::candle(&what))
-        }
-        other => Err(Error::Params(format!(
-            "device `{other}`: this haic-pipe was built without CUDA; build it with `--features cuda` (needs nvcc), or give the stage `resources: {{gpus: 0}}` to train on CPU"
-        ))),
     }
 }
 

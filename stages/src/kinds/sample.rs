@@ -46,18 +46,16 @@ use serde_json::json;
 use crate::data::Sample as ImageRow;
 use crate::data::code_table::{CODE_TABLE_FORMAT, CodeMeta, CodeShardWriter, CodeTableIndex};
 use crate::data::grid::{write_grid, write_image};
+use crate::data::layout::{SAMPLES_CODES, SAMPLES_IMAGES, SAMPLES_SPLIT};
+use crate::data::level_table::InputKind;
 use crate::data::table::{ShardWriter, TABLE_FORMAT, TableIndex, TableMeta};
+use crate::device::device;
 use crate::error::Error;
 use crate::hierarchy::{check_chain, decoder_names};
-use crate::models::encoder::InputKind;
+use crate::models::ar::{ArModel, Sampling};
 use crate::rng::SplitMix64;
-use crate::train_ar::model::{ArModel, Sampling};
-use crate::train_vq::device;
 
 pub struct SampleStage;
-
-/// The split of the sampled image and code tables.
-pub const SAMPLES_SPLIT: &str = "samples";
 
 const OTHERS: &[&str] = &["prior"];
 
@@ -243,7 +241,7 @@ impl StageKind for SampleStage {
             .iter()
             .map(|n| ArModel::load(ctx.input(n)?, &device).map_err(StageError::from))
             .collect::<Result<_, _>>()?;
-        let links: Vec<(&str, &crate::train_ar::model::ArInfo)> = order
+        let links: Vec<(&str, &crate::models::ar::ArInfo)> = order
             .iter()
             .zip(&models)
             .rev()
@@ -433,7 +431,7 @@ fn write_outputs(
     let err = |p: &Path, e| Error::io(format!("writing {}", p.display()), e);
 
     // The image table.
-    let dir = out.join("images");
+    let dir = out.join(SAMPLES_IMAGES);
     std::fs::create_dir_all(&dir).map_err(|e| err(&dir, e))?;
     let meta = TableMeta {
         height: h as u32,
@@ -472,7 +470,7 @@ fn write_outputs(
         let InputKind::Codes { classes: k } = model.info.target else {
             continue;
         };
-        let dir = out.join("codes").join(format!("level{level}"));
+        let dir = out.join(SAMPLES_CODES).join(format!("level{level}"));
         std::fs::create_dir_all(&dir).map_err(|e| err(&dir, e))?;
         let meta = CodeMeta {
             height: model.info.height as u32,

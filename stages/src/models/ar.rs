@@ -10,9 +10,9 @@ use std::path::Path;
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::data::level_table::InputKind;
 use crate::data::level_table::{LevelTable, Rows};
 use crate::error::{Error, Result};
-use crate::models::encoder::InputKind;
 use crate::models::pixelcnn::incremental::Incremental;
 use crate::models::pixelcnn::{Conditioning, PixelCnn, PixelCnnConfig};
 use crate::models::vars::SeededVars;
