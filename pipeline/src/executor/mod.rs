@@ -1,124 +1,112 @@
-//! Where stages run: worker slots and the local back-end; the Slurm
-//! back-end is [`slurm`].
+//! Where stages run: the [`Executor`] trait and its back-ends, [`local`]
+//! (worker processes on this machine) and [`slurm`] (one batch job per
+//! stage). The driver talks to the trait only; a new back-end (a Kubernetes
+//! Job, a Ray task) is one new module implementing it, plus its arm in
+//! `run::executor_for`.
 //!
-//! A stage runs as a child process, `haic-pipe worker --job FILE` (the same
-//! command a cluster back-end submits), in its own process group so that
-//! stopping it stops everything it started. The worker dies with the driver
-//! (`PR_SET_PDEATHSIG`), so a killed driver never leaves a stage running
-//! unobserved; `run --resume` then re-runs it from its last checkpoint.
-//!
-//! Slots: `--jobs N` CPU slots (a stage takes `resources.cpus` of them, at most
-//! N), and one slot per GPU device for stages with `resources.gpus > 0`
-//! (`--gpus`, else every visible GPU: see [`gpus`]). A
-//! worker computes with as many threads as it holds CPU slots
-//! (`RAYON_NUM_THREADS`, unless the driver's environment sets it), so stages
-//! running side by side do not oversubscribe the cores.
+//! Every back-end runs the same command, `haic-pipe worker --job FILE`, and
+//! reads the worker's JSON event lines ([`WorkerReport`]); it decides where
+//! and when that command runs, how it is stopped, and whether a job outlives
+//! its driver (Slurm's do: a resumed driver adopts them).
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{IoContext, Result};
 use crate::stage::WorkerEvent;
 
 pub mod gpus;
+pub mod local;
 pub mod slurm;
 
-/// How long a stopped worker gets between SIGTERM and SIGKILL.
-const STOP_GRACE: Duration = Duration::from_secs(10);
+/// A back-end that runs stage workers.
+#[async_trait]
+pub trait Executor: Send + Sync {
+    /// Recorded as a stage run's `worker` (`local`, `slurm`).
+    fn name(&self) -> &'static str;
 
-pub struct Slots {
-    cpus: Arc<Semaphore>,
-    cpu_total: u32,
-    gpus: Vec<(String, Arc<Semaphore>)>,
+    /// Waits for room to run a stage needing `cpus` CPU slots and `gpus`
+    /// GPUs. A back-end that queues elsewhere (a cluster) answers at once.
+    async fn reserve(&self, cpus: u32, gpus: u32) -> Result<Reservation>;
+
+    /// Starts the stage's worker.
+    async fn launch(&self, launch: &Launch<'_>) -> Result<Box<dyn Launched + '_>>;
+
+    /// For each stage run a stopped driver left running, the job that still
+    /// runs it, if any (resume); `None` for runs whose worker is gone.
+    async fn still_running(&self, left: &[LeftRunning]) -> Result<Vec<Option<String>>>;
+
+    /// Follows a job [`Executor::still_running`] found, instead of
+    /// launching the stage again.
+    fn adopt(&self, job: &str, launch: &Launch<'_>) -> Result<Box<dyn Launched + '_>>;
+
+    /// Stops a job found running that this run did not adopt.
+    async fn cancel(&self, job: &str);
+
+    /// The device to record once the worker says where it computes
+    /// (`placed` event); `None` keeps the reserved one.
+    fn placed(&self, device: &str, host: &str, gpu: Option<&str>) -> Option<String>;
 }
 
-/// A held slot; released on drop.
-pub struct SlotGuard {
-    _cpu: Option<OwnedSemaphorePermit>,
-    _gpus: Vec<OwnedSemaphorePermit>,
+/// Room a back-end set aside for one stage; released on drop.
+pub struct Reservation {
+    /// Where the worker computes (`cpu`, `cuda:0`), or the back-end's name
+    /// when only the worker will know (a cluster job).
     pub device: String,
-    /// CPU slots held: the worker's compute threads.
+    /// The worker's compute threads.
     pub threads: u32,
+    pub(crate) _held: Option<Box<dyn Send + Sync>>,
 }
 
-impl Slots {
-    pub fn new(jobs: u32, gpu_devices: Vec<String>) -> Slots {
-        let jobs = jobs.max(1);
-        Slots {
-            cpus: Arc::new(Semaphore::new(jobs as usize)),
-            cpu_total: jobs,
-            gpus: gpu_devices
-                .into_iter()
-                .map(|d| (d, Arc::new(Semaphore::new(1))))
-                .collect(),
-        }
-    }
+/// One stage's worker, as the driver asks for it.
+pub struct Launch<'a> {
+    pub stage: &'a str,
+    pub key: &'a str,
+    pub attempt: i64,
+    pub job_file: &'a Path,
+    /// The stage's scratch folder (a back-end may write its files there).
+    pub scratch: &'a Path,
+    pub run_id: i64,
+    pub log: &'a Path,
+    pub cpus: u32,
+    pub gpus: u32,
+    pub device: &'a str,
+    pub threads: u32,
+    pub timeout_s: Option<u64>,
+}
 
-    pub fn gpu_count(&self) -> usize {
-        self.gpus.len()
-    }
+/// A stage run the registry says was running when its driver stopped.
+pub struct LeftRunning {
+    pub stage: String,
+    pub key: String,
+    pub attempt: i64,
+}
 
-    /// Waits for `cpus` CPU slots and `gpus` GPU devices.
-    pub async fn acquire(&self, cpus: u32, gpus: u32) -> Result<SlotGuard> {
-        if gpus as usize > self.gpus.len() {
-            return Err(Error::Invalid(format!(
-                "needs {gpus} GPU(s) but this driver has {} (pass --gpus, or run it on a cluster back-end)",
-                self.gpus.len()
-            )));
-        }
-        let n = cpus.clamp(1, self.cpu_total);
-        let cpu = self
-            .cpus
-            .clone()
-            .acquire_many_owned(n)
-            .await
-            .map_err(|_| Error::Invalid("worker slots closed".into()))?;
-        let mut held = Vec::new();
-        let mut names = Vec::new();
-        if gpus > 0 {
-            // Take free devices first; wait on the first ones otherwise (in a
-            // fixed order, so two stages cannot deadlock holding one each).
-            for (name, sem) in &self.gpus {
-                if held.len() == gpus as usize {
-                    break;
-                }
-                if let Ok(p) = sem.clone().try_acquire_owned() {
-                    held.push(p);
-                    names.push(name.clone());
-                }
-            }
-            if held.len() < gpus as usize {
-                held.clear();
-                names.clear();
-                for (name, sem) in self.gpus.iter().take(gpus as usize) {
-                    let p = sem
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .map_err(|_| Error::Invalid("GPU slots closed".into()))?;
-                    held.push(p);
-                    names.push(name.clone());
-                }
-            }
-        }
-        Ok(SlotGuard {
-            _cpu: Some(cpu),
-            _gpus: held,
-            threads: n,
-            device: if names.is_empty() {
-                "cpu".into()
-            } else {
-                names.join(",")
-            },
-        })
-    }
+/// A started (or adopted) worker.
+#[async_trait]
+pub trait Launched: Send {
+    /// What identifies it, for the registry and a person.
+    fn handle(&self) -> Handle;
+
+    /// Streams the worker's events to `on_event` until it ends, `cancel`
+    /// fires (stop it: [`WorkerEnd::Interrupted`]) or the launch's timeout
+    /// passes ([`WorkerEnd::TimedOut`]).
+    async fn wait(
+        self: Box<Self>,
+        cancel: &CancellationToken,
+        on_event: &mut (dyn FnMut(WorkerEvent) + Send),
+    ) -> Result<WorkerEnd>;
+}
+
+/// How a started worker is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handle {
+    /// A local process (its group leader).
+    Process(u32),
+    /// A cluster job id.
+    Job(String),
 }
 
 /// How a worker ended.
@@ -132,16 +120,6 @@ pub enum WorkerEnd {
     Failed(String),
     TimedOut(u64),
     Interrupted,
-}
-
-/// What the local back-end needs to start one worker.
-pub struct WorkerLaunch<'a> {
-    pub exe: &'a Path,
-    pub job_file: &'a Path,
-    pub log_file: &'a Path,
-    pub device: &'a str,
-    pub threads: u32,
-    pub timeout_s: Option<u64>,
 }
 
 /// What a worker's event lines say about how it ends; every other event
@@ -158,7 +136,7 @@ impl WorkerReport {
     /// Takes one line of the worker's stdout; a line that is no event (the
     /// worker's contract says there are none; a cluster may add its own) is
     /// skipped.
-    pub(crate) fn line(&mut self, line: &str, on_event: &mut impl FnMut(WorkerEvent)) {
+    pub(crate) fn line(&mut self, line: &str, on_event: &mut dyn FnMut(WorkerEvent)) {
         let Ok(event) = serde_json::from_str::<WorkerEvent>(line.trim()) else {
             return;
         };
@@ -173,160 +151,6 @@ impl WorkerReport {
                 on_event(e)
             }
             e => on_event(e),
-        }
-    }
-}
-
-/// A started local worker.
-pub struct LocalWorker {
-    child: tokio::process::Child,
-    pub pid: u32,
-    log_file: PathBuf,
-    timeout_s: Option<u64>,
-}
-
-/// Starts a local worker for the job, in its own process group, dying with us.
-pub fn spawn_local(launch: WorkerLaunch<'_>) -> Result<LocalWorker> {
-    let WorkerLaunch {
-        exe,
-        job_file,
-        log_file,
-        device,
-        threads,
-        timeout_s,
-    } = launch;
-    let log = std::fs::File::create(log_file).ctx(|| format!("creating {}", log_file.display()))?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("worker")
-        .arg("--job")
-        .arg(job_file)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
-        .env("HAIC_DEVICE", device)
-        .kill_on_drop(true);
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        cmd.env("RAYON_NUM_THREADS", threads.to_string());
-    }
-    // A worker sees its own GPUs only; a CPU stage sees none (it would
-    // otherwise inherit the driver's CUDA_VISIBLE_DEVICES).
-    let visible = device
-        .strip_prefix("cuda:")
-        .map(|gpus| gpus.replace(",cuda:", ","))
-        .unwrap_or_default();
-    cmd.env("CUDA_VISIBLE_DEVICES", visible);
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setpgid(0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().ctx(|| {
-        format!(
-            "starting worker {} for {}",
-            exe.display(),
-            job_file.display()
-        )
-    })?;
-    Ok(LocalWorker {
-        pid: child.id().unwrap_or(0),
-        child,
-        log_file: log_file.to_path_buf(),
-        timeout_s,
-    })
-}
-
-impl LocalWorker {
-    /// Streams the worker's events to `on_event` and waits for it (or for
-    /// `cancel`, or the timeout, which stop its process group).
-    pub async fn wait(
-        mut self,
-        cancel: &CancellationToken,
-        mut on_event: impl FnMut(WorkerEvent),
-    ) -> Result<WorkerEnd> {
-        let (pid, timeout_s) = (self.pid, self.timeout_s);
-        let stdout = self
-            .child
-            .stdout
-            .take()
-            .ok_or_else(|| Error::Invalid("worker stdout missing".into()))?;
-        let mut lines = BufReader::new(stdout).lines();
-        let mut report = WorkerReport::default();
-        let deadline = async {
-            match timeout_s {
-                Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(deadline);
-        let mut stdout_open = true;
-        let status = loop {
-            tokio::select! {
-                line = lines.next_line(), if stdout_open => match line {
-                    Ok(Some(line)) => report.line(&line, &mut on_event),
-                    _ => stdout_open = false,
-                },
-                status = self.child.wait(), if !stdout_open => {
-                    break status.ctx(|| format!("waiting for worker {pid}"))?;
-                }
-                _ = cancel.cancelled() => {
-                    stop_group(pid, &mut self.child).await;
-                    return Ok(WorkerEnd::Interrupted);
-                }
-                _ = &mut deadline => {
-                    stop_group(pid, &mut self.child).await;
-                    return Ok(WorkerEnd::TimedOut(timeout_s.unwrap_or(0)));
-                }
-            }
-        };
-        let log_file = &self.log_file;
-        Ok(match (status.code(), report.published, report.failure) {
-            (Some(0), Some((digest, bytes)), _) => WorkerEnd::Published { digest, bytes },
-            (_, _, Some(msg)) => WorkerEnd::Failed(msg),
-            (Some(code), _, None) => WorkerEnd::Failed(format!(
-                "worker exited with status {code}{}",
-                log_tail(log_file)
-            )),
-            (None, _, None) => {
-                use std::os::unix::process::ExitStatusExt;
-                WorkerEnd::Failed(format!(
-                    "worker was killed by signal {}{}",
-                    status.signal().unwrap_or(0),
-                    log_tail(log_file)
-                ))
-            }
-        })
-    }
-}
-
-/// SIGTERM to the worker's process group, SIGKILL after the grace period.
-async fn stop_group(pid: u32, child: &mut tokio::process::Child) {
-    if pid == 0 {
-        let _ = child.kill().await;
-        return;
-    }
-    // SAFETY: plain kill(2) on the process group we created.
-    unsafe {
-        libc::kill(-(pid as i32), libc::SIGTERM);
-    }
-    if tokio::time::timeout(STOP_GRACE, child.wait())
-        .await
-        .is_err()
-    {
-        unsafe {
-            libc::kill(-(pid as i32), libc::SIGKILL);
-        }
-        let _ = child.wait().await;
-    } else {
-        // The worker is gone; make sure nothing it started lingers.
-        unsafe {
-            libc::kill(-(pid as i32), libc::SIGKILL);
         }
     }
 }

@@ -16,8 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::{ArtifactStore, KeyMaterial, Manifest};
 use crate::error::{Error, IoContext, Result};
-use crate::executor::slurm::{SlurmExecutor, Submission, events_path};
-use crate::executor::{Slots, WorkerEnd, WorkerLaunch, spawn_local};
+use crate::executor::{Executor, Handle, Launch, Launched, WorkerEnd};
 use crate::graph::Graph;
 use crate::hashing::DepHasher;
 use crate::registry::{MetricPoint, NewStageRun, Registry, StageStatus};
@@ -40,17 +39,11 @@ impl Outcome {
     }
 }
 
-/// Where the driver runs workers.
-pub(super) enum Backend {
-    Local(Slots),
-    Slurm(Box<SlurmExecutor>),
-}
-
-/// A Slurm job a stopped driver left running, taken over on resume.
+/// A job a stopped driver left running, taken over on resume.
 #[derive(Debug, Clone)]
 pub(super) struct Adopted {
     pub(super) row_id: i64,
-    pub(super) job_id: u64,
+    pub(super) job_id: String,
     pub(super) attempt: i64,
     pub(super) log: PathBuf,
 }
@@ -66,12 +59,11 @@ pub(super) struct Driver {
     pub(super) outcomes: Mutex<Vec<Option<Outcome>>>,
     pub(super) hasher: Mutex<DepHasher>,
     pub(super) cancel: CancellationToken,
-    pub(super) backend: Backend,
+    pub(super) executor: Box<dyn Executor>,
     /// Stage key -> a job to adopt instead of submitting (resume, Slurm).
     pub(super) adoptable: Mutex<HashMap<String, Adopted>>,
     pub(super) sink: EventSink,
     pub(super) fail_fast: bool,
-    pub(super) exe: PathBuf,
     pub(super) metrics: tokio::sync::mpsc::UnboundedSender<MetricPoint>,
 }
 
@@ -451,17 +443,15 @@ impl Driver {
             .lock()
             .map(|mut a| a.drain().map(|(_, v)| v).collect())
             .unwrap_or_default();
-        let Backend::Slurm(ex) = &self.backend else {
-            return Ok(());
-        };
         for a in left {
-            ex.cancel_job(a.job_id).await;
+            self.executor.cancel(&a.job_id).await;
             self.registry
                 .finish_stage_run(
                     a.row_id,
                     StageStatus::Interrupted,
                     Some(&format!(
-                        "the resumed run did not wait for Slurm job {} (its stage was cached by then, not selected, or its key changed); cancelled if it still ran",
+                        "the resumed run did not wait for {} job {} (its stage was cached by then, not selected, or its key changed); cancelled if it still ran",
+                        self.executor.name(),
                         a.job_id
                     )),
                 )
@@ -470,21 +460,23 @@ impl Driver {
         Ok(())
     }
 
+    /// Runs stage `i`'s worker on the executor (or follows the job a
+    /// stopped driver left running) and records how it ended.
     async fn run_worker(&self, i: usize, material: &KeyMaterial, key: &str) -> Result<StageStatus> {
         let st = &self.p.stages[i];
-        let slot = match &self.backend {
-            Backend::Local(slots) => tokio::select! {
-                s = slots.acquire(st.resources.cpus, st.resources.gpus) => match s {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        return Ok(self.record_unstarted(i, StageStatus::Failed, Some(e.to_string())).await);
-                    }
-                },
-                _ = self.cancel.cancelled() => {
-                    return Ok(self.record_unstarted(i, StageStatus::Skipped, Some("the run was stopped".into())).await);
-                }
-            },
-            Backend::Slurm(_) => None,
+        let reserved = tokio::select! {
+            r = self.executor.reserve(st.resources.cpus, st.resources.gpus) => r,
+            _ = self.cancel.cancelled() => {
+                return Ok(self.record_unstarted(i, StageStatus::Skipped, Some("the run was stopped".into())).await);
+            }
+        };
+        let reservation = match reserved {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(self
+                    .record_unstarted(i, StageStatus::Failed, Some(e.to_string()))
+                    .await);
+            }
         };
         let adopted = self.adoptable.lock().ok().and_then(|mut a| a.remove(key));
         let (id, attempt, log) = match &adopted {
@@ -495,45 +487,19 @@ impl Driver {
                     "run{:05}-{}-attempt{attempt}.log",
                     self.run_id, st.name
                 ));
-                (0, attempt, log)
+                let row = self
+                    .start_row(i, material, key, attempt, &log, &reservation.device)
+                    .await?;
+                (row, attempt, log)
             }
         };
         let log_str = log.display().to_string();
-        // Where the worker computes: the local slot's device; on Slurm the
-        // worker reports it once the job runs.
-        let device = match &slot {
-            Some(s) => s.device.clone(),
-            None => "slurm".to_string(),
-        };
-        let worker = match &self.backend {
-            Backend::Local(_) => "local",
-            Backend::Slurm(_) => "slurm",
-        };
-        let id = if adopted.is_some() {
-            id
-        } else {
-            let mat = material.to_json();
-            self.registry
-                .start_stage_run(
-                    &NewStageRun {
-                        key: Some(key),
-                        key_material: Some(&mat),
-                        attempt,
-                        worker: Some(worker),
-                        device: Some(&device),
-                        log_path: Some(&log_str),
-                        ..NewStageRun::new(self.run_id, &st.name, &st.kind, StageStatus::Running)
-                    },
-                    &Value::Object(st.params.clone()),
-                )
-                .await?
-        };
         (self.sink)(&Event::StageStarted {
             stage: st.name.clone(),
             attempt,
             device: match &adopted {
-                Some(a) => format!("slurm job {} (adopted)", a.job_id),
-                None => device.clone(),
+                Some(a) => format!("{} job {} (adopted)", self.executor.name(), a.job_id),
+                None => reservation.device.clone(),
             },
             log: log_str.clone(),
         });
@@ -543,150 +509,41 @@ impl Driver {
         std::fs::create_dir_all(&scratch).ctx(|| format!("creating {}", scratch.display()))?;
         let job_file = scratch.join(format!("job-run{}-attempt{attempt}.json", self.run_id));
         if adopted.is_none() {
-            let job = self.job(i, key, &scratch, &device, attempt);
+            let job = self.job(i, key, &scratch, &reservation.device, attempt);
             let job_json = serde_json::to_vec_pretty(&job).unwrap_or_default();
             std::fs::write(&job_file, job_json)
                 .ctx(|| format!("writing {}", job_file.display()))?;
         }
-
+        let launch = Launch {
+            stage: &st.name,
+            key,
+            attempt,
+            job_file: &job_file,
+            scratch: &scratch,
+            run_id: self.run_id,
+            log: &log,
+            cpus: st.resources.cpus,
+            gpus: st.resources.gpus,
+            device: &reservation.device,
+            threads: reservation.threads,
+            timeout_s: st.timeout_s,
+        };
         let placed = Mutex::new(None);
-        let on_event = |e| match e {
-            WorkerEvent::Progress {
-                done,
-                total,
-                message,
-            } => (self.sink)(&Event::StageProgress {
-                stage: st.name.clone(),
-                done,
-                total,
-                message,
-            }),
-            WorkerEvent::Metric { name, step, value } => {
-                let _ = self.metrics.send(MetricPoint {
-                    stage_run_id: id,
-                    name,
-                    step,
-                    value,
-                });
+        let end = match self.start(id, &launch, adopted.as_ref()).await {
+            Ok(worker) => {
+                worker
+                    .wait(&self.cancel, &mut |e| {
+                        self.on_worker_event(i, id, &placed, e)
+                    })
+                    .await
             }
-            WorkerEvent::Placed { device, host, gpu } => {
-                // A local slot's device is known up front; a cluster job's
-                // only now. A GPU's name is worth recording either way.
-                let cluster = matches!(self.backend, Backend::Slurm(_));
-                if let Ok(mut p) = placed.lock() {
-                    *p = match (cluster, gpu) {
-                        (true, None) => Some(format!("{device}@{host}")),
-                        (true, Some(g)) => Some(format!("{device}@{host} ({g})")),
-                        (false, Some(g)) => Some(format!("{device} ({g})")),
-                        (false, None) => None,
-                    };
-                }
-            }
-            WorkerEvent::Stopped { step } => self.sink_notice(format!(
-                "stage `{}` checkpointed at step {step} before its time limit; Slurm requeues it",
-                st.name
-            )),
-            _ => {}
+            Err(e) => Err(e),
         };
-        let end = match &self.backend {
-            Backend::Local(_) => {
-                let launch = WorkerLaunch {
-                    exe: &self.exe,
-                    job_file: &job_file,
-                    log_file: &log,
-                    device: &device,
-                    threads: slot.as_ref().map(|s| s.threads).unwrap_or(1),
-                    timeout_s: st.timeout_s,
-                };
-                match spawn_local(launch) {
-                    Ok(worker) => {
-                        // Recorded while it runs, so that a stopped driver's
-                        // successor (and a person) can see which process it was.
-                        let _ = self
-                            .registry
-                            .set_worker(id, &format!("local:{}", worker.pid))
-                            .await;
-                        worker.wait(&self.cancel, on_event).await
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            Backend::Slurm(ex) => {
-                let job_id = match &adopted {
-                    Some(a) => Ok(ex.watch(a.job_id)),
-                    None => {
-                        let submitted = ex
-                            .submit(&Submission {
-                                stage: &st.name,
-                                key,
-                                attempt,
-                                job_file: &job_file,
-                                script: &scratch
-                                    .join(format!("job-run{}-attempt{attempt}.sh", self.run_id)),
-                                events: &events_path(&log),
-                                log: &log,
-                                cpus: st.resources.cpus,
-                                gpus: st.resources.gpus,
-                            })
-                            .await;
-                        if let Ok(job_id) = &submitted {
-                            self.registry.set_job_id(id, &job_id.to_string()).await?;
-                        }
-                        submitted
-                    }
-                };
-                match job_id {
-                    Ok(job_id) => {
-                        ex.wait(job_id, &log, st.timeout_s, &self.cancel, on_event)
-                            .await
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-        };
-        drop(slot);
+        drop(reservation);
         if let Some(dev) = placed.lock().ok().and_then(|mut p| p.take()) {
             let _ = self.registry.set_device(id, &dev).await;
         }
-        let lineage = self.lineage(i);
-        let (status, error, digest) = match end {
-            Ok(WorkerEnd::Published { .. }) => match self.store.manifest(key) {
-                Ok(Some(m)) => {
-                    let path = self.store.dir(key).display().to_string();
-                    self.registry
-                        .record_artifact(id, &m, &path, &lineage)
-                        .await?;
-                    match self.restore_outs(i, &m) {
-                        Ok(()) => (StageStatus::Succeeded, None, Some(m.digest)),
-                        Err(e) => (
-                            StageStatus::Failed,
-                            Some(format!("restoring outs: {e}")),
-                            None,
-                        ),
-                    }
-                }
-                Ok(None) => (
-                    StageStatus::Failed,
-                    Some("the worker reported an artifact that is not in the store".into()),
-                    None,
-                ),
-                Err(e) => (StageStatus::Failed, Some(e.to_string()), None),
-            },
-            Ok(WorkerEnd::Failed(msg)) => (StageStatus::Failed, Some(msg), None),
-            Ok(WorkerEnd::TimedOut(s)) => (
-                StageStatus::Failed,
-                Some(format!(
-                    "timed out after {s} s (the stage's `timeout`); raise it or make the stage faster; log: {log_str}"
-                )),
-                None,
-            ),
-            Ok(WorkerEnd::Interrupted) => (
-                StageStatus::Interrupted,
-                Some("stopped by the driver; `run --resume` continues it".into()),
-                None,
-            ),
-            Err(e) => (StageStatus::Failed, Some(e.to_string()), None),
-        };
+        let (status, error, digest) = self.settle(i, id, key, end, &log_str).await?;
         self.registry
             .finish_stage_run(id, status, error.as_deref())
             .await?;
@@ -708,6 +565,145 @@ impl Driver {
             self.cancel.cancel();
         }
         Ok(status)
+    }
+
+    /// Records stage `i` as running (before anything is dispatched, so that
+    /// a resumed driver can reconcile); the row's id.
+    async fn start_row(
+        &self,
+        i: usize,
+        material: &KeyMaterial,
+        key: &str,
+        attempt: i64,
+        log: &std::path::Path,
+        device: &str,
+    ) -> Result<i64> {
+        let st = &self.p.stages[i];
+        let mat = material.to_json();
+        let log_str = log.display().to_string();
+        self.registry
+            .start_stage_run(
+                &NewStageRun {
+                    key: Some(key),
+                    key_material: Some(&mat),
+                    attempt,
+                    worker: Some(self.executor.name()),
+                    device: Some(device),
+                    log_path: Some(&log_str),
+                    ..NewStageRun::new(self.run_id, &st.name, &st.kind, StageStatus::Running)
+                },
+                &Value::Object(st.params.clone()),
+            )
+            .await
+    }
+
+    /// Launches the worker, or follows the adopted job; records which
+    /// process or job it is while it runs, so that a stopped driver's
+    /// successor (and a person) can find it.
+    async fn start(
+        &self,
+        id: i64,
+        launch: &Launch<'_>,
+        adopted: Option<&Adopted>,
+    ) -> Result<Box<dyn Launched + '_>> {
+        if let Some(a) = adopted {
+            return self.executor.adopt(&a.job_id, launch);
+        }
+        let worker = self.executor.launch(launch).await?;
+        match worker.handle() {
+            Handle::Process(pid) => {
+                let _ = self.registry.set_worker(id, &format!("local:{pid}")).await;
+            }
+            Handle::Job(job) => self.registry.set_job_id(id, &job).await?,
+        }
+        Ok(worker)
+    }
+
+    /// A worker's event while stage `i` (row `id`) runs: progress and
+    /// metrics go on; where it computes is kept in `placed`.
+    fn on_worker_event(&self, i: usize, id: i64, placed: &Mutex<Option<String>>, e: WorkerEvent) {
+        let st = &self.p.stages[i];
+        match e {
+            WorkerEvent::Progress {
+                done,
+                total,
+                message,
+            } => (self.sink)(&Event::StageProgress {
+                stage: st.name.clone(),
+                done,
+                total,
+                message,
+            }),
+            WorkerEvent::Metric { name, step, value } => {
+                let _ = self.metrics.send(MetricPoint {
+                    stage_run_id: id,
+                    name,
+                    step,
+                    value,
+                });
+            }
+            WorkerEvent::Placed { device, host, gpu } => {
+                if let Ok(mut p) = placed.lock() {
+                    *p = self.executor.placed(&device, &host, gpu.as_deref());
+                }
+            }
+            WorkerEvent::Stopped { step } => self.sink_notice(format!(
+                "stage `{}` checkpointed at step {step} before its time limit; Slurm requeues it",
+                st.name
+            )),
+            _ => {}
+        }
+    }
+
+    /// How the worker of stage `i` (row `id`) ended: its status, error and
+    /// artifact digest; a published artifact is recorded and its outs
+    /// restored.
+    async fn settle(
+        &self,
+        i: usize,
+        id: i64,
+        key: &str,
+        end: Result<WorkerEnd>,
+        log: &str,
+    ) -> Result<(StageStatus, Option<String>, Option<String>)> {
+        Ok(match end {
+            Ok(WorkerEnd::Published { .. }) => match self.store.manifest(key) {
+                Ok(Some(m)) => {
+                    let path = self.store.dir(key).display().to_string();
+                    self.registry
+                        .record_artifact(id, &m, &path, &self.lineage(i))
+                        .await?;
+                    match self.restore_outs(i, &m) {
+                        Ok(()) => (StageStatus::Succeeded, None, Some(m.digest)),
+                        Err(e) => (
+                            StageStatus::Failed,
+                            Some(format!("restoring outs: {e}")),
+                            None,
+                        ),
+                    }
+                }
+                Ok(None) => (
+                    StageStatus::Failed,
+                    Some("the worker reported an artifact that is not in the store".into()),
+                    None,
+                ),
+                Err(e) => (StageStatus::Failed, Some(e.to_string()), None),
+            },
+            Ok(WorkerEnd::Failed(msg)) => (StageStatus::Failed, Some(msg), None),
+            Ok(WorkerEnd::TimedOut(s)) => (
+                StageStatus::Failed,
+                Some(format!(
+                    "timed out after {s} s (the stage's `timeout`); raise it or make the stage faster; log: {log}"
+                )),
+                None,
+            ),
+            Ok(WorkerEnd::Interrupted) => (
+                StageStatus::Interrupted,
+                Some("stopped by the driver; `run --resume` continues it".into()),
+                None,
+            ),
+            Err(e) => (StageStatus::Failed, Some(e.to_string()), None),
+        })
     }
 
     /// The job file's contents for stage `i`.

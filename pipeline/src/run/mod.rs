@@ -26,8 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::KeyMaterial;
 use crate::error::{IoContext, Result};
-use crate::executor::slurm::{SlurmExecutor, job_comment};
-use crate::executor::{Slots, current_exe};
+use crate::executor::local::LocalExecutor;
+use crate::executor::slurm::SlurmExecutor;
+use crate::executor::{Executor, LeftRunning, current_exe};
 use crate::graph;
 use crate::hashing::DepHasher;
 use crate::registry::{Registry, StageStatus};
@@ -37,7 +38,7 @@ use crate::workspace::Workspace;
 
 mod driver;
 
-use driver::{Adopted, Backend, Driver};
+use driver::{Adopted, Driver};
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -135,29 +136,9 @@ pub async fn run(
     let notice_sink = sink.clone();
     let notice: Arc<dyn Fn(String) + Send + Sync> =
         Arc::new(move |message| notice_sink(&Event::Notice { message }));
-    // The run id is known only below; the Slurm back-end is made there.
-    let mut slurm = None;
-    let mut adoptable = HashMap::new();
     let run_id = match (opts.resume, registry.newest_run(&pipeline_key).await?) {
         (true, Some((id, status, old_targets))) if status != "succeeded" => {
             registry.reopen_run(id).await?;
-            let mut keep = Vec::new();
-            if kind == ExecutorKind::Slurm {
-                let ex = slurm_executor(&p, &ws, id, exe.clone(), notice.clone());
-                adoptable = adoptable_jobs(&registry, &ex, id).await?;
-                keep = adoptable.values().map(|a: &Adopted| a.row_id).collect();
-                slurm = Some(ex);
-            }
-            let stopped = registry.reconcile(id, &keep).await?;
-            if !stopped.is_empty() {
-                sink(&Event::Notice {
-                    message: format!(
-                        "run {id}: {} left running by a stopped driver, marked interrupted: {}",
-                        stopped.len(),
-                        stopped.join(", ")
-                    ),
-                });
-            }
             if targets.is_empty() && !old_targets.is_empty() {
                 targets = old_targets.split(' ').map(str::to_string).collect();
             }
@@ -180,13 +161,22 @@ pub async fn run(
                 .await?
         }
     };
-    let backend = match kind {
-        ExecutorKind::Local => Backend::Local(Slots::new(opts.jobs, opts.gpu_devices.clone())),
-        ExecutorKind::Slurm => Backend::Slurm(Box::new(match slurm {
-            Some(ex) => ex,
-            None => slurm_executor(&p, &ws, run_id, exe.clone(), notice.clone()),
-        })),
-    };
+    let executor = executor_for(kind, &p, &ws, &opts, run_id, exe, notice);
+    let mut adoptable = HashMap::new();
+    if resumed {
+        adoptable = adoptable_jobs(&registry, executor.as_ref(), run_id).await?;
+        let keep: Vec<i64> = adoptable.values().map(|a: &Adopted| a.row_id).collect();
+        let stopped = registry.reconcile(run_id, &keep).await?;
+        if !stopped.is_empty() {
+            sink(&Event::Notice {
+                message: format!(
+                    "run {run_id}: {} left running by a stopped driver, marked interrupted: {}",
+                    stopped.len(),
+                    stopped.join(", ")
+                ),
+            });
+        }
+    }
     let selected = g.select(&p, &targets)?;
     let n_selected = selected.iter().filter(|s| **s).count();
     sink(&Event::RunStarted {
@@ -203,12 +193,11 @@ pub async fn run(
     let finished_sink = sink.clone();
     let driver = Arc::new(Driver {
         store: ws.store(),
-        backend,
+        executor,
         adoptable: Mutex::new(adoptable),
         outcomes: Mutex::new(vec![None; n]),
         hasher: Mutex::new(hasher),
         fail_fast: opts.fail_fast,
-        exe,
         metrics: mtx,
         p,
         g,
@@ -305,60 +294,74 @@ pub(crate) fn stage_material(
     })
 }
 
-/// The Slurm back-end of run `run_id`; its job name is unique to the run
-/// and the workspace, so a resumed driver polls the same jobs.
-fn slurm_executor(
+/// The back-end of run `run_id`: the one place that names each kind. A
+/// Slurm back-end's job name is unique to the run and the workspace, so a
+/// resumed driver polls the same jobs.
+fn executor_for(
+    kind: ExecutorKind,
     p: &Pipeline,
     ws: &Workspace,
+    opts: &RunOptions,
     run_id: i64,
     exe: std::path::PathBuf,
     notice: Arc<dyn Fn(String) + Send + Sync>,
-) -> SlurmExecutor {
-    let ws_tag = blake3::hash(ws.root.as_os_str().as_encoded_bytes()).to_hex();
-    SlurmExecutor::new(
-        p.executor.clone(),
-        &format!("{}-r{run_id}", &ws_tag[..10]),
-        exe,
-        notice,
-    )
+) -> Box<dyn Executor> {
+    match kind {
+        ExecutorKind::Local => {
+            Box::new(LocalExecutor::new(opts.jobs, opts.gpu_devices.clone(), exe))
+        }
+        ExecutorKind::Slurm => {
+            let ws_tag = blake3::hash(ws.root.as_os_str().as_encoded_bytes()).to_hex();
+            Box::new(SlurmExecutor::new(
+                p.executor.clone(),
+                &format!("{}-r{run_id}", &ws_tag[..10]),
+                exe,
+                notice,
+            ))
+        }
+    }
 }
 
-/// Stage runs a stopped driver left running whose Slurm job is still queued
-/// or running, by stage key: the resumed driver waits for these jobs instead
-/// of submitting them again. Matched by the job's comment (stage, key and
-/// attempt), so a job submitted just before its driver died, whose id never
-/// reached the registry, is found too.
+/// Stage runs a stopped driver left running whose job still runs, by stage
+/// key: the resumed driver follows these jobs instead of starting them
+/// again. The back-end matches them by stage, key and attempt, so a job
+/// submitted just before its driver died, whose id never reached the
+/// registry, is found too.
 async fn adoptable_jobs(
     registry: &Registry,
-    ex: &SlurmExecutor,
+    executor: &dyn Executor,
     run_id: i64,
 ) -> Result<HashMap<String, Adopted>> {
-    let rows = registry.running_stage_runs(run_id).await?;
-    if !rows.iter().any(|r| r.worker == "slurm") {
-        return Ok(HashMap::new());
-    }
-    let jobs = ex.jobs().await.map_err(|e| {
-        crate::error::Error::Slurm(format!(
-            "cannot see this run's jobs to resume it ({e}); nothing was resubmitted, try again when Slurm answers"
-        ))
-    })?;
+    let rows: Vec<_> = registry
+        .running_stage_runs(run_id)
+        .await?
+        .into_iter()
+        .filter(|r| r.worker == executor.name())
+        .collect();
+    let left: Vec<LeftRunning> = rows
+        .iter()
+        .map(|r| LeftRunning {
+            stage: r.stage.clone(),
+            key: r.key.clone(),
+            attempt: r.attempt,
+        })
+        .collect();
+    let jobs = executor.still_running(&left).await?;
     let mut found = HashMap::new();
-    for r in rows.iter().filter(|r| r.worker == "slurm") {
-        let comment = job_comment(&r.stage, &r.key, r.attempt);
-        if let Some(j) = jobs.iter().find(|j| j.comment == comment && !j.finished()) {
-            if r.job_id.is_none() {
-                registry.set_job_id(r.id, &j.id.to_string()).await?;
-            }
-            found.insert(
-                r.key.clone(),
-                Adopted {
-                    row_id: r.id,
-                    job_id: j.id,
-                    attempt: r.attempt,
-                    log: r.log_path.clone().into(),
-                },
-            );
+    for (r, job) in rows.iter().zip(jobs) {
+        let Some(job) = job else { continue };
+        if r.job_id.is_none() {
+            registry.set_job_id(r.id, &job).await?;
         }
+        found.insert(
+            r.key.clone(),
+            Adopted {
+                row_id: r.id,
+                job_id: job,
+                attempt: r.attempt,
+                log: r.log_path.clone().into(),
+            },
+        );
     }
     Ok(found)
 }
