@@ -11,8 +11,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use pipeline::registry::{self, RunStatus};
 use pipeline::run::{RunOptions, run};
 use pipeline::stage::Kinds;
+use pipeline::status::Freshness;
 use pipeline::workspace::Workspace;
 use tokio_util::sync::CancellationToken;
 
@@ -324,10 +326,10 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             };
             let summary = run(p, kinds, ws, opts, sink.clone(), cancel).await?;
             render::finish(mode);
-            Ok(match summary.status.as_str() {
-                "succeeded" => 0,
-                "interrupted" => 130,
-                _ => 1,
+            Ok(match summary.status {
+                RunStatus::Succeeded => 0,
+                RunStatus::Interrupted => 130,
+                RunStatus::Running | RunStatus::Failed => 1,
             })
         }
         Cmd::Status { pipeline, json } => {
@@ -336,7 +338,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             let ws = Workspace::locate(&pipeline, cli.workspace.as_deref())?;
             let states = pipeline::status::status(&p, &g, &kinds, &ws).await?;
             render::status(&states, json);
-            Ok(if states.iter().all(|s| s.state == "cached") {
+            Ok(if states.iter().all(|s| s.state == Freshness::Cached) {
                 0
             } else {
                 1
@@ -359,22 +361,19 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         }
         Cmd::Registry { command, pipeline } => {
             let ws = workspace_for(&cli.workspace, pipeline.as_deref())?;
-            let (sql, format): (String, Format) = match command {
-                RegistryCmd::Query { sql, format } => (sql, format),
+            let path = ws.registry_path();
+            let (result, format) = match command {
+                RegistryCmd::Query { sql, format } => {
+                    (registry::query_read_only(&path, &sql).await?, format)
+                }
                 RegistryCmd::Runs { limit, format } => (
-                    format!(
-                        "SELECT r.id AS run, r.status, r.started_at, r.finished_at,
-                           sum(s.status = 'succeeded') AS succeeded, sum(s.status = 'cached') AS cached,
-                           sum(s.status = 'failed') AS failed, sum(s.status = 'skipped') AS skipped,
-                           sum(s.status = 'interrupted') AS interrupted, r.pipeline
-                         FROM runs r LEFT JOIN stage_runs s ON s.run_id = r.id
-                         GROUP BY r.id ORDER BY r.id DESC LIMIT {}",
-                        limit.max(0)
-                    ),
+                    registry::Reader::open(&path)
+                        .await?
+                        .runs_overview(limit)
+                        .await?,
                     format,
                 ),
             };
-            let result = pipeline::registry::query_read_only(&ws.registry_path(), &sql).await?;
             render::table(&result, format);
             Ok(0)
         }
@@ -384,9 +383,13 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             dry_run,
         } => {
             let ws = workspace_for(&cli.workspace, pipeline.as_deref())?;
-            let removed = gc(&ws, keep_runs, dry_run).await?;
             let verb = if dry_run { "would remove" } else { "removed" };
-            eprintln!("{verb} {} artifact(s), {} bytes", removed.0, removed.1);
+            let removed = pipeline::gc::collect(&ws, keep_runs, dry_run, |c| {
+                println!("{verb} {} ({} bytes)", c.key, c.bytes)
+            })
+            .await?;
+            let bytes: u64 = removed.iter().map(|c| c.bytes).sum();
+            eprintln!("{verb} {} artifact(s), {bytes} bytes", removed.len());
             Ok(0)
         }
         Cmd::Data {
@@ -467,48 +470,6 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         }
         Cmd::Worker { .. } => unreachable!("handled before the runtime starts"),
     }
-}
-
-/// Removes artifacts that none of the newest `keep_runs` runs produced or read.
-/// Holds the workspace lock, so it never runs beside a `run`.
-async fn gc(ws: &Workspace, keep_runs: i64, dry_run: bool) -> Result<(usize, u64)> {
-    if !ws.registry_path().exists() {
-        bail!(
-            "{}: no registry here; nothing to collect",
-            ws.root.display()
-        );
-    }
-    let _lock = ws.lock(false)?;
-    let registry = pipeline::registry::Registry::open(&ws.registry_path()).await?;
-    let keep: std::collections::HashSet<String> = registry
-        .keys_in_recent_runs(keep_runs.max(1))
-        .await?
-        .into_iter()
-        .collect();
-    let store = ws.store();
-    let (mut count, mut bytes) = (0, 0);
-    for key in store.keys()? {
-        if keep.contains(&key) {
-            continue;
-        }
-        let size = store
-            .manifest(&key)
-            .ok()
-            .flatten()
-            .map(|m| m.bytes)
-            .unwrap_or(0);
-        println!(
-            "{}{key} ({size} bytes)",
-            if dry_run { "would remove " } else { "removed " }
-        );
-        if !dry_run {
-            store.remove(&key)?;
-            registry.forget_artifact(&key).await?;
-        }
-        count += 1;
-        bytes += size;
-    }
-    Ok((count, bytes))
 }
 
 /// Ctrl-C or SIGTERM: stop running workers, record them interrupted, exit 130.

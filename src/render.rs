@@ -231,12 +231,10 @@ pub async fn show(
         }
     }
     if ws.registry_path().exists() {
-        let sql = format!(
-            "SELECT run_id AS run, attempt, status, started_at, finished_at, worker, log_path, error
-             FROM stage_runs WHERE stage = '{}' ORDER BY id DESC LIMIT 5",
-            state.stage.replace('\'', "''")
-        );
-        let r = pipeline::registry::query_read_only(&ws.registry_path(), &sql).await?;
+        let r = pipeline::registry::Reader::open(&ws.registry_path())
+            .await?
+            .recent_stage_runs(&state.stage, 5)
+            .await?;
         println!("recent runs:");
         table(&r, Format::Table);
     }

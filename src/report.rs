@@ -11,9 +11,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use pipeline::registry::query_read_only;
+use pipeline::registry::{Reader, StageStatus};
 use plotters::prelude::*;
-use serde_json::Value;
 
 use crate::eval;
 
@@ -24,7 +23,7 @@ type Metrics = BTreeMap<String, BTreeMap<String, Vec<(i64, f64)>>>;
 struct StageRow {
     stage: String,
     kind: String,
-    status: String,
+    status: StageStatus,
     started: Option<f64>,
     finished: Option<f64>,
     /// The stage run whose metrics describe the artifact (the producing
@@ -69,74 +68,41 @@ fn slug(s: &str) -> String {
         .collect()
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
-}
-
-async fn rows(registry: &Path, sql: &str) -> Result<Vec<Vec<Value>>> {
-    Ok(query_read_only(registry, sql).await?.rows)
-}
-
 /// Writes the report of run `run` into `out`; returns the page's path.
 pub async fn write(registry: &Path, run: i64, out: &Path) -> Result<PathBuf> {
-    let head = rows(
-        registry,
-        &format!("SELECT pipeline, status, started_at, finished_at FROM runs WHERE id = {run}"),
-    )
-    .await?;
-    let Some(head) = head.first() else {
+    let mut reader = Reader::open(registry).await?;
+    let Some(head) = reader.run(run).await? else {
         bail!(
             "no run {run} in {}; `haic-pipe registry runs` lists the runs",
             registry.display()
         );
     };
-    let (pipeline, status) = (text(&head[0]), text(&head[1]));
-    let run_start = seconds(&text(&head[2]));
-    let run_end = seconds(&text(&head[3]));
+    let (pipeline, status) = (head.pipeline, head.status.as_str().to_string());
+    let run_start = seconds(&head.started_at);
+    let run_end = head.finished_at.as_deref().and_then(seconds);
 
-    let stage_rows = rows(
-        registry,
-        &format!(
-            "SELECT sr.stage, sr.kind, sr.status, sr.started_at, sr.finished_at, COALESCE(a.stage_run_id, sr.id), a.path \
-             FROM stage_runs sr LEFT JOIN artifacts a ON a.key = sr.key \
-             WHERE sr.run_id = {run} AND sr.id = (SELECT MAX(s2.id) FROM stage_runs s2 WHERE s2.run_id = sr.run_id AND s2.stage = sr.stage) \
-             ORDER BY sr.started_at, sr.id"
-        ),
-    )
-    .await?;
-    let stages: Vec<StageRow> = stage_rows
-        .iter()
+    let stages: Vec<StageRow> = reader
+        .run_stages(run)
+        .await?
+        .into_iter()
         .map(|r| StageRow {
-            stage: text(&r[0]),
-            kind: text(&r[1]),
-            status: text(&r[2]),
-            started: seconds(&text(&r[3])),
-            finished: seconds(&text(&r[4])),
-            metrics_from: r[5].as_i64().unwrap_or(-1),
-            artifact: r[6].as_str().map(|p| Path::new(p).join("data")),
+            started: r.started_at.as_deref().and_then(seconds),
+            finished: r.finished_at.as_deref().and_then(seconds),
+            stage: r.stage,
+            kind: r.kind,
+            status: r.status,
+            metrics_from: r.metrics_from,
+            artifact: r.artifact.map(|p| p.join("data")),
         })
         .collect();
 
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut metrics: Metrics = BTreeMap::new();
     for s in &stages {
-        let points = rows(
-            registry,
-            &format!(
-                "SELECT name, step, value FROM metrics WHERE stage_run_id = {} ORDER BY name, step",
-                s.metrics_from
-            ),
-        )
-        .await?;
+        let points = reader.metric_points(s.metrics_from).await?;
         let m = metrics.entry(s.stage.clone()).or_default();
         for p in points {
-            if let (Some(step), Some(value)) = (p[1].as_i64(), p[2].as_f64()) {
-                m.entry(text(&p[0])).or_default().push((step, value));
-            }
+            m.entry(p.name).or_default().push((p.step, p.value));
         }
     }
     let last = |stage: &str, name: &str| -> Option<f64> {
@@ -236,7 +202,7 @@ pub async fn write(registry: &Path, run: i64, out: &Path) -> Result<PathBuf> {
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{start}</td><td class=\"n\">{dur}</td></tr>",
                 esc(&s.stage),
                 esc(&s.kind),
-                esc(&s.status)
+                esc(s.status.as_str())
             );
         }
         html.push_str("</table>\n");
@@ -457,10 +423,10 @@ fn timeline(path: &Path, stages: &[StageRow], origin: f64) -> Result<()> {
             let a = s.started? - origin;
             let b = s.finished.map(|f| f - origin).unwrap_or(end - origin);
             let y = (n - i - 1) as f64;
-            let color = match s.status.as_str() {
-                "succeeded" => RGBColor(66, 133, 244),
-                "cached" => RGBColor(170, 170, 170),
-                "failed" => RGBColor(219, 68, 55),
+            let color = match s.status {
+                StageStatus::Succeeded => RGBColor(66, 133, 244),
+                StageStatus::Cached => RGBColor(170, 170, 170),
+                StageStatus::Failed => RGBColor(219, 68, 55),
                 _ => RGBColor(244, 180, 0),
             };
             Some(Rectangle::new(

@@ -83,7 +83,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     writer.await?;
     let t_ingest = t.elapsed().as_secs_f64();
 
-    reg.select("PRAGMA wal_checkpoint(TRUNCATE)", &[]).await?;
+    reg.checkpoint_wal().await?;
     let bytes = std::fs::metadata(&path)?.len();
 
     let mut times = Vec::new();

@@ -9,6 +9,7 @@
 pub mod cache;
 pub mod error;
 pub mod executor;
+pub mod gc;
 pub mod graph;
 pub mod hashing;
 pub mod outs;

@@ -9,17 +9,51 @@ use crate::cache::KeyMaterial;
 use crate::error::Result;
 use crate::graph::Graph;
 use crate::hashing::DepHasher;
-use crate::registry::Registry;
+use crate::registry::{KeyedRun, Registry, StageStatus};
 use crate::run::stage_material;
 use crate::spec::Pipeline;
 use crate::stage::Kinds;
 use crate::workspace::Workspace;
 
+/// Where a stage stands for the pipeline as it is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Freshness {
+    /// Its artifact for the current key is in the store.
+    Cached,
+    /// It must run (see `why`).
+    Stale,
+    /// A live driver runs it now.
+    Running,
+    /// A driver that is gone was running it.
+    Interrupted,
+    /// Its last run with the current key failed.
+    Failed,
+}
+
+impl Freshness {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Freshness::Cached => "cached",
+            Freshness::Stale => "stale",
+            Freshness::Running => "running",
+            Freshness::Interrupted => "interrupted",
+            Freshness::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for Freshness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `pad`, so that a width in the format string applies.
+        f.pad(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct StageState {
     pub stage: String,
-    /// `cached`, `stale`, `running`, `interrupted` or `failed`.
-    pub state: String,
+    pub state: Freshness,
     pub why: Vec<String>,
     pub key: Option<String>,
     pub artifact: Option<PathBuf>,
@@ -53,7 +87,7 @@ pub async fn status(
             .collect();
         let mut state = StageState {
             stage: st.name.clone(),
-            state: "stale".into(),
+            state: Freshness::Stale,
             why: Vec::new(),
             key: None,
             artifact: None,
@@ -77,7 +111,7 @@ pub async fn status(
         state.key = Some(key.clone());
         if let Some(m) = store.manifest(&key)? {
             digests[i] = Some(m.digest);
-            state.state = "cached".into();
+            state.state = Freshness::Cached;
             state.artifact = Some(store.data_dir(&key));
             out[i] = Some(state);
             continue;
@@ -86,18 +120,22 @@ pub async fn status(
             Some(r) => r.last_for_key(&st.name, &key).await?,
             None => None,
         };
-        if let Some((s, err, run, driver)) = &last
-            && (s == "running" || s == "failed")
+        if let Some(KeyedRun {
+            status: s @ (StageStatus::Running | StageStatus::Failed),
+            error,
+            run_id: run,
+            driver_pid,
+        }) = &last
         {
-            let driver_alive = driver.is_some_and(is_haic_process);
-            state.state = if s == "running" && !driver_alive {
-                "interrupted".to_string()
-            } else {
-                s.clone()
+            let driver_alive = driver_pid.is_some_and(is_haic_process);
+            state.state = match s {
+                StageStatus::Running if driver_alive => Freshness::Running,
+                StageStatus::Running => Freshness::Interrupted,
+                _ => Freshness::Failed,
             };
-            state.why.push(match (state.state.as_str(), err) {
-                ("failed", Some(e)) => format!("failed in run {run}: {e}"),
-                ("interrupted", _) => {
+            state.why.push(match (state.state, error) {
+                (Freshness::Failed, Some(e)) => format!("failed in run {run}: {e}"),
+                (Freshness::Interrupted, _) => {
                     format!("run {run}'s driver is gone; `haic-pipe run --resume` continues it")
                 }
                 _ => format!("in run {run}"),

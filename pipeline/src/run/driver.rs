@@ -60,7 +60,7 @@ pub(super) struct Driver {
     pub(super) hasher: Mutex<DepHasher>,
     pub(super) cancel: CancellationToken,
     pub(super) executor: Box<dyn Executor>,
-    /// Stage key -> a job to adopt instead of submitting (resume, Slurm).
+    /// Stage key -> a job to adopt instead of launching (resume).
     pub(super) adoptable: Mutex<HashMap<String, Adopted>>,
     pub(super) sink: EventSink,
     pub(super) fail_fast: bool,
@@ -96,14 +96,14 @@ impl Driver {
         }
     }
 
-    pub(super) fn counts(&self, selected: &[bool]) -> BTreeMap<String, usize> {
+    pub(super) fn counts(&self, selected: &[bool]) -> BTreeMap<StageStatus, usize> {
         let mut counts = BTreeMap::new();
         for (i, _) in selected.iter().enumerate().filter(|(_, s)| **s) {
             let status = self
                 .outcome(i)
-                .map(|o| o.status.as_str())
-                .unwrap_or("skipped");
-            *counts.entry(status.to_string()).or_insert(0) += 1;
+                .map(|o| o.status)
+                .unwrap_or(StageStatus::Skipped);
+            *counts.entry(status).or_insert(0) += 1;
         }
         counts
     }
@@ -648,8 +648,9 @@ impl Driver {
                 }
             }
             WorkerEvent::Stopped { step } => self.sink_notice(format!(
-                "stage `{}` checkpointed at step {step} before its time limit; Slurm requeues it",
-                st.name
+                "stage `{}` checkpointed at step {step} before its time limit; the {} back-end requeues it",
+                st.name,
+                self.executor.name()
             )),
             _ => {}
         }

@@ -31,7 +31,7 @@ use crate::executor::slurm::SlurmExecutor;
 use crate::executor::{Executor, LeftRunning, current_exe};
 use crate::graph;
 use crate::hashing::DepHasher;
-use crate::registry::{Registry, StageStatus};
+use crate::registry::{Registry, RunStatus, StageStatus};
 use crate::spec::{ExecutorKind, Pipeline};
 use crate::stage::Kinds;
 use crate::workspace::Workspace;
@@ -88,8 +88,8 @@ pub enum Event {
     },
     RunFinished {
         run_id: i64,
-        status: String,
-        counts: BTreeMap<String, usize>,
+        status: RunStatus,
+        counts: BTreeMap<StageStatus, usize>,
         seconds: f64,
     },
     Notice {
@@ -102,9 +102,8 @@ pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;
 #[derive(Debug, Clone)]
 pub struct RunSummary {
     pub run_id: i64,
-    /// `succeeded`, `failed` or `interrupted`.
-    pub status: String,
-    pub counts: BTreeMap<String, usize>,
+    pub status: RunStatus,
+    pub counts: BTreeMap<StageStatus, usize>,
 }
 
 /// Runs (or resumes) a pipeline. `cancel` stops it cleanly (Ctrl-C).
@@ -137,7 +136,7 @@ pub async fn run(
     let notice: Arc<dyn Fn(String) + Send + Sync> =
         Arc::new(move |message| notice_sink(&Event::Notice { message }));
     let run_id = match (opts.resume, registry.newest_run(&pipeline_key).await?) {
-        (true, Some((id, status, old_targets))) if status != "succeeded" => {
+        (true, Some((id, status, old_targets))) if status != RunStatus::Succeeded => {
             registry.reopen_run(id).await?;
             if targets.is_empty() && !old_targets.is_empty() {
                 targets = old_targets.split(' ').map(str::to_string).collect();
@@ -224,29 +223,34 @@ pub async fn run(
     registry.save_file_stats(&updates).await?;
     if let Err(e) = result {
         // The engine itself failed (not a stage): close the run as failed.
-        let _ = registry.finish_run(run_id, "failed").await;
+        let _ = registry.finish_run(run_id, RunStatus::Failed).await;
         return Err(e);
     }
-    let bad = counts.get("failed").copied().unwrap_or(0)
-        + counts.get("skipped").copied().unwrap_or(0)
-        + counts.get("interrupted").copied().unwrap_or(0);
+    let bad = [
+        StageStatus::Failed,
+        StageStatus::Skipped,
+        StageStatus::Interrupted,
+    ]
+    .iter()
+    .map(|s| counts.get(s).copied().unwrap_or(0))
+    .sum::<usize>();
     let status = if interrupted {
-        "interrupted"
+        RunStatus::Interrupted
     } else if bad > 0 {
-        "failed"
+        RunStatus::Failed
     } else {
-        "succeeded"
+        RunStatus::Succeeded
     };
     registry.finish_run(run_id, status).await?;
     finished_sink(&Event::RunFinished {
         run_id,
-        status: status.to_string(),
+        status,
         counts: counts.clone(),
         seconds: started.elapsed().as_secs_f64(),
     });
     Ok(RunSummary {
         run_id,
-        status: status.to_string(),
+        status,
         counts,
     })
 }

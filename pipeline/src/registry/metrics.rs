@@ -1,0 +1,198 @@
+//! Metric points from workers, written in batches with their summaries.
+
+use std::collections::HashMap;
+
+use sqlx::{Connection, QueryBuilder};
+
+use super::{MetricPoint, Registry, db_err};
+use crate::error::Result;
+
+/// Rows bound per INSERT statement (4 values each, under SQLite's 32766 limit).
+pub(super) const METRIC_ROWS_PER_STATEMENT: usize = 4000;
+
+/// One metric's points within one batch, merged into `metric_summaries`.
+struct BatchSummary {
+    last_step: i64,
+    last: f64,
+    min: f64,
+    max: f64,
+    points: i64,
+}
+
+impl Registry {
+    /// Writes a batch of metric points and updates their summaries, in one transaction.
+    /// Points whose value is NaN or infinite are not stored (SQLite would turn
+    /// them into NULL); their count is reported on stderr.
+    pub async fn insert_metrics(&self, points: &[MetricPoint]) -> Result<()> {
+        let finite: Vec<&MetricPoint> = points.iter().filter(|p| p.value.is_finite()).collect();
+        if finite.len() < points.len() {
+            eprintln!(
+                "haic-pipe: {} metric point(s) with a NaN or infinite value were not recorded",
+                points.len() - finite.len()
+            );
+        }
+        let points = finite;
+        if points.is_empty() {
+            return Ok(());
+        }
+        // Summaries of this batch, merged into the stored ones below.
+        let mut summary: HashMap<(i64, &str), BatchSummary> = HashMap::new();
+        for p in &points {
+            let e = summary
+                .entry((p.stage_run_id, p.name.as_str()))
+                .or_insert(BatchSummary {
+                    last_step: p.step,
+                    last: p.value,
+                    min: p.value,
+                    max: p.value,
+                    points: 0,
+                });
+            if p.step >= e.last_step {
+                e.last_step = p.step;
+                e.last = p.value;
+            }
+            e.min = e.min.min(p.value);
+            e.max = e.max.max(p.value);
+            e.points += 1;
+        }
+        let mut c = self.conn.lock().await;
+        let mut tx = c.begin().await.map_err(db_err(&self.path))?;
+        for chunk in points.chunks(METRIC_ROWS_PER_STATEMENT) {
+            let mut qb = QueryBuilder::new(
+                "INSERT OR REPLACE INTO metrics (stage_run_id, name, step, value) ",
+            );
+            qb.push_values(chunk, |mut b, p| {
+                b.push_bind(p.stage_run_id)
+                    .push_bind(p.name.as_str())
+                    .push_bind(p.step)
+                    .push_bind(p.value);
+            });
+            qb.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err(&self.path))?;
+        }
+        let rows: Vec<_> = summary.into_iter().collect();
+        for chunk in rows.chunks(METRIC_ROWS_PER_STATEMENT / 2) {
+            let mut qb = QueryBuilder::new(
+                "INSERT INTO metric_summaries (stage_run_id, name, last_step, last_value, min_value, max_value, points) ",
+            );
+            qb.push_values(chunk, |mut b, ((id, name), s)| {
+                b.push_bind(*id)
+                    .push_bind(*name)
+                    .push_bind(s.last_step)
+                    .push_bind(s.last)
+                    .push_bind(s.min)
+                    .push_bind(s.max)
+                    .push_bind(s.points);
+            });
+            qb.push(
+                " ON CONFLICT (stage_run_id, name) DO UPDATE SET
+                   last_value = CASE WHEN excluded.last_step >= last_step THEN excluded.last_value ELSE last_value END,
+                   last_step = max(last_step, excluded.last_step),
+                   min_value = min(min_value, excluded.min_value),
+                   max_value = max(max_value, excluded.max_value),
+                   points = points + excluded.points",
+            );
+            qb.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err(&self.path))?;
+        }
+        tx.commit().await.map_err(db_err(&self.path))?;
+        Ok(())
+    }
+
+    /// Drains metric points from workers until every sender is gone, writing
+    /// whatever has queued up as one batch (one transaction) at a time.
+    pub async fn write_metrics(
+        self: std::sync::Arc<Self>,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<MetricPoint>,
+    ) {
+        const BATCH: usize = 50_000;
+        let mut batch = Vec::with_capacity(1024);
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = self.insert_metrics(&batch).await {
+                eprintln!(
+                    "haic-pipe: could not record {} metric points: {e}",
+                    batch.len()
+                );
+            }
+            batch.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{NewStageRun, StageStatus, query_read_only};
+    use serde_json::Value;
+
+    #[tokio::test]
+    async fn metrics_and_summaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let reg = Registry::open(&path).await.unwrap();
+        let run = reg.begin_run("/p.yaml", "d", "").await.unwrap();
+        let id = reg
+            .start_stage_run(
+                &NewStageRun {
+                    key: Some("k"),
+                    ..NewStageRun::new(run, "s", "command", StageStatus::Running)
+                },
+                &serde_json::json!({"aux": "msp", "opt": {"lr": 0.1}}),
+            )
+            .await
+            .unwrap();
+        let pts: Vec<_> = (0..10)
+            .map(|s| MetricPoint {
+                stage_run_id: id,
+                name: "val_bpd".into(),
+                step: s,
+                value: 10.0 - s as f64,
+            })
+            .collect();
+        reg.insert_metrics(&pts[..5]).await.unwrap();
+        reg.insert_metrics(&pts[5..]).await.unwrap();
+        let q = query_read_only(
+            &path,
+            "SELECT last_step, last_value, min_value, points FROM metric_summaries",
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            q.rows[0],
+            vec![
+                Value::from(9),
+                Value::from(1.0),
+                Value::from(1.0),
+                Value::from(10)
+            ]
+        );
+        let q = query_read_only(&path, "select value from params where name = 'opt.lr'")
+            .await
+            .unwrap();
+        assert_eq!(q.rows[0][0], Value::from("0.1"));
+        let e = query_read_only(&path, "DELETE FROM metrics")
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("only SELECT"), "{e}");
+        let e = query_read_only(&path, "select 1; drop table runs")
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("one statement"), "{e}");
+        // A write hidden in a CTE is refused by SQLite itself.
+        let e = query_read_only(&path, "WITH x AS (SELECT 1) DELETE FROM runs")
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("refused"), "{e}");
+    }
+}

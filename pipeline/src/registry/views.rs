@@ -1,0 +1,175 @@
+//! Read-only views the CLI renders: the runs overview (`registry runs`), a
+//! stage's recent runs (`show`), and one run's stages and metrics
+//! (`report`). They open the registry read-only, like `registry query`.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+use sqlx::{ConnectOptions, Row};
+
+use super::{MetricPoint, QueryResult, RunStatus, StageStatus, db_err};
+use crate::error::{Error, Result};
+
+/// A read-only connection to a registry.
+pub struct Reader {
+    path: PathBuf,
+    conn: SqliteConnection,
+}
+
+/// A run's head row.
+#[derive(Debug, Clone)]
+pub struct RunHead {
+    pub pipeline: String,
+    pub status: RunStatus,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+}
+
+/// One stage of a run: its latest stage run, and where its artifact and
+/// metrics are.
+#[derive(Debug, Clone)]
+pub struct RunStage {
+    pub stage: String,
+    pub kind: String,
+    pub status: StageStatus,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    /// The stage run whose metrics describe the artifact: the one that
+    /// produced it, for a cached stage.
+    pub metrics_from: i64,
+    /// The artifact's folder in the store, if it has one.
+    pub artifact: Option<PathBuf>,
+}
+
+impl Reader {
+    /// Opens the registry at `path` read-only; an error when there is none.
+    pub async fn open(path: &Path) -> Result<Reader> {
+        if !path.exists() {
+            return Err(Error::Registry {
+                path: path.to_path_buf(),
+                message: "no registry here yet; run a pipeline first, or pass --workspace".into(),
+            });
+        }
+        let opts = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(db_err(path))?
+            .filename(path)
+            .read_only(true)
+            .busy_timeout(Duration::from_secs(10))
+            .disable_statement_logging();
+        let conn = opts.connect().await.map_err(db_err(path))?;
+        Ok(Reader {
+            path: path.to_path_buf(),
+            conn,
+        })
+    }
+
+    fn parse<T: FromStr<Err = String>>(&self, text: &str) -> Result<T> {
+        text.parse().map_err(|message| Error::Registry {
+            path: self.path.clone(),
+            message,
+        })
+    }
+
+    /// The newest `limit` runs with their stage counts, as a table.
+    pub async fn runs_overview(&mut self, limit: i64) -> Result<QueryResult> {
+        let rows = sqlx::query(
+            "SELECT r.id AS run, r.status, r.started_at, r.finished_at,
+               sum(s.status = 'succeeded') AS succeeded, sum(s.status = 'cached') AS cached,
+               sum(s.status = 'failed') AS failed, sum(s.status = 'skipped') AS skipped,
+               sum(s.status = 'interrupted') AS interrupted, r.pipeline
+             FROM runs r LEFT JOIN stage_runs s ON s.run_id = r.id
+             GROUP BY r.id ORDER BY r.id DESC LIMIT ?",
+        )
+        .bind(limit.max(0))
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(db_err(&self.path))?;
+        Ok(QueryResult::from_rows(&rows))
+    }
+
+    /// The newest `limit` stage runs of a stage (any run), as a table.
+    pub async fn recent_stage_runs(&mut self, stage: &str, limit: i64) -> Result<QueryResult> {
+        let rows = sqlx::query(
+            "SELECT run_id AS run, attempt, status, started_at, finished_at, worker, log_path, error
+             FROM stage_runs WHERE stage = ? ORDER BY id DESC LIMIT ?",
+        )
+        .bind(stage)
+        .bind(limit.max(0))
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(db_err(&self.path))?;
+        Ok(QueryResult::from_rows(&rows))
+    }
+
+    /// Run `run`'s head row, if there is such a run.
+    pub async fn run(&mut self, run: i64) -> Result<Option<RunHead>> {
+        let row =
+            sqlx::query("SELECT pipeline, status, started_at, finished_at FROM runs WHERE id = ?")
+                .bind(run)
+                .fetch_optional(&mut self.conn)
+                .await
+                .map_err(db_err(&self.path))?;
+        let Some(r) = row else { return Ok(None) };
+        let status: String = r.get(1);
+        Ok(Some(RunHead {
+            pipeline: r.get(0),
+            status: self.parse(&status)?,
+            started_at: r.get(2),
+            finished_at: r.get(3),
+        }))
+    }
+
+    /// Every stage of run `run` (its latest attempt), in start order.
+    pub async fn run_stages(&mut self, run: i64) -> Result<Vec<RunStage>> {
+        let rows = sqlx::query(
+            "SELECT sr.stage, sr.kind, sr.status, sr.started_at, sr.finished_at,
+               COALESCE(a.stage_run_id, sr.id), a.path
+             FROM stage_runs sr LEFT JOIN artifacts a ON a.key = sr.key
+             WHERE sr.run_id = ?1 AND sr.id = (SELECT MAX(s2.id) FROM stage_runs s2
+               WHERE s2.run_id = sr.run_id AND s2.stage = sr.stage)
+             ORDER BY sr.started_at, sr.id",
+        )
+        .bind(run)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(db_err(&self.path))?;
+        rows.iter()
+            .map(|r| {
+                let status: String = r.get(2);
+                Ok(RunStage {
+                    stage: r.get(0),
+                    kind: r.get(1),
+                    status: self.parse(&status)?,
+                    started_at: r.get(3),
+                    finished_at: r.get(4),
+                    metrics_from: r.get(5),
+                    artifact: r.get::<Option<String>, _>(6).map(PathBuf::from),
+                })
+            })
+            .collect()
+    }
+
+    /// Every metric point of a stage run, by name then step.
+    pub async fn metric_points(&mut self, stage_run_id: i64) -> Result<Vec<MetricPoint>> {
+        let rows = sqlx::query(
+            "SELECT name, step, value FROM metrics WHERE stage_run_id = ? ORDER BY name, step",
+        )
+        .bind(stage_run_id)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(db_err(&self.path))?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                Some(MetricPoint {
+                    stage_run_id,
+                    name: r.try_get(0).ok()?,
+                    step: r.try_get(1).ok()?,
+                    value: r.try_get(2).ok()?,
+                })
+            })
+            .collect())
+    }
+}
