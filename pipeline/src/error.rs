@@ -39,6 +39,33 @@ impl std::fmt::Display for SpecError {
     }
 }
 
+/// A stage's params or inputs refused by its kind at load time: the
+/// stage's field that is wrong (`params.encoder`, `inputs.table`, `kind`)
+/// and what is wrong with it. The loader turns it into a [`SpecError`] at
+/// that field's line and column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ParamError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> ParamError {
+        ParamError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ParamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for ParamError {}
+
 /// What to do when the disk holding the workspace is full, said both by a
 /// stage whose write failed and by the driver whose registry write did.
 pub const DISK_FULL_ADVICE: &str = "the disk holding the workspace is full; free space (`haic-pipe gc` removes old artifacts), then `run --resume` continues";

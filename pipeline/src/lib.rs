@@ -20,4 +20,4 @@ pub mod stage;
 pub mod status;
 pub mod workspace;
 
-pub use error::{Error, Result, SpecError};
+pub use error::{Error, ParamError, Result, SpecError};

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_saphyr::{Location, Spanned};
 
-use crate::error::{Error, IoContext, Result, SourcePos, SpecError};
+use crate::error::{Error, IoContext, ParamError, Result, SourcePos, SpecError};
 
 /// What a stage needs from a worker slot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,7 +190,7 @@ pub trait KindRules {
     fn kind_names(&self) -> Vec<&'static str>;
     /// Checks a stage of a known kind; `None` if the kind is unknown.
     /// The error names the field (`params.steps`, `cmd`, ...) it is about.
-    fn check(&self, stage: &Stage) -> Option<std::result::Result<(), (String, String)>>;
+    fn check(&self, stage: &Stage) -> Option<std::result::Result<(), ParamError>>;
     /// Paths the stage's params name that it reads (see `StageKind::implicit_deps`).
     fn implicit_deps(&self, _stage: &Stage) -> Vec<String> {
         Vec::new()
@@ -434,7 +434,9 @@ pub fn parse(text: &str, path: &Path, kinds: &dyn KindRules) -> Result<Pipeline>
                     Some(format!("known kinds: {}", known.join(", "))),
                 ));
             }
-            Some(Err((field, message))) => return Err(stage.error(&field, message).into()),
+            Some(Err(ParamError { field, message })) => {
+                return Err(stage.error(&field, message).into());
+            }
             Some(Ok(())) => {}
         }
         let mut stage = stage;
@@ -727,7 +729,7 @@ mod tests {
         fn kind_names(&self) -> Vec<&'static str> {
             vec!["command"]
         }
-        fn check(&self, stage: &Stage) -> Option<std::result::Result<(), (String, String)>> {
+        fn check(&self, stage: &Stage) -> Option<std::result::Result<(), ParamError>> {
             (stage.kind == "command").then_some(Ok(()))
         }
     }

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::cache::{ArtifactStore, FileEntry, hash_file, list_files, remove_tree};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, IoContext, ParamError, Result};
 use crate::spec::{KindRules, Stage};
 
 /// The error a stage implementation returns; its text ends up in the registry.
@@ -46,7 +46,7 @@ pub trait StageKind: Send + Sync {
     }
     /// Checks a declared stage when the pipeline is loaded; the error names
     /// the field (`params.steps`, `cmd`, ...) and says what is wrong.
-    fn check(&self, stage: &Stage) -> std::result::Result<(), (String, String)>;
+    fn check(&self, stage: &Stage) -> std::result::Result<(), ParamError>;
     /// Files the stage reads that its params name (e.g. a data source), as
     /// written there; the engine adds them to the stage's deps, so their
     /// contents enter the stage key and a stage writing them becomes upstream.
@@ -81,14 +81,14 @@ impl KindRules for Kinds {
         self.kinds.iter().map(|k| k.name()).collect()
     }
 
-    fn check(&self, stage: &Stage) -> Option<std::result::Result<(), (String, String)>> {
+    fn check(&self, stage: &Stage) -> Option<std::result::Result<(), ParamError>> {
         let kind = self.get(&stage.kind)?;
         if stage.params.contains_key("cmd")
             && kind.name() != "command"
             && stage.field_pos.contains_key("cmd")
         {
-            return Some(Err((
-                "cmd".into(),
+            return Some(Err(ParamError::new(
+                "cmd",
                 format!("`cmd` is only for `command` stages, not `{}`", stage.kind),
             )));
         }

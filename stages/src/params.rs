@@ -1,14 +1,15 @@
 //! Stage params -> a kind's typed config, with errors that name the param.
 
+use pipeline::ParamError;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-/// Deserialises `params`; an error is `(field, message)`, the field being
+/// Deserialises `params`; an error names the field and the message, the field being
 /// the param path's first part (`params.source`) for the spec's position
 /// lookup, the message naming the whole path (`params: source.train: ...`).
 pub fn parse<T: DeserializeOwned>(
     params: &serde_json::Map<String, Value>,
-) -> Result<T, (String, String)> {
+) -> Result<T, ParamError> {
     serde_path_to_error::deserialize(Value::Object(params.clone())).map_err(|e| {
         let path = e.path().to_string();
         let first = path.split(['.', '[']).next().unwrap_or("").to_string();
@@ -22,7 +23,7 @@ pub fn parse<T: DeserializeOwned>(
         } else {
             format!("{path}: ")
         };
-        (field, format!("params: {at}{}", e.into_inner()))
+        ParamError::new(field, format!("params: {at}{}", e.into_inner()))
     })
 }
 

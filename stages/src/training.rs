@@ -4,6 +4,7 @@
 
 use crate::data::level_table::{LevelTable, Rows};
 use crate::error::Error;
+use pipeline::ParamError;
 
 pub fn batch_size() -> usize {
     64
@@ -35,9 +36,9 @@ pub struct Schedule {
     pub log_every: u64,
 }
 
-/// `(field, message)` for the first param out of range.
-pub fn check_schedule(s: Schedule) -> Result<(), (String, String)> {
-    let bad = |field: &str, msg: String| Err((format!("params.{field}"), msg));
+/// The first param out of range, if any.
+pub fn check_schedule(s: Schedule) -> Result<(), ParamError> {
+    let bad = |field: &str, msg: String| Err(ParamError::new(format!("params.{field}"), msg));
     if s.steps == 0 {
         return bad("steps", "steps must be at least 1".into());
     }

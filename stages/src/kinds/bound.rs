@@ -23,6 +23,7 @@
 //! `bound.bits_per_dim`, `bound.<input>` (each term, in bits per image
 //! dimension) and `baseline.bits_per_dim`.
 
+use pipeline::ParamError;
 use pipeline::spec::Stage;
 use pipeline::stage::{StageContext, StageError, StageKind};
 use serde::Deserialize;
@@ -71,8 +72,8 @@ impl StageKind for Bound {
         false
     }
 
-    fn check(&self, stage: &Stage) -> Result<(), (String, String)> {
-        let err = |m: String| ("inputs".to_string(), m);
+    fn check(&self, stage: &Stage) -> Result<(), ParamError> {
+        let err = |m: String| ParamError::new("inputs", m);
         if !stage.inputs.contains_key("prior") {
             return Err(err(
                 "bound needs `inputs: {decoder1: AR_STAGE, ..., prior: AR_STAGE}`".into(),
@@ -80,7 +81,10 @@ impl StageKind for Bound {
         }
         decoder_names("bound", stage.inputs.keys().cloned(), OTHERS, true).map_err(err)?;
         if let Some(k) = stage.params.keys().next() {
-            return Err((format!("params.{k}"), "bound takes no params".into()));
+            return Err(ParamError::new(
+                format!("params.{k}"),
+                "bound takes no params",
+            ));
         }
         Ok(())
     }

@@ -26,6 +26,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use pipeline::ParamError;
 use pipeline::spec::Stage;
 use pipeline::stage::{StageContext, StageError, StageKind};
 
@@ -40,12 +41,12 @@ impl StageKind for Command {
         1
     }
 
-    fn check(&self, stage: &Stage) -> Result<(), (String, String)> {
+    fn check(&self, stage: &Stage) -> Result<(), ParamError> {
         match stage.params.get("cmd") {
             Some(serde_json::Value::String(s)) if !s.trim().is_empty() => Ok(()),
-            Some(serde_json::Value::String(_)) => Err(("cmd".into(), "`cmd` is empty".into())),
-            Some(_) => Err(("cmd".into(), "`cmd` must be a string".into())),
-            None => Err(("kind".into(), "a `command` stage needs a `cmd`".into())),
+            Some(serde_json::Value::String(_)) => Err(ParamError::new("cmd", "`cmd` is empty")),
+            Some(_) => Err(ParamError::new("cmd", "`cmd` must be a string")),
+            None => Err(ParamError::new("kind", "a `command` stage needs a `cmd`")),
         }
     }
 

@@ -10,6 +10,7 @@
 //!   params: {batch_size: 256}           # optional; also `shard_rows`
 //! ```
 
+use pipeline::ParamError;
 use pipeline::spec::Stage;
 use pipeline::stage::{StageContext, StageError, StageKind};
 use serde::Deserialize;
@@ -38,14 +39,12 @@ fn shard_rows() -> usize {
     10_000
 }
 
-fn parse_config(
-    params: &serde_json::Map<String, serde_json::Value>,
-) -> Result<Config, (String, String)> {
+fn parse_config(params: &serde_json::Map<String, serde_json::Value>) -> Result<Config, ParamError> {
     let cfg: Config = crate::params::parse(params)?;
     if cfg.batch_size == 0 || cfg.shard_rows == 0 {
-        return Err((
-            "params.batch_size".into(),
-            "batch_size and shard_rows must be at least 1".into(),
+        return Err(ParamError::new(
+            "params.batch_size",
+            "batch_size and shard_rows must be at least 1",
         ));
     }
     Ok(cfg)
@@ -67,13 +66,13 @@ impl StageKind for Encode {
         true
     }
 
-    fn check(&self, stage: &Stage) -> Result<(), (String, String)> {
+    fn check(&self, stage: &Stage) -> Result<(), ParamError> {
         parse_config(&stage.params)?;
         for input in ["level", "table"] {
             if !stage.inputs.contains_key(input) {
-                return Err((
-                    "inputs".into(),
-                    "encode needs `inputs: {level: TRAIN_VQ_STAGE, table: TABLE_STAGE}`".into(),
+                return Err(ParamError::new(
+                    "inputs",
+                    "encode needs `inputs: {level: TRAIN_VQ_STAGE, table: TABLE_STAGE}`",
                 ));
             }
         }
@@ -82,7 +81,7 @@ impl StageKind for Encode {
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         let cfg = parse_config(&crate::params::object(&ctx.job.params))
-            .map_err(|(_, m)| Error::Params(m))?;
+            .map_err(|e| Error::Params(e.message))?;
         let device = device(&ctx.job.device)?;
         let level = VqLevel::load(ctx.input("level")?, &device)?;
         let table = LevelTable::open(ctx.input("table")?)?;

@@ -28,6 +28,7 @@
 
 use std::time::Instant;
 
+use pipeline::ParamError;
 use pipeline::spec::Stage;
 use pipeline::stage::{StageContext, StageError, StageKind};
 use serde::Deserialize;
@@ -97,12 +98,12 @@ impl StageKind for Evaluate {
         true
     }
 
-    fn check(&self, stage: &Stage) -> Result<(), (String, String)> {
+    fn check(&self, stage: &Stage) -> Result<(), ParamError> {
         let _: Config = crate::params::parse(&stage.params)?;
         if !stage.inputs.contains_key("real") || stage.inputs.len() < 2 {
-            return Err((
-                "inputs".into(),
-                "evaluate needs `inputs: {real: PREPROCESS_STAGE, NAME: SAMPLE_STAGE, ...}` (one or more sample sets)".into(),
+            return Err(ParamError::new(
+                "inputs",
+                "evaluate needs `inputs: {real: PREPROCESS_STAGE, NAME: SAMPLE_STAGE, ...}` (one or more sample sets)",
             ));
         }
         Ok(())
@@ -110,7 +111,7 @@ impl StageKind for Evaluate {
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         let cfg: Config = crate::params::parse(&crate::params::object(&ctx.job.params))
-            .map_err(|(_, m)| Error::Params(m))?;
+            .map_err(|e| Error::Params(e.message))?;
         let device = device(&ctx.job.device)?;
         let real = LevelTable::open(&image_table_dir(ctx.input("real")?))?;
         let InputKind::Pixels { channels } = real.input else {

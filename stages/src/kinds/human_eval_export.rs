@@ -30,6 +30,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use pipeline::ParamError;
 use pipeline::spec::Stage;
 use pipeline::stage::{StageContext, StageError, StageKind};
 use serde::Deserialize;
@@ -180,19 +181,19 @@ impl StageKind for HumanEvalExport {
         false
     }
 
-    fn check(&self, stage: &Stage) -> Result<(), (String, String)> {
+    fn check(&self, stage: &Stage) -> Result<(), ParamError> {
         let cfg: Config = crate::params::parse(&stage.params)?;
-        compared(stage.inputs.keys().cloned()).map_err(|m| ("inputs".to_string(), m))?;
+        compared(stage.inputs.keys().cloned()).map_err(|m| ParamError::new("inputs", m))?;
         if cfg.catch_trials > 0 && !stage.inputs.contains_key("catch") {
-            return Err((
-                "inputs".into(),
-                "catch trials need real images: add `catch: PREPROCESS_STAGE` to the inputs (or set `catch_trials: 0`)".into(),
+            return Err(ParamError::new(
+                "inputs",
+                "catch trials need real images: add `catch: PREPROCESS_STAGE` to the inputs (or set `catch_trials: 0`)",
             ));
         }
         if cfg.pairs == 0 {
-            return Err((
-                "params.pairs".into(),
-                "params: pairs: must be at least 1".into(),
+            return Err(ParamError::new(
+                "params.pairs",
+                "params: pairs: must be at least 1",
             ));
         }
         Ok(())
@@ -200,7 +201,7 @@ impl StageKind for HumanEvalExport {
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         let cfg: Config = crate::params::parse(&crate::params::object(&ctx.job.params))
-            .map_err(|(_, m)| Error::Params(m))?;
+            .map_err(|e| Error::Params(e.message))?;
         let [a, b] = compared(ctx.job.inputs.keys().cloned()).map_err(Error::Params)?;
         let a = Set::open(&a, ctx.input(&a)?, None)?;
         let b = Set::open(&b, ctx.input(&b)?, None)?;

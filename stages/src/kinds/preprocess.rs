@@ -25,6 +25,7 @@
 
 use std::path::{Path, PathBuf};
 
+use pipeline::ParamError;
 use pipeline::spec::{Stage, clean_relative};
 use pipeline::stage::{StageContext, StageError, StageKind};
 use serde::Deserialize;
@@ -141,7 +142,7 @@ impl Source {
 }
 
 /// The params as a [`Config`]; an error names the param path (`source.train`).
-fn parse_config(params: &serde_json::Map<String, Value>) -> Result<Config, (String, String)> {
+fn parse_config(params: &serde_json::Map<String, Value>) -> Result<Config, ParamError> {
     crate::params::parse(params)
 }
 
@@ -156,13 +157,13 @@ impl StageKind for Preprocess {
         1
     }
 
-    fn check(&self, stage: &Stage) -> Result<(), (String, String)> {
+    fn check(&self, stage: &Stage) -> Result<(), ParamError> {
         let cfg = parse_config(&stage.params)?;
         if let Some(v) = &cfg.validation
             && !(v.fraction > 0.0 && v.fraction < 1.0)
         {
-            return Err((
-                "params.validation".into(),
+            return Err(ParamError::new(
+                "params.validation",
                 format!(
                     "validation.fraction must be between 0 and 1, not {}",
                     v.fraction
@@ -170,17 +171,17 @@ impl StageKind for Preprocess {
             ));
         }
         if cfg.shard_rows == 0 {
-            return Err((
-                "params.shard_rows".into(),
-                "shard_rows must be at least 1".into(),
+            return Err(ParamError::new(
+                "params.shard_rows",
+                "shard_rows must be at least 1",
             ));
         }
         if let Source::Parquet { .. } = cfg.source
             && cfg.class_names.is_none()
         {
-            return Err((
-                "params.source".into(),
-                "a parquet source needs `class_names` (the labels are only numbers there)".into(),
+            return Err(ParamError::new(
+                "params.source",
+                "a parquet source needs `class_names` (the labels are only numbers there)",
             ));
         }
         Ok(())
@@ -194,7 +195,7 @@ impl StageKind for Preprocess {
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         let cfg = parse_config(&crate::params::object(&ctx.job.params))
-            .map_err(|(_, m)| Error::Params(m))?;
+            .map_err(|e| Error::Params(e.message))?;
         let root = ctx.job.pipeline_dir.clone();
         let resolve = |p: &str| -> Result<PathBuf, Error> {
             Ok(root.join(clean_relative(p).map_err(|m| Error::Params(format!("`{p}`: {m}")))?))

@@ -38,6 +38,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::Tensor;
+use pipeline::ParamError;
 use pipeline::spec::Stage;
 use pipeline::stage::{StageContext, StageError, StageKind};
 use serde::Deserialize;
@@ -113,12 +114,14 @@ fn fifty() -> usize {
     50
 }
 
-fn parse_config(
-    params: &serde_json::Map<String, serde_json::Value>,
-) -> Result<Config, (String, String)> {
+fn parse_config(params: &serde_json::Map<String, serde_json::Value>) -> Result<Config, ParamError> {
     let cfg: Config = crate::params::parse(params)?;
-    let bad =
-        |field: &str, m: String| Err((format!("params.{field}"), format!("params: {field}: {m}")));
+    let bad = |field: &str, m: String| {
+        Err(ParamError::new(
+            format!("params.{field}"),
+            format!("params: {field}: {m}"),
+        ))
+    };
     if let Classes::All(s) = &cfg.classes
         && s != "all"
     {
@@ -205,9 +208,9 @@ impl StageKind for SampleStage {
         true
     }
 
-    fn check(&self, stage: &Stage) -> Result<(), (String, String)> {
+    fn check(&self, stage: &Stage) -> Result<(), ParamError> {
         let cfg = parse_config(&stage.params)?;
-        let err = |m: String| ("inputs".to_string(), m);
+        let err = |m: String| ParamError::new("inputs", m);
         if !stage.inputs.contains_key("prior") {
             return Err(err(
                 "sample needs `inputs: {prior: AR_STAGE}` and, for a hierarchy, `decoder1: AR_STAGE`, ... down to the pixels".into(),
@@ -217,8 +220,8 @@ impl StageKind for SampleStage {
         if let Temperature::PerInput(m) = &cfg.temperature
             && let Some(k) = m.keys().find(|k| !stage.inputs.contains_key(*k))
         {
-            return Err((
-                "params.temperature".into(),
+            return Err(ParamError::new(
+                "params.temperature",
                 format!(
                     "params: temperature: no input `{k}`; give a temperature per input name ({})",
                     stage.inputs.keys().cloned().collect::<Vec<_>>().join(", ")
@@ -230,7 +233,7 @@ impl StageKind for SampleStage {
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         let cfg = parse_config(&crate::params::object(&ctx.job.params))
-            .map_err(|(_, m)| Error::Params(m))?;
+            .map_err(|e| Error::Params(e.message))?;
         let device = device(&ctx.job.device)?;
         let names = decoder_names("sample", ctx.job.inputs.keys().cloned(), OTHERS, false)
             .map_err(Error::Params)?;

@@ -41,6 +41,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::Device;
+use pipeline::ParamError;
 use pipeline::spec::Stage;
 use pipeline::stage::{StageContext, StageError, StageKind};
 use serde::{Deserialize, Serialize};
@@ -119,12 +120,10 @@ impl Config {
     }
 }
 
-fn parse_config(
-    params: &serde_json::Map<String, serde_json::Value>,
-) -> Result<Config, (String, String)> {
+fn parse_config(params: &serde_json::Map<String, serde_json::Value>) -> Result<Config, ParamError> {
     let cfg: Config = crate::params::parse(params)?;
     check_schedule(cfg.schedule())?;
-    let bad = |field: &str, msg: String| Err((format!("params.{field}"), msg));
+    let bad = |field: &str, msg: String| Err(ParamError::new(format!("params.{field}"), msg));
     let m = &cfg.model;
     if m.hidden == 0 || m.layers == 0 || m.code_embedding == 0 || m.cond_hidden < 2 {
         return bad(
@@ -167,12 +166,12 @@ impl StageKind for TrainAr {
         true
     }
 
-    fn check(&self, stage: &Stage) -> Result<(), (String, String)> {
+    fn check(&self, stage: &Stage) -> Result<(), ParamError> {
         parse_config(&stage.params)?;
         if !stage.inputs.contains_key("table") {
-            return Err((
-                "inputs".into(),
-                "train_ar needs `inputs: {table: STAGE}` (a preprocess or encode stage), and optionally `condition: ENCODE_STAGE`".into(),
+            return Err(ParamError::new(
+                "inputs",
+                "train_ar needs `inputs: {table: STAGE}` (a preprocess or encode stage), and optionally `condition: ENCODE_STAGE`",
             ));
         }
         if let Some(other) = stage
@@ -180,8 +179,8 @@ impl StageKind for TrainAr {
             .keys()
             .find(|k| !["table", "condition"].contains(&k.as_str()))
         {
-            return Err((
-                "inputs".into(),
+            return Err(ParamError::new(
+                "inputs",
                 format!("train_ar has no input `{other}`; its inputs are `table` and `condition`"),
             ));
         }
@@ -190,7 +189,7 @@ impl StageKind for TrainAr {
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         let cfg = parse_config(&crate::params::object(&ctx.job.params))
-            .map_err(|(_, m)| Error::Params(m))?;
+            .map_err(|e| Error::Params(e.message))?;
         let device = device(&ctx.job.device)?;
         Trainer::new(ctx, cfg, device)?.run()
     }

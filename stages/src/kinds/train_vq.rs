@@ -34,6 +34,7 @@
 use std::path::Path;
 
 use candle_core::Device;
+use pipeline::ParamError;
 use pipeline::spec::Stage;
 use pipeline::stage::{StageContext, StageError, StageKind};
 use serde::{Deserialize, Serialize};
@@ -102,12 +103,10 @@ impl Config {
     }
 }
 
-fn parse_config(
-    params: &serde_json::Map<String, serde_json::Value>,
-) -> Result<Config, (String, String)> {
+fn parse_config(params: &serde_json::Map<String, serde_json::Value>) -> Result<Config, ParamError> {
     let cfg: Config = crate::params::parse(params)?;
     check_schedule(cfg.schedule())?;
-    let bad = |field: &str, msg: String| Err((format!("params.{field}"), msg));
+    let bad = |field: &str, msg: String| Err(ParamError::new(format!("params.{field}"), msg));
     let k = cfg.quantiser.codebook_size;
     if !(1..=65536).contains(&k) {
         return bad(
@@ -157,12 +156,12 @@ impl StageKind for TrainVq {
         true
     }
 
-    fn check(&self, stage: &Stage) -> Result<(), (String, String)> {
+    fn check(&self, stage: &Stage) -> Result<(), ParamError> {
         parse_config(&stage.params)?;
         if !stage.inputs.contains_key("table") {
-            return Err((
-                "inputs".into(),
-                "train_vq needs `inputs: {table: STAGE}`, a preprocess or encode stage".into(),
+            return Err(ParamError::new(
+                "inputs",
+                "train_vq needs `inputs: {table: STAGE}`, a preprocess or encode stage",
             ));
         }
         Ok(())
@@ -170,7 +169,7 @@ impl StageKind for TrainVq {
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         let cfg = parse_config(&crate::params::object(&ctx.job.params))
-            .map_err(|(_, m)| Error::Params(m))?;
+            .map_err(|e| Error::Params(e.message))?;
         let device = device(&ctx.job.device)?;
         let table = LevelTable::open(ctx.input("table")?)?;
         Trainer::new(ctx, cfg, table, device)?.run()
