@@ -7,7 +7,7 @@
 //!
 //! ```yaml
 //! root: ..                         # deps/outs are relative to this (default: the file's folder)
-//! vars: {steps: 2000}              # values that `${steps}` refers to
+//! vars: {vq_steps: 2000}           # values that `${vq_steps}` refers to
 //! defaults: {resources: {cpus: 1}, timeout: 3600}
 //! executor: {kind: slurm, partition: gpu, time: "04:00:00"}  # default: local
 //! stages:
@@ -16,10 +16,15 @@
 //!     cmd: "sort words.txt > sorted.txt"
 //!     deps: [words.txt]             # files read, relative to the pipeline file
 //!     outs: [sorted.txt]            # files written, stored in the artifact store
+//!   prep:                          # a built-in kind: image source -> image table
+//!     kind: preprocess
+//!     params:
+//!       source: {format: idx, train: {images: data/fashion-mnist/train-images-idx3-ubyte.gz,
+//!                                     labels: data/fashion-mnist/train-labels-idx1-ubyte.gz}}
 //!   vq1:
 //!     kind: train_vq
-//!     inputs: {images: prep}        # another stage's output
-//!     params: {codebook_size: 64, steps: "${steps}"}
+//!     inputs: {table: prep}         # another stage's output
+//!     params: {steps: "${vq_steps}", quantiser: {codebook_size: 64}}
 //!     resources: {gpus: 1}
 //! ```
 //!

@@ -8,7 +8,7 @@
 //! ```yaml
 //! bound:
 //!   kind: bound
-//!   inputs: {decoder1: ar1, decoder2: ar2, prior: prior, baseline: flat}   # baseline optional
+//!   inputs: {decoder1: decoder1, decoder2: decoder2, prior: prior, baseline: baseline}   # baseline optional
 //! ```
 //!
 //! `decoder1` models the pixels given the level-1 codes, `decoderN` the
