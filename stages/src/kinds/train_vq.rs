@@ -49,7 +49,7 @@ use crate::models::aux_decoder::AuxDecoderConfig;
 use crate::models::encoder::EncoderConfig;
 use crate::models::optim::{AdamW, OptimConfig};
 use crate::models::quantiser::{QuantiserConfig, usage};
-use crate::models::vq_level::{LevelConfig, VqLevel};
+use crate::models::vq_level::{LevelConfig, Score, VqLevel};
 use crate::rng::SplitMix64;
 use crate::training::{self, Cadence, Schedule, check_schedule};
 
@@ -149,7 +149,7 @@ impl StageKind for TrainVq {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn device_dependent(&self) -> bool {
@@ -376,8 +376,10 @@ impl<'a> Trainer<'a> {
         let per = self.table.values_per_row;
         let k = self.cfg.quantiser.codebook_size;
         let mut hist = vec![0u64; k];
-        let (mut loss, mut sq, mut correct, mut scored) = (0.0, 0.0, 0.0, 0.0);
-        // The same masks at every validation: comparable across steps.
+        let mut loss = 0.0;
+        let (mut full, mut masked) = (Score::default(), Score::default());
+        // The same masks at every validation, for `ff` and `msp` alike:
+        // comparable across steps and across the two kinds.
         let mut mask_rng = SplitMix64::stream(self.cfg.seed, "validation/mask");
         let b = self.cfg.batch_size;
         for start in (0..rows.len()).step_by(b) {
@@ -386,16 +388,15 @@ impl<'a> Trainer<'a> {
             let batch = self.level.batch(&chunk)?;
             let mask = self
                 .level
-                .draw_mask(chunk.len(), &mut mask_rng)
+                .draw_scoring_mask(chunk.len(), &mut mask_rng)
                 .map_err(Error::candle("mask"))?;
             let e = self
                 .level
-                .evaluate(&batch, mask.as_ref())
+                .evaluate(&batch, &mask)
                 .map_err(Error::candle("validation"))?;
             loss += e.loss * chunk.len() as f64;
-            sq += e.squared_error;
-            correct += e.correct.unwrap_or(0.0);
-            scored += e.scored;
+            full.add(e.full);
+            masked.add(e.masked);
             for c in e.codes {
                 hist[c as usize] += 1;
             }
@@ -412,19 +413,25 @@ impl<'a> Trainer<'a> {
         self.ctx.metric("val.loss", s, loss / n);
         self.ctx.metric("val.perplexity", s, perplexity);
         self.ctx.metric("val.unused_codes", s, unused as f64);
+        // Whole inputs from the codes alone, and the masked region as the
+        // decoder trains on it: the same measures for `ff` and `msp`.
         match self.table.input {
             InputKind::Pixels { .. } => {
-                let mse = sq / scored.max(1.0);
-                let psnr = 10.0 * (1.0 / mse).log10();
-                self.ctx.metric("val.mse", s, mse);
-                self.ctx.metric("val.psnr", s, psnr);
-                out["mse"] = json!(mse);
-                out["psnr"] = json!(psnr);
+                let psnr = |mse: f64| 10.0 * (1.0 / mse).log10();
+                for (prefix, score) in [("", full), ("masked_", masked)] {
+                    let mse = score.mean();
+                    self.ctx.metric(&format!("val.{prefix}mse"), s, mse);
+                    self.ctx.metric(&format!("val.{prefix}psnr"), s, psnr(mse));
+                    out[format!("{prefix}mse")] = json!(mse);
+                    out[format!("{prefix}psnr")] = json!(psnr(mse));
+                }
             }
             InputKind::Codes { .. } => {
-                let acc = correct / scored.max(1.0);
-                self.ctx.metric("val.accuracy", s, acc);
-                out["accuracy"] = json!(acc);
+                for (prefix, score) in [("", full), ("masked_", masked)] {
+                    self.ctx
+                        .metric(&format!("val.{prefix}accuracy"), s, score.mean());
+                    out[format!("{prefix}accuracy")] = json!(score.mean());
+                }
             }
         }
         eprintln!("step {}: validation {out}", self.step);

@@ -216,9 +216,20 @@ impl VqLevel {
         if self.decoder.kind != AuxKind::Msp {
             return Ok(None);
         }
+        self.draw_scoring_mask(batch, rng).map(Some)
+    }
+
+    /// Masks of the level's mask config for a batch, whatever the decoder
+    /// kind: the region a validation scores as "masked" for `ff` and `msp`
+    /// alike, so that the two kinds' figures compare.
+    pub fn draw_scoring_mask(
+        &self,
+        batch: usize,
+        rng: &mut SplitMix64,
+    ) -> candle_core::Result<Tensor> {
         let (h, w) = (self.info.input_height, self.info.input_width);
         let m = self.info.level.decoder.mask.draw_batch(batch, h, w, rng);
-        Ok(Some(Tensor::from_vec(m, (batch, 1, h, w), &self.device)?))
+        Tensor::from_vec(m, (batch, 1, h, w), &self.device)
     }
 
     /// The training loss of a batch: reconstruction (or masked prediction)
@@ -245,52 +256,61 @@ impl VqLevel {
         self.quantiser.codes(&z)?.to_vec1::<u32>()
     }
 
-    /// Evaluation of a batch: the loss, the codes, and the squared error
-    /// (pixels, [0, 1] scale) or the count of correct classes (codes), both
-    /// summed over the scored values, with how many values were scored.
-    pub fn evaluate(
-        &self,
-        batch: &Batch,
-        mask: Option<&Tensor>,
-    ) -> candle_core::Result<Evaluation> {
+    /// Evaluation of a batch, scored the same way for `ff` and `msp`: the
+    /// loss (the kind's own objective: `msp` sees the visible pixels of
+    /// `mask`), the codes, and two scores, each the squared error (pixels,
+    /// [0, 1] scale) or the count of correct classes (codes), summed, with
+    /// how many values were scored:
+    /// - `full`: the whole input reconstructed from the codes alone (`msp`
+    ///   given a mask that hides everything);
+    /// - `masked`: the region `mask` hides, reconstructed by the decoder as
+    ///   it trains (`msp` seeing the rest; `ff` from the codes).
+    pub fn evaluate(&self, batch: &Batch, mask: &Tensor) -> candle_core::Result<Evaluation> {
         let z = self.encode_rows(&batch.input)?;
         let codes = self.quantiser.codes(&z)?;
         let e = self.quantiser.codebook().index_select(&codes, 0)?;
-        let out = self.decode(batch, &e, mask)?;
+        let msp = self.decoder.kind == AuxKind::Msp;
+        let own_mask = msp.then_some(mask);
+        let out = self.decode(batch, &e, own_mask)?;
         let loss = self
-            .reconstruction_loss(batch, &out, mask)?
+            .reconstruction_loss(batch, &out, own_mask)?
             .to_scalar::<f32>()? as f64;
-        let (b, h, w) = (batch.size, self.info.input_height, self.info.input_width);
-        let weights = match mask {
-            Some(m) => m.clone(),
-            None => Tensor::ones((b, 1, h, w), DType::F32, &self.device)?,
-        };
-        let (error, correct) = match (self.info.input, self.classes_per_channel()) {
-            (InputKind::Pixels { channels }, k) => {
-                let pred = match k {
-                    None => out.clamp(-0.5f32, 0.5f32)?,
-                    Some(k) => ((class_argmax(&out, k)?.to_dtype(DType::F32)? / 255.0)? - 0.5)?
-                        .reshape((b, channels, h, w))?,
-                };
-                let sq = (pred - &batch.input)?.sqr()?.broadcast_mul(&weights)?;
-                (sq.sum_all()?.to_scalar::<f32>()? as f64, None)
-            }
-            (InputKind::Codes { classes }, _) => {
-                let pred = class_argmax(&out, classes)?.reshape((b, 1, h, w))?;
-                let target = batch.input.reshape((b, 1, h, w))?;
-                let hit = pred.eq(&target)?.to_dtype(DType::F32)?.mul(&weights)?;
-                (0.0, Some(hit.sum_all()?.to_scalar::<f32>()? as f64))
-            }
-        };
-        let channels = match self.info.input {
-            InputKind::Pixels { channels } => channels,
-            InputKind::Codes { .. } => 1,
+        let all = Tensor::ones(mask.shape(), DType::F32, &self.device)?;
+        let full_out = match msp {
+            true => self.decode(batch, &e, Some(&all))?,
+            false => out.clone(),
         };
         Ok(Evaluation {
             loss,
             codes: codes.to_vec1::<u32>()?,
-            squared_error: error,
-            correct,
+            full: self.score(batch, &full_out, &all)?,
+            masked: self.score(batch, &out, mask)?,
+        })
+    }
+
+    /// The squared error or correct count of a decoder output over the
+    /// region `weights` marks with 1.
+    fn score(&self, batch: &Batch, out: &Tensor, weights: &Tensor) -> candle_core::Result<Score> {
+        let (b, h, w) = (batch.size, self.info.input_height, self.info.input_width);
+        let (channels, value) = match (self.info.input, self.classes_per_channel()) {
+            (InputKind::Pixels { channels }, k) => {
+                let pred = match k {
+                    None => out.clamp(-0.5f32, 0.5f32)?,
+                    Some(k) => ((class_argmax(out, k)?.to_dtype(DType::F32)? / 255.0)? - 0.5)?
+                        .reshape((b, channels, h, w))?,
+                };
+                let sq = (pred - &batch.input)?.sqr()?.broadcast_mul(weights)?;
+                (channels, sq.sum_all()?.to_scalar::<f32>()? as f64)
+            }
+            (InputKind::Codes { classes }, _) => {
+                let pred = class_argmax(out, classes)?.reshape((b, 1, h, w))?;
+                let target = batch.input.reshape((b, 1, h, w))?;
+                let hit = pred.eq(&target)?.to_dtype(DType::F32)?.mul(weights)?;
+                (1, hit.sum_all()?.to_scalar::<f32>()? as f64)
+            }
+        };
+        Ok(Score {
+            value,
             scored: weights.sum_all()?.to_scalar::<f32>()? as f64 * channels as f64,
         })
     }
@@ -364,7 +384,26 @@ impl VqLevel {
 pub struct Evaluation {
     pub loss: f64,
     pub codes: Vec<u32>,
-    pub squared_error: f64,
-    pub correct: Option<f64>,
+    pub full: Score,
+    pub masked: Score,
+}
+
+/// A squared error (pixels) or a count of correct classes (codes), summed
+/// over `scored` values.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Score {
+    pub value: f64,
     pub scored: f64,
+}
+
+impl Score {
+    pub fn add(&mut self, other: Score) {
+        self.value += other.value;
+        self.scored += other.scored;
+    }
+
+    /// The mean per scored value (0 when nothing was scored).
+    pub fn mean(&self) -> f64 {
+        self.value / self.scored.max(1.0)
+    }
 }
