@@ -1,10 +1,12 @@
 //! What the training stages (`train_vq`, `train_ar`) share: the defaults of
 //! their schedule params and the checks of them, the validation rows, and
-//! the cadence of logging, validation and checkpoints.
+//! the training loop ([`train`] over a [`Trainable`]) with its cadence of
+//! logging, validation and checkpoints.
 
 use crate::data::level_table::{LevelTable, Rows};
 use crate::error::Error;
 use pipeline::ParamError;
+use pipeline::stage::{StageContext, StageError};
 
 pub fn batch_size() -> usize {
     64
@@ -137,6 +139,71 @@ impl Cadence {
         }
         due
     }
+}
+
+/// What one optimiser step of a [`Trainable`] reports to the loop.
+pub struct StepReport {
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Metrics logged when a log is due (`train.loss`, ...).
+    pub logged: Vec<(&'static str, f64)>,
+    /// Metrics logged at this step whatever the cadence (a rare event).
+    pub always: Vec<(&'static str, f64)>,
+    /// The progress line's note (`loss 0.0123`).
+    pub note: String,
+}
+
+/// A model the shared loop ([`train`]) trains: each kind supplies its step,
+/// validation and checkpoint; the loop owns the cadence of logs,
+/// validations, checkpoints, the stop on SIGUSR1 and progress.
+pub trait Trainable {
+    /// Steps done so far (after a resume, the checkpoint's).
+    fn steps_done(&self) -> u64;
+    /// One optimiser step of the `total`: forward, a finite-loss check
+    /// (an error that says what to change), backward, update; the step
+    /// count moves on by one.
+    fn train_step(&mut self, total: u64) -> Result<StepReport, StageError>;
+    /// Measures on the validation rows, reported and returned.
+    fn validate(&self) -> Result<serde_json::Value, StageError>;
+    fn save_checkpoint(&self) -> Result<(), StageError>;
+}
+
+/// Trains `model` to `schedule.steps`; returns the last validation's
+/// measures (`None` when no step was left to run).
+pub fn train(
+    ctx: &StageContext,
+    model: &mut impl Trainable,
+    schedule: &Schedule,
+) -> Result<Option<serde_json::Value>, StageError> {
+    let total = schedule.steps;
+    let mut cadence = Cadence::new(schedule, model.steps_done());
+    let mut last = None;
+    while model.steps_done() < total {
+        let report = model.train_step(total)?;
+        let step = model.steps_done();
+        let s = step as i64;
+        let due = cadence.after_step(ctx, step, report.lr, report.grad_norm);
+        if due.log {
+            for (name, value) in &report.logged {
+                ctx.metric(name, s, *value);
+            }
+        }
+        for (name, value) in &report.always {
+            ctx.metric(name, s, *value);
+        }
+        if due.validate {
+            last = Some(model.validate()?);
+        }
+        if due.checkpoint {
+            model.save_checkpoint()?;
+        }
+        if due.stop {
+            ctx.stopping_after_checkpoint(step);
+            return Err(Error::Stopped(step).into());
+        }
+        ctx.progress(step, total, Some(report.note));
+    }
+    Ok(last)
 }
 
 /// The first `limit` rows of the validation split; an empty or missing

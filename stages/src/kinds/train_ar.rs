@@ -58,7 +58,7 @@ use crate::models::conv::MAX_KERNEL;
 use crate::models::optim::{AdamW, OptimConfig};
 use crate::models::pixelcnn::{PixelCnnConfig, bits_per_dim};
 use crate::rng::SplitMix64;
-use crate::training::{self, Cadence, Schedule, check_schedule};
+use crate::training::{self, Schedule, StepReport, Trainable, check_schedule};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -343,51 +343,8 @@ impl<'a> Trainer<'a> {
                 ))
                 .unwrap_or_default()
         );
-        let total = self.cfg.steps;
-        let b = self.cfg.batch_size;
-        let mut cadence = Cadence::new(&self.cfg.schedule(), self.step);
-        let mut last = None;
-        while self.step < total {
-            let (rows, condition) = self.stream.next_pair(b)?;
-            let batch = self.model.batch(&rows, condition.as_ref())?;
-            let loss = self.model.loss(&batch).map_err(Error::candle("forward"))?;
-            let nll = loss.to_scalar::<f32>().map_err(Error::candle("forward"))? as f64;
-            if !nll.is_finite() {
-                return Err(format!(
-                    "the loss became {nll} at step {}; lower `optimizer.lr` or set `optimizer.grad_clip` and run again",
-                    self.step + 1
-                )
-                .into());
-            }
-            let grads = loss.backward().map_err(Error::candle("backward"))?;
-            let lr = self.cfg.optimizer.lr_at(self.step, total);
-            let grad_norm = self
-                .opt
-                .step(&grads, lr)
-                .map_err(Error::candle("optimizer"))?;
-            self.step += 1;
-            let s = self.step as i64;
-            let due = cadence.after_step(ctx, self.step, lr, grad_norm);
-            if due.log {
-                ctx.metric("train.nll", s, nll);
-                ctx.metric("train.bits_per_dim", s, bits_per_dim(nll));
-            }
-            if due.validate {
-                last = Some(self.validate()?);
-            }
-            if due.checkpoint {
-                self.save_checkpoint()?;
-            }
-            if due.stop {
-                ctx.stopping_after_checkpoint(self.step);
-                return Err(Error::Stopped(self.step).into());
-            }
-            ctx.progress(
-                self.step,
-                total,
-                Some(format!("{:.3} bits/dim", bits_per_dim(nll))),
-            );
-        }
+        let schedule = self.cfg.schedule();
+        let last = training::train(ctx, &mut self, &schedule)?;
         let mut summary = match last {
             Some(v) => v,
             None => self.validate()?,
@@ -526,4 +483,48 @@ fn ids_digest(ids: &[i64]) -> String {
         h.update(&id.to_le_bytes());
     }
     h.finalize().to_hex().to_string()
+}
+impl Trainable for Trainer<'_> {
+    fn steps_done(&self) -> u64 {
+        self.step
+    }
+
+    fn train_step(&mut self, total: u64) -> Result<StepReport, StageError> {
+        let (rows, condition) = self.stream.next_pair(self.cfg.batch_size)?;
+        let batch = self.model.batch(&rows, condition.as_ref())?;
+        let loss = self.model.loss(&batch).map_err(Error::candle("forward"))?;
+        let nll = loss.to_scalar::<f32>().map_err(Error::candle("forward"))? as f64;
+        if !nll.is_finite() {
+            return Err(format!(
+                "the loss became {nll} at step {}; lower `optimizer.lr` or set `optimizer.grad_clip` and run again",
+                self.step + 1
+            )
+            .into());
+        }
+        let grads = loss.backward().map_err(Error::candle("backward"))?;
+        let lr = self.cfg.optimizer.lr_at(self.step, total);
+        let grad_norm = self
+            .opt
+            .step(&grads, lr)
+            .map_err(Error::candle("optimizer"))?;
+        self.step += 1;
+        Ok(StepReport {
+            lr,
+            grad_norm,
+            logged: vec![
+                ("train.nll", nll),
+                ("train.bits_per_dim", bits_per_dim(nll)),
+            ],
+            always: Vec::new(),
+            note: format!("{:.3} bits/dim", bits_per_dim(nll)),
+        })
+    }
+
+    fn validate(&self) -> Result<serde_json::Value, StageError> {
+        Trainer::validate(self)
+    }
+
+    fn save_checkpoint(&self) -> Result<(), StageError> {
+        Trainer::save_checkpoint(self)
+    }
 }

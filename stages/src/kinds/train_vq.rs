@@ -51,7 +51,7 @@ use crate::models::optim::{AdamW, OptimConfig};
 use crate::models::quantiser::{QuantiserConfig, usage};
 use crate::models::vq_level::{LevelConfig, Score, VqLevel};
 use crate::rng::SplitMix64;
-use crate::training::{self, Cadence, Schedule, check_schedule};
+use crate::training::{self, Schedule, StepReport, Trainable, check_schedule};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -284,79 +284,8 @@ impl<'a> Trainer<'a> {
                 pixel_variance(&self.validation, self.table.values_per_row),
             );
         }
-        let total = self.cfg.steps;
-        let b = self.cfg.batch_size;
-        let mut cadence = Cadence::new(&self.cfg.schedule(), self.step);
-        let mut last = None;
-        while self.step < total {
-            let rows = self.stream.next_batch(b)?;
-            let batch = self.level.batch(&rows)?;
-            let loss = self
-                .level
-                .loss(&batch, &mut self.mask_rng)
-                .map_err(Error::candle("forward"))?;
-            if !(loss.reconstruction.is_finite() && loss.commitment.is_finite()) {
-                return Err(format!(
-                    "the loss became {} at step {} (reconstruction {}, commitment {}); lower `optimizer.lr` or set `optimizer.grad_clip` and run again",
-                    loss.reconstruction + loss.commitment,
-                    self.step + 1,
-                    loss.reconstruction,
-                    loss.commitment
-                )
-                .into());
-            }
-            let grads = loss.total.backward().map_err(Error::candle("backward"))?;
-            let lr = self.cfg.optimizer.lr_at(self.step, total);
-            let grad_norm = self
-                .opt
-                .step(&grads, lr)
-                .map_err(Error::candle("optimizer"))?;
-            let q = &mut self.level.quantiser;
-            q.ema_update(&loss.z, &loss.codes)
-                .map_err(Error::candle("EMA update"))?;
-            self.step += 1;
-            let reseed = q.cfg.reseed_every;
-            let mut reseeded = 0;
-            if reseed > 0 && self.step.is_multiple_of(reseed) {
-                reseeded = q
-                    .reseed_dead(&loss.z, &mut self.reseed_rng)
-                    .map_err(Error::candle("re-seeding"))?;
-            }
-            let s = self.step as i64;
-            let due = cadence.after_step(ctx, self.step, lr, grad_norm);
-            if due.log {
-                ctx.metric(
-                    "train.loss",
-                    s,
-                    loss.total.to_scalar::<f32>().unwrap_or(f32::NAN) as f64,
-                );
-                ctx.metric("train.reconstruction", s, loss.reconstruction);
-                ctx.metric("train.commitment", s, loss.commitment);
-                ctx.metric(
-                    "train.dead_codes",
-                    s,
-                    self.level.quantiser.dead_codes().len() as f64,
-                );
-            }
-            if reseeded > 0 {
-                ctx.metric("train.reseeded_codes", s, reseeded as f64);
-            }
-            if due.validate {
-                last = Some(self.validate()?);
-            }
-            if due.checkpoint {
-                self.save_checkpoint()?;
-            }
-            if due.stop {
-                ctx.stopping_after_checkpoint(self.step);
-                return Err(Error::Stopped(self.step).into());
-            }
-            ctx.progress(
-                self.step,
-                total,
-                Some(format!("loss {:.4}", loss.reconstruction)),
-            );
-        }
+        let schedule = self.cfg.schedule();
+        let last = training::train(ctx, &mut self, &schedule)?;
         let out = ctx.out_dir();
         self.level.save(out)?;
         let summary = match last {
@@ -457,4 +386,74 @@ fn pixel_variance(rows: &Rows, per: usize) -> f64 {
         .map(|(s, q)| q / n - (s / n).powi(2))
         .sum::<f64>()
         / per as f64
+}
+impl Trainable for Trainer<'_> {
+    fn steps_done(&self) -> u64 {
+        self.step
+    }
+
+    fn train_step(&mut self, total: u64) -> Result<StepReport, StageError> {
+        let rows = self.stream.next_batch(self.cfg.batch_size)?;
+        let batch = self.level.batch(&rows)?;
+        let loss = self
+            .level
+            .loss(&batch, &mut self.mask_rng)
+            .map_err(Error::candle("forward"))?;
+        if !(loss.reconstruction.is_finite() && loss.commitment.is_finite()) {
+            return Err(format!(
+                "the loss became {} at step {} (reconstruction {}, commitment {}); lower `optimizer.lr` or set `optimizer.grad_clip` and run again",
+                loss.reconstruction + loss.commitment,
+                self.step + 1,
+                loss.reconstruction,
+                loss.commitment
+            )
+            .into());
+        }
+        let grads = loss.total.backward().map_err(Error::candle("backward"))?;
+        let lr = self.cfg.optimizer.lr_at(self.step, total);
+        let grad_norm = self
+            .opt
+            .step(&grads, lr)
+            .map_err(Error::candle("optimizer"))?;
+        let q = &mut self.level.quantiser;
+        q.ema_update(&loss.z, &loss.codes)
+            .map_err(Error::candle("EMA update"))?;
+        self.step += 1;
+        let reseed = q.cfg.reseed_every;
+        let mut always = Vec::new();
+        if reseed > 0 && self.step.is_multiple_of(reseed) {
+            let reseeded = q
+                .reseed_dead(&loss.z, &mut self.reseed_rng)
+                .map_err(Error::candle("re-seeding"))?;
+            if reseeded > 0 {
+                always.push(("train.reseeded_codes", reseeded as f64));
+            }
+        }
+        Ok(StepReport {
+            lr,
+            grad_norm,
+            logged: vec![
+                (
+                    "train.loss",
+                    loss.total.to_scalar::<f32>().unwrap_or(f32::NAN) as f64,
+                ),
+                ("train.reconstruction", loss.reconstruction),
+                ("train.commitment", loss.commitment),
+                (
+                    "train.dead_codes",
+                    self.level.quantiser.dead_codes().len() as f64,
+                ),
+            ],
+            always,
+            note: format!("loss {:.4}", loss.reconstruction),
+        })
+    }
+
+    fn validate(&self) -> Result<serde_json::Value, StageError> {
+        Trainer::validate(self)
+    }
+
+    fn save_checkpoint(&self) -> Result<(), StageError> {
+        Trainer::save_checkpoint(self)
+    }
 }
