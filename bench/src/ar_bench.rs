@@ -32,9 +32,10 @@ use stages::data::level_table::Rows;
 use stages::data::table::{ShardWriter, TABLE_FORMAT, TableIndex, TableMeta};
 use stages::models::ar::{ArInfo, ArModel, Sampling};
 use stages::models::aux_decoder::AuxKind;
-use stages::models::conv::{COMPUTE_MASKED_TAPS, FORWARD_FLOPS};
+use stages::models::conv::FORWARD_FLOPS;
 use stages::models::optim::{AdamW, OptimConfig};
-use stages::models::pixelcnn::{COMPOSED_GATE, PixelCnnConfig};
+use stages::models::pixelcnn::PixelCnnConfig;
+use stages::models::reference::{self, Kernels};
 use stages::models::vq_level::VqLevel;
 use stages::rng::SplitMix64;
 
@@ -54,8 +55,12 @@ fn train(name: &str, info: ArInfo, steps: usize) -> Result<(), Box<dyn std::erro
     let mut flops = [0u64; 2];
     for i in 0..2 * (steps + 2) {
         let compute_all = i % 2 == 1;
-        COMPUTE_MASKED_TAPS.store(compute_all, Ordering::Relaxed);
-        COMPOSED_GATE.store(compute_all, Ordering::Relaxed);
+        // The "before": every tap of the masked layers, candle's gate.
+        let kernels = Kernels {
+            all_masked_taps: compute_all,
+            composed_gate: compute_all,
+            ..Kernels::default()
+        };
         let rows = Rows {
             ids: (0..BATCH as i64).collect(),
             labels: (0..BATCH).map(|_| rng.below(10) as i32).collect(),
@@ -69,7 +74,7 @@ fn train(name: &str, info: ArInfo, steps: usize) -> Result<(), Box<dyn std::erro
         let before = FORWARD_FLOPS.load(Ordering::Relaxed);
         let t = Instant::now();
         let batch = model.batch(&rows, Some(&codes))?;
-        let loss = model.loss(&batch)?;
+        let loss = reference::with(kernels, || model.loss(&batch))?;
         let after = FORWARD_FLOPS.load(Ordering::Relaxed);
         let grads = loss.backward()?;
         opt.step(&grads, 1e-3)?;
@@ -79,8 +84,6 @@ fn train(name: &str, info: ArInfo, steps: usize) -> Result<(), Box<dyn std::erro
             if compute_all { &mut all } else { &mut skip }.push(dt);
         }
     }
-    COMPUTE_MASKED_TAPS.store(false, Ordering::Relaxed);
-    COMPOSED_GATE.store(false, Ordering::Relaxed);
     let (s, a) = (median(skip), median(all));
     println!(
         "{name:<34} {:>7.1} ms/step {:>5.2} steps/s {:>6.1} images/s {:>6.2} GFLOP/step | before (every tap, candle's gate): {:>7.1} ms/step {:>6.2} GFLOP/step | {:.2}x  ({} parameters)",

@@ -17,13 +17,12 @@
 mod common;
 use common::{BATCH, matmul_peak, median, tiny_level1, vq_training};
 
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use stages::models::aux_decoder::{AuxDecoderConfig, AuxKind};
-use stages::models::conv::USE_CANDLE_CONVS;
 use stages::models::nearest::{ArgminRows, code_distances, nearest_code, nearest_code_reference};
+use stages::models::reference::{self, Kernels};
 use stages::models::vq_level::LevelConfig;
 use stages::rng::SplitMix64;
 
@@ -119,14 +118,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         steps,
         peak,
     )?;
-    USE_CANDLE_CONVS.store(true, Ordering::Relaxed);
-    run(
-        "  the same, candle's convs",
-        &tiny_level1(AuxKind::Ff),
-        steps.min(5),
-        peak,
-    )?;
-    USE_CANDLE_CONVS.store(false, Ordering::Relaxed);
+    let candle_convs = Kernels {
+        candle_convs: true,
+        ..Kernels::default()
+    };
+    reference::with(candle_convs, || {
+        run(
+            "  the same, candle's convs",
+            &tiny_level1(AuxKind::Ff),
+            steps.min(5),
+            peak,
+        )
+    })?;
     run(
         "tiny.yaml level 1, msp",
         &tiny_level1(AuxKind::Msp),

@@ -472,7 +472,6 @@ mod tests {
             }),
         );
         let codes = model(InputKind::Codes { classes: 7 }, true, None);
-        let _one_path = crate::models::KERNEL_SWITCH.read();
         for m in [&rgb, &codes] {
             let naive = draw_samples(m, 5, Sampling::Naive);
             let cached = draw_samples(m, 5, Sampling::Cached);
@@ -484,7 +483,6 @@ mod tests {
     #[test]
     fn sampling_is_deterministic_given_the_seed() {
         let m = model(InputKind::Pixels { channels: 1 }, true, None);
-        let _one_path = crate::models::KERNEL_SWITCH.read();
         let a = draw_samples(&m, 1, Sampling::Cached);
         assert_eq!(a, draw_samples(&m, 1, Sampling::Cached));
         assert_ne!(a, draw_samples(&m, 2, Sampling::Cached));

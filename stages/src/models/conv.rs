@@ -19,7 +19,7 @@ mod implicit;
 mod ops;
 mod space_to_depth;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{Module, Tensor};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, Init, VarBuilder};
@@ -31,16 +31,10 @@ use space_to_depth::{BlockConv, BlockConvTranspose, SpaceToDepth};
 /// convolution since the start, for benchmarks that report a FLOP rate.
 pub static FORWARD_FLOPS: AtomicU64 = AtomicU64::new(0);
 
-/// Makes every layer use candle's own ops on the CPU too: the "before" of
-/// `bench/src/vq_bench.rs`'s side-by-side.
-pub static USE_CANDLE_CONVS: AtomicBool = AtomicBool::new(false);
-
-/// Makes masked layers multiply every tap, zeroed ones too: the "before" of
-/// `bench/src/ar_bench.rs`'s side-by-side.
-pub static COMPUTE_MASKED_TAPS: AtomicBool = AtomicBool::new(false);
-
+/// Candle's own ops: on other devices, and on the CPU where this thread
+/// asked for the reference ([`super::reference`]).
 fn use_reference(x: &Tensor) -> bool {
-    !x.device().is_cpu() || USE_CANDLE_CONVS.load(Ordering::Relaxed)
+    !x.device().is_cpu() || super::reference::current().candle_convs
 }
 
 fn count_flops(rows: usize, inner: usize, cols: usize) {
@@ -202,7 +196,7 @@ impl Conv {
             k: self.k,
             stride: self.cfg.stride,
             pad: self.cfg.padding,
-            taps: match COMPUTE_MASKED_TAPS.load(Ordering::Relaxed) {
+            taps: match super::reference::current().all_masked_taps {
                 true => all_taps(self.k),
                 false => self.taps,
             },

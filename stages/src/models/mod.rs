@@ -25,6 +25,7 @@ pub mod nearest;
 pub mod optim;
 pub mod pixelcnn;
 pub mod quantiser;
+pub mod reference;
 pub mod vars;
 pub mod vq_level;
 
@@ -54,13 +55,6 @@ pub(crate) fn contiguous_f32x3<'a>(
         contiguous_f32(s3, l3, op)?,
     ))
 }
-
-/// Tests that switch a kernel to candle's composition ([`pixelcnn::COMPOSED_GATE`])
-/// hold this for writing; tests that compare two computations bit for bit
-/// hold it for reading, so a switch in a parallel test cannot send one of
-/// the two down the other path.
-#[cfg(test)]
-pub(crate) static KERNEL_SWITCH: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
 /// The largest absolute difference between two tensors of one shape (tests
 /// that hold a kernel against candle's own ops).

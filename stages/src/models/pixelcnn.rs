@@ -19,21 +19,18 @@
 //! centre connects input group i to output group j only if j > i (type A)
 //! or j >= i (type B).
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Module, Shape, Tensor,
-};
+use candle_core::{Module, Tensor};
 use candle_nn::{Embedding, VarBuilder, embedding};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::categorical::categorical_nll_of_conv;
 use super::conv::{Conv, ConvTranspose};
 use super::encoder::{InputEmbedding, ResBlock};
-use super::kernels::with_scratch;
-use super::{contiguous_f32, contiguous_f32x3, fastmath};
 use crate::data::level_table::InputKind;
 
+mod gate;
 pub mod incremental;
+mod masks;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -72,396 +69,8 @@ pub struct Conditioning {
     pub code_map: Option<(usize, usize)>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum MaskType {
-    A,
-    B,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stack {
-    Vertical,
-    Horizontal,
-}
-
-/// The channel group (0..groups) of channel `c` of `n`; gated layers have
-/// 2 x hidden outputs whose halves share the grouping.
-fn group(c: usize, n: usize, groups: usize) -> usize {
-    c * groups / n
-}
-
-/// Which taps of a `k x k` convolution a stack's layer keeps.
-#[derive(Debug, Clone, Copy)]
-struct MaskSpec {
-    stack: Stack,
-    kind: MaskType,
-    k: usize,
-    groups: usize,
-    /// The outputs are the two halves of a gate (grouped alike).
-    gate_out: bool,
-}
-
-impl MaskSpec {
-    /// The 0/1 mask (c_out x c_in x k x k).
-    fn mask(&self, c_in: usize, c_out: usize, device: &Device) -> candle_core::Result<Tensor> {
-        let (k, centre) = (self.k, self.k / 2);
-        let half_out = if self.gate_out { c_out / 2 } else { c_out };
-        let mut m = vec![0f32; c_out * c_in * k * k];
-        for o in 0..c_out {
-            let go = group(o % half_out, half_out, self.groups);
-            for i in 0..c_in {
-                let gi = group(i, c_in, self.groups);
-                let centre_ok = match self.kind {
-                    MaskType::A => go > gi,
-                    MaskType::B => go >= gi,
-                };
-                for ky in 0..k {
-                    for kx in 0..k {
-                        let keep = match self.stack {
-                            // Rows above; the centre row too after the first layer.
-                            Stack::Vertical => {
-                                ky < centre || (ky == centre && self.kind == MaskType::B)
-                            }
-                            // The centre row, left of the centre; the centre by group.
-                            Stack::Horizontal => {
-                                ky == centre && (kx < centre || (kx == centre && centre_ok))
-                            }
-                        };
-                        if keep {
-                            m[((o * c_in + i) * k + ky) * k + kx] = 1.0;
-                        }
-                    }
-                }
-            }
-        }
-        Tensor::from_vec(m, (c_out, c_in, k, k), device)
-    }
-
-    fn conv(&self, c_in: usize, c_out: usize, vb: VarBuilder) -> candle_core::Result<Conv> {
-        let mask = self.mask(c_in, c_out, vb.device())?;
-        Conv::new(c_in, c_out, self.k, 1, self.k / 2, vb)?.masked(mask)
-    }
-}
-
-/// `tanh(a) * sigmoid(b)` of the two halves (B, 2h, H, W) along channels:
-/// one pass forward and one backward on the CPU (candle's composition makes
-/// two strided copies, three ops and their gradients).
-pub fn gate(x: &Tensor) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && !COMPOSED_GATE.load(std::sync::atomic::Ordering::Relaxed) {
-        return x.contiguous()?.apply_op1(Gate);
-    }
-    let h = x.dim(1)? / 2;
-    x.narrow(1, 0, h)?.tanh()? * candle_nn::ops::sigmoid(&x.narrow(1, h, h)?)?
-}
-
-/// Makes [`gate`] use candle's composition on the CPU too: the "before" of
-/// `bench/src/ar_bench.rs` and the tests' reference.
-pub static COMPOSED_GATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-struct Gate;
-
-/// A contiguous (B, 2h, H, W) f32 tensor as slices, and h*H*W.
-fn gate_halves<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], usize)> {
-    let (_, c, hh, ww) = l.shape().dims4()?;
-    if c % 2 != 0 {
-        candle_core::bail!("gate needs an even channel count, got {c}");
-    }
-    Ok((contiguous_f32(s, l, "gate")?, c / 2 * hh * ww))
-}
-
-impl CustomOp1 for Gate {
-    fn name(&self) -> &'static str {
-        "gate"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, half) = gate_halves(s, l)?;
-        let mut out = vec![0f32; x.len() / 2];
-        out.par_chunks_mut(half)
-            .zip(x.par_chunks(2 * half))
-            .for_each(|(o, xb)| {
-                let (a, g) = xb.split_at(half);
-                gate_forward(o, a, g)
-            });
-        let (b, c, h, w) = l.shape().dims4()?;
-        Ok((CpuStorage::F32(out), Shape::from((b, c / 2, h, w))))
-    }
-
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &GateGrad)?))
-    }
-}
-
-fastmath::simd_kernel! {
-    fn gate_forward(out: &mut [f32], a: &[f32], b: &[f32]) {
-        for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
-            *o = fastmath::tanh(a) * fastmath::sigmoid(b);
-        }
-    }
-}
-
-fastmath::simd_kernel! {
-    /// d/da = g sigmoid(b) (1 - tanh(a)^2), d/db = g tanh(a) sigmoid(b) (1 - sigmoid(b)).
-    fn gate_backward(da: &mut [f32], db: &mut [f32], a: &[f32], b: &[f32], grad: &[f32]) {
-        for ((((da, db), &a), &b), &g) in da.iter_mut().zip(db).zip(a).zip(b).zip(grad) {
-            let (t, s) = (fastmath::tanh(a), fastmath::sigmoid(b));
-            *da = g * s * (1.0 - t * t);
-            *db = g * t * s * (1.0 - s);
-        }
-    }
-}
-
-struct GateGrad;
-
-impl CustomOp2 for GateGrad {
-    fn name(&self) -> &'static str {
-        "gate-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, half) = gate_halves(s1, l1)?;
-        let g = contiguous_f32(s2, l2, "gate gradient")?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(2 * half)
-            .zip(x.par_chunks(2 * half).zip(g.par_chunks(half)))
-            .for_each(|(o, (xb, gb))| {
-                let (a, b) = xb.split_at(half);
-                let (oa, ob) = o.split_at_mut(half);
-                gate_backward(oa, ob, a, b, gb)
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-}
-
-/// `gate(x + y + extra)`, `y` optional, `extra` (B, 2h, 1, 1) or (B, 2h,
-/// H, W) broadcast over x's (B, 2h, H, W): what each gated layer computes.
-/// On the CPU one op forward and one pass backward: candle's adds (and
-/// their gradients, each summed into a fresh zero tensor) were the largest
-/// item of a PixelCNN step besides the convolutions and the NLL.
-pub fn gate_of_sum(
-    x: &Tensor,
-    y: Option<&Tensor>,
-    extra: Option<&Tensor>,
-) -> candle_core::Result<Tensor> {
-    let composed = || {
-        let mut pre = match y {
-            Some(y) => (x + y)?,
-            None => x.clone(),
-        };
-        if let Some(e) = extra {
-            pre = pre.broadcast_add(e)?;
-        }
-        gate(&pre)
-    };
-    let Some(e) = extra else {
-        return composed();
-    };
-    let (b, c, h, w) = x.dims4()?;
-    // Anything else (an odd channel count included) takes candle's ops,
-    // which explain what does not fit.
-    let fits = c % 2 == 0
-        && matches!(e.dims4()?, (eb, ec, eh, ew) if eb == b && ec == c
-            && ((eh, ew) == (1, 1) || (eh, ew) == (h, w)));
-    if !x.device().is_cpu() || COMPOSED_GATE.load(std::sync::atomic::Ordering::Relaxed) || !fits {
-        return composed();
-    }
-    let (x, e) = (x.contiguous()?, e.contiguous()?);
-    match y {
-        Some(y) => x.apply_op3(&y.contiguous()?, &e, GateOfSum),
-        None => x.apply_op2(&e, GateOfSum),
-    }
-}
-
-/// See [`gate_of_sum`].
-struct GateOfSum;
-
-/// A contiguous f32 tensor's values, from its storage (read-locked by the
-/// caller).
-fn cpu_slice<'a>(
-    storage: &'a candle_core::Storage,
-    layout: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    match storage {
-        candle_core::Storage::Cpu(s) => contiguous_f32(s, layout, what),
-        _ => candle_core::bail!("{what}: a CPU tensor was expected"),
-    }
-}
-
-impl GateOfSum {
-    /// One image's pre-activation `x + y + e` into `pre` (2h planes of
-    /// `plane` values), summed in the order candle's adds take.
-    fn pre(pre: &mut [f32], x: &[f32], y: Option<&[f32]>, e: &[f32], plane: usize) {
-        match y {
-            Some(y) => {
-                for ((p, &a), &b) in pre.iter_mut().zip(x).zip(y) {
-                    *p = a + b;
-                }
-            }
-            None => pre.copy_from_slice(x),
-        }
-        if e.len() == pre.len() {
-            for (p, &v) in pre.iter_mut().zip(e) {
-                *p += v;
-            }
-        } else {
-            for (row, &v) in pre.chunks_exact_mut(plane).zip(e) {
-                for p in row {
-                    *p += v;
-                }
-            }
-        }
-    }
-
-    fn forward(
-        x: &[f32],
-        y: Option<&[f32]>,
-        e: &[f32],
-        l: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, c, h, w) = l.shape().dims4()?;
-        let (image, plane) = (c * h * w, h * w);
-        let e_image = e.len() / b;
-        let mut out = vec![0f32; x.len() / 2];
-        out.par_chunks_mut(image / 2)
-            .enumerate()
-            .for_each(|(bi, o)| {
-                let at = bi * image..(bi + 1) * image;
-                let yb = y.map(|y| &y[at.clone()]);
-                let eb = &e[bi * e_image..(bi + 1) * e_image];
-                with_scratch(image, |pre| {
-                    Self::pre(pre, &x[at], yb, eb, plane);
-                    let (a, g) = pre.split_at(image / 2);
-                    gate_forward(o, a, g)
-                })
-            });
-        Ok((CpuStorage::F32(out), Shape::from((b, c / 2, h, w))))
-    }
-
-    /// The gradient of the pre-activation, and of `extra` when it is one
-    /// value per channel (else the same tensor).
-    fn backward(
-        x: &Tensor,
-        y: Option<&Tensor>,
-        e: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let (b, c, h, w) = x.dims4()?;
-        let (image, plane) = (c * h * w, h * w);
-        let grad = grad.contiguous()?;
-        let per_channel = e.dims4()?.2 == 1 && h * w > 1;
-        let what = "gated layer gradient";
-        let ((xg, xl), (eg, el), (gg, gl)) = (
-            x.storage_and_layout(),
-            e.storage_and_layout(),
-            grad.storage_and_layout(),
-        );
-        let (xs, es, gs) = (
-            cpu_slice(&xg, xl, what)?,
-            cpu_slice(&eg, el, what)?,
-            cpu_slice(&gg, gl, what)?,
-        );
-        let yg = y.map(|y| y.storage_and_layout());
-        let ys = match &yg {
-            Some((g, l)) => Some(cpu_slice(g, l, what)?),
-            None => None,
-        };
-        let e_image = es.len() / b;
-        let mut dpre = vec![0f32; b * image];
-        dpre.par_chunks_mut(image).enumerate().for_each(|(bi, d)| {
-            let at = bi * image..(bi + 1) * image;
-            with_scratch(image, |pre| {
-                let yb = ys.map(|y| &y[at.clone()]);
-                Self::pre(pre, &xs[at], yb, &es[bi * e_image..][..e_image], plane);
-                let (a, g) = pre.split_at(image / 2);
-                let (da, dg) = d.split_at_mut(image / 2);
-                gate_backward(da, dg, a, g, &gs[bi * image / 2..][..image / 2]);
-            })
-        });
-        let mut de = vec![0f32; if per_channel { b * c } else { 0 }];
-        for (d, row) in de.iter_mut().zip(dpre.chunks_exact(plane)) {
-            *d = row.iter().sum();
-        }
-        let dpre = Tensor::from_vec(dpre, (b, c, h, w), x.device())?;
-        let de = match per_channel {
-            true => Tensor::from_vec(de, (b, c, 1, 1), x.device())?,
-            false => dpre.clone(),
-        };
-        Ok((dpre, de))
-    }
-}
-
-impl CustomOp2 for GateOfSum {
-    fn name(&self) -> &'static str {
-        "gate-of-sum"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let what = "gated layer";
-        let (x, e) = (contiguous_f32(s1, l1, what)?, contiguous_f32(s2, l2, what)?);
-        Self::forward(x, None, e, l1)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        e: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, de) = Self::backward(x, None, e, grad)?;
-        Ok((Some(dx), Some(de)))
-    }
-}
-
-impl CustomOp3 for GateOfSum {
-    fn name(&self) -> &'static str {
-        "gate-of-sum"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let what = "gated layer";
-        let (x, y, e) = contiguous_f32x3((s1, l1), (s2, l2), (s3, l3), what)?;
-        Self::forward(x, Some(y), e, l1)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        y: &Tensor,
-        e: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, de) = Self::backward(x, Some(y), e, grad)?;
-        Ok((Some(dx.clone()), Some(dx), Some(de)))
-    }
-}
+pub use gate::{gate, gate_of_sum};
+use masks::{MaskSpec, MaskType, Stack};
 
 struct GatedLayer {
     vertical: Conv,
@@ -743,9 +352,20 @@ pub fn bits_per_dim(nll_nats: f64) -> f64 {
 mod tests {
     use super::*;
     use crate::models::aux_decoder::cross_entropy_loss;
+    use crate::models::reference::{self, Kernels};
     use crate::models::vars::SeededVars;
     use crate::rng::SplitMix64;
+    use candle_core::Device;
     use candle_core::Var;
+
+    /// `f` with the gates as candle's composition (`composed`) or the kernel.
+    fn with_gate<R>(composed: bool, f: impl FnOnce() -> R) -> R {
+        let kernels = Kernels {
+            composed_gate: composed,
+            ..Kernels::default()
+        };
+        reference::with(kernels, f)
+    }
 
     fn small(layers: usize) -> PixelCnnConfig {
         PixelCnnConfig {
@@ -936,7 +556,6 @@ mod tests {
     /// whole network's.
     #[test]
     fn incremental_logits_equal_the_whole_networks() {
-        let _one_path = crate::models::KERNEL_SWITCH.read();
         let dev = Device::Cpu;
         let (c, h, w, n) = (3, 6, 6, 4);
         let vars = SeededVars::new(8);
@@ -984,8 +603,6 @@ mod tests {
 
     #[test]
     fn the_gate_kernel_matches_candles_composition_in_value_and_gradient() {
-        use std::sync::atomic::Ordering;
-        let _switching = crate::models::KERNEL_SWITCH.write();
         let dev = Device::Cpu;
         let mut r = SplitMix64(3);
         let v: Vec<f32> = (0..2 * 6 * 3 * 4)
@@ -995,9 +612,7 @@ mod tests {
         let w: Vec<f32> = (0..2 * 3 * 3 * 4).map(|_| r.normal() as f32).collect();
         let w = Tensor::from_vec(w, (2, 3, 3, 4), &dev).unwrap();
         let run = |composed: bool| {
-            COMPOSED_GATE.store(composed, Ordering::Relaxed);
-            let y = gate(x.as_tensor()).unwrap();
-            COMPOSED_GATE.store(false, Ordering::Relaxed);
+            let y = with_gate(composed, || gate(x.as_tensor())).unwrap();
             let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
             (y, g.get(&x).unwrap().clone())
         };
@@ -1008,8 +623,6 @@ mod tests {
 
     #[test]
     fn the_fused_gated_sum_matches_candles_adds_in_value_and_gradients() {
-        use std::sync::atomic::Ordering;
-        let _switching = crate::models::KERNEL_SWITCH.write();
         let dev = Device::Cpu;
         let mut r = SplitMix64(4);
         let mut var = |dims: (usize, usize, usize, usize)| {
@@ -1023,10 +636,11 @@ mod tests {
         for with_y in [false, true] {
             for e in [&per_channel, &per_position] {
                 let run = |composed: bool| {
-                    COMPOSED_GATE.store(composed, Ordering::Relaxed);
                     let y_arg = with_y.then(|| y.as_tensor());
-                    let out = gate_of_sum(x.as_tensor(), y_arg, Some(e.as_tensor())).unwrap();
-                    COMPOSED_GATE.store(false, Ordering::Relaxed);
+                    let out = with_gate(composed, || {
+                        gate_of_sum(x.as_tensor(), y_arg, Some(e.as_tensor()))
+                    })
+                    .unwrap();
                     let g = (&out * w.as_tensor()).unwrap().sum_all().unwrap();
                     let g = g.backward().unwrap();
                     let grads: Vec<Tensor> = [&x, &y, e]
