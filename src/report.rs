@@ -303,7 +303,9 @@ fn bits_table(stages: &[StageRow], last: &dyn Fn(&str, &str) -> Option<f64>) -> 
     }
 }
 
-/// Accuracy of the real-data classifier on each sample set, and CAS.
+/// Accuracy of the real-data classifier on each sample set, CAS and the
+/// Fréchet distance, each with its 95 % interval, beside the same for as
+/// many real images.
 fn evaluation_table(stages: &[StageRow], metrics: &Metrics) -> String {
     let mut out = String::new();
     for s in stages.iter().filter(|s| s.kind == "evaluate") {
@@ -311,6 +313,24 @@ fn evaluation_table(stages: &[StageRow], metrics: &Metrics) -> String {
             continue;
         };
         let get = |n: &str| m.get(n).and_then(|p| p.last()).map(|p| p.1);
+        // "83.1 % [80.6, 85.4]", or the value alone where no interval was kept.
+        let shown = |n: &str, percent: bool| {
+            let scale = if percent { 100.0 } else { 1.0 };
+            let unit = if percent { " %" } else { "" };
+            let digits = if percent { 1 } else { 2 };
+            let Some(v) = get(n) else {
+                return String::new();
+            };
+            match (get(&format!("{n}_lo")), get(&format!("{n}_hi"))) {
+                (Some(lo), Some(hi)) => format!(
+                    "{:.digits$}{unit} [{:.digits$}, {:.digits$}]",
+                    scale * v,
+                    scale * lo,
+                    scale * hi
+                ),
+                _ => format!("{:.digits$}{unit}", scale * v),
+            }
+        };
         let mut sets: Vec<&str> = m
             .keys()
             .filter_map(|k| k.strip_prefix("eval.")?.strip_suffix(".cas"))
@@ -318,32 +338,37 @@ fn evaluation_table(stages: &[StageRow], metrics: &Metrics) -> String {
         sets.sort();
         let _ = writeln!(
             out,
-            "<table><tr><th>images</th><th>real-data classifier's accuracy on them</th><th>CAS: trained on them, tested on real test images</th></tr>"
+            "<table><tr><th>images</th><th>real-data classifier's accuracy on them</th><th>CAS: trained on them, tested on real test images</th><th>Fréchet distance to real test images (classifier features)</th></tr>"
         );
-        if let Some(real) = get("eval.real.test_accuracy") {
+        if get("eval.real.test_accuracy").is_some() {
             let _ = writeln!(
                 out,
-                "<tr><td>real (test split)</td><td class=\"n\">{:.1} %</td><td class=\"n\">{:.1} %</td></tr>",
-                100.0 * real,
-                100.0 * real
+                "<tr><td>real (test split)</td><td class=\"n\">{}</td><td></td><td></td></tr>",
+                shown("eval.real.test_accuracy", true)
             );
         }
         for set in sets {
-            let acc = get(&format!("eval.{set}.accuracy"))
-                .map(|v| format!("{:.1} %", 100.0 * v))
-                .unwrap_or_default();
-            let cas = get(&format!("eval.{set}.cas"))
-                .map(|v| format!("{:.1} %", 100.0 * v))
-                .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "<tr><td>{}</td><td class=\"n\">{acc}</td><td class=\"n\">{cas}</td></tr>",
-                esc(set)
+                "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+                esc(set),
+                shown(&format!("eval.{set}.accuracy"), true),
+                shown(&format!("eval.{set}.cas"), true),
+                shown(&format!("eval.{set}.frechet"), false),
             );
+            if get(&format!("eval.{set}.real_cas")).is_some() {
+                let _ = writeln!(
+                    out,
+                    "<tr><td>real, as many as {}</td><td></td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+                    esc(set),
+                    shown(&format!("eval.{set}.real_cas"), true),
+                    shown(&format!("eval.{set}.real_frechet"), false),
+                );
+            }
         }
         let _ = write!(
             out,
-            "</table>\n<p><small>from stage {}</small></p>\n",
+            "</table>\n<p><small>from stage {}; 95 % bootstrap intervals in brackets</small></p>\n",
             esc(&s.stage)
         );
     }

@@ -67,26 +67,44 @@ fn the_smoke_pipeline_samples_evaluates_and_exports_a_rating_package() {
         .into_iter()
         .map(|r| (r["name"].as_str().unwrap().to_string(), r["last_value"].as_f64().unwrap()))
         .collect();
-    let names: Vec<&str> = metrics.iter().map(|m| m.0.as_str()).collect();
-    assert_eq!(
-        names,
-        [
-            "eval.baseline.accuracy",
-            "eval.baseline.cas",
-            "eval.ham.accuracy",
-            "eval.ham.cas",
-            "eval.real.test_accuracy"
-        ]
-    );
-    assert!(
-        metrics.iter().all(|m| (0.0..=1.0).contains(&m.1)),
-        "{metrics:?}"
-    );
+    let value = |name: &str| {
+        metrics
+            .iter()
+            .find(|m| m.0 == name)
+            .unwrap_or_else(|| panic!("no metric {name} in {metrics:?}"))
+            .1
+    };
+    let mut expected = vec!["eval.real.test_accuracy".to_string()];
+    for set in ["ham", "baseline"] {
+        for m in ["accuracy", "cas", "real_cas", "frechet", "real_frechet"] {
+            expected.push(format!("eval.{set}.{m}"));
+        }
+    }
+    assert_eq!(metrics.len(), 3 * expected.len(), "{metrics:?}");
+    for name in &expected {
+        let (v, lo, hi) = (
+            value(name),
+            value(&format!("{name}_lo")),
+            value(&format!("{name}_hi")),
+        );
+        assert!(lo <= hi && v.is_finite(), "{name}: {v} [{lo}, {hi}]");
+        if name.ends_with("frechet") {
+            assert!(v >= -1e-6, "{name} = {v}: a distance");
+        } else {
+            // A proportion, inside its own percentile interval.
+            assert!(
+                (0.0..=1.0).contains(&v) && lo <= v && v <= hi,
+                "{name}: {v} [{lo}, {hi}]"
+            );
+        }
+    }
     let table =
         std::fs::read_to_string(p.artifact_data("stage", "evaluation").join("evaluation.md"))
             .unwrap();
     assert!(
-        table.contains("| ham | 30 |") && table.contains("| baseline | 30 |"),
+        table.contains("| ham | 30 |")
+            && table.contains("| baseline | 30 |")
+            && table.contains("| real `train`, 30 images with ham's classes | 30 |"),
         "{table}"
     );
 

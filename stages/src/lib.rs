@@ -6,7 +6,7 @@
 //!
 //! | floor | modules | owns |
 //! | --- | --- | --- |
-//! | 1 | [`error`], [`rng`], [`params`], [`tuning`] | the crate's error type, seeded generators, params parsing, process tuning |
+//! | 1 | [`error`], [`rng`], [`params`], [`stats`], [`tuning`] | the crate's error type, seeded generators, params parsing, bootstrap intervals and the Fréchet distance, process tuning |
 //! | 2 | [`data`] | readers of image sources, image and code tables, their layout in artifacts |
 //! | 3 | [`models`], [`device`], [`checkpoint`] | candle modules and kernels (the VQ level, the AR model, the classifier), the compute device, checkpoint files |
 //! | 4 | [`training`], [`hierarchy`], [`human_eval`] | the training cadence, the chain of AR models, rating packages |
@@ -38,6 +38,7 @@ pub mod kinds;
 pub mod models;
 pub mod params;
 pub mod rng;
+pub mod stats;
 pub mod training;
 pub mod tuning;
 

@@ -6,25 +6,37 @@
 //!   kind: evaluate
 //!   inputs: {real: prep, ham: ham_samples, baseline: baseline_samples}
 //!   params:
-//!     classifier: {hidden: 16, steps: 300, batch_size: 64, lr: 0.003}
+//!     classifier: {hidden: 16, features: 128, epochs: 10, batch_size: 64, lr: 0.002, shift: 2}
 //!     train_split: train        # real images the reference classifier learns
 //!     test_split: test          # real images every classifier is tested on
+//!     resamples: 1000           # bootstrap draws for each 95 % interval
 //!     seed: 0
 //! ```
 //!
-//! - A classifier ([`Classifier`]) trained on the real `train_split`; its
-//!   accuracy on the real `test_split`, and on each sample set (does it see
-//!   the class the sample was drawn for?).
-//! - Classification accuracy score (CAS): a classifier of the same
-//!   architecture, seed and steps trained on each sample set alone, tested
-//!   on the real `test_split`.
+//! For each sample set of N images:
+//! - **accuracy**: a reference classifier ([`Classifier`]), trained on the
+//!   real `train_split` for `epochs` passes, classifies the samples: does
+//!   it see the class each was drawn for? Interval: bootstrap over samples.
+//! - **CAS** (Ravuri & Vinyals 2019): a classifier of the same
+//!   architecture, seed and epochs trained on the N samples alone, tested
+//!   on the real `test_split`; beside it **real CAS**, the same trained on
+//!   N real `train_split` images with the sample set's class counts (the
+//!   ceiling at that N). Intervals: bootstrap over the test images (the
+//!   test set's noise; a sweep over seeds gives the training noise).
+//! - **Fréchet distance** between the reference classifier's feature-layer
+//!   activations on the samples and on the real test images (FID's formula
+//!   on this classifier's features, not Inception's: comparable within one
+//!   evaluation config only), beside the same for the N real images.
+//!   Interval: bootstrap over samples.
 //!
 //! `real` is an image table (a `preprocess` stage); every other input is a
 //! `sample` stage (its `images/` table) or an image table, with the real
 //! table's image shape and classes.
 //!
-//! Output: `evaluation.json`, `evaluation.md` (the table). Metrics:
-//! `eval.real.test_accuracy`, `eval.<input>.accuracy`, `eval.<input>.cas`.
+//! Output: `evaluation.json`, `evaluation.md` (the table). Metrics, each
+//! with `_lo` and `_hi` (its interval): `eval.real.test_accuracy`,
+//! `eval.<input>.accuracy`, `eval.<input>.cas`, `eval.<input>.real_cas`,
+//! `eval.<input>.frechet`, `eval.<input>.real_frechet`.
 
 use std::time::Instant;
 
@@ -40,6 +52,8 @@ use crate::data::level_table::{LevelTable, Rows};
 use crate::device::device;
 use crate::error::Error;
 use crate::models::classifier::{Classifier, ClassifierConfig};
+use crate::rng::SplitMix64;
+use crate::stats::{self, Estimate};
 
 pub struct Evaluate;
 
@@ -52,8 +66,14 @@ struct Config {
     train_split: String,
     #[serde(default = "test")]
     test_split: String,
+    #[serde(default = "resamples")]
+    resamples: usize,
     #[serde(default)]
     seed: u64,
+}
+
+fn resamples() -> usize {
+    1000
 }
 
 fn train() -> String {
@@ -91,7 +111,7 @@ impl StageKind for Evaluate {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn device_dependent(&self) -> bool {
@@ -158,66 +178,73 @@ impl StageKind for Evaluate {
             sets.push((name.clone(), labelled_rows(&table, &split, name)?));
         }
 
-        let err = Error::candle("training the classifier");
+        let ev = Evaluation {
+            cfg: &cfg,
+            shape,
+            classes,
+            device: &device,
+        };
         let t = Instant::now();
-        let reference =
-            Classifier::new(&cfg.classifier, shape, classes, cfg.seed, &device).map_err(&err)?;
-        reference
-            .train(&cfg.classifier, &train_rows, cfg.seed, &device)
-            .map_err(&err)?;
-        let real_acc = reference.accuracy(&test_rows, &device).map_err(&err)?;
-        ctx.metric("eval.real.test_accuracy", 0, real_acc);
+        let reference = ev.trained(&train_rows)?;
+        let mut test_features = Vec::new();
+        let test_hits = reference
+            .predict(&test_rows, Some(&mut test_features), &device)
+            .map_err(ev.err())?;
+        let real_acc = stats::proportion(&test_hits, cfg.resamples, cfg.seed);
+        emit(ctx, "eval.real.test_accuracy", real_acc);
         eprintln!(
-            "real: classifier trained on {} `{}` images: {:.1} % on {} `{}` images ({:.0} s)",
+            "real: classifier trained on {} `{}` images: {} on {} `{}` images ({:.0} s)",
             train_rows.len(),
             cfg.train_split,
-            100.0 * real_acc,
+            percent(real_acc),
             test_rows.len(),
             cfg.test_split,
             t.elapsed().as_secs_f64()
         );
         let mut results = serde_json::Map::new();
         let mut table = format!(
-            "| samples | images | real-data classifier's accuracy on them | CAS (trained on them, tested on real `{}`) |\n| --- | --- | --- | --- |\n",
-            cfg.test_split
-        );
-        table.push_str(&format!(
-            "| real (`{}`) | {} | {:.1} % (real `{}`) | {:.1} % |\n",
+            "| images | N | real-data classifier's accuracy on them | CAS: trained on them, tested on real `{test}` | Fréchet distance to real `{test}` (classifier features) |\n| --- | --- | --- | --- | --- |\n| real `{}` | {} | {} (on real `{test}`) | | |\n",
             cfg.train_split,
             train_rows.len(),
-            100.0 * real_acc,
-            cfg.test_split,
-            100.0 * real_acc
-        ));
+            percent(real_acc),
+            test = cfg.test_split,
+        );
         for (i, (name, rows)) in sets.iter().enumerate() {
-            let accuracy = reference.accuracy(rows, &device).map_err(&err)?;
             let t = Instant::now();
-            let on_samples = Classifier::new(&cfg.classifier, shape, classes, cfg.seed, &device)
-                .map_err(&err)?;
-            on_samples
-                .train(&cfg.classifier, rows, cfg.seed, &device)
-                .map_err(&err)?;
-            let cas = on_samples.accuracy(&test_rows, &device).map_err(&err)?;
-            ctx.metric(&format!("eval.{name}.accuracy"), 0, accuracy);
-            ctx.metric(&format!("eval.{name}.cas"), 0, cas);
+            let scores = ev.score(&reference, rows, &train_rows, &test_rows, &test_features)?;
+            for (metric, e) in scores.metrics() {
+                emit(ctx, &format!("eval.{name}.{metric}"), e);
+            }
             ctx.progress((i + 1) as u64, sets.len() as u64, Some(name.clone()));
             eprintln!(
-                "{name}: {} samples; real-data classifier {:.1} %; CAS {:.1} % ({:.0} s)",
+                "{name}: {} samples; real-data classifier {}; CAS {} (real images: {}); Fréchet {} (real images: {}) ({:.0} s)",
                 rows.len(),
-                100.0 * accuracy,
-                100.0 * cas,
+                percent(scores.accuracy),
+                percent(scores.cas),
+                percent(scores.real_cas),
+                distance(scores.frechet),
+                distance(scores.real_frechet),
                 t.elapsed().as_secs_f64()
             );
             table.push_str(&format!(
-                "| {name} | {} | {:.1} % | {:.1} % |\n",
+                "| {name} | {} | {} | {} | {} |\n| real `{}`, {} images with {name}'s classes | {} | | {} | {} |\n",
                 rows.len(),
-                100.0 * accuracy,
-                100.0 * cas
+                percent(scores.accuracy),
+                percent(scores.cas),
+                distance(scores.frechet),
+                cfg.train_split,
+                scores.real_n,
+                scores.real_n,
+                percent(scores.real_cas),
+                distance(scores.real_frechet),
             ));
-            results.insert(
-                name.clone(),
-                json!({"samples": rows.len(), "accuracy": accuracy, "cas": cas}),
-            );
+            let mut record = serde_json::Map::new();
+            record.insert("samples".into(), json!(rows.len()));
+            record.insert("real_images".into(), json!(scores.real_n));
+            for (metric, e) in scores.metrics() {
+                record.insert(metric.into(), json!(e));
+            }
+            results.insert(name.clone(), serde_json::Value::Object(record));
         }
         let record = json!({
             "real": {
@@ -229,6 +256,7 @@ impl StageKind for Evaluate {
             },
             "samples": results,
             "classifier": cfg.classifier,
+            "resamples": cfg.resamples,
             "seed": cfg.seed,
         });
         let out = ctx.out_dir();
@@ -242,4 +270,136 @@ impl StageKind for Evaluate {
         }
         Ok(())
     }
+}
+
+/// One evaluation's classifier settings and device.
+struct Evaluation<'a> {
+    cfg: &'a Config,
+    shape: (usize, usize, usize),
+    classes: usize,
+    device: &'a candle_core::Device,
+}
+
+/// What one sample set scored, each with its 95 % interval.
+struct Scores {
+    /// Real training images with the set's class counts (fewer than the
+    /// samples where a class runs out).
+    real_n: usize,
+    accuracy: Estimate,
+    cas: Estimate,
+    real_cas: Estimate,
+    frechet: Estimate,
+    real_frechet: Estimate,
+}
+
+impl Scores {
+    fn metrics(&self) -> [(&'static str, Estimate); 5] {
+        [
+            ("accuracy", self.accuracy),
+            ("cas", self.cas),
+            ("real_cas", self.real_cas),
+            ("frechet", self.frechet),
+            ("real_frechet", self.real_frechet),
+        ]
+    }
+}
+
+impl Evaluation<'_> {
+    fn err(&self) -> impl Fn(candle_core::Error) -> Error {
+        Error::candle("training the classifier")
+    }
+
+    /// A classifier trained on `rows` with the stage's config and seed.
+    fn trained(&self, rows: &Rows) -> Result<Classifier, Error> {
+        let c = &self.cfg.classifier;
+        let model = Classifier::new(c, self.shape, self.classes, self.cfg.seed, self.device)
+            .map_err(self.err())?;
+        model
+            .train(c, rows, self.cfg.seed, self.device)
+            .map_err(self.err())?;
+        Ok(model)
+    }
+
+    /// Accuracy, CAS and Fréchet distance of one sample set, and the same
+    /// for as many real training images with the set's class counts.
+    fn score(
+        &self,
+        reference: &Classifier,
+        samples: &Rows,
+        train: &Rows,
+        test: &Rows,
+        test_features: &[f32],
+    ) -> Result<Scores, Error> {
+        let (dim, seed, n) = (
+            self.cfg.classifier.features.max(1),
+            self.cfg.seed,
+            self.cfg.resamples,
+        );
+        let mut features = Vec::new();
+        let hits = reference
+            .predict(samples, Some(&mut features), self.device)
+            .map_err(self.err())?;
+        let cas_hits = self
+            .trained(samples)?
+            .predict(test, None, self.device)
+            .map_err(self.err())?;
+        let real = same_classes(train, samples, seed);
+        let mut real_features = Vec::new();
+        reference
+            .predict(&real, Some(&mut real_features), self.device)
+            .map_err(self.err())?;
+        let real_cas_hits = self
+            .trained(&real)?
+            .predict(test, None, self.device)
+            .map_err(self.err())?;
+        Ok(Scores {
+            real_n: real.len(),
+            accuracy: stats::proportion(&hits, n, seed),
+            cas: stats::proportion(&cas_hits, n, seed),
+            real_cas: stats::proportion(&real_cas_hits, n, seed),
+            frechet: stats::frechet_distance(&features, test_features, dim, n / 10, seed),
+            real_frechet: stats::frechet_distance(&real_features, test_features, dim, n / 10, seed),
+        })
+    }
+}
+
+/// Rows of `pool` with the class counts of `like`, drawn without
+/// replacement in a seeded order (fewer where a class runs out).
+fn same_classes(pool: &Rows, like: &Rows, seed: u64) -> Rows {
+    let mut wanted = std::collections::BTreeMap::<i32, usize>::new();
+    for l in &like.labels {
+        *wanted.entry(*l).or_default() += 1;
+    }
+    let per = pool.values.len() / pool.len().max(1);
+    let mut out = Rows::default();
+    for r in SplitMix64::stream(seed, "real rows like the samples").permutation(pool.len()) {
+        let Some(left) = wanted.get_mut(&pool.labels[r]).filter(|n| **n > 0) else {
+            continue;
+        };
+        *left -= 1;
+        out.ids.push(pool.ids[r]);
+        out.labels.push(pool.labels[r]);
+        out.values
+            .extend_from_slice(&pool.values[r * per..(r + 1) * per]);
+    }
+    out
+}
+
+fn emit(ctx: &StageContext, name: &str, e: Estimate) {
+    ctx.metric(name, 0, e.value);
+    ctx.metric(&format!("{name}_lo"), 0, e.lo);
+    ctx.metric(&format!("{name}_hi"), 0, e.hi);
+}
+
+fn percent(e: Estimate) -> String {
+    format!(
+        "{:.1} % [{:.1}, {:.1}]",
+        100.0 * e.value,
+        100.0 * e.lo,
+        100.0 * e.hi
+    )
+}
+
+fn distance(e: Estimate) -> String {
+    format!("{:.2} [{:.2}, {:.2}]", e.value, e.lo, e.hi)
 }
