@@ -147,35 +147,7 @@ impl StageKind for Evaluate {
 
         let mut sets = Vec::new();
         for name in ctx.job.inputs.keys().filter(|k| *k != "real") {
-            let table = LevelTable::open(&image_table_dir(ctx.input(name)?))?;
-            if table.input != real.input || (table.height, table.width) != (real.height, real.width)
-            {
-                return Err(Error::Params(format!(
-                    "inputs.{name}: its images are {}x{} {:?}, the real ones {}x{} {:?}; evaluate samples of the same data",
-                    table.height, table.width, table.input, real.height, real.width, real.input
-                ))
-                .into());
-            }
-            if table.class_names != real.class_names {
-                return Err(Error::Params(format!(
-                    "inputs.{name}: its classes {:?} are not the real table's {:?}",
-                    table.class_names, real.class_names
-                ))
-                .into());
-            }
-            let split = if table.splits.contains_key(SAMPLES_SPLIT) {
-                SAMPLES_SPLIT.to_string()
-            } else {
-                match table.splits.keys().next() {
-                    Some(s) => s.clone(),
-                    None => {
-                        return Err(
-                            Error::Params(format!("inputs.{name}: the table is empty")).into()
-                        );
-                    }
-                }
-            };
-            sets.push((name.clone(), labelled_rows(&table, &split, name)?));
+            sets.push((name.clone(), sample_set(ctx, name, &real)?));
         }
 
         let ev = Evaluation {
@@ -226,25 +198,8 @@ impl StageKind for Evaluate {
                 distance(scores.real_frechet),
                 t.elapsed().as_secs_f64()
             );
-            table.push_str(&format!(
-                "| {name} | {} | {} | {} | {} |\n| real `{}`, {} images with {name}'s classes | {} | | {} | {} |\n",
-                rows.len(),
-                percent(scores.accuracy),
-                percent(scores.cas),
-                distance(scores.frechet),
-                cfg.train_split,
-                scores.real_n,
-                scores.real_n,
-                percent(scores.real_cas),
-                distance(scores.real_frechet),
-            ));
-            let mut record = serde_json::Map::new();
-            record.insert("samples".into(), json!(rows.len()));
-            record.insert("real_images".into(), json!(scores.real_n));
-            for (metric, e) in scores.metrics() {
-                record.insert(metric.into(), json!(e));
-            }
-            results.insert(name.clone(), serde_json::Value::Object(record));
+            table.push_str(&scores.table_rows(name, rows.len(), &cfg.train_split));
+            results.insert(name.clone(), scores.record(rows.len()));
         }
         let record = json!({
             "real": {
@@ -272,6 +227,37 @@ impl StageKind for Evaluate {
     }
 }
 
+/// The labelled images of sample input `name` (its `samples` split, else
+/// its first), checked to be images of the real table's shape and classes.
+fn sample_set(ctx: &StageContext, name: &str, real: &LevelTable) -> Result<Rows, StageError> {
+    let table = LevelTable::open(&image_table_dir(ctx.input(name)?))?;
+    if table.input != real.input || (table.height, table.width) != (real.height, real.width) {
+        return Err(Error::Params(format!(
+            "inputs.{name}: its images are {}x{} {:?}, the real ones {}x{} {:?}; evaluate samples of the same data",
+            table.height, table.width, table.input, real.height, real.width, real.input
+        ))
+        .into());
+    }
+    if table.class_names != real.class_names {
+        return Err(Error::Params(format!(
+            "inputs.{name}: its classes {:?} are not the real table's {:?}",
+            table.class_names, real.class_names
+        ))
+        .into());
+    }
+    let split = if table.splits.contains_key(SAMPLES_SPLIT) {
+        SAMPLES_SPLIT.to_string()
+    } else {
+        match table.splits.keys().next() {
+            Some(s) => s.clone(),
+            None => {
+                return Err(Error::Params(format!("inputs.{name}: the table is empty")).into());
+            }
+        }
+    };
+    Ok(labelled_rows(&table, &split, name)?)
+}
+
 /// One evaluation's classifier settings and device.
 struct Evaluation<'a> {
     cfg: &'a Config,
@@ -293,6 +279,31 @@ struct Scores {
 }
 
 impl Scores {
+    /// The set's row of `evaluation.md`, and its real images' row.
+    fn table_rows(&self, name: &str, samples: usize, train_split: &str) -> String {
+        format!(
+            "| {name} | {samples} | {} | {} | {} |\n| real `{train_split}`, {} images with {name}'s classes | {} | | {} | {} |\n",
+            percent(self.accuracy),
+            percent(self.cas),
+            distance(self.frechet),
+            self.real_n,
+            self.real_n,
+            percent(self.real_cas),
+            distance(self.real_frechet),
+        )
+    }
+
+    /// The set's entry in `evaluation.json`.
+    fn record(&self, samples: usize) -> serde_json::Value {
+        let mut record = serde_json::Map::new();
+        record.insert("samples".into(), json!(samples));
+        record.insert("real_images".into(), json!(self.real_n));
+        for (metric, e) in self.metrics() {
+            record.insert(metric.into(), json!(e));
+        }
+        serde_json::Value::Object(record)
+    }
+
     fn metrics(&self) -> [(&'static str, Estimate); 5] {
         [
             ("accuracy", self.accuracy),
