@@ -234,6 +234,17 @@ fn main() {
     if let Cmd::Worker { job } = &cli.command {
         std::process::exit(worker(job));
     }
+    if !matches!(cli.command, Cmd::Run { .. }) {
+        // A reader that closes the pipe early (`registry query ... | head`)
+        // ends a read-side command quietly, as it ends `cat`, instead of a
+        // panic on the failed print. `run` keeps Rust's default (it has
+        // workers and the registry to settle).
+        // SAFETY: setting a signal's disposition to the default before any
+        // other thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -53,6 +53,38 @@ fn registry_query_speaks_three_formats() {
 }
 
 #[test]
+fn a_reader_that_closes_the_pipe_early_ends_a_query_quietly() {
+    use std::io::{BufRead, BufReader};
+    let p = Project::new(TWO);
+    assert!(p.run(&[]).status.success());
+    let mut child = p
+        .cmd(&[
+            "registry",
+            "-p",
+            "pipeline.yaml",
+            "query",
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 200000) SELECT x FROM c",
+            "--format",
+            "csv",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting haic-pipe");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("the first line");
+    assert_eq!(first, "x\n");
+    // The reader is gone (as `| head -1` goes); the command must end
+    // without a panic.
+    let out = child.wait_with_output().expect("waiting");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_ne!(out.status.code(), Some(101), "{err}");
+}
+
+#[test]
 fn a_registry_that_does_not_exist_is_named() {
     let p = Project::new(TWO);
     let out = p.haic(&["registry", "-p", "pipeline.yaml", "query", "SELECT 1"]);
