@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates the README's figures in docs/ from the tiny pipeline (cached
-# stages are reused; a fresh workspace trains everything, ~10 minutes on 2
+# stages are reused; a fresh workspace trains everything, ~14 minutes on 2
 # cores): the sample grids of the hierarchy and of the flat baseline, and
 # the bits/dim and evaluation tables of `haic-pipe report`, rendered to PNG
 # by headless Chromium (Debian: apt-get install chromium).
@@ -16,6 +16,6 @@ cp "$out/samples-ham-samples.png" docs/samples-ham.png
 cp "$out/samples-baseline-samples.png" docs/samples-baseline.png
 "${HAIC_CHROMIUM:-chromium}" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
   --disable-background-networking --disable-component-update --disable-sync \
-  --user-data-dir="$out/chromium" --hide-scrollbars --window-size=860,560 \
+  --user-data-dir="$out/chromium" --hide-scrollbars --window-size=900,780 \
   --screenshot="$PWD/docs/tables.png" "file://$out/tables.html"
 echo "docs/ regenerated from run $run (report: $out/index.html)"
