@@ -132,6 +132,17 @@ const STAGE_CASES: &[StageCase] = &[
         expect: &["stage `bad`", "pairs: must be at least 1"],
     },
     StageCase {
+        name: "a PixelCNN whose hidden channels do not split over RGB",
+        stages: "  prep:\n    kind: preprocess\n    params: {source: {format: idx, train: {images: i.gz, labels: l.gz}}, transforms: {color: rgb}}\n  bad:\n    kind: train_ar\n    inputs: {table: prep}\n    params: {steps: 5, model: {hidden: 16}}\n",
+        setup: Setup::Bare(nothing),
+        code: 2,
+        expect: &[
+            "stage `bad`",
+            "model.hidden is 16, not a multiple of the 3 pixel channels of input `table` (stage `prep`)",
+            "use 15 or 18",
+        ],
+    },
+    StageCase {
         name: "an unknown evaluate param",
         stages: "  bad:\n    kind: evaluate\n    inputs: {ham: ham_samples, real: prep}\n    params: {clasifier: {steps: 3}}\n",
         setup: Setup::Smoke,

@@ -53,6 +53,23 @@ pub trait StageKind: Send + Sync {
     fn implicit_deps(&self, _stage: &Stage) -> Vec<String> {
         Vec::new()
     }
+    /// What the stage's output will be, as far as its params and its
+    /// inputs' facts (input name -> that stage's facts) say before anything
+    /// runs: JSON the engine passes on without reading (the kinds agree on
+    /// its keys, e.g. `{"pixel_channels": 3}`); `Null` when nothing is known.
+    fn output_facts(&self, _stage: &Stage, _inputs: &BTreeMap<String, Value>) -> Value {
+        Value::Null
+    }
+    /// Checks the stage against its inputs' facts at load time, so that an
+    /// impossible configuration fails in seconds instead of after the
+    /// stages upstream trained.
+    fn check_inputs(
+        &self,
+        _stage: &Stage,
+        _inputs: &BTreeMap<String, Value>,
+    ) -> std::result::Result<(), ParamError> {
+        Ok(())
+    }
     /// Does the work, in a worker process.
     fn run(&self, ctx: &StageContext) -> std::result::Result<(), StageError>;
 }
@@ -99,6 +116,22 @@ impl KindRules for Kinds {
         self.get(&stage.kind)
             .map(|k| k.implicit_deps(stage))
             .unwrap_or_default()
+    }
+
+    fn output_facts(&self, stage: &Stage, inputs: &BTreeMap<String, Value>) -> Value {
+        self.get(&stage.kind)
+            .map_or(Value::Null, |k| k.output_facts(stage, inputs))
+    }
+
+    fn check_inputs(
+        &self,
+        stage: &Stage,
+        inputs: &BTreeMap<String, Value>,
+    ) -> std::result::Result<(), ParamError> {
+        match self.get(&stage.kind) {
+            Some(k) => k.check_inputs(stage, inputs),
+            None => Ok(()),
+        }
     }
 }
 

@@ -37,7 +37,7 @@
 mod parse;
 mod resolve;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use indexmap::IndexMap;
@@ -204,6 +204,18 @@ pub trait KindRules {
     /// Paths the stage's params name that it reads (see `StageKind::implicit_deps`).
     fn implicit_deps(&self, _stage: &Stage) -> Vec<String> {
         Vec::new()
+    }
+    /// What the stage's output will be (see `StageKind::output_facts`).
+    fn output_facts(&self, _stage: &Stage, _inputs: &BTreeMap<String, Value>) -> Value {
+        Value::Null
+    }
+    /// The stage against its inputs' facts (see `StageKind::check_inputs`).
+    fn check_inputs(
+        &self,
+        _stage: &Stage,
+        _inputs: &BTreeMap<String, Value>,
+    ) -> std::result::Result<(), ParamError> {
+        Ok(())
     }
 }
 

@@ -2,7 +2,7 @@
 //! time (references resolved, paths cleaned, the kind's check), then the
 //! executor. Every error carries the position of what it is about.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
 
 use indexmap::IndexMap;
@@ -112,6 +112,7 @@ pub fn parse(text: &str, path: &Path, kinds: &dyn KindRules) -> Result<Pipeline>
         index.insert(stage.name.clone(), stages.len());
         stages.push(stage);
     }
+    check_against_inputs(&stages, &index, kinds)?;
     let executor = match raw.executor {
         Some(e) => checked_executor(path, e)?,
         None => ExecutorSpec::default(),
@@ -123,6 +124,49 @@ pub fn parse(text: &str, path: &Path, kinds: &dyn KindRules) -> Result<Pipeline>
         index,
         executor,
     })
+}
+
+/// Each stage against what its inputs' kinds say of their outputs
+/// (`KindRules::output_facts`), in input order; an input naming no stage
+/// (the graph check's error) or a cycle gives no facts.
+fn check_against_inputs(
+    stages: &[Stage],
+    index: &HashMap<String, usize>,
+    kinds: &dyn KindRules,
+) -> Result<()> {
+    let mut memo: HashMap<usize, Value> = HashMap::new();
+    for stage in stages {
+        let inputs = input_facts(stage, stages, index, kinds, &mut memo, &mut Vec::new());
+        if let Err(ParamError { field, message }) = kinds.check_inputs(stage, &inputs) {
+            return Err(stage.error(&field, message).into());
+        }
+    }
+    Ok(())
+}
+
+/// Input name -> the facts of the stage it names.
+fn input_facts(
+    stage: &Stage,
+    stages: &[Stage],
+    index: &HashMap<String, usize>,
+    kinds: &dyn KindRules,
+    memo: &mut HashMap<usize, Value>,
+    visiting: &mut Vec<usize>,
+) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for (input, from) in &stage.inputs {
+        let Some(&i) = index.get(from) else {
+            continue;
+        };
+        if !memo.contains_key(&i) && !visiting.contains(&i) {
+            visiting.push(i);
+            let upstream = input_facts(&stages[i], stages, index, kinds, memo, visiting);
+            visiting.pop();
+            memo.insert(i, kinds.output_facts(&stages[i], &upstream));
+        }
+        out.insert(input.clone(), memo.get(&i).cloned().unwrap_or(Value::Null));
+    }
+    out
 }
 
 fn pos_in(path: &Path, loc: &Location) -> SourcePos {

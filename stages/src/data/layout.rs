@@ -25,3 +25,7 @@ pub fn image_table_dir(dir: &Path) -> PathBuf {
         dir.to_path_buf()
     }
 }
+
+/// The load-time fact (`StageKind::output_facts`) an image table's stage
+/// gives when its params fix it: the pixel channels of its images.
+pub const PIXEL_CHANNELS_FACT: &str = "pixel_channels";

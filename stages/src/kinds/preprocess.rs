@@ -35,8 +35,9 @@ use crate::data::cifar::{CIFAR10_CLASSES, CifarReader, Variant};
 use crate::data::folder::FolderReader;
 use crate::data::hub_parquet::HubParquetReader;
 use crate::data::idx::IdxReader;
+use crate::data::layout::PIXEL_CHANNELS_FACT;
 use crate::data::table::{ShardWriter, TABLE_FORMAT, TableIndex, TableMeta};
-use crate::data::transform::Transforms;
+use crate::data::transform::{Color, Transforms};
 use crate::data::{Sample, SampleSource};
 use crate::error::Error;
 use crate::rng::SplitMix64;
@@ -191,6 +192,25 @@ impl StageKind for Preprocess {
         parse_config(&stage.params)
             .map(|c| c.source.paths().into_iter().map(str::to_string).collect())
             .unwrap_or_default()
+    }
+
+    /// The images' channels where the params fix them: a `color`
+    /// transform, else IDX (grey) or CIFAR (RGB); a folder or Parquet
+    /// source keeps whatever its files hold.
+    fn output_facts(
+        &self,
+        stage: &Stage,
+        _inputs: &std::collections::BTreeMap<String, Value>,
+    ) -> Value {
+        let Ok(cfg) = parse_config(&stage.params) else {
+            return Value::Null;
+        };
+        let channels = match (cfg.transforms.color, &cfg.source) {
+            (Some(Color::Gray), _) | (None, Source::Idx { .. }) => 1,
+            (Some(Color::Rgb), _) | (None, Source::Cifar10 { .. } | Source::Cifar100 { .. }) => 3,
+            (None, _) => return Value::Null,
+        };
+        serde_json::json!({ PIXEL_CHANNELS_FACT: channels })
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {

@@ -49,6 +49,7 @@ use serde_json::json;
 
 use crate::checkpoint;
 use crate::data::grid::write_grid;
+use crate::data::layout::PIXEL_CHANNELS_FACT;
 use crate::data::level_table::InputKind;
 use crate::data::level_table::{BatchStream, Cursor, LevelTable, Rows, check_aligned};
 use crate::device::device;
@@ -182,6 +183,42 @@ impl StageKind for TrainAr {
             return Err(ParamError::new(
                 "inputs",
                 format!("train_ar has no input `{other}`; its inputs are `table` and `condition`"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The PixelCNN splits its hidden channels into one group per pixel
+    /// channel: refused at load time when the table's images are known to
+    /// have channels that do not divide `model.hidden`.
+    fn check_inputs(
+        &self,
+        stage: &Stage,
+        inputs: &std::collections::BTreeMap<String, serde_json::Value>,
+    ) -> Result<(), ParamError> {
+        let cfg = parse_config(&stage.params)?;
+        let Some(c) = inputs
+            .get("table")
+            .and_then(|f| f.get(PIXEL_CHANNELS_FACT))
+            .and_then(serde_json::Value::as_u64)
+            .map(|c| c as usize)
+        else {
+            return Ok(());
+        };
+        let h = cfg.model.hidden;
+        if c > 1 && !h.is_multiple_of(c) {
+            let from = stage.inputs.get("table").map_or("", String::as_str);
+            let below = h / c * c;
+            let fix = if below == 0 {
+                format!("{c}")
+            } else {
+                format!("{below} or {}", below + c)
+            };
+            return Err(ParamError::new(
+                "params.model",
+                format!(
+                    "model.hidden is {h}, not a multiple of the {c} pixel channels of input `table` (stage `{from}`): the PixelCNN gives each channel an equal group of hidden channels; use {fix}"
+                ),
             ));
         }
         Ok(())
