@@ -1,5 +1,6 @@
 //! Every ```yaml snippet in the README and in the module docs of the engine
-//! and the stage kinds loads: the docs show what the loader accepts.
+//! and the stage kinds loads, and so does every pipeline under
+//! `pipelines/`: the docs and presets show what the loader accepts.
 //!
 //! A snippet is one of three shapes, each loaded in the context a reader
 //! would put it in:
@@ -164,6 +165,25 @@ fn every_yaml_snippet_in_a_module_doc_loads() {
         checked >= 9,
         "only {checked} YAML snippets found in module docs"
     );
+}
+
+#[test]
+fn every_shipped_pipeline_loads() {
+    let kinds = stages::all();
+    let mut seen = 0;
+    for entry in std::fs::read_dir(repo().join("pipelines")).expect("pipelines/") {
+        let path = entry.expect("an entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let loaded = pipeline::spec::load(&path, &kinds)
+            .and_then(|p| pipeline::graph::build(&p).map(|_| ()));
+        if let Err(e) = loaded {
+            panic!("{}: {e}", path.display());
+        }
+        seen += 1;
+    }
+    assert!(seen >= 4, "only {seen} pipelines under pipelines/");
 }
 
 #[test]
