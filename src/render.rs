@@ -307,7 +307,14 @@ pub fn table(r: &QueryResult, format: Format) {
                         .collect()
                 })
                 .collect();
-            let mut widths: Vec<usize> = r.columns.iter().map(|c| c.len()).collect();
+            // Columns are cut at 60 characters like cells: a name SQLite
+            // made from a long expression must not become a width that
+            // `format!` refuses (over 65,535 panics).
+            let mut widths: Vec<usize> = r
+                .columns
+                .iter()
+                .map(|c| c.chars().count().min(60))
+                .collect();
             for row in &texts {
                 for (w, c) in widths.iter_mut().zip(row) {
                     *w = (*w).max(c.chars().count().min(60));

@@ -85,6 +85,24 @@ fn a_reader_that_closes_the_pipe_early_ends_a_query_quietly() {
 }
 
 #[test]
+fn a_column_name_of_70000_characters_is_cut_in_a_table() {
+    let p = Project::new(TWO);
+    assert!(p.run(&[]).status.success());
+    let name = "a".repeat(70_000);
+    let out = p.haic(&[
+        "registry",
+        "-p",
+        "pipeline.yaml",
+        "query",
+        &format!("SELECT 1 AS \"{name}\""),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let header = text.lines().next().unwrap_or("");
+    assert_eq!(header, "a".repeat(60), "the header is cut at 60 characters");
+}
+
+#[test]
 fn a_registry_that_does_not_exist_is_named() {
     let p = Project::new(TWO);
     let out = p.haic(&["registry", "-p", "pipeline.yaml", "query", "SELECT 1"]);
