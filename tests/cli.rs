@@ -103,6 +103,32 @@ fn a_column_name_of_70000_characters_is_cut_in_a_table() {
 }
 
 #[test]
+fn reads_the_textual_filter_used_to_refuse_are_answered() {
+    let p = Project::new(TWO);
+    assert!(p.run(&[]).status.success());
+    for (sql, expect) in [
+        ("values(1)", "1"),
+        ("select(7)", "7"),
+        ("\n-- the runs\nSELECT 3 AS x", "3"),
+        ("/* ; */ SELECT 'a;b' AS x", "a;b"),
+        ("SELECT 5 AS attachment", "5"),
+    ] {
+        let out = p.haic(&[
+            "registry",
+            "-p",
+            "pipeline.yaml",
+            "query",
+            sql,
+            "--format",
+            "csv",
+        ]);
+        assert!(out.status.success(), "{sql}: {}", stderr(&out));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.lines().nth(1), Some(expect), "{sql}: {text}");
+    }
+}
+
+#[test]
 fn a_registry_that_does_not_exist_is_named() {
     let p = Project::new(TWO);
     let out = p.haic(&["registry", "-p", "pipeline.yaml", "query", "SELECT 1"]);

@@ -70,21 +70,30 @@ const READ_ONLY_STARTS: [&str; 4] = ["select", "with", "explain", "values"];
 /// "readonly database".
 pub async fn query_read_only(path: &Path, sql: &str) -> Result<QueryResult> {
     let trimmed = sql.trim().trim_end_matches(';').trim();
-    let lower = trimmed.to_ascii_lowercase();
-    let first = lower.split_whitespace().next().unwrap_or("");
+    // Checked on the statement's code alone: comments, string literals and
+    // quoted names blanked, so that `-- note` before a SELECT, a `;` inside
+    // a string or a column named `attachment` are no reason to refuse.
+    let code = code_only(trimmed).to_ascii_lowercase();
+    let first = code
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .find(|w| !w.is_empty())
+        .unwrap_or("");
     if !READ_ONLY_STARTS.contains(&first) {
         return Err(Error::QueryRefused(format!(
             "`{}` would change the registry or is not a query; only SELECT, WITH, EXPLAIN and VALUES are allowed",
             trimmed.chars().take(60).collect::<String>()
         )));
     }
-    if trimmed.contains(';') {
+    if code.contains(';') {
         return Err(Error::QueryRefused(
             "one statement at a time: remove the `;` inside the query".into(),
         ));
     }
+    let words: Vec<&str> = code
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .collect();
     for word in ["attach", "load_extension", "writefile", "readfile"] {
-        if lower.contains(word) {
+        if words.contains(&word) {
             return Err(Error::QueryRefused(format!(
                 "`{word}` is not allowed in registry queries"
             )));
@@ -111,4 +120,53 @@ pub async fn query_read_only(path: &Path, sql: &str) -> Result<QueryResult> {
             other => db_err(path)(other),
         })?;
     Ok(QueryResult::from_rows(&rows))
+}
+
+/// `sql` with its comments, string literals and quoted identifiers
+/// replaced by spaces (same length in characters), for the checks above;
+/// an unclosed quote or comment blanks the rest (SQLite then reports it).
+fn code_only(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        let close = match c {
+            '\'' => Some("'"),
+            '"' => Some("\""),
+            '`' => Some("`"),
+            '[' => Some("]"),
+            '-' if chars.peek() == Some(&'-') => Some("\n"),
+            '/' if chars.peek() == Some(&'*') => Some("*/"),
+            _ => None,
+        };
+        let Some(close) = close else {
+            out.push(c);
+            continue;
+        };
+        out.push(' ');
+        let mut tail = String::new();
+        for d in chars.by_ref() {
+            out.push(' ');
+            tail.push(d);
+            // A doubled quote inside a literal closes and reopens: blanking
+            // both halves gives the same spaces.
+            if tail.ends_with(close) && !(close == "*/" && tail.len() < 3) {
+                break;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::code_only;
+
+    #[test]
+    fn comments_literals_and_quoted_names_are_blanked() {
+        let sql = "-- note; attach\nSELECT 'a;b' AS \"x;y\", [attach] /* ; */ FROM t";
+        let code = code_only(sql);
+        assert_eq!(code.chars().count(), sql.chars().count());
+        assert!(!code.contains(';') && !code.contains("attach"), "{code}");
+        assert!(code.contains("SELECT") && code.contains("FROM t"), "{code}");
+    }
 }
