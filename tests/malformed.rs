@@ -209,6 +209,24 @@ const CASES: &[Case] = &[
         yaml: "executor: {kind: pbs}\nstages:\n  a:\n    kind: command\n    cmd: x\n",
         expect: &["pipeline.yaml:1:", "pbs"],
     },
+    Case {
+        name: "an out inside another stage's out",
+        yaml: "stages:\n  a: {kind: command, cmd: mkdir -p d, outs: [d]}\n  b:\n    kind: command\n    cmd: echo x > d/x.txt\n    outs: [d/x.txt]\n",
+        expect: &[
+            "pipeline.yaml:6:12",
+            "stage `b`",
+            "out `d/x.txt` lies inside stage `a`'s out `d`",
+        ],
+    },
+    Case {
+        name: "a dep inside the stage's own out",
+        yaml: "stages:\n  a:\n    kind: command\n    cmd: mkdir -p d\n    deps: [d/x]\n    outs: [d]\n",
+        expect: &[
+            "pipeline.yaml:5:12",
+            "stage `a`",
+            "dep `d/x` lies inside the stage's own out `d`",
+        ],
+    },
 ];
 
 #[test]

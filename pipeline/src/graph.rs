@@ -25,6 +25,45 @@ fn path_overlaps(a: &str, b: &str) -> bool {
         || (b.len() > a.len() && b.starts_with(a) && b.as_bytes()[a.len()] == b'/')
 }
 
+/// The folders above a relative path, nearest first (`a/b/c` -> `a/b`, `a`).
+fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+    path.char_indices()
+        .filter(|(_, c)| *c == '/')
+        .map(|(i, _)| &path[..i])
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+}
+
+/// Refuses an out that lies inside another stage's out (`d` and `d/x.txt`):
+/// both stages would write the file, each run flipping it. One look-up
+/// per folder above each out, so a 10,000-stage chain stays linear.
+fn refuse_nested_outs(p: &Pipeline, out_owner: &HashMap<&str, usize>) -> Result<()> {
+    for s in &p.stages {
+        for o in &s.outs {
+            for a in ancestors(o) {
+                if let Some(&j) = out_owner.get(a) {
+                    let owner = &p.stages[j];
+                    let whose = if owner.name == s.name {
+                        "another out of this stage".to_string()
+                    } else {
+                        format!("stage `{}`'s out", owner.name)
+                    };
+                    let mut e = s.error(
+                        &format!("outs.{o}"),
+                        format!("out `{o}` lies inside {whose} `{a}`"),
+                    );
+                    e.hint = Some(
+                        "outs may not contain one another: write to separate paths, or list only the folder".into(),
+                    );
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Builds the graph and checks it: every input names a stage, no cycles.
 pub fn build(p: &Pipeline) -> Result<Graph> {
     let n = p.stages.len();
@@ -38,6 +77,7 @@ pub fn build(p: &Pipeline) -> Result<Graph> {
         }
     }
     let nested_outs = p.stages.iter().any(|s| !s.outs.is_empty());
+    refuse_nested_outs(p, &out_owner)?;
 
     for (i, s) in p.stages.iter().enumerate() {
         for (input, from) in &s.inputs {
@@ -64,6 +104,14 @@ pub fn build(p: &Pipeline) -> Result<Graph> {
             }
         }
         for d in &s.deps {
+            if let Some(o) = ancestors(d).find(|a| s.outs.iter().any(|o| o == a)) {
+                return Err(s
+                    .error(
+                        &format!("deps.{d}"),
+                        format!("dep `{d}` lies inside the stage's own out `{o}`"),
+                    )
+                    .into());
+            }
             if let Some(&j) = out_owner.get(d.as_str()) {
                 if j == i {
                     return Err(s
