@@ -385,7 +385,7 @@ pub fn render_report(outcomes: &[Outcome]) -> String {
             "{} vs {} (package {}, {} tasks): {} raters, {} of them excluded for choosing the broken image in a catch trial ({} catch answers); {} pair answers kept\n",
             p.set_a,
             p.set_b,
-            &p.digest[..12],
+            short_digest(&p.digest),
             p.tasks,
             o.raters,
             o.excluded_raters,
@@ -421,4 +421,26 @@ pub fn registry_above(package: &Path) -> Option<PathBuf> {
     abs.ancestors()
         .map(|d| d.join("registry.db"))
         .find(|p| p.is_file())
+}
+
+/// The first 12 characters of a package digest, or all of a shorter one
+/// (a digest comes from a file or the registry: never sliced unchecked).
+fn short_digest(digest: &str) -> &str {
+    match digest.char_indices().nth(12) {
+        Some((end, _)) => &digest[..end],
+        None => digest,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_digest;
+
+    #[test]
+    fn a_short_or_odd_digest_is_shown_whole_not_sliced() {
+        assert_eq!(short_digest(&"ab".repeat(32)), "abababababab");
+        assert_eq!(short_digest("abc"), "abc");
+        assert_eq!(short_digest(""), "");
+        assert_eq!(short_digest("ééééééééééééé"), "éééééééééééé");
+    }
 }
