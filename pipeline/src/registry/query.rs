@@ -1,12 +1,10 @@
 //! Read-only access to the registry: `haic-pipe registry query`.
 
 use std::path::Path;
-use std::str::FromStr;
-use std::time::Duration;
 
 use serde_json::Value;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteRow};
-use sqlx::{AssertSqlSafe, Column, ConnectOptions, Row, TypeInfo, ValueRef};
+use sqlx::sqlite::SqliteRow;
+use sqlx::{AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
 
 use super::db_err;
 use crate::error::{Error, Result};
@@ -99,19 +97,7 @@ pub async fn query_read_only(path: &Path, sql: &str) -> Result<QueryResult> {
             )));
         }
     }
-    if !path.exists() {
-        return Err(Error::Registry {
-            path: path.to_path_buf(),
-            message: "no registry here yet; run a pipeline first, or pass --workspace".into(),
-        });
-    }
-    let opts = SqliteConnectOptions::from_str("sqlite://")
-        .map_err(db_err(path))?
-        .filename(path)
-        .read_only(true)
-        .busy_timeout(Duration::from_secs(10))
-        .disable_statement_logging();
-    let mut conn = opts.connect().await.map_err(db_err(path))?;
+    let mut conn = super::views::connect_read_only(path).await?;
     let rows = sqlx::query(AssertSqlSafe(trimmed.to_string()))
         .fetch_all(&mut conn)
         .await

@@ -43,25 +43,30 @@ pub struct RunStage {
     pub artifact: Option<PathBuf>,
 }
 
+/// A read-only connection to the registry at `path` (SQLite refuses any
+/// write on it); an error that says so when there is no registry yet.
+pub(super) async fn connect_read_only(path: &Path) -> Result<SqliteConnection> {
+    if !path.exists() {
+        return Err(Error::Registry {
+            path: path.to_path_buf(),
+            message: "no registry here yet; run a pipeline first, or pass --workspace".into(),
+        });
+    }
+    let opts = SqliteConnectOptions::from_str("sqlite://")
+        .map_err(db_err(path))?
+        .filename(path)
+        .read_only(true)
+        .busy_timeout(Duration::from_secs(10))
+        .disable_statement_logging();
+    opts.connect().await.map_err(db_err(path))
+}
+
 impl Reader {
     /// Opens the registry at `path` read-only; an error when there is none.
     pub async fn open(path: &Path) -> Result<Reader> {
-        if !path.exists() {
-            return Err(Error::Registry {
-                path: path.to_path_buf(),
-                message: "no registry here yet; run a pipeline first, or pass --workspace".into(),
-            });
-        }
-        let opts = SqliteConnectOptions::from_str("sqlite://")
-            .map_err(db_err(path))?
-            .filename(path)
-            .read_only(true)
-            .busy_timeout(Duration::from_secs(10))
-            .disable_statement_logging();
-        let conn = opts.connect().await.map_err(db_err(path))?;
         Ok(Reader {
             path: path.to_path_buf(),
-            conn,
+            conn: connect_read_only(path).await?,
         })
     }
 
