@@ -181,9 +181,17 @@ impl StageKind for Evaluate {
             percent(real_acc),
             test = cfg.test_split,
         );
+        let mut real_by_classes = RealByClasses::new();
         for (i, (name, rows)) in sets.iter().enumerate() {
             let t = Instant::now();
-            let scores = ev.score(&reference, rows, &train_rows, &test_rows, &test_features)?;
+            let scores = ev.score(
+                &reference,
+                rows,
+                &train_rows,
+                &test_rows,
+                &test_features,
+                &mut real_by_classes,
+            )?;
             for (metric, e) in scores.metrics() {
                 emit(ctx, &format!("eval.{name}.{metric}"), e);
             }
@@ -340,6 +348,7 @@ impl Evaluation<'_> {
         train: &Rows,
         test: &Rows,
         test_features: &[f32],
+        real_by_classes: &mut RealByClasses,
     ) -> Result<Scores, Error> {
         let (dim, seed, n) = (
             self.cfg.classifier.features.max(1),
@@ -354,7 +363,43 @@ impl Evaluation<'_> {
             .trained(samples)?
             .predict(test, None, self.device)
             .map_err(self.err())?;
-        let real = same_classes(train, samples, seed);
+        // The real images' side depends on the set's class counts alone:
+        // sets drawn alike (100 per class each) share one computation.
+        let counts = class_counts(samples);
+        let real = match real_by_classes.get(&counts) {
+            Some(r) => *r,
+            None => {
+                let r = self.real_side(reference, samples, train, test, test_features)?;
+                real_by_classes.insert(counts, r);
+                r
+            }
+        };
+        Ok(Scores {
+            real_n: real.n,
+            accuracy: stats::proportion(&hits, n, seed),
+            cas: stats::proportion(&cas_hits, n, seed),
+            real_cas: real.cas,
+            frechet: stats::frechet_distance(&features, test_features, dim, n / 10, seed),
+            real_frechet: real.frechet,
+        })
+    }
+
+    /// CAS and Fréchet distance of as many real training images as
+    /// `like` has, with its class counts.
+    fn real_side(
+        &self,
+        reference: &Classifier,
+        like: &Rows,
+        train: &Rows,
+        test: &Rows,
+        test_features: &[f32],
+    ) -> Result<RealScores, Error> {
+        let (dim, seed, n) = (
+            self.cfg.classifier.features.max(1),
+            self.cfg.seed,
+            self.cfg.resamples,
+        );
+        let real = same_classes(train, like, seed);
         let mut real_features = Vec::new();
         reference
             .predict(&real, Some(&mut real_features), self.device)
@@ -363,24 +408,38 @@ impl Evaluation<'_> {
             .trained(&real)?
             .predict(test, None, self.device)
             .map_err(self.err())?;
-        Ok(Scores {
-            real_n: real.len(),
-            accuracy: stats::proportion(&hits, n, seed),
-            cas: stats::proportion(&cas_hits, n, seed),
-            real_cas: stats::proportion(&real_cas_hits, n, seed),
-            frechet: stats::frechet_distance(&features, test_features, dim, n / 10, seed),
-            real_frechet: stats::frechet_distance(&real_features, test_features, dim, n / 10, seed),
+        Ok(RealScores {
+            n: real.len(),
+            cas: stats::proportion(&real_cas_hits, n, seed),
+            frechet: stats::frechet_distance(&real_features, test_features, dim, n / 10, seed),
         })
     }
+}
+
+/// The real images' scores for a sample set's class counts.
+#[derive(Clone, Copy)]
+struct RealScores {
+    n: usize,
+    cas: Estimate,
+    frechet: Estimate,
+}
+
+/// Class -> rows, the key under which real-image scores are reused.
+type ClassCounts = std::collections::BTreeMap<i32, usize>;
+type RealByClasses = std::collections::BTreeMap<ClassCounts, RealScores>;
+
+fn class_counts(rows: &Rows) -> ClassCounts {
+    let mut counts = ClassCounts::new();
+    for l in &rows.labels {
+        *counts.entry(*l).or_default() += 1;
+    }
+    counts
 }
 
 /// Rows of `pool` with the class counts of `like`, drawn without
 /// replacement in a seeded order (fewer where a class runs out).
 fn same_classes(pool: &Rows, like: &Rows, seed: u64) -> Rows {
-    let mut wanted = std::collections::BTreeMap::<i32, usize>::new();
-    for l in &like.labels {
-        *wanted.entry(*l).or_default() += 1;
-    }
+    let mut wanted = class_counts(like);
     let per = pool.values.len() / pool.len().max(1);
     let mut out = Rows::default();
     for r in SplitMix64::stream(seed, "real rows like the samples").permutation(pool.len()) {
