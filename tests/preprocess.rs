@@ -72,20 +72,21 @@ fn the_shipped_fashion_mnist_subset_becomes_an_image_table() {
     };
     assert_eq!(sum(&train) + sum(&val), 573_133_949);
     assert_eq!(sum(&test), 114_072_606);
-    assert_eq!(test[0].label, 9);
-    assert_eq!(test[0].source_id, "t10k-images-idx3-ubyte.gz#0");
+    // Rows are in a seeded random order: find the source's first test image.
+    let first = test
+        .iter()
+        .find(|r| r.source_id == "t10k-images-idx3-ubyte.gz#0")
+        .unwrap();
+    assert_eq!(first.label, 9);
     assert_eq!(
-        test[0].pixels[..2 * 32 + 2]
+        first.pixels[..2 * 32 + 2]
             .iter()
             .map(|&v| v as u32)
             .sum::<u32>(),
         0,
         "padding is zero"
     );
-    assert_eq!(
-        test[0].pixels.iter().map(|&v| v as u64).sum::<u64>(),
-        33_456
-    );
+    assert_eq!(first.pixels.iter().map(|&v| v as u64).sum::<u64>(), 33_456);
     assert!(
         train
             .iter()
@@ -144,7 +145,7 @@ fn cifar_pixels(seed: u8) -> Vec<u8> {
 #[test]
 fn cifar_batches_are_read_channel_planar_and_written_hwc() {
     let p = Project::new(
-        "stages:\n  prep:\n    kind: preprocess\n    params:\n      source: {format: cifar10, train: [data_batch_1.bin, data_batch_2.bin], test: [test_batch.bin]}\n",
+        "stages:\n  prep:\n    kind: preprocess\n    params:\n      source: {format: cifar10, train: [data_batch_1.bin, data_batch_2.bin], test: [test_batch.bin]}\n      shuffle: false\n",
     );
     let samples: Vec<(Vec<u8>, u8)> = (0..5).map(|i| (cifar_pixels(i), i * 2)).collect();
     std::fs::write(
@@ -195,7 +196,7 @@ fn png(w: u32, h: u32, seed: u8) -> Vec<u8> {
 #[test]
 fn an_image_folder_gets_its_classes_from_folder_names() {
     let p = Project::new(
-        "stages:\n  prep:\n    kind: preprocess\n    params:\n      source: {format: image_folder, train: imgs}\n      transforms: {color: rgb, resize: 4, crop: 4}\n",
+        "stages:\n  prep:\n    kind: preprocess\n    params:\n      source: {format: image_folder, train: imgs}\n      transforms: {color: rgb, resize: 4, crop: 4}\n      shuffle: false\n",
     );
     for (class, n) in [("zebra", 2), ("aardvark", 3)] {
         for i in 0..n {
@@ -221,12 +222,86 @@ fn an_image_folder_gets_its_classes_from_folder_names() {
     assert_eq!(p.statuses(2), common::pairs(&[("prep", "succeeded")]));
 }
 
+/// A class-sorted folder (as ImageFolder reads: class by class) gives
+/// shards, training batches and validation rows of every class; with
+/// `shuffle: false` the first shard holds one class.
+#[test]
+fn a_class_sorted_folder_gives_batches_of_every_class() {
+    use stages::data::level_table::{BatchStream, Cursor, LevelTable};
+    let pipeline = |shuffle: &str| {
+        format!(
+            "stages:\n  prep:\n    kind: preprocess\n    params:\n      source: {{format: image_folder, train: imgs}}\n      transforms: {{color: gray, resize: 4, crop: 4}}\n      validation: {{fraction: 0.25, seed: 0}}\n      shard_rows: 40\n{shuffle}"
+        )
+    };
+    let make = |shuffle: &str| {
+        let p = Project::new(&pipeline(shuffle));
+        for class in 0..8 {
+            for i in 0..40 {
+                let rel = format!("imgs/c{class}/{i:02}.png");
+                p.write(&rel, "");
+                std::fs::write(p.path(&rel), png(4, 4, (class * 8 + i) as u8)).unwrap();
+            }
+        }
+        let out = p.run(&[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        p
+    };
+    let classes = |labels: &[i32]| {
+        labels
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    };
+
+    let shuffled = make("");
+    let table = LevelTable::open(&table_dir(&shuffled)).unwrap();
+    assert_eq!(table.splits["train"].rows, 240);
+    assert_eq!(table.splits["train"].files.len(), 6);
+    let first_shard = table.read_shard(&table.splits["train"].files[0]).unwrap();
+    assert!(
+        classes(&first_shard.labels) >= 6,
+        "{:?}",
+        first_shard.labels
+    );
+    let mut stream = BatchStream::new(&table, "train", 0, Cursor::default()).unwrap();
+    for _ in 0..5 {
+        let batch = stream.next_batch(16).unwrap();
+        assert!(
+            classes(&batch.labels) >= 5,
+            "a batch of 16: {:?}",
+            batch.labels
+        );
+    }
+    // Validation rows: 16 of `val`, two of each class.
+    let (val, positions) = table.read_stratified("val", 16).unwrap();
+    let mut per_class = [0; 8];
+    for l in &val.labels {
+        per_class[*l as usize] += 1;
+    }
+    assert_eq!(per_class, [2; 8]);
+    assert_eq!(
+        table.read_positions("val", &positions).unwrap().ids,
+        val.ids
+    );
+
+    let sorted = make("      shuffle: false\n");
+    let table = LevelTable::open(&table_dir(&sorted)).unwrap();
+    let first_shard = table.read_shard(&table.splits["train"].files[0]).unwrap();
+    assert!(
+        classes(&first_shard.labels) <= 2,
+        "{:?}",
+        first_shard.labels
+    );
+    let (val, _) = table.read_stratified("val", 16).unwrap();
+    assert_eq!(classes(&val.labels), 8, "stratified even when sorted");
+}
+
 #[test]
 fn a_hub_parquet_file_with_an_image_struct_column_is_decoded() {
     use arrow_array::{BinaryArray, Int64Array, RecordBatch, StringArray, StructArray};
     use arrow_schema::{DataType, Field, Schema};
     let p = Project::new(
-        "stages:\n  prep:\n    kind: preprocess\n    params:\n      source: {format: parquet, train: [hub.parquet]}\n      class_names: [a, b, c]\n",
+        "stages:\n  prep:\n    kind: preprocess\n    params:\n      source: {format: parquet, train: [hub.parquet]}\n      class_names: [a, b, c]\n      shuffle: false\n",
     );
     let pngs: Vec<Vec<u8>> = (0..4).map(|i| png(5, 5, i * 30)).collect();
     let fields = vec![

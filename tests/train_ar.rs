@@ -102,13 +102,13 @@ fn the_smoke_pipeline_trains_the_hierarchy_and_the_bound_adds_its_terms() {
 
     // The saved model gives the measured likelihood on the same rows.
     let model = ArModel::load(&d1, &candle_core::Device::Cpu).unwrap();
-    let rows = LevelTable::open(&p.artifact_data("stage", "prep"))
+    let (rows, positions) = LevelTable::open(&p.artifact_data("stage", "prep"))
         .unwrap()
-        .read_split("val", Some(20))
+        .read_stratified("val", 20)
         .unwrap();
     let codes = LevelTable::open(&p.artifact_data("stage", "codes1"))
         .unwrap()
-        .read_split("val", Some(20))
+        .read_positions("val", &positions)
         .unwrap();
     let nats: f64 = model
         .nll_per_row(&model.batch(&rows, Some(&codes)).unwrap())

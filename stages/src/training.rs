@@ -206,14 +206,19 @@ pub fn train(
     Ok(last)
 }
 
-/// The first `limit` rows of the validation split; an empty or missing
-/// split is an error that says how to make one.
-pub fn validation_rows_of(table: &LevelTable, split: &str, limit: usize) -> Result<Rows, Error> {
+/// Up to `limit` rows of the validation split, spread over the classes
+/// ([`LevelTable::read_stratified`]), and their positions in the split;
+/// an empty or missing split is an error that says how to make one.
+pub fn validation_rows_of(
+    table: &LevelTable,
+    split: &str,
+    limit: usize,
+) -> Result<(Rows, Vec<u64>), Error> {
     if table.splits.get(split).is_none_or(|s| s.rows == 0) {
         return Err(Error::Params(format!(
             "params.validation_split: the input table has no rows in split `{split}`; give preprocess a `validation: {{fraction: 0.1}}` or set `validation_split` to one of: {}",
             table.splits.keys().cloned().collect::<Vec<_>>().join(", ")
         )));
     }
-    table.read_split(split, Some(limit))
+    table.read_stratified(split, limit)
 }

@@ -305,6 +305,91 @@ impl LevelTable {
     }
 }
 
+impl LevelTable {
+    /// Up to `limit` rows of a split, as evenly spread over the classes as
+    /// they allow (`limit / classes` each, the remainder to the first
+    /// classes; a class short of its share leaves its place to the next
+    /// rows of any class), in table order, with their positions in the
+    /// split. The first `limit` rows of a class-sorted table would hold
+    /// its first classes only. Reads one shard at a time; a table without
+    /// class names gives its first `limit` rows.
+    pub fn read_stratified(&self, split: &str, limit: usize) -> Result<(Rows, Vec<u64>)> {
+        let k = self.class_names.len();
+        let mut quota: Vec<usize> = (0..k)
+            .map(|c| limit / k + usize::from(c < limit % k))
+            .collect();
+        let files = &self.split(split)?.files;
+        let mut picked: Vec<bool> = Vec::new();
+        let mut taken = 0usize;
+        for f in files {
+            if taken >= limit {
+                break;
+            }
+            self.for_each_batch(f, 8192, |b| {
+                for &l in &b.labels {
+                    let slot = usize::try_from(l).ok().and_then(|c| quota.get_mut(c));
+                    let take = match slot {
+                        Some(q) if *q > 0 && taken < limit => {
+                            *q -= 1;
+                            true
+                        }
+                        _ => k == 0 && taken < limit,
+                    };
+                    taken += usize::from(take);
+                    picked.push(take);
+                }
+                Ok(())
+            })?;
+        }
+        // Classes short of their share: the next unpicked rows in order.
+        for p in picked.iter_mut().filter(|p| !**p) {
+            if taken >= limit {
+                break;
+            }
+            *p = true;
+            taken += 1;
+        }
+        let positions: Vec<u64> = (0..picked.len() as u64)
+            .filter(|&i| picked[i as usize])
+            .collect();
+        Ok((self.read_positions(split, &positions)?, positions))
+    }
+
+    /// The rows at `positions` (ascending) of a split, in that order.
+    /// Reads only the shards they lie in.
+    pub fn read_positions(&self, split: &str, positions: &[u64]) -> Result<Rows> {
+        let per = self.values_per_row;
+        let mut out = Rows::default();
+        let mut wanted = positions.iter().copied().peekable();
+        let mut first = 0u64;
+        for (file, n) in self.split(split)?.files.iter().zip(self.shard_rows(split)?) {
+            let last = first + n;
+            if wanted.peek().is_some_and(|&p| p < last) {
+                let rows = self.read_shard(file)?;
+                while let Some(p) = wanted.next_if(|&p| p < last) {
+                    let r = (p - first) as usize;
+                    if r >= rows.len() {
+                        return Err(Error::data(
+                            self.dir.join(file),
+                            None,
+                            format!("holds {} rows, its footer says {n}", rows.len()),
+                        ));
+                    }
+                    out.push_row(&rows, r, per);
+                }
+            }
+            first = last;
+        }
+        if let Some(p) = wanted.next() {
+            return Err(Error::Params(format!(
+                "table {} has {first} rows in split `{split}`, not row {p}",
+                self.dir.display()
+            )));
+        }
+        Ok(out)
+    }
+}
+
 /// Checks that `condition` holds, row for row, the same images as `target`
 /// (the same ids in the same order), as a code table that `encode` wrote
 /// from the target table (or from a table encoded from it) does.

@@ -15,13 +15,19 @@
 //!     per_class_cap: 500            # at most this many rows per class and split
 //!     subset: 2000                  # at most this many rows per split
 //!     class_names: [...]            # default: from the source
+//!     shuffle: true                 # rows in a seeded random order (default); false: source order
+//!     seed: 0                       # of that order
 //! ```
 //!
 //! Source paths are relative to the pipeline's root and are deps of the stage
-//! (their contents are in the stage key). Rows are read, transformed and
-//! written one at a time into shards, so memory holds one shard, not the data
-//! set. Order is deterministic: source order, the validation split chosen by
-//! a seeded shuffle.
+//! (their contents are in the stage key). Rows are read and transformed one
+//! at a time, so memory holds one shard, not the data set. Order is
+//! deterministic: each split's rows are written in a seeded random order
+//! over the whole split ([`Spill`]: through spill files, one per shard), so
+//! that a class-sorted source (an ImageFolder) still gives shards, batches
+//! and validation rows of every class; `subset` and `per_class_cap` keep
+//! the first rows of that order, a random subset. `shuffle: false` keeps
+//! the source order. The validation split is chosen by a seeded shuffle.
 
 use std::path::{Path, PathBuf};
 
@@ -36,6 +42,7 @@ use crate::data::folder::FolderReader;
 use crate::data::hub_parquet::HubParquetReader;
 use crate::data::idx::IdxReader;
 use crate::data::layout::PIXEL_CHANNELS_FACT;
+use crate::data::shuffle::Spill;
 use crate::data::table::{ShardWriter, TABLE_FORMAT, TableIndex, TableMeta};
 use crate::data::transform::{Color, Transforms};
 use crate::data::{Sample, SampleSource};
@@ -106,6 +113,14 @@ pub struct Config {
     pub class_names: Option<Vec<String>>,
     #[serde(default = "shard_rows")]
     pub shard_rows: usize,
+    #[serde(default = "shuffle")]
+    pub shuffle: bool,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn shuffle() -> bool {
+    true
 }
 
 fn shard_rows() -> usize {
@@ -155,7 +170,7 @@ impl StageKind for Preprocess {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn check(&self, stage: &Stage) -> Result<(), ParamError> {
@@ -233,17 +248,48 @@ impl StageKind for Preprocess {
             .validation
             .as_ref()
             .map(|v| validation_mask(train.len_hint(), v.fraction, v.seed));
+        let mut spill = match cfg.shuffle {
+            true => {
+                let mut spill = Spill::new(
+                    &ctx.out_dir().join(".row-shuffle"),
+                    cfg.shard_rows,
+                    cfg.seed,
+                )?;
+                let val = val_mask
+                    .as_ref()
+                    .map_or(0, |m| m.iter().filter(|v| **v).count() as u64);
+                spill.expect("train", train.len_hint() - val);
+                if val_mask.is_some() {
+                    spill.expect("val", val);
+                }
+                if let Some(t) = &test {
+                    spill.expect("test", t.len_hint());
+                }
+                Some(spill)
+            }
+            false => None,
+        };
+        let mut route = |writer: &mut TableWriter, split: &str, s| -> Result<(), Error> {
+            let s = writer.prepare(split, s)?;
+            match &mut spill {
+                Some(spill) => spill.add(split, &s),
+                None => writer.store(split, &s),
+            }
+        };
         for (i, s) in train.enumerate() {
             let split = match &val_mask {
-                Some(m) if m[i] => "val",
+                Some(m) if m.get(i).copied().unwrap_or(false) => "val",
                 _ => "train",
             };
-            writer.add(split, s?)?;
+            route(&mut writer, split, s?)?;
         }
         if let Some(test) = test {
             for s in test {
-                writer.add("test", s?)?;
+                route(&mut writer, "test", s?)?;
             }
+        }
+        if let Some(spill) = spill {
+            spill.drain(|split, s| writer.store(split, &s))?;
         }
         writer.finish()?;
         Ok(())
@@ -375,7 +421,8 @@ impl<'a> TableWriter<'a> {
         }
     }
 
-    fn add(&mut self, split: &str, s: Sample) -> Result<(), Error> {
+    /// Counts, checks and transforms one row of `split`.
+    fn prepare(&mut self, split: &str, s: Sample) -> Result<Sample, Error> {
         self.seen += 1;
         if self.seen.is_multiple_of(1000) || self.seen == self.total {
             self.ctx
@@ -399,7 +446,7 @@ impl<'a> TableWriter<'a> {
             .transforms
             .apply(s)
             .map_err(|m| Error::Params(format!("{source_id}: {m}")))?;
-        let meta = self.meta.get_or_insert_with(|| TableMeta {
+        self.meta.get_or_insert_with(|| TableMeta {
             height: s.height,
             width: s.width,
             channels: s.channels,
@@ -410,6 +457,16 @@ impl<'a> TableWriter<'a> {
             },
             class_names: self.class_names.clone(),
         });
+        Ok(s)
+    }
+
+    /// Writes one prepared row of `split`, unless a cap is reached.
+    fn store(&mut self, split: &str, s: &Sample) -> Result<(), Error> {
+        let Some(meta) = &self.meta else {
+            return Err(Error::Params(
+                "internal: a row stored before any was prepared".into(),
+            ));
+        };
         let pos = match self.splits.iter().position(|(n, _)| n == split) {
             Some(p) => p,
             None => {
@@ -431,7 +488,7 @@ impl<'a> TableWriter<'a> {
             return Ok(());
         }
         let id = w.index.rows as i64;
-        w.push(id, &s)
+        w.push(id, s)
     }
 
     fn finish(self) -> Result<(), Error> {

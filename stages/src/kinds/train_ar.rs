@@ -14,7 +14,7 @@
 //!     class_conditional: false       # a label embedding in every gated layer
 //!     model: {hidden: 64, layers: 8, kernel: 5, code_embedding: 32, cond_hidden: 64, cond_res_blocks: 2}
 //!     optimizer: {lr: 1.0e-3, schedule: cosine, warmup_steps: 100, grad_clip: 1.0}
-//!     validate_every: 200            # on `validation_split` (default val), first `validation_rows`
+//!     validate_every: 200            # on `validation_split` (default val), `validation_rows` of it spread over the classes
 //!     checkpoint_every: 100
 //!     reconstruct: {rows: 8, temperature: 1.0}   # with a code map: sample the rows given their own codes
 //! ```
@@ -160,7 +160,7 @@ impl StageKind for TrainAr {
     }
 
     fn version(&self) -> u32 {
-        2 // 2: metrics.json without the reconstruction's seconds
+        3 // 2: metrics.json without the reconstruction's seconds; 3: class-stratified validation rows
     }
 
     fn device_dependent(&self) -> bool {
@@ -302,10 +302,10 @@ impl<'a> Trainer<'a> {
         let opt = AdamW::new(model.trainable(), cfg.optimizer.clone())
             .map_err(Error::candle("optimizer"))?;
         let split = &cfg.validation_split;
-        let rows = training::validation_rows_of(&table, split, cfg.validation_rows)?;
+        let (rows, positions) = training::validation_rows_of(&table, split, cfg.validation_rows)?;
         let val_condition = match &condition {
             Some(c) => {
-                let other = c.read_split(split, Some(cfg.validation_rows))?;
+                let other = c.read_positions(split, &positions)?;
                 check_aligned((&table, &rows), (c, &other), split, 0)?;
                 Some(other)
             }

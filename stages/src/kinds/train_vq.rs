@@ -15,7 +15,7 @@
 //!                 dead_below: 1.0, reseed_every: 100}
 //!     decoder: {kind: ff, pixel_loss: mse}   # or kind: msp, mask: {shape: rectangles, ratio: 0.5}
 //!     optimizer: {lr: 3.0e-4, schedule: cosine, warmup_steps: 100, grad_clip: 1.0}
-//!     validate_every: 200           # on `validation_split` (default val), first `validation_rows`
+//!     validate_every: 200           # on `validation_split` (default val), `validation_rows` of it spread over the classes
 //!     checkpoint_every: 100
 //! ```
 //!
@@ -149,7 +149,7 @@ impl StageKind for TrainVq {
     }
 
     fn version(&self) -> u32 {
-        2
+        3 // 3: class-stratified validation rows
     }
 
     fn device_dependent(&self) -> bool {
@@ -210,7 +210,7 @@ impl<'a> Trainer<'a> {
         let opt = AdamW::new(level.trainable(), cfg.optimizer.clone())
             .map_err(Error::candle("optimizer"))?;
         let validation =
-            training::validation_rows_of(&table, &cfg.validation_split, cfg.validation_rows)?;
+            training::validation_rows_of(&table, &cfg.validation_split, cfg.validation_rows)?.0;
         Ok(Trainer {
             stream: BatchStream::new(&table, "train", cfg.seed, Cursor::default())?,
             mask_rng: SplitMix64::stream(cfg.seed, "mask"),
