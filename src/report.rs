@@ -149,6 +149,33 @@ pub async fn write(registry: &Path, run: i64, out: &Path) -> Result<PathBuf> {
         html.push_str("</div>\n");
     }
 
+    // Reconstructions: any stage that drew them (an auxiliary decoder from
+    // its codes, an AR decoder given true codes, a chain down the levels).
+    let recons: Vec<(&StageRow, String)> = stages
+        .iter()
+        .filter_map(|s| {
+            let dir = s.artifact.as_ref()?;
+            let name = format!("reconstructions-{}.png", slug(&s.stage));
+            std::fs::copy(dir.join("reconstructions.png"), out.join(&name))
+                .ok()
+                .map(|_| (s, name))
+        })
+        .collect();
+    if !recons.is_empty() {
+        html.push_str(
+            "<h2 id=\"reconstructions\">Reconstructions</h2>\n<p>Real validation images above, what each stage made of them below.</p>\n<div class=\"grids\">\n",
+        );
+        for (s, name) in recons {
+            let _ = writeln!(
+                html,
+                "<figure><img src=\"{name}\" alt=\"reconstructions of {0}\"><figcaption>{0} ({1})</figcaption></figure>",
+                esc(&s.stage),
+                esc(&s.kind)
+            );
+        }
+        html.push_str("</div>\n");
+    }
+
     // Human evaluation.
     let packages: Vec<PathBuf> = stages
         .iter()

@@ -177,6 +177,7 @@ fn the_smoke_pipeline_samples_evaluates_and_exports_a_rating_package() {
         "id=\"bits\"",
         "id=\"evaluation\"",
         "id=\"samples\"",
+        "id=\"reconstructions\"",
         "id=\"human\"",
         "id=\"timeline\"",
         "id=\"curves\"",
@@ -200,6 +201,14 @@ fn the_smoke_pipeline_samples_evaluates_and_exports_a_rating_package() {
         png_size(&p.path("report/samples-ham-samples.png")),
         (3 * 34 + 2, 10 * 34 + 2)
     );
+    // vq1's auxiliary decoder: 10 validation images over their
+    // reconstructions; a code level (vq2) draws none.
+    assert_eq!(
+        png_size(&p.path("report/reconstructions-vq1.png")),
+        (10 * 34 + 2, 2 * 34 + 2)
+    );
+    assert!(p.path("report/reconstructions-decoder1.png").is_file());
+    assert!(!p.path("report/reconstructions-vq2.png").exists());
     let svg = p.read("report/curve-decoder1-train-nll.svg");
     assert!(
         svg.starts_with("<svg") && svg.contains("train.nll"),

@@ -20,8 +20,10 @@
 //! ```
 //!
 //! Output: `model.safetensors` (encoder + codebook), `aux_decoder.safetensors`,
-//! `level.json` (everything needed to rebuild the level) and `metrics.json`
-//! (the last validation).
+//! `level.json` (everything needed to rebuild the level), `metrics.json`
+//! (the last validation) and, for a pixel level, `reconstructions.png`
+//! (validation images above, the auxiliary decoder's reconstructions from
+//! their codes alone below).
 //!
 //! **Bit-exact resume.** Every `checkpoint_every` steps the scratch folder
 //! gets one safetensors file: the weights, the optimiser's moments and the
@@ -41,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::checkpoint;
+use crate::data::grid::write_grid;
 use crate::data::level_table::InputKind;
 use crate::data::level_table::{BatchStream, Cursor, LevelTable, Rows};
 use crate::device::device;
@@ -52,6 +55,9 @@ use crate::models::quantiser::{QuantiserConfig, usage};
 use crate::models::vq_level::{LevelConfig, Score, VqLevel};
 use crate::rng::SplitMix64;
 use crate::training::{self, Schedule, StepReport, Trainable, check_schedule};
+
+/// Images in `reconstructions.png`'s two rows.
+const RECONSTRUCTION_COLUMNS: usize = 10;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -288,6 +294,7 @@ impl<'a> Trainer<'a> {
         let last = training::train(ctx, &mut self, &schedule)?;
         let out = ctx.out_dir();
         self.level.save(out)?;
+        self.write_reconstructions(out)?;
         let summary = match last {
             Some(v) => v,
             None => self.validate()?,
@@ -296,6 +303,53 @@ impl<'a> Trainer<'a> {
             out.join("metrics.json"),
             serde_json::to_vec_pretty(&summary)?,
         )?;
+        Ok(())
+    }
+
+    /// `reconstructions.png` of a pixel level: validation images (one per
+    /// class where there are enough) above, the auxiliary decoder's
+    /// reconstructions from their codes alone below.
+    fn write_reconstructions(&self, out: &Path) -> Result<(), StageError> {
+        let InputKind::Pixels { channels } = self.table.input else {
+            return Ok(());
+        };
+        let per = self.table.values_per_row;
+        let rows = &self.validation;
+        // The first row of each class, then the next rows, up to the count.
+        let mut seen = std::collections::BTreeSet::new();
+        let mut picked: Vec<usize> = (0..rows.len())
+            .filter(|&i| seen.insert(rows.labels[i]))
+            .take(RECONSTRUCTION_COLUMNS)
+            .collect();
+        for i in 0..rows.len() {
+            if picked.len() >= RECONSTRUCTION_COLUMNS {
+                break;
+            }
+            if !picked.contains(&i) {
+                picked.push(i);
+            }
+        }
+        picked.sort_by_key(|&i| (rows.labels[i], i));
+        let n = picked.len();
+        let mut originals = Rows::default();
+        for &i in &picked {
+            originals.push_row(rows, i, per);
+        }
+        let batch = self.level.batch(&originals)?;
+        let Some(decoded) = self
+            .level
+            .reconstruct_pixels(&batch)
+            .map_err(Error::candle("reconstructing"))?
+        else {
+            return Ok(());
+        };
+        let images: Vec<&[u16]> = originals
+            .values
+            .chunks_exact(per)
+            .chain(decoded.chunks_exact(per))
+            .collect();
+        let shape = (self.table.height, self.table.width, channels);
+        write_grid(&out.join("reconstructions.png"), &images, shape, n.max(1))?;
         Ok(())
     }
 

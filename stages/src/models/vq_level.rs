@@ -288,6 +288,39 @@ impl VqLevel {
         })
     }
 
+    /// A pixel level's whole inputs decoded from their codes alone (`msp`
+    /// with everything masked), 0..=255 in table layout (HWC); `None` for a
+    /// code level.
+    pub fn reconstruct_pixels(&self, batch: &Batch) -> candle_core::Result<Option<Vec<u16>>> {
+        let InputKind::Pixels { channels } = self.info.input else {
+            return Ok(None);
+        };
+        let (b, h, w) = (batch.size, self.info.input_height, self.info.input_width);
+        let z = self.encode_rows(&batch.input)?;
+        let codes = self.quantiser.codes(&z)?;
+        let e = self.quantiser.codebook().index_select(&codes, 0)?;
+        let all = Tensor::ones((b, 1, h, w), DType::F32, &self.device)?;
+        let msp = self.decoder.kind == AuxKind::Msp;
+        let out = self.decode(batch, &e, msp.then_some(&all))?;
+        let values = match self.classes_per_channel() {
+            None => ((out.clamp(-0.5f32, 0.5f32)? + 0.5)? * 255.0)?
+                .round()?
+                .to_dtype(DType::U32)?,
+            Some(k) => class_argmax(&out, k)?.reshape((b, channels, h, w))?,
+        };
+        let chw = values.flatten_all()?.to_vec1::<u32>()?;
+        let mut hwc = vec![0u16; chw.len()];
+        for i in 0..b {
+            for c in 0..channels {
+                for p in 0..h * w {
+                    hwc[(i * h * w + p) * channels + c] =
+                        chw[(i * channels + c) * h * w + p] as u16;
+                }
+            }
+        }
+        Ok(Some(hwc))
+    }
+
     /// The squared error or correct count of a decoder output over the
     /// region `weights` marks with 1.
     fn score(&self, batch: &Batch, out: &Tensor, weights: &Tensor) -> candle_core::Result<Score> {
