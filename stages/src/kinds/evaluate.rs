@@ -6,7 +6,7 @@
 //!   kind: evaluate
 //!   inputs: {real: prep, ham: ham_samples, baseline: baseline_samples}
 //!   params:
-//!     classifier: {hidden: 16, features: 128, epochs: 10, batch_size: 64, lr: 0.002, shift: 2}
+//!     classifier: {hidden: 16, features: 128, epochs: 20, batch_size: 64, lr: 0.002, shift: 2}
 //!     train_split: train        # real images the reference classifier learns
 //!     test_split: test          # real images every classifier is tested on
 //!     resamples: 1000           # bootstrap draws for each 95 % interval

@@ -38,7 +38,7 @@ impl Default for ClassifierConfig {
         ClassifierConfig {
             hidden: 16,
             features: 128,
-            epochs: 10,
+            epochs: 20,
             batch_size: 64,
             lr: 0.002,
             shift: 2,
