@@ -268,3 +268,48 @@ fn inputs_that_do_not_fit_fail_their_stage_with_what_to_do() {
         );
     }
 }
+
+/// Params are resolved before they are keyed: writing a kind's default out,
+/// or changing how often a stage checkpoints or logs, leaves every stage
+/// cached; and the registry holds the values actually used.
+#[test]
+fn written_defaults_and_checkpoint_cadence_keep_stages_cached() {
+    let p = smoke("");
+    let out = p.run(&["decoder1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let decay = p.query(
+        "SELECT p.value FROM params p JOIN stage_runs r ON r.id = p.stage_run_id WHERE r.stage = 'vq1' AND p.name = 'quantiser.decay'",
+    );
+    assert_eq!(decay.len(), 1, "{decay:?}");
+    assert_eq!(decay[0]["value"].as_str(), Some("0.99"), "{decay:?}");
+
+    let text = std::fs::read_to_string(p.pipeline()).unwrap();
+    let spelled = text
+        .replacen(
+            "quantiser: {codebook_size: 16}",
+            "quantiser: {codebook_size: 16, decay: 0.99, epsilon: 1.0e-5, beta: 0.25}",
+            1,
+        )
+        .replacen(
+            "      validation_rows: 20\n",
+            "      validation_rows: 20\n      checkpoint_every: 3\n      log_every: 2\n",
+            1,
+        );
+    assert_ne!(spelled, text);
+    std::fs::write(p.pipeline(), &spelled).unwrap();
+    let out = p.run(&["decoder1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let statuses = p.statuses(2);
+    assert!(!statuses.is_empty());
+    assert!(statuses.iter().all(|(_, s)| s == "cached"), "{statuses:?}");
+
+    // A param that does change the output still makes the stage stale.
+    std::fs::write(
+        p.pipeline(),
+        spelled.replacen("decay: 0.99", "decay: 0.9", 1),
+    )
+    .unwrap();
+    let status = p.haic(&["status", p.pipeline().to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("quantiser.decay"), "{text}");
+}

@@ -12,7 +12,7 @@
 //! | --- | --- | --- |
 //! | `kind` | the stage kind (`command`, `train_vq`, ...) | different code |
 //! | `version` | the kind's implementation version, bumped by us whenever its output changes for the same inputs | a fixed bug must not be served from cache |
-//! | `params` | the resolved params, keys sorted, numbers as written; for `command` also `cmd` and the list of `outs` | the user's knobs |
+//! | `params` | the resolved params: `${vars}` substituted, then parsed by the kind with every default applied and written back (`StageKind::resolved_params`), keys sorted; for `command` (no defaults) as written plus `cmd` and the list of `outs` | the user's knobs, as the kind reads them: writing a default out (`decay: 0.99`) or `1e-3` for `0.001` changes nothing |
 //! | `inputs` | per input name, the **content digest** of the upstream artifact (not the upstream key) | an upstream that re-runs and gives the same bytes does not re-run its dependents (early cut-off) |
 //! | `deps` | per dep path, the blake3 digest of the file, or of the folder's listing of relative paths and file digests | the data and scripts the stage reads |
 //! | `device` | the device class (`cpu`, `cuda`) for kinds whose results depend on it; absent for the others | GPU and CPU kernels do not give the same bits |
@@ -22,6 +22,7 @@
 //! | not in the key | why |
 //! | --- | --- |
 //! | the stage's name | renaming a stage must not throw its results away |
+//! | the kind's unkeyed params (`StageKind::unkeyed_params`: `checkpoint_every`, `log_every` of the training kinds) | a resume is bit-exact, so how often a run checkpoints or logs cannot change its output; the registry still records them |
 //! | `resources`, `timeout`, `--jobs`, worker slot, cluster back-end, job id | where and how a stage runs does not change what it computes (except the device class, above) |
 //! | file modification times | only contents count; mtimes only let us skip re-hashing an unchanged file (the stat cache in the registry's `file_hashes`) |
 //! | absolute paths of the pipeline folder or the workspace | moving a project keeps its cache |
@@ -68,6 +69,30 @@ pub fn canonical(v: &Value) -> Value {
         }
         Value::Array(a) => Value::Array(a.iter().map(canonical).collect()),
         other => other.clone(),
+    }
+}
+
+/// What changed between two params values, named by dotted path down to
+/// the values that differ (`param `quantiser.decay` changed: 0.99 -> 0.9`).
+fn param_changes(path: &str, new: &Value, old: &Value, why: &mut Vec<String>) {
+    let at = |k: &str| match path {
+        "" => k.to_string(),
+        _ => format!("{path}.{k}"),
+    };
+    match (new, old) {
+        (Value::Object(n), Value::Object(o)) => {
+            for (k, v) in canonical(new).as_object().into_iter().flatten() {
+                match o.get(k) {
+                    None => why.push(format!("param `{}` added ({v})", at(k))),
+                    Some(ov) => param_changes(&at(k), v, ov, why),
+                }
+            }
+            for k in o.keys().filter(|k| !n.contains_key(*k)) {
+                why.push(format!("param `{}` removed", at(k)));
+            }
+        }
+        _ if new != old => why.push(format!("param `{path}` changed: {old} -> {new}")),
+        _ => {}
     }
 }
 
@@ -159,19 +184,7 @@ impl KeyMaterial {
                 old.version, self.version
             ));
         }
-        let (new_p, old_p) = (canonical(&self.params), canonical(&old.params));
-        if let (Value::Object(n), Value::Object(o)) = (&new_p, &old_p) {
-            for (k, v) in n {
-                match o.get(k) {
-                    None => why.push(format!("param `{k}` added ({v})")),
-                    Some(ov) if ov != v => why.push(format!("param `{k}` changed: {ov} -> {v}")),
-                    _ => {}
-                }
-            }
-            for k in o.keys().filter(|k| !n.contains_key(*k)) {
-                why.push(format!("param `{k}` removed"));
-            }
-        }
+        param_changes("", &self.params, &old.params, &mut why);
         for (name, d) in &self.deps {
             match old.deps.get(name) {
                 None => why.push(format!("dep `{name}` added")),

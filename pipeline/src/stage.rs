@@ -47,6 +47,22 @@ pub trait StageKind: Send + Sync {
     /// Checks a declared stage when the pipeline is loaded; the error names
     /// the field (`params.steps`, `cmd`, ...) and says what is wrong.
     fn check(&self, stage: &Stage) -> std::result::Result<(), ParamError>;
+    /// The params as the kind reads them: parsed with every default
+    /// applied and written back (after [`StageKind::check`] passed), so
+    /// that writing a default out changes neither the stage key nor what
+    /// the registry records. The default keeps the params as written.
+    fn resolved_params(
+        &self,
+        stage: &Stage,
+    ) -> std::result::Result<serde_json::Map<String, Value>, ParamError> {
+        Ok(stage.params.clone())
+    }
+    /// Top-level params that cannot change the stage's output (how often
+    /// it checkpoints or logs: a resume is bit-exact): recorded, but left
+    /// out of the stage key.
+    fn unkeyed_params(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Files the stage reads that its params name (e.g. a data source), as
     /// written there; the engine adds them to the stage's deps, so their
     /// contents enter the stage key and a stage writing them becomes upstream.
@@ -110,6 +126,16 @@ impl KindRules for Kinds {
             )));
         }
         Some(kind.check(stage))
+    }
+
+    fn resolve(
+        &self,
+        stage: &Stage,
+    ) -> std::result::Result<serde_json::Map<String, Value>, ParamError> {
+        match self.get(&stage.kind) {
+            Some(k) => k.resolved_params(stage),
+            None => Ok(stage.params.clone()),
+        }
     }
 
     fn implicit_deps(&self, stage: &Stage) -> Vec<String> {

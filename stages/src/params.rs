@@ -1,6 +1,7 @@
 //! Stage params -> a kind's typed config, with errors that name the param.
 
 use pipeline::ParamError;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -32,5 +33,24 @@ pub fn object(params: &Value) -> serde_json::Map<String, Value> {
     match params {
         Value::Object(m) => m.clone(),
         _ => serde_json::Map::new(),
+    }
+}
+
+/// `params` as the kind reads them: parsed into `T`, every default applied,
+/// and written back (the stage key and the registry hold this).
+pub fn resolve<T: DeserializeOwned + Serialize>(
+    params: &serde_json::Map<String, Value>,
+) -> Result<serde_json::Map<String, Value>, ParamError> {
+    let typed: T = parse(params)?;
+    match serde_json::to_value(&typed) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(other) => Err(ParamError::new(
+            "kind",
+            format!("internal: params resolve to {other}, not an object"),
+        )),
+        Err(e) => Err(ParamError::new(
+            "kind",
+            format!("internal: writing the resolved params: {e}"),
+        )),
     }
 }

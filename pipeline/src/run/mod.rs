@@ -289,7 +289,13 @@ pub(crate) fn stage_material(
     Ok(KeyMaterial {
         kind: st.kind.clone(),
         version: kind.version(),
-        params: Value::Object(st.params.clone()),
+        params: Value::Object(
+            st.params
+                .iter()
+                .filter(|(name, _)| !kind.unkeyed_params().contains(&name.as_str()))
+                .map(|(name, v)| (name.clone(), v.clone()))
+                .collect(),
+        ),
         inputs,
         deps,
         device: kind

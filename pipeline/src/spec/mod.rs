@@ -140,7 +140,8 @@ impl Default for ExecutorSpec {
 pub struct Stage {
     pub name: String,
     pub kind: String,
-    /// Resolved params (references substituted). For `command` stages the
+    /// Resolved params: references substituted, then the kind's defaults
+    /// applied (`StageKind::resolved_params`). For `command` stages the
     /// engine adds `cmd` and `outs` here so that they enter the stage key.
     pub params: serde_json::Map<String, Value>,
     /// Input name -> name of the upstream stage whose artifact it reads.
@@ -201,6 +202,14 @@ pub trait KindRules {
     /// Checks a stage of a known kind; `None` if the kind is unknown.
     /// The error names the field (`params.steps`, `cmd`, ...) it is about.
     fn check(&self, stage: &Stage) -> Option<std::result::Result<(), ParamError>>;
+    /// The stage's params with the kind's defaults applied (see
+    /// `StageKind::resolved_params`); called once `check` passed.
+    fn resolve(
+        &self,
+        stage: &Stage,
+    ) -> std::result::Result<serde_json::Map<String, Value>, ParamError> {
+        Ok(stage.params.clone())
+    }
     /// Paths the stage's params name that it reads (see `StageKind::implicit_deps`).
     fn implicit_deps(&self, _stage: &Stage) -> Vec<String> {
         Vec::new()

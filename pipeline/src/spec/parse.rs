@@ -354,6 +354,10 @@ impl StageParser<'_> {
             Some(Ok(())) => {}
         }
         let mut stage = stage;
+        stage.params = self
+            .kinds
+            .resolve(&stage)
+            .map_err(|ParamError { field, message }| stage.error(&field, message))?;
         for d in self.kinds.implicit_deps(&stage) {
             let p = clean_relative(&d)
                 .map_err(|m| stage.error("kind", format!("params name the path `{d}`: {m}")))?;

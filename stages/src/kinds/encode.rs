@@ -13,7 +13,7 @@
 use pipeline::ParamError;
 use pipeline::spec::Stage;
 use pipeline::stage::{StageContext, StageError, StageKind};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::data::code_table::{CODE_TABLE_FORMAT, CodeMeta, CodeShardWriter, CodeTableIndex};
 use crate::data::level_table::LevelTable;
@@ -22,7 +22,7 @@ use crate::error::Error;
 use crate::models::quantiser::usage;
 use crate::models::vq_level::VqLevel;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default = "batch_size")]
@@ -64,6 +64,13 @@ impl StageKind for Encode {
 
     fn device_dependent(&self) -> bool {
         true
+    }
+
+    fn resolved_params(
+        &self,
+        stage: &Stage,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, ParamError> {
+        crate::params::resolve::<Config>(&stage.params)
     }
 
     fn check(&self, stage: &Stage) -> Result<(), ParamError> {

@@ -43,7 +43,7 @@ use std::time::Instant;
 use pipeline::ParamError;
 use pipeline::spec::Stage;
 use pipeline::stage::{StageContext, StageError, StageKind};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::data::layout::{SAMPLES_SPLIT, image_table_dir};
@@ -57,7 +57,7 @@ use crate::stats::{self, Estimate};
 
 pub struct Evaluate;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
     #[serde(default)]
@@ -116,6 +116,13 @@ impl StageKind for Evaluate {
 
     fn device_dependent(&self) -> bool {
         true
+    }
+
+    fn resolved_params(
+        &self,
+        stage: &Stage,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, ParamError> {
+        crate::params::resolve::<Config>(&stage.params)
     }
 
     fn check(&self, stage: &Stage) -> Result<(), ParamError> {

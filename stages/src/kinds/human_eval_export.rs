@@ -33,7 +33,7 @@ use std::path::Path;
 use pipeline::ParamError;
 use pipeline::spec::Stage;
 use pipeline::stage::{StageContext, StageError, StageKind};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::data::grid::write_image;
 use crate::data::layout::image_table_dir;
@@ -47,7 +47,7 @@ pub struct HumanEvalExport;
 
 pub const QUESTION: &str = "Which image is more realistic?";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
     #[serde(default = "fifty")]
@@ -179,6 +179,13 @@ impl StageKind for HumanEvalExport {
 
     fn device_dependent(&self) -> bool {
         false
+    }
+
+    fn resolved_params(
+        &self,
+        stage: &Stage,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, ParamError> {
+        crate::params::resolve::<Config>(&stage.params)
     }
 
     fn check(&self, stage: &Stage) -> Result<(), ParamError> {

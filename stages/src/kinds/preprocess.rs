@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use pipeline::ParamError;
 use pipeline::spec::{Stage, clean_relative};
 use pipeline::stage::{StageContext, StageError, StageKind};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::data::cifar::{CIFAR10_CLASSES, CifarReader, Variant};
@@ -49,14 +49,14 @@ use crate::data::{Sample, SampleSource};
 use crate::error::Error;
 use crate::rng::SplitMix64;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdxPair {
     pub images: String,
     pub labels: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "format", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Source {
     Idx {
@@ -93,7 +93,7 @@ fn label_column() -> String {
     "label".into()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Validation {
     pub fraction: f64,
@@ -101,7 +101,7 @@ pub struct Validation {
     pub seed: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub source: Source,
@@ -171,6 +171,13 @@ impl StageKind for Preprocess {
 
     fn version(&self) -> u32 {
         2
+    }
+
+    fn resolved_params(
+        &self,
+        stage: &Stage,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, ParamError> {
+        crate::params::resolve::<Config>(&stage.params)
     }
 
     fn check(&self, stage: &Stage) -> Result<(), ParamError> {

@@ -41,7 +41,7 @@ use candle_core::Tensor;
 use pipeline::ParamError;
 use pipeline::spec::Stage;
 use pipeline::stage::{StageContext, StageError, StageKind};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::data::Sample as ImageRow;
@@ -61,14 +61,14 @@ pub struct SampleStage;
 const OTHERS: &[&str] = &["prior"];
 
 /// A class by name or index.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 enum ClassRef {
     Index(usize),
     Name(String),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 enum Classes {
     /// `all`
@@ -76,14 +76,14 @@ enum Classes {
     List(Vec<ClassRef>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 enum Temperature {
     All(f64),
     PerInput(BTreeMap<String, f64>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
     #[serde(default = "all_classes")]
@@ -206,6 +206,13 @@ impl StageKind for SampleStage {
 
     fn device_dependent(&self) -> bool {
         true
+    }
+
+    fn resolved_params(
+        &self,
+        stage: &Stage,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, ParamError> {
+        crate::params::resolve::<Config>(&stage.params)
     }
 
     fn check(&self, stage: &Stage) -> Result<(), ParamError> {

@@ -167,6 +167,19 @@ impl StageKind for TrainAr {
         true
     }
 
+    fn resolved_params(
+        &self,
+        stage: &Stage,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, ParamError> {
+        crate::params::resolve::<Config>(&stage.params)
+    }
+
+    /// A resume is bit-exact, so how often a run checkpoints or logs
+    /// cannot change its output.
+    fn unkeyed_params(&self) -> &'static [&'static str] {
+        &["checkpoint_every", "log_every"]
+    }
+
     fn check(&self, stage: &Stage) -> Result<(), ParamError> {
         parse_config(&stage.params)?;
         if !stage.inputs.contains_key("table") {
