@@ -68,15 +68,33 @@ enum Cmd {
         /// Print events as JSON lines.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        set: SetArgs,
+        /// A name for the run, unique in the workspace (usable where a run id is).
+        #[arg(long)]
+        name: Option<String>,
+        /// A tag for the run (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// A note kept with the run.
+        #[arg(long)]
+        note: Option<String>,
     },
     /// Per stage: cached, stale (and why), running or failed.
     Status {
         pipeline: PathBuf,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        set: SetArgs,
     },
     /// Where a stage's artifact is, and its recent runs.
-    Show { pipeline: PathBuf, stage: String },
+    Show {
+        pipeline: PathBuf,
+        stage: String,
+        #[command(flatten)]
+        set: SetArgs,
+    },
     /// Query the experiment registry.
     Registry {
         #[command(subcommand)]
@@ -113,8 +131,8 @@ enum Cmd {
     /// Write a run's report: a static HTML page with its curves, tables,
     /// sample grids and timeline.
     Report {
-        /// The run id (`haic-pipe registry runs` lists them).
-        run: i64,
+        /// The run id or name (`haic-pipe registry runs` lists them).
+        run: String,
         /// Find the workspace beside this pipeline file.
         #[arg(long, short)]
         pipeline: Option<PathBuf>,
@@ -128,6 +146,15 @@ enum Cmd {
         #[arg(long)]
         job: PathBuf,
     },
+}
+
+/// `-S PATH=VALUE`: the pipeline with a var or a stage's param replaced.
+#[derive(clap::Args)]
+struct SetArgs {
+    /// Set a var or param for this command: `-S vars.seed=3`,
+    /// `-S vq1.quantiser.codebook_size=64` (VALUE is YAML; repeatable).
+    #[arg(short = 'S', long = "set", value_name = "PATH=VALUE")]
+    set: Vec<pipeline::spec::Override>,
 }
 
 #[derive(Subcommand)]
@@ -279,8 +306,8 @@ fn worker(job: &Path) -> i32 {
     }
 }
 
-fn load(pipeline: &Path, kinds: &Kinds) -> Result<pipeline::spec::Pipeline> {
-    Ok(pipeline::spec::load(pipeline, kinds)?)
+fn load(pipeline: &Path, kinds: &Kinds, set: &SetArgs) -> Result<pipeline::spec::Pipeline> {
+    Ok(pipeline::spec::load_with(pipeline, kinds, &set.set)?)
 }
 
 fn workspace_for(cli_ws: &Option<PathBuf>, pipeline: Option<&Path>) -> Result<Workspace> {
@@ -309,8 +336,19 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             keep_going: _,
             wait,
             json,
+            set,
+            name,
+            tags,
+            note,
         } => {
-            let p = load(&pipeline, &kinds)?;
+            let label = registry::RunLabel {
+                name,
+                tags,
+                note,
+                overrides: set.set.iter().map(|o| o.text.clone()).collect(),
+            };
+            label.check().map_err(anyhow::Error::msg)?;
+            let p = load(&pipeline, &kinds, &set)?;
             let ws = Workspace::locate(&pipeline, cli.workspace.as_deref())?;
             let mode = if json {
                 render::Mode::Json
@@ -334,6 +372,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 fail_fast,
                 wait_lock: wait,
                 executor: executor.map(Into::into),
+                label,
             };
             let summary = run(p, kinds, ws, opts, sink.clone(), cancel).await?;
             render::finish(mode);
@@ -343,8 +382,12 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 RunStatus::Running | RunStatus::Failed => 1,
             })
         }
-        Cmd::Status { pipeline, json } => {
-            let p = load(&pipeline, &kinds)?;
+        Cmd::Status {
+            pipeline,
+            json,
+            set,
+        } => {
+            let p = load(&pipeline, &kinds, &set)?;
             let g = pipeline::graph::build(&p)?;
             let ws = Workspace::locate(&pipeline, cli.workspace.as_deref())?;
             let states = pipeline::status::status(&p, &g, &kinds, &ws).await?;
@@ -355,8 +398,12 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 1
             })
         }
-        Cmd::Show { pipeline, stage } => {
-            let p = load(&pipeline, &kinds)?;
+        Cmd::Show {
+            pipeline,
+            stage,
+            set,
+        } => {
+            let p = load(&pipeline, &kinds, &set)?;
             if p.stage(&stage).is_none() {
                 bail!("{}: there is no stage `{stage}`", pipeline.display());
             }
@@ -426,6 +473,15 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         }
         Cmd::Report { run, pipeline, out } => {
             let ws = workspace_for(&cli.workspace, pipeline.as_deref())?;
+            let Some(run) = registry::Reader::open(&ws.registry_path())
+                .await?
+                .find_run(&run)
+                .await?
+            else {
+                bail!(
+                    "no run {run} in this workspace; `haic-pipe registry runs` lists the runs (by id and name)"
+                );
+            };
             let out = out.unwrap_or_else(|| ws.root.join("reports").join(format!("run-{run}")));
             let page = report::write(&ws.registry_path(), run, &out).await?;
             println!("{}", page.display());

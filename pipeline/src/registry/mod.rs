@@ -47,6 +47,43 @@ use tokio::sync::Mutex;
 
 use crate::error::{Error, Result};
 
+/// What a person calls a run (`run --name`, `--tag`, `--note`) and the
+/// `-S PATH=VALUE` overrides it ran with, as given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunLabel {
+    pub name: Option<String>,
+    pub tags: Vec<String>,
+    pub note: Option<String>,
+    pub overrides: Vec<String>,
+}
+
+impl RunLabel {
+    /// Checks the name and tags: a name is 1-100 characters, not a number
+    /// (it stands where a run id can), without whitespace; so is a tag.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let ok = |what: &str, s: &str| -> std::result::Result<(), String> {
+            if s.is_empty() || s.chars().count() > 100 || s.chars().any(char::is_whitespace) {
+                return Err(format!(
+                    "{what} `{s}`: give 1 to 100 characters without spaces"
+                ));
+            }
+            Ok(())
+        };
+        if let Some(name) = &self.name {
+            ok("--name", name)?;
+            if name.parse::<i64>().is_ok() {
+                return Err(format!(
+                    "--name `{name}`: a number would read as a run id; add a letter"
+                ));
+            }
+        }
+        for t in &self.tags {
+            ok("--tag", t)?;
+        }
+        Ok(())
+    }
+}
+
 /// Status of a stage run, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use serde_json::Value;
 use sqlx::{Connection, QueryBuilder, Row};
 
-use super::{KeyedRun, NewStageRun, Registry, RunStatus, RunningStage, StageStatus, db_err};
+use super::{
+    KeyedRun, NewStageRun, Registry, RunLabel, RunStatus, RunningStage, StageStatus, db_err,
+};
 use crate::error::Result;
 
 /// Stage-run rows per INSERT statement (13 values each).
@@ -23,6 +25,33 @@ impl Registry {
         .bind(std::process::id() as i64);
         let r = self.execute(q).await?;
         Ok(r.last_insert_rowid())
+    }
+
+    /// The run named `name`, if there is one.
+    pub async fn run_named(&self, name: &str) -> Result<Option<i64>> {
+        let q = sqlx::query("SELECT id FROM runs WHERE name = ?").bind(name);
+        Ok(self.fetch_optional(q).await?.map(|r| r.get(0)))
+    }
+
+    /// Records a run's name, note, tags and `-S` overrides (a name or note
+    /// not given keeps the one the run has; tags add up).
+    pub async fn label_run(&self, run_id: i64, label: &RunLabel) -> Result<()> {
+        let overrides = serde_json::to_string(&label.overrides).unwrap_or_else(|_| "[]".into());
+        let q = sqlx::query(
+            "UPDATE runs SET name = COALESCE(?, name), note = COALESCE(?, note), overrides = ? WHERE id = ?",
+        )
+        .bind(label.name.as_deref())
+        .bind(label.note.as_deref())
+        .bind(overrides)
+        .bind(run_id);
+        self.execute(q).await?;
+        for tag in &label.tags {
+            let q = sqlx::query("INSERT OR IGNORE INTO run_tags (run_id, tag) VALUES (?, ?)")
+                .bind(run_id)
+                .bind(tag);
+            self.execute(q).await?;
+        }
+        Ok(())
     }
 
     /// The newest run of this pipeline: its id, status and targets.

@@ -80,10 +80,13 @@ impl Reader {
     /// The newest `limit` runs with their stage counts, as a table.
     pub async fn runs_overview(&mut self, limit: i64) -> Result<QueryResult> {
         let rows = sqlx::query(
-            "SELECT r.id AS run, r.status, r.started_at, r.finished_at,
+            "SELECT r.id AS run, r.name, r.status, r.started_at, r.finished_at,
                sum(s.status = 'succeeded') AS succeeded, sum(s.status = 'cached') AS cached,
                sum(s.status = 'failed') AS failed, sum(s.status = 'skipped') AS skipped,
-               sum(s.status = 'interrupted') AS interrupted, r.pipeline
+               sum(s.status = 'interrupted') AS interrupted,
+               (SELECT group_concat(t.tag, ' ') FROM run_tags t WHERE t.run_id = r.id) AS tags,
+               (SELECT group_concat(o.value, ' ') FROM json_each(r.overrides) o) AS overrides,
+               r.note, r.pipeline
              FROM runs r LEFT JOIN stage_runs s ON s.run_id = r.id
              GROUP BY r.id ORDER BY r.id DESC LIMIT ?",
         )
@@ -106,6 +109,18 @@ impl Reader {
         .await
         .map_err(db_err(&self.path))?;
         Ok(QueryResult::from_rows(&rows))
+    }
+
+    /// The run a person means by `which`: a run id, else a run name.
+    pub async fn find_run(&mut self, which: &str) -> Result<Option<i64>> {
+        let row = match which.parse::<i64>() {
+            Ok(id) => sqlx::query("SELECT id FROM runs WHERE id = ?").bind(id),
+            Err(_) => sqlx::query("SELECT id FROM runs WHERE name = ?").bind(which),
+        }
+        .fetch_optional(&mut self.conn)
+        .await
+        .map_err(db_err(&self.path))?;
+        Ok(row.map(|r| r.get(0)))
     }
 
     /// Run `run`'s head row, if there is such a run.

@@ -25,13 +25,13 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::KeyMaterial;
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::executor::local::LocalExecutor;
 use crate::executor::slurm::SlurmExecutor;
 use crate::executor::{Executor, LeftRunning, current_exe};
 use crate::graph;
 use crate::hashing::DepHasher;
-use crate::registry::{Registry, RunStatus, StageStatus};
+use crate::registry::{Registry, RunLabel, RunStatus, StageStatus};
 use crate::spec::{ExecutorKind, Pipeline};
 use crate::stage::Kinds;
 use crate::workspace::Workspace;
@@ -51,6 +51,8 @@ pub struct RunOptions {
     pub wait_lock: bool,
     /// Overrides the pipeline's `executor.kind` (`run --executor`).
     pub executor: Option<ExecutorKind>,
+    /// The run's name, tags, note and `-S` overrides, recorded on it.
+    pub label: RunLabel,
 }
 
 /// What the driver reports as it goes; the CLI renders these.
@@ -135,7 +137,20 @@ pub async fn run(
     let notice_sink = sink.clone();
     let notice: Arc<dyn Fn(String) + Send + Sync> =
         Arc::new(move |message| notice_sink(&Event::Notice { message }));
-    let run_id = match (opts.resume, registry.newest_run(&pipeline_key).await?) {
+    opts.label.check().map_err(Error::Invalid)?;
+    let newest = registry.newest_run(&pipeline_key).await?;
+    if let Some(name) = &opts.label.name
+        && let Some(other) = registry.run_named(name).await?
+        && !(opts.resume
+            && newest
+                .as_ref()
+                .is_some_and(|n| n.0 == other && n.1 != RunStatus::Succeeded))
+    {
+        return Err(Error::Invalid(format!(
+            "--name `{name}`: run {other} has that name; pick another, or `run --resume` continues run {other} if it is this pipeline's newest"
+        )));
+    }
+    let run_id = match (opts.resume, newest) {
         (true, Some((id, status, old_targets))) if status != RunStatus::Succeeded => {
             registry.reopen_run(id).await?;
             if targets.is_empty() && !old_targets.is_empty() {
@@ -160,6 +175,7 @@ pub async fn run(
                 .await?
         }
     };
+    registry.label_run(run_id, &opts.label).await?;
     let executor = executor_for(kind, &p, &ws, &opts, run_id, exe, notice);
     let mut adoptable = HashMap::new();
     if resumed {

@@ -34,6 +34,7 @@
 //! one reference takes the referenced value with its type; inside a longer
 //! string the value is spliced in as text. `$${` writes a literal `${`.
 
+mod overrides;
 mod parse;
 mod resolve;
 
@@ -46,7 +47,8 @@ use serde_json::Value;
 
 use crate::error::{IoContext, ParamError, Result, SourcePos, SpecError};
 
-pub use parse::{clean_relative, parse};
+pub use overrides::Override;
+pub use parse::{clean_relative, parse, parse_with};
 
 /// What a stage needs from a worker slot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,9 +232,14 @@ pub trait KindRules {
 
 /// Reads and validates a pipeline file.
 pub fn load(path: &Path, kinds: &dyn KindRules) -> Result<Pipeline> {
+    load_with(path, kinds, &[])
+}
+
+/// [`load`] with `-S` overrides (see [`Override`]).
+pub fn load_with(path: &Path, kinds: &dyn KindRules, overrides: &[Override]) -> Result<Pipeline> {
     let text = std::fs::read_to_string(path).ctx(|| format!("reading {}", path.display()))?;
     let abs = std::path::absolute(path).ctx(|| format!("resolving {}", path.display()))?;
-    parse(&text, &abs, kinds)
+    parse_with(&text, &abs, kinds, overrides)
 }
 
 #[cfg(test)]

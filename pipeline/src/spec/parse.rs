@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_saphyr::{Location, Spanned};
 
+use super::overrides::Override;
 use super::resolve::Resolver;
 use super::{ExecutorSpec, KindRules, Pipeline, Resources, Stage};
 use crate::error::{Error, ParamError, Result, SourcePos, SpecError};
@@ -53,7 +54,17 @@ struct RawStage {
 
 /// Parses pipeline text; `path` is used for error positions and relative paths.
 pub fn parse(text: &str, path: &Path, kinds: &dyn KindRules) -> Result<Pipeline> {
-    let raw: RawPipeline = serde_saphyr::from_str(text).map_err(|e| {
+    parse_with(text, path, kinds, &[])
+}
+
+/// [`parse`] with `-S` overrides applied to the file's values first.
+pub fn parse_with(
+    text: &str,
+    path: &Path,
+    kinds: &dyn KindRules,
+    overrides: &[Override],
+) -> Result<Pipeline> {
+    let mut raw: RawPipeline = serde_saphyr::from_str(text).map_err(|e| {
         let loc = e.location().unwrap_or(Location::UNKNOWN);
         SpecError {
             pos: pos_in(path, &loc),
@@ -73,6 +84,8 @@ pub fn parse(text: &str, path: &Path, kinds: &dyn KindRules) -> Result<Pipeline>
         }
         .into());
     };
+    let mut raw_stages = raw_stages;
+    apply_overrides(path, &mut raw.vars, &mut raw_stages, overrides)?;
     let dir = root_dir(path, raw.root.as_ref())?;
     let vars: HashMap<String, (Value, SourcePos)> = raw
         .vars
@@ -108,7 +121,9 @@ pub fn parse(text: &str, path: &Path, kinds: &dyn KindRules) -> Result<Pipeline>
     let mut stages = Vec::with_capacity(raw_stages.len());
     let mut index = HashMap::new();
     for (name, st) in &raw_stages {
-        let stage = parser.stage(name, &st.value)?;
+        let stage = parser
+            .stage(name, &st.value)
+            .map_err(|e| naming_overrides(e, &name.value, overrides))?;
         index.insert(stage.name.clone(), stages.len());
         stages.push(stage);
     }
@@ -124,6 +139,107 @@ pub fn parse(text: &str, path: &Path, kinds: &dyn KindRules) -> Result<Pipeline>
         index,
         executor,
     })
+}
+
+type RawStages = IndexMap<Spanned<String>, Spanned<RawStage>>;
+
+/// A stage's keys beside `params`, which `-S` does not set.
+const NOT_PARAMS: &[&str] = &[
+    "kind",
+    "cmd",
+    "inputs",
+    "deps",
+    "outs",
+    "resources",
+    "timeout",
+];
+
+/// Sets each override's var or param in the file's raw values; an unknown
+/// var or stage is an error that names the argument and what there is.
+fn apply_overrides(
+    path: &Path,
+    vars: &mut IndexMap<Spanned<String>, Spanned<Value>>,
+    stages: &mut RawStages,
+    overrides: &[Override],
+) -> Result<()> {
+    let err = |message: String, hint: String| -> Error {
+        SpecError {
+            pos: pos_in(path, &Location::UNKNOWN),
+            stage: None,
+            message,
+            hint: Some(hint),
+        }
+        .into()
+    };
+    for o in overrides {
+        if o.path[0] == "vars" {
+            let names: Vec<&str> = vars.keys().map(|k| k.value.as_str()).collect();
+            let names = names.join(", ");
+            let Some((_, v)) = vars.iter_mut().find(|(k, _)| k.value == o.path[1]) else {
+                return Err(err(
+                    format!("`-S {}`: the pipeline has no var `{}`", o.text, o.path[1]),
+                    match names.is_empty() {
+                        true => "declare it under `vars:` in the file first".into(),
+                        false => format!("its vars: {names}"),
+                    },
+                ));
+            };
+            v.value = o.value.clone();
+            continue;
+        }
+        let names: Vec<String> = stages.keys().map(|k| k.value.clone()).collect();
+        let Some((_, st)) = stages.iter_mut().find(|(k, _)| k.value == o.path[0]) else {
+            return Err(err(
+                format!("`-S {}`: the pipeline has no stage `{}`", o.text, o.path[0]),
+                format!(
+                    "write STAGE.PARAM=VALUE or vars.NAME=VALUE; its stages: {}",
+                    names.join(", ")
+                ),
+            ));
+        };
+        if NOT_PARAMS.contains(&o.path[1].as_str()) {
+            return Err(err(
+                format!(
+                    "`-S {}`: `{}` is not a param; -S sets a stage's params and the vars",
+                    o.text, o.path[1]
+                ),
+                "edit the pipeline file for a stage's cmd, inputs, deps, outs, resources or timeout".into(),
+            ));
+        }
+        let params = &mut st.value.params;
+        let here = st.value.kind.referenced;
+        let slot = match params.iter_mut().find(|(k, _)| k.value == o.path[1]) {
+            Some((_, v)) => v,
+            None => params
+                .entry(Spanned::new(o.path[1].clone(), here, here))
+                .or_insert(Spanned::new(Value::Null, here, here)),
+        };
+        o.set_in(&mut slot.value, &o.path[2..]).map_err(|m| {
+            err(
+                m,
+                "set the whole value instead, e.g. `-S STAGE.PARAM={...}`".into(),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// A stage's error about a param an override set, with the argument named.
+fn naming_overrides(e: Error, stage: &str, overrides: &[Override]) -> Error {
+    let Error::Spec(mut spec) = e else { return e };
+    let set: Vec<&str> = overrides
+        .iter()
+        .filter(|o| o.path[0] == stage && spec.message.contains(o.path[1].as_str()))
+        .map(|o| o.text.as_str())
+        .collect();
+    if !set.is_empty() {
+        let note = format!("set on the command line by `-S {}`", set.join("`, `-S "));
+        spec.hint = Some(match spec.hint.take() {
+            Some(h) => format!("{h}; {note}"),
+            None => note,
+        });
+    }
+    Error::Spec(spec)
 }
 
 /// Each stage against what its inputs' kinds say of their outputs
