@@ -128,6 +128,27 @@ enum Cmd {
         #[arg(long, short, global = true)]
         pipeline: Option<PathBuf>,
     },
+    /// Runs side by side: the params that differ, their metrics, and (over
+    /// runs that differ only in seeds) means with 95 % intervals.
+    Compare {
+        /// Run ids or names (`haic-pipe registry runs` lists them).
+        #[arg(required = true)]
+        runs: Vec<String>,
+        /// A metric to show: `val.bits_per_dim` (every stage that has it) or
+        /// `STAGE:METRIC`, `*` for any text (repeatable; default: each
+        /// kind's headline metrics).
+        #[arg(long = "metric")]
+        metrics: Vec<String>,
+        /// Pool runs by these params (`STAGE.PARAM` or its end, e.g.
+        /// `decoder.kind`; default: every param that differs, except seeds).
+        #[arg(long = "group-by")]
+        group_by: Vec<String>,
+        /// Find the workspace beside this pipeline file.
+        #[arg(long, short)]
+        pipeline: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// Write a run's report: a static HTML page with its curves, tables,
     /// sample grids and timeline.
     Report {
@@ -310,6 +331,23 @@ fn load(pipeline: &Path, kinds: &Kinds, set: &SetArgs) -> Result<pipeline::spec:
     Ok(pipeline::spec::load_with(pipeline, kinds, &set.set)?)
 }
 
+/// `STAGE:METRIC` for each headline metric of each stage's kind in `runs`.
+fn headline_patterns(runs: &[registry::RunFacts], kinds: &Kinds) -> Vec<String> {
+    let stages: std::collections::BTreeSet<(&str, &str)> = runs
+        .iter()
+        .flat_map(|r| {
+            r.metrics
+                .iter()
+                .map(|(s, k, _, _)| (s.as_str(), k.as_str()))
+        })
+        .collect();
+    stages
+        .into_iter()
+        .filter_map(|(stage, kind)| Some((stage, kinds.get(kind)?.headline_metrics())))
+        .flat_map(|(stage, ms)| ms.iter().map(move |m| format!("{stage}:{m}")))
+        .collect()
+}
+
 fn workspace_for(cli_ws: &Option<PathBuf>, pipeline: Option<&Path>) -> Result<Workspace> {
     match pipeline {
         Some(p) => Ok(Workspace::locate(p, cli_ws.as_deref())?),
@@ -469,6 +507,37 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             })
             .await
             .context("the download task stopped")??;
+            Ok(0)
+        }
+        Cmd::Compare {
+            runs,
+            metrics,
+            group_by,
+            pipeline,
+            format,
+        } => {
+            let ws = workspace_for(&cli.workspace, pipeline.as_deref())?;
+            let mut reader = registry::Reader::open(&ws.registry_path()).await?;
+            let mut facts = Vec::new();
+            for which in &runs {
+                let Some(id) = reader.find_run(which).await? else {
+                    bail!(
+                        "no run {which} in this workspace; `haic-pipe registry runs` lists the runs (by id and name)"
+                    );
+                };
+                facts.extend(reader.run_facts(id).await?);
+            }
+            let patterns = if metrics.is_empty() {
+                headline_patterns(&facts, &kinds)
+            } else {
+                metrics
+            };
+            let group_by = match group_by.is_empty() {
+                true => pipeline::compare::GroupBy::VaryingExceptSeeds,
+                false => pipeline::compare::GroupBy::Params(group_by),
+            };
+            let c = pipeline::compare::compare(&facts, &patterns, &group_by);
+            render::comparison(&c, format);
             Ok(0)
         }
         Cmd::Report { run, pipeline, out } => {

@@ -249,6 +249,37 @@ fn cell_text(v: &Value) -> String {
     }
 }
 
+/// `compare`'s output: the runs, and the groups where there are any (JSON:
+/// `{"runs": [...], "groups": [...]}`; CSV: the groups when there are
+/// any, else the runs).
+pub fn comparison(c: &pipeline::compare::Comparison, format: Format) {
+    match format {
+        Format::Json => {
+            let objects = |r: &QueryResult| -> Vec<serde_json::Map<String, Value>> {
+                r.rows
+                    .iter()
+                    .map(|row| r.columns.iter().cloned().zip(row.iter().cloned()).collect())
+                    .collect()
+            };
+            let doc = serde_json::json!({
+                "runs": objects(&c.runs),
+                "groups": c.groups.as_ref().map(objects).unwrap_or_default(),
+            });
+            println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        }
+        Format::Csv => table(c.groups.as_ref().unwrap_or(&c.runs), Format::Csv),
+        Format::Table => {
+            table(&c.runs, Format::Table);
+            if let Some(g) = &c.groups {
+                println!(
+                    "\nover the runs of each group: mean, standard deviation, 95 % interval of the mean (t, n - 1 df)"
+                );
+                table(g, Format::Table);
+            }
+        }
+    }
+}
+
 pub fn table(r: &QueryResult, format: Format) {
     let mut out = std::io::stdout().lock();
     match format {

@@ -104,3 +104,43 @@ fn bad_overrides_name_the_argument() {
     assert_error(&out, 2, "`prep.source.format` is not a map");
     assert!(!q.path(".haic").exists(), "nothing written");
 }
+
+#[test]
+fn compare_pools_seeds_and_gives_intervals() {
+    let p = Project::new(SCORED);
+    for (lr, seed) in [(1, 0), (1, 1), (2, 0), (2, 1)] {
+        let (lr, seed) = (format!("vars.lr={lr}"), format!("vars.seed={seed}"));
+        let out = p.run(&["-S", &lr, "-S", &seed]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    // `other` ran once: the later runs found it cached, and the view gives
+    // its producer, the first run's stage run, for every run.
+    let other = p.query(
+        "SELECT run_id, status, producer FROM run_stages WHERE stage = 'other' ORDER BY run_id",
+    );
+    assert_eq!(other.len(), 4);
+    assert!(other[1..].iter().all(|r| r["status"] == "cached"));
+    assert!(other.iter().all(|r| r["producer"] == other[0]["producer"]));
+
+    let c = json(&p.haic(&[
+        "compare", "1", "2", "3", "4", "--metric", "score", "--format", "json",
+    ]));
+    let runs = c["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 4);
+    assert_eq!(runs[3]["train:score"], 21.0);
+    let groups = c["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 2, "{groups:?}");
+    for (g, lr, mean) in [(&groups[0], "1", 10.5), (&groups[1], "2", 20.5)] {
+        assert_eq!(g["vars.lr"], lr);
+        assert_eq!(g["n"], 2);
+        assert_eq!(g["train:score mean"], mean);
+        // sd 0.7071; half-width 12.706 * 0.7071 / sqrt(2) = 6.353
+        let hi = g["train:score ci95_hi"].as_f64().unwrap();
+        assert!((hi - mean - 6.353).abs() < 1e-3, "{g}");
+    }
+    // The table form says what the intervals are.
+    let out = p.haic(&["compare", "1", "2", "3", "4", "--metric", "score"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("95 % interval"));
+    assert_error(&p.haic(&["compare", "1", "nope"]), 2, "no run nope");
+}

@@ -7,6 +7,7 @@
 //! artifacts ([`cache`]) -> registry rows ([`registry`]).
 
 pub mod cache;
+pub mod compare;
 pub mod error;
 pub mod executor;
 pub mod gc;

@@ -63,6 +63,11 @@ pub trait StageKind: Send + Sync {
     fn unkeyed_params(&self) -> &'static [&'static str] {
         &[]
     }
+    /// The metrics `compare` shows when none are asked for (patterns: a
+    /// metric name, `*` for any text).
+    fn headline_metrics(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Files the stage reads that its params name (e.g. a data source), as
     /// written there; the engine adds them to the stage's deps, so their
     /// contents enter the stage key and a stage writing them becomes upstream.

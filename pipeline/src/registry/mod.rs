@@ -33,7 +33,7 @@ mod views;
 
 pub use query::{QueryResult, query_read_only};
 pub use ratings::{Rating, RatingPackage};
-pub use views::{Reader, RunHead, RunStage};
+pub use views::{Reader, RunFacts, RunHead, RunStage};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

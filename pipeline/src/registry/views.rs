@@ -1,6 +1,6 @@
 //! Read-only views the CLI renders: the runs overview (`registry runs`), a
-//! stage's recent runs (`show`), and one run's stages and metrics
-//! (`report`). They open the registry read-only, like `registry query`.
+//! stage's recent runs (`show`), one run's stages and metrics (`report`),
+//! and what runs ran with and gave (`compare`). They open the registry read-only, like `registry query`.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -25,6 +25,23 @@ pub struct RunHead {
     pub status: RunStatus,
     pub started_at: String,
     pub finished_at: Option<String>,
+}
+
+/// What a run ran with and gave, for `compare`: every stage's params and
+/// last metric values, read from the stage run behind each stage's artifact
+/// (cached stages included, through the `run_stages` view).
+#[derive(Debug, Clone, Default)]
+pub struct RunFacts {
+    pub id: i64,
+    pub name: Option<String>,
+    pub tags: Vec<String>,
+    pub overrides: Vec<String>,
+    /// blake3 of the pipeline file's text when the run started.
+    pub pipeline_digest: String,
+    /// (stage, kind, param name as stored, e.g. `quantiser.decay`, value).
+    pub params: Vec<(String, String, String, String)>,
+    /// (stage, kind, metric name, last value).
+    pub metrics: Vec<(String, String, String, f64)>,
 }
 
 /// One stage of a run: its latest stage run, and where its artifact and
@@ -121,6 +138,60 @@ impl Reader {
         .await
         .map_err(db_err(&self.path))?;
         Ok(row.map(|r| r.get(0)))
+    }
+
+    /// What run `run` ran with and gave (see [`RunFacts`]); `None` if there
+    /// is no such run.
+    pub async fn run_facts(&mut self, run: i64) -> Result<Option<RunFacts>> {
+        let err = db_err(&self.path);
+        let Some(head) =
+            sqlx::query("SELECT name, overrides, pipeline_digest FROM runs WHERE id = ?")
+                .bind(run)
+                .fetch_optional(&mut self.conn)
+                .await
+                .map_err(&err)?
+        else {
+            return Ok(None);
+        };
+        let overrides: String = head.get(1);
+        let tags = sqlx::query("SELECT tag FROM run_tags WHERE run_id = ? ORDER BY tag")
+            .bind(run)
+            .fetch_all(&mut self.conn)
+            .await
+            .map_err(&err)?;
+        let params = sqlx::query(
+            "SELECT rs.stage, rs.kind, p.name, p.value FROM run_stages rs
+             JOIN params p ON p.stage_run_id = rs.producer
+             WHERE rs.run_id = ? ORDER BY rs.stage, p.name",
+        )
+        .bind(run)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(&err)?;
+        let metrics = sqlx::query(
+            "SELECT rs.stage, rs.kind, m.name, m.last_value FROM run_stages rs
+             JOIN metric_summaries m ON m.stage_run_id = rs.producer
+             WHERE rs.run_id = ? ORDER BY rs.stage, m.name",
+        )
+        .bind(run)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(&err)?;
+        Ok(Some(RunFacts {
+            id: run,
+            name: head.get(0),
+            tags: tags.iter().map(|r| r.get(0)).collect(),
+            overrides: serde_json::from_str(&overrides).unwrap_or_default(),
+            pipeline_digest: head.get(2),
+            params: params
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                .collect(),
+            metrics: metrics
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                .collect(),
+        }))
     }
 
     /// Run `run`'s head row, if there is such a run.

@@ -72,6 +72,10 @@ impl StageKind for Bound {
         false
     }
 
+    fn headline_metrics(&self) -> &'static [&'static str] {
+        &["bound.bits_per_dim", "baseline.bits_per_dim"]
+    }
+
     fn check(&self, stage: &Stage) -> Result<(), ParamError> {
         let err = |m: String| ParamError::new("inputs", m);
         if !stage.inputs.contains_key("prior") {

@@ -125,6 +125,10 @@ impl StageKind for Evaluate {
         crate::params::resolve::<Config>(&stage.params)
     }
 
+    fn headline_metrics(&self) -> &'static [&'static str] {
+        &["eval.*.accuracy", "eval.*.cas", "eval.*.frechet"]
+    }
+
     fn check(&self, stage: &Stage) -> Result<(), ParamError> {
         let _: Config = crate::params::parse(&stage.params)?;
         if !stage.inputs.contains_key("real") || stage.inputs.len() < 2 {

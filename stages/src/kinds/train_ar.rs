@@ -180,6 +180,10 @@ impl StageKind for TrainAr {
         &["checkpoint_every", "log_every"]
     }
 
+    fn headline_metrics(&self) -> &'static [&'static str] {
+        &["val.bits_per_dim"]
+    }
+
     fn check(&self, stage: &Stage) -> Result<(), ParamError> {
         parse_config(&stage.params)?;
         if !stage.inputs.contains_key("table") {

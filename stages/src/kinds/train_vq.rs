@@ -175,6 +175,10 @@ impl StageKind for TrainVq {
         &["checkpoint_every", "log_every"]
     }
 
+    fn headline_metrics(&self) -> &'static [&'static str] {
+        &["val.psnr", "val.accuracy"]
+    }
+
     fn check(&self, stage: &Stage) -> Result<(), ParamError> {
         parse_config(&stage.params)?;
         if !stage.inputs.contains_key("table") {
