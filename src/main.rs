@@ -238,6 +238,12 @@ enum RegistryCmd {
         sql: String,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// Stop the query after this many seconds.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+        /// Print at most this many rows.
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
     },
     /// The runs, newest first, with stage counts.
     Runs {
@@ -459,8 +465,28 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             let ws = workspace_for(&cli.workspace, pipeline.as_deref())?;
             let path = ws.registry_path();
             let (result, format) = match command {
-                RegistryCmd::Query { sql, format } => {
-                    (registry::query_read_only(&path, &sql).await?, format)
+                RegistryCmd::Query {
+                    sql,
+                    format,
+                    timeout,
+                    limit,
+                } => {
+                    if !(timeout > 0.0 && timeout.is_finite()) {
+                        bail!("--timeout {timeout}: give a positive number of seconds");
+                    }
+                    let limits = registry::QueryLimits {
+                        timeout: std::time::Duration::from_secs_f64(timeout),
+                        max_rows: limit,
+                    };
+                    let q = registry::query_read_only(&path, &sql, &limits).await?;
+                    if q.truncated {
+                        render::table(&q.result, format);
+                        eprintln!(
+                            "haic-pipe: the query gives more than {limit} rows; these are the first {limit}: narrow it (WHERE, LIMIT) or give `--limit ROWS`"
+                        );
+                        return Ok(2);
+                    }
+                    (q.result, format)
                 }
                 RegistryCmd::Runs { limit, format } => (
                     registry::Reader::open(&path)

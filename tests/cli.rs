@@ -129,6 +129,66 @@ fn reads_the_textual_filter_used_to_refuse_are_answered() {
     }
 }
 
+/// A runaway query ends with a message and exit 2: an endless count is
+/// interrupted at its time limit, endless rows stop at the row limit.
+#[test]
+fn runaway_queries_stop_at_their_time_and_row_limits() {
+    let p = Project::new(TWO);
+    assert!(p.run(&[]).status.success());
+    let endless = "with recursive c(x) as (select 1 union all select x+1 from c)";
+    let started = std::time::Instant::now();
+    let out = p.haic(&[
+        "registry",
+        "-p",
+        "pipeline.yaml",
+        "query",
+        &format!("{endless} select count(*) from c"),
+        "--timeout",
+        "0.5",
+    ]);
+    assert_error(&out, 2, "time limit (0.5 s)");
+    assert!(started.elapsed().as_secs() < 20, "{:?}", started.elapsed());
+
+    let out = p.haic(&[
+        "registry",
+        "-p",
+        "pipeline.yaml",
+        "query",
+        &format!("{endless} select x from c"),
+        "--limit",
+        "5",
+        "--format",
+        "csv",
+    ]);
+    assert_error(&out, 2, "more than 5 rows");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "x\n1\n2\n3\n4\n5\n");
+    // The default limit holds too: 10,000 rows, then the message.
+    let out = p.haic(&[
+        "registry",
+        "-p",
+        "pipeline.yaml",
+        "query",
+        &format!("{endless} select x from c"),
+        "--format",
+        "csv",
+    ]);
+    assert_error(&out, 2, "more than 10000 rows");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 10_001);
+    assert_error(
+        &p.haic(&[
+            "registry",
+            "-p",
+            "pipeline.yaml",
+            "query",
+            "select 1",
+            "--timeout",
+            "0",
+        ]),
+        2,
+        "positive number of seconds",
+    );
+}
+
 #[test]
 fn a_registry_that_does_not_exist_is_named() {
     let p = Project::new(TWO);

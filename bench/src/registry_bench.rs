@@ -90,7 +90,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut best = None;
     for _ in 0..21 {
         let t = Instant::now();
-        let r = query_read_only(&path, BEST10).await?;
+        let r = query_read_only(&path, BEST10, &Default::default())
+            .await?
+            .result;
         times.push(t.elapsed().as_secs_f64() * 1000.0);
         best = Some(r);
     }

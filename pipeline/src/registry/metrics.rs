@@ -165,9 +165,11 @@ mod tests {
         let q = query_read_only(
             &path,
             "SELECT last_step, last_value, min_value, points FROM metric_summaries",
+            &Default::default(),
         )
         .await
-        .unwrap();
+        .unwrap()
+        .result;
         assert_eq!(
             q.rows[0],
             vec![
@@ -177,22 +179,31 @@ mod tests {
                 Value::from(10)
             ]
         );
-        let q = query_read_only(&path, "select value from params where name = 'opt.lr'")
-            .await
-            .unwrap();
+        let q = query_read_only(
+            &path,
+            "select value from params where name = 'opt.lr'",
+            &Default::default(),
+        )
+        .await
+        .unwrap()
+        .result;
         assert_eq!(q.rows[0][0], Value::from("0.1"));
-        let e = query_read_only(&path, "DELETE FROM metrics")
+        let e = query_read_only(&path, "DELETE FROM metrics", &Default::default())
             .await
             .unwrap_err();
         assert!(e.to_string().contains("only SELECT"), "{e}");
-        let e = query_read_only(&path, "select 1; drop table runs")
+        let e = query_read_only(&path, "select 1; drop table runs", &Default::default())
             .await
             .unwrap_err();
         assert!(e.to_string().contains("one statement"), "{e}");
         // A write hidden in a CTE is refused by SQLite itself.
-        let e = query_read_only(&path, "WITH x AS (SELECT 1) DELETE FROM runs")
-            .await
-            .unwrap_err();
+        let e = query_read_only(
+            &path,
+            "WITH x AS (SELECT 1) DELETE FROM runs",
+            &Default::default(),
+        )
+        .await
+        .unwrap_err();
         assert!(e.to_string().contains("refused"), "{e}");
     }
 }

@@ -31,7 +31,7 @@ mod ratings;
 mod runs;
 mod views;
 
-pub use query::{QueryResult, query_read_only};
+pub use query::{Queried, QueryLimits, QueryResult, query_read_only};
 pub use ratings::{Rating, RatingPackage};
 pub use views::{Reader, RunFacts, RunHead, RunStage};
 

@@ -1,7 +1,9 @@
 //! Read-only access to the registry: `haic-pipe registry query`.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
+use futures_util::TryStreamExt;
 use serde_json::Value;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
@@ -60,13 +62,39 @@ fn cell(r: &SqliteRow, i: usize) -> Value {
 /// Statements a read-only query may start with.
 const READ_ONLY_STARTS: [&str; 4] = ["select", "with", "explain", "values"];
 
+/// How long a query may run and how many rows it may return: a runaway
+/// recursive query must end with a message, not fill memory or spin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryLimits {
+    pub timeout: Duration,
+    pub max_rows: usize,
+}
+
+impl Default for QueryLimits {
+    fn default() -> Self {
+        QueryLimits {
+            timeout: Duration::from_secs(30),
+            max_rows: 10_000,
+        }
+    }
+}
+
+/// A query's rows, and whether there were more than `max_rows`.
+#[derive(Debug, Clone)]
+pub struct Queried {
+    pub result: QueryResult,
+    pub truncated: bool,
+}
+
 /// Runs one read-only SQL statement on the registry at `path`.
 ///
 /// The connection is opened read-only (SQLite refuses any write), and the
 /// statement must be a single SELECT/WITH/EXPLAIN/VALUES without ATTACH or
 /// extension loading, so the error says what is allowed instead of a bare
-/// "readonly database".
-pub async fn query_read_only(path: &Path, sql: &str) -> Result<QueryResult> {
+/// "readonly database". SQLite interrupts the statement once it has run
+/// for `limits.timeout` (a progress handler), and rows stop at
+/// `limits.max_rows` (the rest are never read).
+pub async fn query_read_only(path: &Path, sql: &str, limits: &QueryLimits) -> Result<Queried> {
     let trimmed = sql.trim().trim_end_matches(';').trim();
     // Checked on the statement's code alone: comments, string literals and
     // quoted names blanked, so that `-- note` before a SELECT, a `;` inside
@@ -98,14 +126,38 @@ pub async fn query_read_only(path: &Path, sql: &str) -> Result<QueryResult> {
         }
     }
     let mut conn = super::views::connect_read_only(path).await?;
-    let rows = sqlx::query(AssertSqlSafe(trimmed.to_string()))
-        .fetch_all(&mut conn)
+    let deadline = Instant::now() + limits.timeout;
+    conn.lock_handle()
         .await
-        .map_err(|e| match e {
-            sqlx::Error::Database(d) => Error::QueryRefused(d.message().to_string()),
-            other => db_err(path)(other),
-        })?;
-    Ok(QueryResult::from_rows(&rows))
+        .map_err(db_err(path))?
+        .set_progress_handler(10_000, move || Instant::now() < deadline);
+    let timeout = limits.timeout;
+    let refused = |e: sqlx::Error| match e {
+        sqlx::Error::Database(d) if d.code().as_deref() == Some("9") => {
+            Error::QueryRefused(format!(
+                "the query ran for its whole time limit ({} s) and was stopped; narrow it, or give `--timeout SECONDS`",
+                timeout.as_secs_f64()
+            ))
+        }
+        sqlx::Error::Database(d) => Error::QueryRefused(d.message().to_string()),
+        other => db_err(path)(other),
+    };
+    let mut rows = Vec::new();
+    let mut truncated = false;
+    {
+        let mut stream = sqlx::query(AssertSqlSafe(trimmed.to_string())).fetch(&mut conn);
+        while let Some(row) = stream.try_next().await.map_err(refused)? {
+            if rows.len() == limits.max_rows {
+                truncated = true;
+                break;
+            }
+            rows.push(row);
+        }
+    }
+    Ok(Queried {
+        result: QueryResult::from_rows(&rows),
+        truncated,
+    })
 }
 
 /// `sql` with its comments, string literals and quoted identifiers
