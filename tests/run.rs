@@ -197,6 +197,46 @@ fn only_the_named_targets_and_their_upstream_run() {
     );
     let out = p.run(&["nope"]);
     assert_error(&out, 2, "there is no stage `nope`");
+    // A misspelt target leaves no run behind for `--resume` to trip over.
+    assert_eq!(p.query("SELECT id FROM runs").len(), 1);
+    let out = p.run(&["--resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("nothing to resume"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// When a run ends, its history is in `registry.db` itself: the file
+/// alone, copied without its write-ahead log, holds every run.
+#[test]
+fn the_registry_file_alone_holds_the_history_after_a_run() {
+    let p = Project::new(CHAIN);
+    assert!(p.run(&[]).status.success());
+    assert!(p.run(&["d"]).status.success());
+    let wal = p.path(".haic/registry.db-wal");
+    assert!(
+        !wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0,
+        "the log is folded in"
+    );
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(p.path(".haic/registry.db"), copy.path().join("registry.db")).unwrap();
+    let out = p.haic(&[
+        "registry",
+        "--workspace",
+        copy.path().to_str().unwrap(),
+        "query",
+        "SELECT count(*) AS n FROM stage_runs",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "n\n5\n",
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

@@ -56,5 +56,6 @@ pub async fn collect(
         }
         removed.push(item);
     }
+    registry.checkpoint_wal().await?;
     Ok(removed)
 }

@@ -119,6 +119,10 @@ pub async fn run(
 ) -> Result<RunSummary> {
     let started = Instant::now();
     let g = graph::build(&p)?;
+    // Bad targets or labels fail before anything is written: no run row
+    // that no driver will finish.
+    g.select(&p, &opts.targets)?;
+    opts.label.check().map_err(Error::Invalid)?;
     let mut ws = ws;
     let _lock = ws.lock(opts.wait_lock)?;
     if let Some(dir) = &p.executor.shared_dir {
@@ -137,7 +141,6 @@ pub async fn run(
     let notice_sink = sink.clone();
     let notice: Arc<dyn Fn(String) + Send + Sync> =
         Arc::new(move |message| notice_sink(&Event::Notice { message }));
-    opts.label.check().map_err(Error::Invalid)?;
     let newest = registry.newest_run(&pipeline_key).await?;
     if let Some(name) = &opts.label.name
         && let Some(other) = registry.run_named(name).await?
@@ -258,6 +261,13 @@ pub async fn run(
         RunStatus::Succeeded
     };
     registry.finish_run(run_id, status).await?;
+    // The history into the database file itself: `registry.db` copied or
+    // kept alone must hold it, not the write-ahead log beside it.
+    if let Err(e) = registry.checkpoint_wal().await {
+        finished_sink(&Event::Notice {
+            message: format!("folding the registry's write-ahead log into the database: {e}"),
+        });
+    }
     finished_sink(&Event::RunFinished {
         run_id,
         status,
