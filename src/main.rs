@@ -245,6 +245,11 @@ enum RegistryCmd {
         #[arg(long, default_value_t = 10_000)]
         limit: usize,
     },
+    /// Every table and view: columns, types and what each holds.
+    Schema {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// The runs, newest first, with stage counts.
     Runs {
         #[arg(long, default_value_t = 20)]
@@ -488,6 +493,10 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                     }
                     (q.result, format)
                 }
+                RegistryCmd::Schema { format } => (
+                    registry::Reader::open(&path).await?.schema().await?,
+                    format,
+                ),
                 RegistryCmd::Runs { limit, format } => (
                     registry::Reader::open(&path)
                         .await?

@@ -189,6 +189,40 @@ fn runaway_queries_stop_at_their_time_and_row_limits() {
     );
 }
 
+/// The schema is discoverable from the CLI, and a query on a table that
+/// does not exist says where to look.
+#[test]
+fn registry_schema_lists_tables_views_and_columns() {
+    let p = Project::new(TWO);
+    assert!(p.run(&[]).status.success());
+    let out = p.haic(&[
+        "registry",
+        "-p",
+        "pipeline.yaml",
+        "schema",
+        "--format",
+        "csv",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let csv = String::from_utf8_lossy(&out.stdout);
+    assert!(csv.starts_with("table,kind,column,type,holds\n"), "{csv}");
+    assert!(csv.contains("params,table,stage_run_id,INTEGER,"), "{csv}");
+    assert!(csv.contains("run_stages,view,producer,"), "{csv}");
+    assert!(!csv.contains("_sqlx"), "{csv}");
+    let out = p.haic(&[
+        "registry",
+        "-p",
+        "pipeline.yaml",
+        "query",
+        "SELECT * FROM stage",
+    ]);
+    assert_error(
+        &out,
+        2,
+        "no such table: stage; `haic-pipe registry schema` lists",
+    );
+}
+
 #[test]
 fn a_registry_that_does_not_exist_is_named() {
     let p = Project::new(TWO);

@@ -139,6 +139,12 @@ pub async fn query_read_only(path: &Path, sql: &str, limits: &QueryLimits) -> Re
                 timeout.as_secs_f64()
             ))
         }
+        sqlx::Error::Database(d) if d.message().starts_with("no such table") => {
+            Error::QueryRefused(format!(
+                "{}; `haic-pipe registry schema` lists the tables and their columns",
+                d.message()
+            ))
+        }
         sqlx::Error::Database(d) => Error::QueryRefused(d.message().to_string()),
         other => db_err(path)(other),
     };

@@ -12,6 +12,46 @@ use sqlx::{ConnectOptions, Row};
 use super::{MetricPoint, QueryResult, RunStatus, StageStatus, db_err};
 use crate::error::{Error, Result};
 
+/// What each table and view holds, for `registry schema`.
+const TABLES: &[(&str, &str)] = &[
+    (
+        "runs",
+        "one row per `run`: pipeline, status, times, name, note, -S overrides",
+    ),
+    ("run_tags", "the tags of a run (`run --tag`)"),
+    (
+        "stage_runs",
+        "one row per stage per run and attempt: status, key, key material, worker, log, error",
+    ),
+    (
+        "run_stages",
+        "per run and stage, the stage run behind its artifact (`producer`), cached or not",
+    ),
+    (
+        "params",
+        "a stage run's resolved params, nested names dotted",
+    ),
+    (
+        "metrics",
+        "every metric point: stage run, name, step, value",
+    ),
+    (
+        "metric_summaries",
+        "per stage run and metric: last, min, max, points",
+    ),
+    (
+        "artifacts",
+        "the artifact store's contents: key, stage, digest, size, the stage run that made it",
+    ),
+    ("lineage", "which artifact a stage run read, per input"),
+    ("file_hashes", "the dependency files' digest cache"),
+    (
+        "rating_packages",
+        "human-evaluation packages raters answered",
+    ),
+    ("ratings", "human-evaluation answers"),
+];
+
 /// A read-only connection to a registry.
 pub struct Reader {
     path: PathBuf,
@@ -92,6 +132,37 @@ impl Reader {
             path: self.path.clone(),
             message,
         })
+    }
+
+    /// Every table and view with its columns and what it holds, as a
+    /// table (`registry schema`).
+    pub async fn schema(&mut self) -> Result<QueryResult> {
+        let rows = sqlx::query(
+            "SELECT m.name AS \"table\", m.type AS kind, p.name AS \"column\", p.type AS type
+             FROM sqlite_master m JOIN pragma_table_info(m.name) p
+             WHERE m.type IN ('table', 'view') AND m.name NOT LIKE 'sqlite_%'
+               AND m.name NOT LIKE '_sqlx%'
+             ORDER BY m.name, p.cid",
+        )
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(db_err(&self.path))?;
+        let mut r = QueryResult::from_rows(&rows);
+        r.columns.push("holds".into());
+        let mut previous = String::new();
+        for row in &mut r.rows {
+            let table = row[0].as_str().unwrap_or_default().to_string();
+            let holds = match table == previous {
+                true => "",
+                false => TABLES
+                    .iter()
+                    .find(|(t, _)| *t == table)
+                    .map_or("", |(_, h)| *h),
+            };
+            row.push(serde_json::Value::from(holds));
+            previous = table;
+        }
+        Ok(r)
     }
 
     /// The newest `limit` runs with their stage counts, as a table.
