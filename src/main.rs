@@ -68,6 +68,13 @@ enum Cmd {
         /// Print events as JSON lines.
         #[arg(long)]
         json: bool,
+        /// Without a terminal: a stage's progress at most once per this
+        /// many seconds (0: every step).
+        #[arg(long, default_value_t = 10.0)]
+        progress_interval: f64,
+        /// Without a terminal: no progress lines, only stage and run events.
+        #[arg(long, short)]
+        quiet: bool,
         #[command(flatten)]
         set: SetArgs,
         /// A name for the run, unique in the workspace (usable where a run id is).
@@ -385,11 +392,16 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             keep_going: _,
             wait,
             json,
+            progress_interval,
+            quiet,
             set,
             name,
             tags,
             note,
         } => {
+            if !(progress_interval >= 0.0 && progress_interval.is_finite()) {
+                bail!("--progress-interval {progress_interval}: give seconds, 0 or more");
+            }
             let label = registry::RunLabel {
                 name,
                 tags,
@@ -406,7 +418,13 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             } else {
                 render::Mode::Plain
             };
-            let sink = render::sink(mode);
+            let sink = render::sink(
+                mode,
+                render::ProgressLines {
+                    every: std::time::Duration::from_secs_f64(progress_interval),
+                    quiet,
+                },
+            );
             let cancel = CancellationToken::new();
             spawn_signal_handler(cancel.clone());
             let opts = RunOptions {
@@ -493,10 +511,9 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                     }
                     (q.result, format)
                 }
-                RegistryCmd::Schema { format } => (
-                    registry::Reader::open(&path).await?.schema().await?,
-                    format,
-                ),
+                RegistryCmd::Schema { format } => {
+                    (registry::Reader::open(&path).await?.schema().await?, format)
+                }
                 RegistryCmd::Runs { limit, format } => (
                     registry::Reader::open(&path)
                         .await?

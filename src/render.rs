@@ -30,8 +30,45 @@ struct Bars {
 
 static BARS: OnceLock<Mutex<Bars>> = OnceLock::new();
 
-pub fn sink(mode: Mode) -> EventSink {
+/// How often plain output reports a stage's progress: at most once per
+/// `every` per stage (and its last step), or never (`quiet`); stage and
+/// run events always print.
+#[derive(Debug, Clone, Copy)]
+pub struct ProgressLines {
+    pub every: std::time::Duration,
+    pub quiet: bool,
+}
+
+impl ProgressLines {
+    /// Whether a progress line for `stage` is due now; records it if so.
+    fn due(
+        &self,
+        last: &Mutex<HashMap<String, Instant>>,
+        stage: &str,
+        done: u64,
+        total: u64,
+    ) -> bool {
+        if self.quiet {
+            return false;
+        }
+        let Ok(mut last) = last.lock() else {
+            return true;
+        };
+        let now = Instant::now();
+        let due = done >= total
+            || last
+                .get(stage)
+                .is_none_or(|t| now.duration_since(*t) >= self.every);
+        if due {
+            last.insert(stage.to_string(), now);
+        }
+        due
+    }
+}
+
+pub fn sink(mode: Mode, progress: ProgressLines) -> EventSink {
     let start = Instant::now();
+    let last_progress: Mutex<HashMap<String, Instant>> = Mutex::new(HashMap::new());
     match mode {
         Mode::Json => Arc::new(|e: &Event| {
             if let Ok(line) = serde_json::to_string(e) {
@@ -40,6 +77,13 @@ pub fn sink(mode: Mode) -> EventSink {
             }
         }),
         Mode::Plain => Arc::new(move |e: &Event| {
+            if let Event::StageProgress {
+                stage, done, total, ..
+            } = e
+                && !progress.due(&last_progress, stage, *done, *total)
+            {
+                return;
+            }
             if let Some(line) = plain_line(e) {
                 // One write per line: stderr is unbuffered, and a 10,000-stage
                 // no-op run prints 10,000 lines.

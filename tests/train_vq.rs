@@ -373,3 +373,30 @@ assert codes.max() < 32 and len(codes) == 2000 * 64
 "#;
     run_python(&python, script, &[&dir, &codes]);
 }
+
+/// Without a terminal, `run` prints a stage's progress at most once per
+/// `--progress-interval` (and its last step), every step with 0, and none
+/// with `--quiet`; stage events always.
+#[test]
+fn plain_progress_lines_are_throttled() {
+    let count = |extra: &[&str]| {
+        let p = common::smoke("");
+        let mut args = vec!["vq1"];
+        args.extend_from_slice(extra);
+        let out = p.run(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stderr(&out);
+        assert!(text.contains("vq1: succeeded"), "{text}");
+        text.lines()
+            .filter(|l| l.contains("] vq1: ") && l.contains("/20"))
+            .count()
+    };
+    let every = count(&["--progress-interval", "0"]);
+    assert_eq!(every, 20, "one line a step");
+    let default = count(&[]);
+    assert!(
+        (1..=3).contains(&default),
+        "{default} lines in a few seconds"
+    );
+    assert_eq!(count(&["--quiet"]), 0);
+}
