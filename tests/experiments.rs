@@ -100,6 +100,18 @@ fn bad_overrides_name_the_argument() {
         "{}",
         stderr(&out)
     );
+    // A param the file leaves to its default takes nested keys.
+    let out = q.haic(&[
+        "status",
+        "pipeline.yaml",
+        "-S",
+        "prep.validation.fraction=2",
+    ]);
+    assert_error(
+        &out,
+        2,
+        "validation.fraction must be between 0 and 1, not 2",
+    );
     let out = q.haic(&["status", "pipeline.yaml", "-S", "prep.source.format.x=1"]);
     assert_error(&out, 2, "`prep.source.format` is not a map");
     assert!(!q.path(".haic").exists(), "nothing written");

@@ -210,9 +210,17 @@ fn apply_overrides(
         let here = st.value.kind.referenced;
         let slot = match params.iter_mut().find(|(k, _)| k.value == o.path[1]) {
             Some((_, v)) => v,
-            None => params
-                .entry(Spanned::new(o.path[1].clone(), here, here))
-                .or_insert(Spanned::new(Value::Null, here, here)),
+            None => {
+                // A param the file leaves to its default: a map when the
+                // override sets a key inside it.
+                let empty = match o.path.len() > 2 {
+                    true => Value::Object(Default::default()),
+                    false => Value::Null,
+                };
+                params
+                    .entry(Spanned::new(o.path[1].clone(), here, here))
+                    .or_insert(Spanned::new(empty, here, here))
+            }
         };
         o.set_in(&mut slot.value, &o.path[2..]).map_err(|m| {
             err(
