@@ -408,7 +408,6 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 note,
                 overrides: set.set.iter().map(|o| o.text.clone()).collect(),
             };
-            label.check().map_err(anyhow::Error::msg)?;
             let p = load(&pipeline, &kinds, &set)?;
             let ws = Workspace::locate(&pipeline, cli.workspace.as_deref())?;
             let mode = if json {

@@ -293,18 +293,20 @@ fn cell_text(v: &Value) -> String {
     }
 }
 
+/// A table's rows as JSON objects keyed by column name.
+fn objects(r: &QueryResult) -> Vec<serde_json::Map<String, Value>> {
+    r.rows
+        .iter()
+        .map(|row| r.columns.iter().cloned().zip(row.iter().cloned()).collect())
+        .collect()
+}
+
 /// `compare`'s output: the runs, and the groups where there are any (JSON:
 /// `{"runs": [...], "groups": [...]}`; CSV: the groups when there are
 /// any, else the runs).
 pub fn comparison(c: &pipeline::compare::Comparison, format: Format) {
     match format {
         Format::Json => {
-            let objects = |r: &QueryResult| -> Vec<serde_json::Map<String, Value>> {
-                r.rows
-                    .iter()
-                    .map(|row| r.columns.iter().cloned().zip(row.iter().cloned()).collect())
-                    .collect()
-            };
             let doc = serde_json::json!({
                 "runs": objects(&c.runs),
                 "groups": c.groups.as_ref().map(objects).unwrap_or_default(),
@@ -328,11 +330,7 @@ pub fn table(r: &QueryResult, format: Format) {
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {
-            let rows: Vec<serde_json::Map<String, Value>> = r
-                .rows
-                .iter()
-                .map(|row| r.columns.iter().cloned().zip(row.iter().cloned()).collect())
-                .collect();
+            let rows = objects(r);
             let _ = writeln!(
                 out,
                 "{}",
