@@ -138,7 +138,8 @@ enum Cmd {
     /// Runs side by side: the params that differ, their metrics, and (over
     /// runs that differ only in seeds) means with 95 % intervals.
     Compare {
-        /// Run ids or names (`haic-pipe registry runs` lists them).
+        /// Run ids or names (`haic-pipe registry runs` lists them); a sweep
+        /// run gives one row per member.
         #[arg(required = true)]
         runs: Vec<String>,
         /// A metric to show: `val.bits_per_dim` (every stage that has it) or
@@ -183,6 +184,11 @@ struct SetArgs {
     /// `-S vq1.quantiser.codebook_size=64` (VALUE is YAML; repeatable).
     #[arg(short = 'S', long = "set", value_name = "PATH=VALUE")]
     set: Vec<pipeline::spec::Override>,
+    /// Run the pipeline once per combination of these vars' values, as
+    /// one DAG whose shared stages run once: `--sweep seed=0,1,2`
+    /// (repeatable; replaces the file's `sweep:`).
+    #[arg(long = "sweep", value_name = "NAME=V1,V2,...")]
+    sweep: Vec<pipeline::spec::SweepArg>,
 }
 
 #[derive(Subcommand)]
@@ -346,7 +352,9 @@ fn worker(job: &Path) -> i32 {
 }
 
 fn load(pipeline: &Path, kinds: &Kinds, set: &SetArgs) -> Result<pipeline::spec::Pipeline> {
-    Ok(pipeline::spec::load_with(pipeline, kinds, &set.set)?)
+    Ok(pipeline::spec::load_with(
+        pipeline, kinds, &set.set, &set.sweep,
+    )?)
 }
 
 /// `STAGE:METRIC` for each headline metric of each stage's kind in `runs`.
@@ -458,6 +466,9 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             let ws = Workspace::locate(&pipeline, cli.workspace.as_deref())?;
             let states = pipeline::status::status(&p, &g, &kinds, &ws).await?;
             render::status(&states, json);
+            if let (Some(sweep), false) = (&p.sweep, json) {
+                render::sweep_members(sweep, &states);
+            }
             Ok(if states.iter().all(|s| s.state == Freshness::Cached) {
                 0
             } else {
@@ -470,17 +481,32 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             set,
         } => {
             let p = load(&pipeline, &kinds, &set)?;
-            if p.stage(&stage).is_none() {
+            // In a sweep, a name from the file shows each of its copies.
+            let shown: Vec<&str> = match p.stage(&stage) {
+                Some(s) => vec![s.name.as_str()],
+                None => p
+                    .stages
+                    .iter()
+                    .filter(|s| p.sweep.is_some() && s.file_name() == stage)
+                    .map(|s| s.name.as_str())
+                    .collect(),
+            };
+            if shown.is_empty() {
                 bail!("{}: there is no stage `{stage}`", pipeline.display());
             }
             let g = pipeline::graph::build(&p)?;
             let ws = Workspace::locate(&pipeline, cli.workspace.as_deref())?;
             let states = pipeline::status::status(&p, &g, &kinds, &ws).await?;
-            let state = states
-                .iter()
-                .find(|s| s.stage == stage)
-                .context("stage missing from status")?;
-            render::show(state, &ws, &p).await?;
+            for (i, name) in shown.iter().enumerate() {
+                let state = states
+                    .iter()
+                    .find(|s| s.stage == *name)
+                    .context("stage missing from status")?;
+                if i > 0 {
+                    println!();
+                }
+                render::show(state, &ws, &p).await?;
+            }
             Ok(0)
         }
         Cmd::Registry { command, pipeline } => {
@@ -576,7 +602,11 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                         "no run {which} in this workspace; `haic-pipe registry runs` lists the runs (by id and name)"
                     );
                 };
-                facts.extend(reader.run_facts(id).await?);
+                // A sweep's members are compared one by one.
+                match reader.sweep_facts(id).await? {
+                    Some(members) => facts.extend(members),
+                    None => facts.extend(reader.run_facts(id).await?),
+                }
             }
             let patterns = if metrics.is_empty() {
                 headline_patterns(&facts, &kinds)

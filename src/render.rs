@@ -9,7 +9,7 @@ use std::time::Instant;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pipeline::registry::QueryResult;
 use pipeline::run::{Event, EventSink};
-use pipeline::status::StageState;
+use pipeline::status::{Freshness, StageState};
 use pipeline::workspace::Workspace;
 use serde_json::Value;
 
@@ -271,18 +271,77 @@ pub async fn show(
     }
     if let Some(st) = p.stage(&state.stage) {
         for o in &st.outs {
-            println!("out:      {}", p.dir.join(o).display());
+            match st.restore_outs {
+                true => println!("out:      {}", p.dir.join(o).display()),
+                false => {
+                    println!("out:      {o} (in the artifact: the sweep's copies share the path)")
+                }
+            }
+        }
+        let mut params = Vec::new();
+        pipeline::registry::flatten_params("", &Value::Object(st.params.clone()), &mut params);
+        println!("params (resolved, defaults applied):");
+        let width = params.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        for (k, v) in &params {
+            println!("  {k:width$}  {v}");
         }
     }
     if ws.registry_path().exists() {
-        let r = pipeline::registry::Reader::open(&ws.registry_path())
-            .await?
-            .recent_stage_runs(&state.stage, 5)
-            .await?;
+        let mut reader = pipeline::registry::Reader::open(&ws.registry_path()).await?;
+        if let (Some(key), Some(_)) = (&state.key, &state.artifact) {
+            let m = reader.artifact_metrics(key).await?;
+            if !m.rows.is_empty() {
+                println!("metrics (of the stage run that made the artifact):");
+                table(&m, Format::Table);
+            }
+        }
+        let r = reader.recent_stage_runs(&state.stage, 5).await?;
         println!("recent runs:");
         table(&r, Format::Table);
     }
     Ok(())
+}
+
+/// A sweep's members: per member, how many of its stages are cached and
+/// which are not, with why (the first reason of each).
+pub fn sweep_members(sweep: &pipeline::spec::Sweep, states: &[StageState]) {
+    let by_name: HashMap<&str, &StageState> =
+        states.iter().map(|s| (s.stage.as_str(), s)).collect();
+    println!("\nmembers of the sweep ({}):", sweep.members.len());
+    let width = sweep
+        .members
+        .iter()
+        .map(|m| m.label().len())
+        .max()
+        .unwrap_or(0);
+    for m in &sweep.members {
+        let mine: Vec<&StageState> = m
+            .stages
+            .iter()
+            .filter_map(|(_, copy)| by_name.get(copy.as_str()).copied())
+            .collect();
+        let cached = mine.iter().filter(|s| s.state == Freshness::Cached).count();
+        let stale: Vec<&str> = m
+            .stages
+            .iter()
+            .filter(|(_, copy)| {
+                by_name
+                    .get(copy.as_str())
+                    .is_some_and(|s| s.state != Freshness::Cached)
+            })
+            .map(|(file, _)| file.as_str())
+            .collect();
+        let line = match stale.is_empty() {
+            true => format!("{:width$}  {cached}/{} cached", m.label(), mine.len()),
+            false => format!(
+                "{:width$}  {cached}/{} cached; not: {}",
+                m.label(),
+                mine.len(),
+                stale.join(", ")
+            ),
+        };
+        println!("{line}");
+    }
 }
 
 fn cell_text(v: &Value) -> String {

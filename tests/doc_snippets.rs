@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use pipeline::spec::KindRules;
 use serde_json::Value;
 
-const TOP_LEVEL_KEYS: [&str; 5] = ["root", "vars", "defaults", "executor", "stages"];
+const TOP_LEVEL_KEYS: [&str; 6] = ["root", "vars", "defaults", "executor", "stages", "sweep"];
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

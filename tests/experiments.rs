@@ -156,3 +156,181 @@ fn compare_pools_seeds_and_gives_intervals() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("95 % interval"));
     assert_error(&p.haic(&["compare", "1", "nope"]), 2, "no run nope");
 }
+
+/// `stage -> artifact digest` of each stage of sweep member `member` (the
+/// copy it used), or of run 1's stages when `member` is `None`.
+fn member_digests(p: &common::Project, member: Option<usize>) -> Vec<(String, String)> {
+    let sql = match member {
+        Some(m) => format!(
+            "SELECT ms.stage, a.digest FROM member_stages ms JOIN artifacts a ON a.key = ms.key
+             WHERE ms.run_id = 1 AND ms.member = {m} ORDER BY ms.stage"
+        ),
+        None => "SELECT rs.stage, a.digest FROM run_stages rs JOIN artifacts a ON a.key = rs.key
+                 WHERE rs.run_id = 1 ORDER BY rs.stage"
+            .into(),
+    };
+    p.query(&sql)
+        .into_iter()
+        .map(|r| {
+            (
+                r["stage"].as_str().unwrap().into(),
+                r["digest"].as_str().unwrap().into(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_sweep_runs_shared_stages_once_and_each_member_as_alone() {
+    let p = common::smoke("");
+    let out = p.run(&[
+        "--sweep",
+        "level1_decoder=ff,msp",
+        "--sweep",
+        "seed=0,1",
+        "--name",
+        "grid",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // The stages that read neither var ran once, under their own names;
+    // every other stage once per member (vq1 reads both vars).
+    let ran = p.query(
+        "SELECT stage, count(*) AS n FROM stage_runs WHERE run_id = 1 AND status = 'succeeded' GROUP BY stage",
+    );
+    let names: Vec<&str> = ran.iter().map(|r| r["stage"].as_str().unwrap()).collect();
+    assert!(ran.iter().all(|r| r["n"] == 1), "{ran:?}");
+    for shared in ["prep", "baseline", "baseline_samples"] {
+        assert!(names.contains(&shared), "{names:?}");
+    }
+    for copied in ["vq1", "decoder1", "ham_samples", "evaluation"] {
+        let copies: Vec<&&str> = names
+            .iter()
+            .filter(|n| n.starts_with(&format!("{copied}@")))
+            .collect();
+        assert_eq!(copies.len(), 4, "{copied}: {names:?}");
+    }
+    assert!(
+        names.contains(&"vq1@level1_decoder=msp,seed=1"),
+        "{names:?}"
+    );
+    assert_eq!(names.len(), 3 + 11 * 4, "{names:?}");
+    let members =
+        p.query("SELECT member, vars FROM sweep_members WHERE run_id = 1 ORDER BY member");
+    assert_eq!(members.len(), 4);
+    assert_eq!(members[3]["vars"], r#"{"level1_decoder":"msp","seed":1}"#);
+
+    // Member 3 (msp, seed 1) run alone in a fresh folder gives the same
+    // artifacts, byte for byte.
+    let alone = common::smoke("");
+    let out = alone.run(&["-S", "vars.level1_decoder=msp", "-S", "vars.seed=1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let swept = member_digests(&p, Some(3));
+    assert_eq!(swept.len(), 14, "{swept:?}");
+    assert_eq!(swept, member_digests(&alone, None));
+
+    // A re-run finds the whole sweep cached.
+    let out = p.run(&["--sweep", "level1_decoder=ff,msp", "--sweep", "seed=0,1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rerun = p.query("SELECT DISTINCT status FROM stage_runs WHERE run_id = 2");
+    assert_eq!(rerun, vec![serde_json::json!({"status": "cached"})]);
+
+    // compare: one row per member, two groups (the decoders) of n = 2 seeds.
+    let c = json(&p.haic(&["compare", "grid", "--format", "json"]));
+    assert_eq!(c["runs"].as_array().unwrap().len(), 4);
+    let groups = c["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 2, "{groups:?}");
+    for (g, kind) in groups.iter().zip(["ff", "msp"]) {
+        assert_eq!(g["vars.level1_decoder"], kind);
+        assert_eq!(g["n"], 2);
+        let (lo, hi) = (&g["vq1:val.psnr ci95_lo"], &g["vq1:val.psnr ci95_hi"]);
+        assert!(lo.as_f64().unwrap() < hi.as_f64().unwrap(), "{g}");
+    }
+}
+
+#[test]
+fn bad_sweeps_are_refused_before_anything_runs() {
+    let p = Project::new(SCORED);
+    for (args, code, text) in [
+        (
+            vec!["--sweep", "nope=1,2"],
+            2,
+            "the pipeline has no var `nope`",
+        ),
+        (vec!["--sweep", "lr=1,,2"], 2, "an empty value"),
+        (vec!["--sweep", "lr"], 2, "give NAME=V1,V2"),
+        (
+            vec!["--sweep", "lr=1,1"],
+            2,
+            "members 0 and 1 of the sweep are the same",
+        ),
+        (
+            vec!["--sweep", "lr=1", "--sweep", "lr=2"],
+            2,
+            "`lr` is swept twice",
+        ),
+    ] {
+        let mut all = vec!["status", "pipeline.yaml"];
+        all.extend(args);
+        assert_error(&p.haic(&all), code, text);
+    }
+    for (sweep, text) in [
+        ("sweep: {lr: []}", "sweep.lr is an empty list"),
+        ("sweep: {lr: 3}", "sweep.lr must be a list"),
+        (
+            "sweep: [{lr: 1}, {seed: 1}]",
+            "sweep[1] sets other vars than sweep[0]",
+        ),
+        (
+            "sweep: {rate: [1]}",
+            "pipeline.yaml:12:8: sweep: the pipeline has no var `rate`",
+        ),
+    ] {
+        let q = Project::new(&format!("{SCORED}{sweep}\n"));
+        assert_error(&q.haic(&["status", "pipeline.yaml"]), 2, text);
+    }
+    assert!(!p.path(".haic").exists(), "nothing written");
+}
+
+#[test]
+fn a_sweep_in_the_file_shares_stages_and_keeps_shared_outs_in_the_store() {
+    let p = Project::new(&format!("{SCORED}sweep: {{lr: [1, 2], seed: [0, 1]}}\n"));
+    let out = p.run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ran = p.query("SELECT stage FROM stage_runs WHERE run_id = 1 ORDER BY id");
+    let names: Vec<&str> = ran.iter().map(|r| r["stage"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 5, "{names:?}");
+    assert!(
+        names.contains(&"other") && names.contains(&"train@lr=2,seed=1"),
+        "{names:?}"
+    );
+    // `other` has one copy and writes its out; the four copies of `train`
+    // would all write out.txt, so it stays in the store.
+    assert_eq!(p.read("other.txt"), "fixed\n");
+    assert!(!p.path("out.txt").exists());
+    // A target named as in the file selects every copy.
+    let out = p.run(&["train"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        p.query("SELECT stage FROM stage_runs WHERE run_id = 2")
+            .len(),
+        4
+    );
+    // -S on a swept var pins it: two members left.
+    let out = p.haic(&["status", "pipeline.yaml", "-S", "vars.lr=2", "--json"]);
+    let states = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        states.contains("train@seed=1") && !states.contains("lr="),
+        "{states}"
+    );
+
+    // A file dep on an out every copy writes is refused at load.
+    let q = Project::new(&format!(
+        "{SCORED}  reader:\n    kind: command\n    cmd: cat out.txt\n    deps: [out.txt]\nsweep: {{lr: [1, 2]}}\n"
+    ));
+    assert_error(
+        &q.haic(&["status", "pipeline.yaml"]),
+        2,
+        "dep `out.txt` is an out of a stage the sweep copies",
+    );
+}

@@ -2,9 +2,10 @@
 //! ([`RunFacts`]: the params and metrics of the stage run behind each
 //! stage's artifact, cached or not).
 //!
-//! - **Runs**: one row per run with the params whose values differ between
-//!   the runs (`STAGE.PARAM`, nested keys dotted) and the metrics asked for
-//!   (`STAGE:METRIC`).
+//! - **Runs**: one row per run (per member, for a sweep's run: named by
+//!   its values, which count as its `-S vars.NAME=VALUE` overrides) with
+//!   the params whose values differ between the runs (`STAGE.PARAM`,
+//!   nested keys dotted) and the metrics asked for (`STAGE:METRIC`).
 //! - **Groups**: runs pooled by what they were told to vary (default: their
 //!   `-S` overrides, e.g. `vars.level1_decoder=msp`, except seeds, those
 //!   whose last part contains `seed`; and their pipeline text), or by the
@@ -37,6 +38,17 @@ pub enum GroupBy {
 pub struct Comparison {
     pub runs: QueryResult,
     pub groups: Option<QueryResult>,
+}
+
+/// How a group names its run `i`: the run id, or for a sweep's member
+/// (several rows of one run) `RUN/NAME`.
+fn run_label(runs: &[RunFacts], i: usize) -> String {
+    let r = &runs[i];
+    let shared = runs.iter().filter(|o| o.id == r.id).count() > 1;
+    match (&r.name, shared) {
+        (Some(name), true) => format!("{}/{name}", r.id),
+        _ => r.id.to_string(),
+    }
 }
 
 /// Compares `runs`; `patterns` name the metrics (see the module doc).
@@ -155,7 +167,7 @@ pub fn compare(runs: &[RunFacts], patterns: &[String], group_by: &GroupBy) -> Co
                 row.push(Value::from(
                     members
                         .iter()
-                        .map(|&i| runs[i].id.to_string())
+                        .map(|&i| run_label(runs, i))
                         .collect::<Vec<_>>()
                         .join(" "),
                 ));

@@ -258,6 +258,15 @@ impl Graph {
         let mut keep = vec![false; n];
         let mut stack = Vec::new();
         for t in targets {
+            // In a sweep, a stage's name in the file stands for all its copies.
+            let copies: Vec<usize> = match p.sweep.is_some() && !t.contains('@') {
+                true => (0..n).filter(|&i| p.stages[i].file_name() == t).collect(),
+                false => Vec::new(),
+            };
+            if !copies.is_empty() {
+                stack.extend(copies);
+                continue;
+            }
             let Some(&i) = p.index.get(t.as_str()) else {
                 return Err(crate::Error::Invalid(format!(
                     "{}: there is no stage `{t}`; {}",

@@ -33,6 +33,7 @@ mod views;
 
 pub use query::{Queried, QueryLimits, QueryResult, query_read_only};
 pub use ratings::{Rating, RatingPackage};
+pub use runs::flatten_params;
 pub use views::{Reader, RunFacts, RunHead, RunStage};
 
 use std::path::{Path, PathBuf};

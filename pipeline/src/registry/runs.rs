@@ -14,6 +14,10 @@ use crate::error::Result;
 /// Stage-run rows per INSERT statement (13 values each).
 const STAGE_RUN_ROWS_PER_STATEMENT: usize = 2000;
 
+/// Sweep rows per INSERT statement (at most 4 values each; SQLite allows
+/// 32,766 variables per statement).
+const SWEEP_ROWS_PER_STATEMENT: usize = 5000;
+
 impl Registry {
     pub async fn begin_run(&self, pipeline: &str, digest: &str, targets: &str) -> Result<i64> {
         let q = sqlx::query(
@@ -51,6 +55,71 @@ impl Registry {
                 .bind(tag);
             self.execute(q).await?;
         }
+        Ok(())
+    }
+
+    /// Records the members of the sweep `run_id` runs and which stage copy
+    /// each member's stage is, replacing what a resumed run had.
+    pub async fn record_sweep(&self, run_id: i64, sweep: &crate::spec::Sweep) -> Result<()> {
+        let err = db_err(&self.path);
+        let mut c = self.conn.lock().await;
+        let mut tx = c.begin().await.map_err(&err)?;
+        let swept = serde_json::to_string(&sweep.vars).unwrap_or_else(|_| "[]".into());
+        sqlx::query("UPDATE runs SET swept = ? WHERE id = ?")
+            .bind(swept)
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(&err)?;
+        for delete in [
+            "DELETE FROM sweep_members WHERE run_id = ?",
+            "DELETE FROM sweep_member_stages WHERE run_id = ?",
+        ] {
+            sqlx::query(delete)
+                .bind(run_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(&err)?;
+        }
+        let members: Vec<(i64, String)> = sweep
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let vars = serde_json::to_string(&m.vars).unwrap_or_else(|_| "{}".into());
+                (i as i64, vars)
+            })
+            .collect();
+        for chunk in members.chunks(SWEEP_ROWS_PER_STATEMENT) {
+            let mut qb = QueryBuilder::new("INSERT INTO sweep_members (run_id, member, vars) ");
+            qb.push_values(chunk, |mut b, (i, vars)| {
+                b.push_bind(run_id).push_bind(*i).push_bind(vars.as_str());
+            });
+            qb.build().execute(&mut *tx).await.map_err(&err)?;
+        }
+        let stages: Vec<(i64, &str, &str)> = sweep
+            .members
+            .iter()
+            .enumerate()
+            .flat_map(|(i, m)| {
+                m.stages
+                    .iter()
+                    .map(move |(file, copy)| (i as i64, file.as_str(), copy.as_str()))
+            })
+            .collect();
+        for chunk in stages.chunks(SWEEP_ROWS_PER_STATEMENT) {
+            let mut qb = QueryBuilder::new(
+                "INSERT INTO sweep_member_stages (run_id, member, stage, run_stage) ",
+            );
+            qb.push_values(chunk, |mut b, (i, file, copy)| {
+                b.push_bind(run_id)
+                    .push_bind(*i)
+                    .push_bind(*file)
+                    .push_bind(*copy);
+            });
+            qb.build().execute(&mut *tx).await.map_err(&err)?;
+        }
+        tx.commit().await.map_err(&err)?;
         Ok(())
     }
 
@@ -309,7 +378,9 @@ impl Registry {
 }
 
 /// Nested params become dotted names: `{opt: {lr: 1}}` -> `opt.lr = 1`.
-fn flatten_params(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
+/// `(name, value)` pairs of a stage's params as the `params` table holds
+/// them: nested names dotted (`quantiser.decay`), strings bare.
+pub fn flatten_params(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
     match v {
         Value::Object(m) => {
             for (k, v) in m {

@@ -2,6 +2,7 @@
 //! stage's recent runs (`show`), one run's stages and metrics (`report`),
 //! and what runs ran with and gave (`compare`). They open the registry read-only, like `registry query`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -16,9 +17,21 @@ use crate::error::{Error, Result};
 const TABLES: &[(&str, &str)] = &[
     (
         "runs",
-        "one row per `run`: pipeline, status, times, name, note, -S overrides",
+        "one row per `run`: pipeline, status, times, name, note, -S overrides, swept vars",
     ),
     ("run_tags", "the tags of a run (`run --tag`)"),
+    (
+        "sweep_members",
+        "per sweep run, each member's values of the swept vars (JSON)",
+    ),
+    (
+        "sweep_member_stages",
+        "per sweep member and stage of the file, the stage copy in the run it is",
+    ),
+    (
+        "member_stages",
+        "per sweep member and stage, the copy's status and the stage run behind its artifact",
+    ),
     (
         "stage_runs",
         "one row per stage per run and attempt: status, key, key material, worker, log, error",
@@ -199,6 +212,21 @@ impl Reader {
         Ok(QueryResult::from_rows(&rows))
     }
 
+    /// The last value of each metric of the stage run that produced the
+    /// artifact `key`, as a table (`show`).
+    pub async fn artifact_metrics(&mut self, key: &str) -> Result<QueryResult> {
+        let rows = sqlx::query(
+            "SELECT m.name AS metric, m.last_value AS last, m.min_value AS min, m.max_value AS max, m.points
+             FROM artifacts a JOIN metric_summaries m ON m.stage_run_id = a.stage_run_id
+             WHERE a.key = ? ORDER BY m.name",
+        )
+        .bind(key)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(db_err(&self.path))?;
+        Ok(QueryResult::from_rows(&rows))
+    }
+
     /// The run a person means by `which`: a run id, else a run name.
     pub async fn find_run(&mut self, which: &str) -> Result<Option<i64>> {
         let row = match which.parse::<i64>() {
@@ -214,22 +242,10 @@ impl Reader {
     /// What run `run` ran with and gave (see [`RunFacts`]); `None` if there
     /// is no such run.
     pub async fn run_facts(&mut self, run: i64) -> Result<Option<RunFacts>> {
-        let err = db_err(&self.path);
-        let Some(head) =
-            sqlx::query("SELECT name, overrides, pipeline_digest FROM runs WHERE id = ?")
-                .bind(run)
-                .fetch_optional(&mut self.conn)
-                .await
-                .map_err(&err)?
-        else {
+        let Some(mut facts) = self.run_facts_head(run).await? else {
             return Ok(None);
         };
-        let overrides: String = head.get(1);
-        let tags = sqlx::query("SELECT tag FROM run_tags WHERE run_id = ? ORDER BY tag")
-            .bind(run)
-            .fetch_all(&mut self.conn)
-            .await
-            .map_err(&err)?;
+        let err = db_err(&self.path);
         let params = sqlx::query(
             "SELECT rs.stage, rs.kind, p.name, p.value FROM run_stages rs
              JOIN params p ON p.stage_run_id = rs.producer
@@ -248,20 +264,116 @@ impl Reader {
         .fetch_all(&mut self.conn)
         .await
         .map_err(&err)?;
+        facts.params = params
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        facts.metrics = metrics
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        Ok(Some(facts))
+    }
+
+    /// What each member of sweep run `run` ran with and gave, as one
+    /// [`RunFacts`] per member in sweep order (named by its values, its
+    /// values as `vars.NAME=VALUE` overrides, stages named as in the file);
+    /// `None` if `run` is not a sweep.
+    pub async fn sweep_facts(&mut self, run: i64) -> Result<Option<Vec<RunFacts>>> {
+        let Some(head) = self.run_facts_head(run).await? else {
+            return Ok(None);
+        };
+        let err = db_err(&self.path);
+        let members =
+            sqlx::query("SELECT member, vars FROM sweep_members WHERE run_id = ? ORDER BY member")
+                .bind(run)
+                .fetch_all(&mut self.conn)
+                .await
+                .map_err(&err)?;
+        if members.is_empty() {
+            return Ok(None);
+        }
+        let mut facts: Vec<RunFacts> = Vec::with_capacity(members.len());
+        let mut slot: HashMap<i64, usize> = HashMap::new();
+        for r in &members {
+            let member: i64 = r.get(0);
+            let vars: String = r.get(1);
+            let vars: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(&vars).unwrap_or_default();
+            let text = |v: &serde_json::Value| crate::spec::sweep::value_text(v);
+            let mut f = head.clone();
+            f.name = Some(
+                vars.iter()
+                    .map(|(k, v)| format!("{k}={}", text(v)))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            );
+            f.overrides
+                .extend(vars.iter().map(|(k, v)| format!("vars.{k}={}", text(v))));
+            slot.insert(member, facts.len());
+            facts.push(f);
+        }
+        let params = sqlx::query(
+            "SELECT ms.member, ms.stage, ms.kind, p.name, p.value FROM member_stages ms
+             JOIN params p ON p.stage_run_id = ms.producer
+             WHERE ms.run_id = ? ORDER BY ms.member, ms.stage, p.name",
+        )
+        .bind(run)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(&err)?;
+        for r in &params {
+            if let Some(&i) = slot.get(&r.get::<i64, _>(0)) {
+                facts[i]
+                    .params
+                    .push((r.get(1), r.get(2), r.get(3), r.get(4)));
+            }
+        }
+        let metrics = sqlx::query(
+            "SELECT ms.member, ms.stage, ms.kind, m.name, m.last_value FROM member_stages ms
+             JOIN metric_summaries m ON m.stage_run_id = ms.producer
+             WHERE ms.run_id = ? ORDER BY ms.member, ms.stage, m.name",
+        )
+        .bind(run)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(&err)?;
+        for r in &metrics {
+            if let Some(&i) = slot.get(&r.get::<i64, _>(0)) {
+                facts[i]
+                    .metrics
+                    .push((r.get(1), r.get(2), r.get(3), r.get(4)));
+            }
+        }
+        Ok(Some(facts))
+    }
+
+    /// A run's name, tags, overrides and digest, without stages.
+    async fn run_facts_head(&mut self, run: i64) -> Result<Option<RunFacts>> {
+        let err = db_err(&self.path);
+        let Some(head) =
+            sqlx::query("SELECT name, overrides, pipeline_digest FROM runs WHERE id = ?")
+                .bind(run)
+                .fetch_optional(&mut self.conn)
+                .await
+                .map_err(&err)?
+        else {
+            return Ok(None);
+        };
+        let overrides: String = head.get(1);
+        let tags = sqlx::query("SELECT tag FROM run_tags WHERE run_id = ? ORDER BY tag")
+            .bind(run)
+            .fetch_all(&mut self.conn)
+            .await
+            .map_err(&err)?;
         Ok(Some(RunFacts {
             id: run,
             name: head.get(0),
             tags: tags.iter().map(|r| r.get(0)).collect(),
             overrides: serde_json::from_str(&overrides).unwrap_or_default(),
             pipeline_digest: head.get(2),
-            params: params
-                .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-                .collect(),
-            metrics: metrics
-                .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-                .collect(),
+            params: Vec::new(),
+            metrics: Vec::new(),
         }))
     }
 

@@ -267,6 +267,9 @@ impl Driver {
     }
 
     fn restore_outs(&self, i: usize, m: &Manifest) -> Result<()> {
+        if !self.p.stages[i].restore_outs {
+            return Ok(());
+        }
         crate::outs::restore(&self.p, &self.p.stages[i], &self.store, m, &self.hasher)
     }
 
@@ -718,7 +721,9 @@ impl Driver {
     ) -> Job {
         let st = &self.p.stages[i];
         Job {
-            stage: st.name.clone(),
+            // A sweep copy works under its name in the file, so that what it
+            // writes equals what the member run alone writes.
+            stage: st.file_name().to_string(),
             kind: st.kind.clone(),
             key: key.to_string(),
             params: Value::Object(st.params.clone()),

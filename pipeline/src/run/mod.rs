@@ -179,6 +179,9 @@ pub async fn run(
         }
     };
     registry.label_run(run_id, &opts.label).await?;
+    if let Some(sweep) = &p.sweep {
+        registry.record_sweep(run_id, sweep).await?;
+    }
     let executor = executor_for(kind, &p, &ws, &opts, run_id, exe, notice);
     let mut adoptable = HashMap::new();
     if resumed {

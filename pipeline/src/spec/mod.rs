@@ -9,6 +9,7 @@
 //! ```yaml
 //! root: ..                         # deps/outs are relative to this (default: the file's folder)
 //! vars: {vq_steps: 2000}           # values that `${vq_steps}` refers to
+//! sweep: {vq_steps: [1000, 2000]}  # optional: one member per value (see `sweep`)
 //! defaults: {resources: {cpus: 1}, timeout: 3600}
 //! executor: {kind: slurm, partition: gpu, time: "04:00:00"}  # default: local
 //! stages:
@@ -30,13 +31,19 @@
 //! ```
 //!
 //! References: `${name}` is the stage's own param `name`, else `vars.name`;
-//! `${stage.name}` is param `name` of another stage. A string that is exactly
+//! `${vars.name}` is always the var; `${stage.name}` is param `name` of
+//! another stage. A string that is exactly
 //! one reference takes the referenced value with its type; inside a longer
 //! string the value is spliced in as text. `$${` writes a literal `${`.
+//! References resolve in `params`, `cmd`, `deps` and `outs`.
+//!
+//! `sweep:` runs the pipeline over several values of its vars as one DAG
+//! whose stages are shared by key: see [`sweep`].
 
 mod overrides;
 mod parse;
 mod resolve;
+pub mod sweep;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -49,6 +56,7 @@ use crate::error::{IoContext, ParamError, Result, SourcePos, SpecError};
 
 pub use overrides::Override;
 pub use parse::{clean_relative, parse, parse_with};
+pub use sweep::{Member, Sweep, SweepArg};
 
 /// What a stage needs from a worker slot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,9 +166,19 @@ pub struct Stage {
     pub pos: SourcePos,
     /// Where each param, input, dep and out is written, for later errors.
     pub field_pos: HashMap<String, SourcePos>,
+    /// Whether the outs are copied into the pipeline folder after the stage
+    /// succeeds; not for the copies of a stage in a sweep that would all
+    /// write the same paths (their outs stay in the artifact store).
+    pub restore_outs: bool,
 }
 
 impl Stage {
+    /// The stage's name in the pipeline file: `vq1` for its sweep copy
+    /// `vq1@seed=0` (names in a file cannot hold `@`).
+    pub fn file_name(&self) -> &str {
+        self.name.split('@').next().unwrap_or(&self.name)
+    }
+
     pub fn pos_of(&self, field: &str) -> SourcePos {
         self.field_pos
             .get(field)
@@ -189,6 +207,9 @@ pub struct Pipeline {
     pub stages: Vec<Stage>,
     pub index: HashMap<String, usize>,
     pub executor: ExecutorSpec,
+    /// The members when the pipeline runs as a sweep; `stages` then holds
+    /// one copy of each stage per distinct stage key (see [`sweep`]).
+    pub sweep: Option<Sweep>,
 }
 
 impl Pipeline {
@@ -232,14 +253,20 @@ pub trait KindRules {
 
 /// Reads and validates a pipeline file.
 pub fn load(path: &Path, kinds: &dyn KindRules) -> Result<Pipeline> {
-    load_with(path, kinds, &[])
+    load_with(path, kinds, &[], &[])
 }
 
-/// [`load`] with `-S` overrides (see [`Override`]).
-pub fn load_with(path: &Path, kinds: &dyn KindRules, overrides: &[Override]) -> Result<Pipeline> {
+/// [`load`] with `-S` overrides (see [`Override`]) and `--sweep` lists
+/// (see [`sweep`]).
+pub fn load_with(
+    path: &Path,
+    kinds: &dyn KindRules,
+    overrides: &[Override],
+    sweep: &[SweepArg],
+) -> Result<Pipeline> {
     let text = std::fs::read_to_string(path).ctx(|| format!("reading {}", path.display()))?;
     let abs = std::path::absolute(path).ctx(|| format!("resolving {}", path.display()))?;
-    parse_with(&text, &abs, kinds, overrides)
+    parse_with(&text, &abs, kinds, overrides, sweep)
 }
 
 #[cfg(test)]

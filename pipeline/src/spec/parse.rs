@@ -12,12 +12,13 @@ use serde_saphyr::{Location, Spanned};
 
 use super::overrides::Override;
 use super::resolve::Resolver;
+use super::sweep::SweepArg;
 use super::{ExecutorSpec, KindRules, Pipeline, Resources, Stage};
 use crate::error::{Error, ParamError, Result, SourcePos, SpecError};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
-struct RawPipeline {
+pub(super) struct RawPipeline {
     /// The folder that deps and outs are relative to, relative to this file.
     root: Option<Spanned<String>>,
     #[serde(default)]
@@ -26,16 +27,19 @@ struct RawPipeline {
     defaults: Option<RawDefaults>,
     executor: Option<Spanned<ExecutorSpec>>,
     stages: Option<IndexMap<Spanned<String>, Spanned<RawStage>>>,
+    /// Lists of values for some vars: the pipeline runs once per
+    /// combination (see [`super::sweep`]).
+    pub(super) sweep: Option<Spanned<Value>>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawDefaults {
     resources: Option<Resources>,
     timeout: Option<u64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawStage {
     kind: Spanned<String>,
@@ -54,17 +58,24 @@ struct RawStage {
 
 /// Parses pipeline text; `path` is used for error positions and relative paths.
 pub fn parse(text: &str, path: &Path, kinds: &dyn KindRules) -> Result<Pipeline> {
-    parse_with(text, path, kinds, &[])
+    parse_with(text, path, kinds, &[], &[])
 }
 
-/// [`parse`] with `-S` overrides applied to the file's values first.
+/// [`parse`] with `-S` overrides applied to the file's values first, and
+/// `--sweep` lists replacing the file's `sweep:` (see [`super::sweep`]).
 pub fn parse_with(
     text: &str,
     path: &Path,
     kinds: &dyn KindRules,
     overrides: &[Override],
+    sweep: &[SweepArg],
 ) -> Result<Pipeline> {
-    let mut raw: RawPipeline = serde_saphyr::from_str(text).map_err(|e| {
+    super::sweep::build_all(read_raw(text, path)?, path, kinds, overrides, sweep)
+}
+
+/// The file's YAML shapes, before anything is resolved or checked.
+pub(super) fn read_raw(text: &str, path: &Path) -> Result<RawPipeline> {
+    serde_saphyr::from_str(text).map_err(|e| {
         let loc = e.location().unwrap_or(Location::UNKNOWN);
         SpecError {
             pos: pos_in(path, &loc),
@@ -74,7 +85,23 @@ pub fn parse_with(
                 "see schemas/pipeline.schema.json for the keys a pipeline file takes".into(),
             ),
         }
-    })?;
+        .into()
+    })
+}
+
+/// The names of the vars the file declares, in file order.
+pub(super) fn var_names(raw: &RawPipeline) -> Vec<String> {
+    raw.vars.keys().map(|k| k.value.clone()).collect()
+}
+
+/// The pipeline that `raw` with `overrides` describes: references resolved,
+/// every stage checked by its kind.
+pub(super) fn build(
+    mut raw: RawPipeline,
+    path: &Path,
+    kinds: &dyn KindRules,
+    overrides: &[Override],
+) -> Result<Pipeline> {
     let Some(raw_stages) = raw.stages.filter(|s| !s.is_empty()) else {
         return Err(SpecError {
             pos: pos_in(path, &Location::UNKNOWN),
@@ -138,6 +165,7 @@ pub fn parse_with(
         stages,
         index,
         executor,
+        sweep: None,
     })
 }
 
@@ -293,7 +321,7 @@ fn input_facts(
     out
 }
 
-fn pos_in(path: &Path, loc: &Location) -> SourcePos {
+pub(super) fn pos_in(path: &Path, loc: &Location) -> SourcePos {
     SourcePos {
         file: path.to_path_buf(),
         line: loc.line().max(1),
@@ -415,8 +443,8 @@ impl StageParser<'_> {
             here.place(format!("inputs.{}", k.value), &v.referenced);
             inputs.insert(k.value.clone(), v.value.clone());
         }
-        let deps = paths(&mut here, &st.deps, "dep", "deps")?;
-        let outs = paths(&mut here, &st.outs, "out", "outs")?;
+        let deps = paths(&mut here, &resolver, &st.deps, "dep", "deps")?;
+        let outs = paths(&mut here, &resolver, &st.outs, "out", "outs")?;
         for (o, p) in st.outs.iter().zip(&outs) {
             if let Some(other) = self.all_outs.insert(p.clone(), here.name.clone()) {
                 return Err(here.err(
@@ -456,6 +484,7 @@ impl StageParser<'_> {
                 .or(self.defaults.timeout),
             pos: here.at(&name.referenced),
             field_pos: here.field_pos.clone(),
+            restore_outs: true,
         };
         self.kind_checked(stage, &here, &st.kind)
     }
@@ -499,13 +528,21 @@ impl StageParser<'_> {
 /// A stage's deps or outs, cleaned, each placed as `<field>.<path>`.
 fn paths(
     here: &mut InStage,
+    resolver: &Resolver,
     raw: &[Spanned<String>],
     what: &str,
     field: &str,
 ) -> Result<Vec<String>> {
     let mut out = Vec::with_capacity(raw.len());
     for d in raw {
-        let p = clean_relative(&d.value).map_err(|m| {
+        let text = match d.value.contains("${") {
+            true => resolver
+                .resolve(&Value::String(d.value.clone()))
+                .map(|v| super::sweep::value_text(&v))
+                .map_err(|m| here.err(&d.referenced, format!("{what} `{}`: {m}", d.value), None))?,
+            false => d.value.clone(),
+        };
+        let p = clean_relative(&text).map_err(|m| {
             here.err(
                 &d.referenced,
                 format!("{what} `{}`: {m}", d.value),

@@ -40,6 +40,12 @@ impl Resolver<'_> {
             return Err(format!("`${{{name}}}` refers to itself"));
         }
         let found = match name.split_once('.') {
+            // `${vars.seed}` names the var even where the stage has a param `seed`.
+            Some(("vars", var)) => self
+                .vars
+                .get(var)
+                .map(|(v, _)| v.clone())
+                .ok_or_else(|| format!("`${{{name}}}`: there is no top-level var `{var}`"))?,
             Some((stage, param)) => self
                 .stages
                 .get(stage)
