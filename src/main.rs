@@ -481,13 +481,13 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             set,
         } => {
             let p = load(&pipeline, &kinds, &set)?;
-            // In a sweep, a name from the file shows each of its copies.
+            // A name from the file shows each of its fan-out and sweep copies.
             let shown: Vec<&str> = match p.stage(&stage) {
                 Some(s) => vec![s.name.as_str()],
                 None => p
                     .stages
                     .iter()
-                    .filter(|s| p.sweep.is_some() && s.file_name() == stage)
+                    .filter(|s| s.answers_to(&stage))
                     .map(|s| s.name.as_str())
                     .collect(),
             };

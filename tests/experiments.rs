@@ -334,3 +334,38 @@ fn a_sweep_in_the_file_shares_stages_and_keeps_shared_outs_in_the_store() {
         "dep `out.txt` is an out of a stage the sweep copies",
     );
 }
+
+#[test]
+fn a_fanned_out_stage_runs_per_value_and_shares_keys_with_its_equal() {
+    // Sampling at two temperatures; at 1.0 the copy is `ham_samples` itself
+    // (same kind, inputs and resolved params), so it is found cached.
+    let p = common::smoke(
+        "
+  tempered:
+    kind: sample
+    matrix: {temperature: [0.8, 1.0]}
+    inputs: {prior: prior, decoder2: decoder2, decoder1: decoder1}
+    params: {samples_per_class: 3, batch_size: 8, seed: 1, temperature: \"${matrix.temperature}\"}
+",
+    );
+    let out = p.run(&["ham_samples"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = p.run(&["tempered"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ran = p.query("SELECT stage, status, key FROM stage_runs WHERE run_id = 2 AND stage LIKE 'tempered%' ORDER BY stage");
+    assert_eq!(ran.len(), 2, "{ran:?}");
+    assert_eq!(ran[0]["stage"], "tempered@temperature=0.8");
+    assert_eq!(ran[0]["status"], "succeeded");
+    assert_eq!(ran[1]["stage"], "tempered@temperature=1.0");
+    assert_eq!(ran[1]["status"], "cached");
+    let ham = p.query("SELECT key FROM stage_runs WHERE run_id = 1 AND stage = 'ham_samples'");
+    assert_eq!(ran[1]["key"], ham[0]["key"]);
+    let out = p.haic(&["show", "pipeline.yaml", "tempered"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("stage:    tempered@temperature=0.8")
+            && text.contains("stage:    tempered@temperature=1.0"),
+        "{text}"
+    );
+    assert!(text.contains("temperature        0.8"), "{text}");
+}

@@ -258,23 +258,19 @@ impl Graph {
         let mut keep = vec![false; n];
         let mut stack = Vec::new();
         for t in targets {
-            // In a sweep, a stage's name in the file stands for all its copies.
-            let copies: Vec<usize> = match p.sweep.is_some() && !t.contains('@') {
-                true => (0..n).filter(|&i| p.stages[i].file_name() == t).collect(),
-                false => Vec::new(),
+            // A name from the file stands for all its fan-out and sweep copies.
+            let copies: Vec<usize> = match p.index.get(t.as_str()) {
+                Some(&i) => vec![i],
+                None => (0..n).filter(|&i| p.stages[i].answers_to(t)).collect(),
             };
-            if !copies.is_empty() {
-                stack.extend(copies);
-                continue;
-            }
-            let Some(&i) = p.index.get(t.as_str()) else {
+            if copies.is_empty() {
                 return Err(crate::Error::Invalid(format!(
                     "{}: there is no stage `{t}`; {}",
                     p.path.display(),
                     suggest(t, p)
                 )));
-            };
-            stack.push(i);
+            }
+            stack.extend(copies);
         }
         while let Some(i) = stack.pop() {
             if !keep[i] {

@@ -723,7 +723,7 @@ impl Driver {
         Job {
             // A sweep copy works under its name in the file, so that what it
             // writes equals what the member run alone writes.
-            stage: st.file_name().to_string(),
+            stage: st.work_name().to_string(),
             kind: st.kind.clone(),
             key: key.to_string(),
             params: Value::Object(st.params.clone()),

@@ -35,7 +35,16 @@
 //! another stage. A string that is exactly
 //! one reference takes the referenced value with its type; inside a longer
 //! string the value is spliced in as text. `$${` writes a literal `${`.
-//! References resolve in `params`, `cmd`, `deps` and `outs`.
+//! References resolve in `params`, `cmd`, `inputs`, `deps` and `outs`.
+//!
+//! Fan-out: a stage with `matrix: {temperature: [0.8, 1.0]}` becomes one
+//! copy per combination of the lists' values, `sample@temperature=0.8`
+//! and `sample@temperature=1.0`, each reading its values as
+//! `${matrix.temperature}`; another stage reads a copy by that name
+//! (`inputs: {ham: "sample@temperature=${matrix.temperature}"}` fans out
+//! alongside), and a target or `show` naming `sample` means every copy.
+//! Copies that would all write the same outs keep them in the artifact
+//! store; put `${matrix.NAME}` in an out's path to get each one out.
 //!
 //! `sweep:` runs the pipeline over several values of its vars as one DAG
 //! whose stages are shared by key: see [`sweep`].
@@ -170,13 +179,25 @@ pub struct Stage {
     /// succeeds; not for the copies of a stage in a sweep that would all
     /// write the same paths (their outs stay in the artifact store).
     pub restore_outs: bool,
+    /// In a sweep, the stage's name in its members' pipeline (`vq1` for
+    /// the copy `vq1@seed=0`); `None` outside sweeps.
+    pub sweep_of: Option<String>,
 }
 
 impl Stage {
-    /// The stage's name in the pipeline file: `vq1` for its sweep copy
-    /// `vq1@seed=0` (names in a file cannot hold `@`).
-    pub fn file_name(&self) -> &str {
-        self.name.split('@').next().unwrap_or(&self.name)
+    /// The name the stage works under: its name in the pipeline, not the
+    /// sweep's name for its copy (what a member run alone would call it).
+    pub fn work_name(&self) -> &str {
+        self.sweep_of.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Whether a person naming `name` (a target, `show`) means this stage:
+    /// its name, its name in a sweep's member, or the name written in the
+    /// file for a fan-out or sweep copy (file names cannot hold `@`).
+    pub fn answers_to(&self, name: &str) -> bool {
+        self.name == name
+            || self.sweep_of.as_deref() == Some(name)
+            || self.name.split('@').next() == Some(name)
     }
 
     pub fn pos_of(&self, field: &str) -> SourcePos {

@@ -54,6 +54,9 @@ struct RawStage {
     deps: Vec<Spanned<String>>,
     #[serde(default)]
     outs: Vec<Spanned<String>>,
+    /// Fan-out: one copy of the stage per combination of these values
+    /// (`${matrix.NAME}` in the copy), named `stage@NAME=VALUE,...`.
+    matrix: Option<Spanned<IndexMap<String, Vec<Value>>>>,
 }
 
 /// Parses pipeline text; `path` is used for error positions and relative paths.
@@ -113,6 +116,7 @@ pub(super) fn build(
     };
     let mut raw_stages = raw_stages;
     apply_overrides(path, &mut raw.vars, &mut raw_stages, overrides)?;
+    let (raw_stages, matrices) = fan_out(path, raw_stages)?;
     let dir = root_dir(path, raw.root.as_ref())?;
     let vars: HashMap<String, (Value, SourcePos)> = raw
         .vars
@@ -141,6 +145,7 @@ pub(super) fn build(
         path,
         vars: &vars,
         raw_params: &raw_params,
+        matrices: &matrices,
         defaults: raw.defaults.unwrap_or_default(),
         kinds,
         all_outs: HashMap::new(),
@@ -154,6 +159,7 @@ pub(super) fn build(
         index.insert(stage.name.clone(), stages.len());
         stages.push(stage);
     }
+    super::sweep::refuse_reads_of_shared_outs(&mut stages)?;
     check_against_inputs(&stages, &index, kinds)?;
     let executor = match raw.executor {
         Some(e) => checked_executor(path, e)?,
@@ -258,6 +264,65 @@ fn apply_overrides(
         })?;
     }
     Ok(())
+}
+
+/// The stages with each `matrix:` stage replaced by its copies, one per
+/// combination of its lists, named `stage@NAME=VALUE,...`; and each
+/// copy's values for `${matrix.NAME}`.
+#[allow(clippy::type_complexity)]
+fn fan_out(
+    path: &Path,
+    stages: RawStages,
+) -> Result<(RawStages, HashMap<String, HashMap<String, Value>>)> {
+    if stages.values().all(|st| st.value.matrix.is_none()) {
+        return Ok((stages, HashMap::new()));
+    }
+    let mut out = IndexMap::with_capacity(stages.len());
+    let mut matrices = HashMap::new();
+    for (name, st) in stages {
+        let Some(matrix) = st.value.matrix.clone() else {
+            out.insert(name, st);
+            continue;
+        };
+        let err = |message: String| -> Error {
+            SpecError {
+                pos: pos_in(path, &matrix.referenced),
+                stage: Some(name.value.clone()),
+                message,
+                hint: Some("write e.g. `matrix: {temperature: [0.8, 1.0]}` and `${matrix.temperature}` in the stage".into()),
+            }
+            .into()
+        };
+        if matrix.value.is_empty() {
+            return Err(err("`matrix` is empty".into()));
+        }
+        if let Some((k, _)) = matrix.value.iter().find(|(_, v)| v.is_empty()) {
+            return Err(err(format!("matrix.{k} is an empty list")));
+        }
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (i, combo) in super::sweep::product(&matrix.value).into_iter().enumerate() {
+            let label: Vec<String> = combo
+                .iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{k}={}",
+                        super::sweep::name_safe(&super::sweep::value_text(v))
+                    )
+                })
+                .collect();
+            let copy = format!("{}@{}", name.value, label.join(","));
+            if let Some(j) = seen.insert(copy.clone(), i) {
+                return Err(err(format!(
+                    "combinations {j} and {i} of the matrix both make the stage name `{copy}`"
+                )));
+            }
+            let mut st = st.clone();
+            st.value.matrix = None;
+            matrices.insert(copy.clone(), combo.into_iter().collect());
+            out.insert(Spanned::new(copy, name.referenced, name.defined), st);
+        }
+    }
+    Ok((out, matrices))
 }
 
 /// A stage's error about a param an override set, with the argument named.
@@ -383,6 +448,8 @@ struct StageParser<'a> {
     path: &'a Path,
     vars: &'a HashMap<String, (Value, SourcePos)>,
     raw_params: &'a HashMap<String, HashMap<String, Value>>,
+    /// A fan-out copy's name -> its `${matrix.NAME}` values.
+    matrices: &'a HashMap<String, HashMap<String, Value>>,
     defaults: RawDefaults,
     kinds: &'a dyn KindRules,
     all_outs: HashMap<String, String>,
@@ -423,12 +490,20 @@ impl StageParser<'_> {
             name: name.value.clone(),
             field_pos: HashMap::new(),
         };
-        check_name(&here.name).map_err(|m| here.err(&name.referenced, m, Some(name_hint())))?;
+        let matrix = self.matrices.get(&here.name);
+        let written = match matrix {
+            Some(_) => here.name.split('@').next().unwrap_or_default(),
+            None => here.name.as_str(),
+        }
+        .to_string();
+        check_name(&written).map_err(|m| here.err(&name.referenced, m, Some(name_hint())))?;
+        let no_matrix = HashMap::new();
         here.place("kind".into(), &st.kind.referenced);
         let resolver = Resolver {
             own: &self.raw_params[&here.name],
             vars: self.vars,
             stages: self.raw_params,
+            matrix: matrix.unwrap_or(&no_matrix),
         };
         let mut params = serde_json::Map::new();
         for (k, v) in &st.params {
@@ -441,12 +516,24 @@ impl StageParser<'_> {
         let mut inputs = IndexMap::new();
         for (k, v) in &st.inputs {
             here.place(format!("inputs.{}", k.value), &v.referenced);
-            inputs.insert(k.value.clone(), v.value.clone());
+            let from = match v.value.contains("${") {
+                true => resolver
+                    .resolve(&Value::String(v.value.clone()))
+                    .map(|v| super::sweep::value_text(&v))
+                    .map_err(|m| {
+                        here.err(&v.referenced, format!("inputs.{}: {m}", k.value), None)
+                    })?,
+                false => v.value.clone(),
+            };
+            inputs.insert(k.value.clone(), from);
         }
         let deps = paths(&mut here, &resolver, &st.deps, "dep", "deps")?;
         let outs = paths(&mut here, &resolver, &st.outs, "out", "outs")?;
         for (o, p) in st.outs.iter().zip(&outs) {
-            if let Some(other) = self.all_outs.insert(p.clone(), here.name.clone()) {
+            if let Some(other) = self.all_outs.insert(p.clone(), here.name.clone())
+                // A fan-out's copies may share outs: they stay in the store.
+                && !(matrix.is_some() && other.split('@').next() == Some(written.as_str()))
+            {
                 return Err(here.err(
                     &o.referenced,
                     format!("out `{p}` is already written by stage `{other}`"),
@@ -485,6 +572,7 @@ impl StageParser<'_> {
             pos: here.at(&name.referenced),
             field_pos: here.field_pos.clone(),
             restore_outs: true,
+            sweep_of: None,
         };
         self.kind_checked(stage, &here, &st.kind)
     }

@@ -12,6 +12,8 @@ pub(super) struct Resolver<'a> {
     pub(super) own: &'a HashMap<String, Value>,
     pub(super) vars: &'a HashMap<String, (Value, SourcePos)>,
     pub(super) stages: &'a HashMap<String, HashMap<String, Value>>,
+    /// A fan-out copy's values (`${matrix.NAME}`).
+    pub(super) matrix: &'a HashMap<String, Value>,
 }
 
 impl Resolver<'_> {
@@ -46,6 +48,11 @@ impl Resolver<'_> {
                 .get(var)
                 .map(|(v, _)| v.clone())
                 .ok_or_else(|| format!("`${{{name}}}`: there is no top-level var `{var}`"))?,
+            Some(("matrix", key)) => self
+                .matrix
+                .get(key)
+                .cloned()
+                .ok_or_else(|| format!("`${{{name}}}`: the stage's `matrix` has no `{key}`"))?,
             Some((stage, param)) => self
                 .stages
                 .get(stage)

@@ -325,7 +325,7 @@ fn members(
 }
 
 /// Every combination of the lists' values, the last var varying fastest.
-fn product(lists: &IndexMap<String, Vec<Value>>) -> Vec<IndexMap<String, Value>> {
+pub(super) fn product(lists: &IndexMap<String, Vec<Value>>) -> Vec<IndexMap<String, Value>> {
     let mut out = vec![IndexMap::new()];
     for (var, values) in lists {
         let mut next = Vec::with_capacity(out.len() * values.len());
@@ -349,7 +349,7 @@ const MAX_LABEL: usize = 120;
 /// and Slurm job comments (`:`-separated): letters, digits and `_.+-`,
 /// anything else `_` (two values that then read alike make the copies
 /// fall back to `member=N`).
-fn name_safe(value: &str) -> String {
+pub(super) fn name_safe(value: &str) -> String {
     value
         .chars()
         .map(|c| match c.is_ascii_alphanumeric() || "_.+-".contains(c) {
@@ -463,7 +463,9 @@ fn merge(
                     true => format!("member={}", users[c][0]),
                     false => label.clone(),
                 };
-            names[c] = format!("{base}@{label}");
+            // A fan-out copy's name has its `@` already.
+            let sep = if base.contains('@') { ',' } else { '@' };
+            names[c] = format!("{base}{sep}{label}");
         }
     }
     // Stages in file order, each stage's copies together.
@@ -472,7 +474,7 @@ fn merge(
     let mut stages = Vec::with_capacity(copies.len());
     for &c in &order {
         let mut st = copies[c].clone();
-        st.name = names[c].clone();
+        st.sweep_of = Some(std::mem::replace(&mut st.name, names[c].clone()));
         let m = users[c][0];
         for (_, from) in st.inputs.iter_mut() {
             if let Some(&j) = first.index.get(from.as_str()) {
@@ -514,7 +516,7 @@ fn merge(
 
 /// Copies that write the same outs keep them in the store; a stage that
 /// reads one of those paths as a dep could not know which copy's it is.
-fn refuse_reads_of_shared_outs(stages: &mut [Stage]) -> Result<()> {
+pub(super) fn refuse_reads_of_shared_outs(stages: &mut [Stage]) -> Result<()> {
     let mut writers: HashMap<&str, usize> = HashMap::new();
     for s in stages.iter() {
         for o in &s.outs {
@@ -672,5 +674,99 @@ mod tests {
         );
         assert!(SweepArg::parse("=1").is_err());
         assert!(SweepArg::parse("lr=1,").is_err());
+    }
+}
+
+#[cfg(test)]
+mod fan_out_tests {
+    use super::*;
+    use crate::error::ParamError;
+
+    struct OnlyCommand;
+    impl KindRules for OnlyCommand {
+        fn kind_names(&self) -> Vec<&'static str> {
+            vec!["command"]
+        }
+        fn check(&self, stage: &Stage) -> Option<std::result::Result<(), ParamError>> {
+            (stage.kind == "command").then_some(Ok(()))
+        }
+    }
+
+    fn load(text: &str) -> Result<Pipeline> {
+        super::super::parse(text, Path::new("/p/pipe.yaml"), &OnlyCommand)
+    }
+
+    const FAN: &str = "vars: {seed: 0}\nstages:\n  up: {kind: command, cmd: echo}\n  gen:\n    kind: command\n    matrix: {t: [0.8, 1.0], n: [1, 2]}\n    cmd: 'echo ${matrix.t} ${matrix.n}'\n    inputs: {up: up}\n    outs: ['g-${matrix.t}.txt']\n  pick:\n    kind: command\n    matrix: {t: [0.8, 1.0]}\n    cmd: cat\n    inputs: {g: 'gen@t=${matrix.t},n=2'}\n";
+
+    #[test]
+    fn a_matrix_makes_named_copies_that_others_can_read() {
+        let p = load(FAN).unwrap();
+        let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "up",
+                "gen@t=0.8,n=1",
+                "gen@t=0.8,n=2",
+                "gen@t=1.0,n=1",
+                "gen@t=1.0,n=2",
+                "pick@t=0.8",
+                "pick@t=1.0"
+            ]
+        );
+        let g = p.stage("gen@t=1.0,n=2").unwrap();
+        assert_eq!(g.params["cmd"], "echo 1.0 2");
+        assert_eq!(g.outs, ["g-1.0.txt"]);
+        // Two copies write g-1.0.txt: it stays in the store.
+        assert!(!g.restore_outs);
+        assert_eq!(p.stage("pick@t=1.0").unwrap().inputs["g"], "gen@t=1.0,n=2");
+        let g = crate::graph::build(&p).unwrap();
+        let keep = g.select(&p, &["pick".into()]).unwrap();
+        // pick's two copies, the two gen copies they read, and up.
+        assert_eq!(keep.iter().filter(|k| **k).count(), 5);
+        // In a sweep, the copies get the sweep's label after theirs.
+        let swept = super::super::parse_with(
+            &FAN.replace("echo ${matrix.t}", "echo ${vars.seed} ${matrix.t}"),
+            Path::new("/p/pipe.yaml"),
+            &OnlyCommand,
+            &[],
+            &[SweepArg::parse("seed=0,1").unwrap()],
+        )
+        .unwrap();
+        let copy = swept.stage("gen@t=0.8,n=1,seed=1").unwrap();
+        assert_eq!(copy.work_name(), "gen@t=0.8,n=1");
+        assert!(swept.stage("up").is_some() && swept.stage("pick@t=0.8,seed=0").is_some());
+    }
+
+    #[test]
+    fn bad_matrices_are_refused_with_their_position() {
+        for (bad, want) in [
+            ("matrix: {}", ":4:13: stage `s`: `matrix` is empty"),
+            (
+                "matrix: {t: []}",
+                ":4:13: stage `s`: matrix.t is an empty list",
+            ),
+            (
+                "matrix: {t: [a/b, a_b]}",
+                ":4:13: stage `s`: combinations 0 and 1 of the matrix both make the stage name `s@t=a_b`",
+            ),
+            (
+                "matrix: {t: [1]}\n    cmd: echo ${matrix.u}",
+                ":5:10: stage `s@t=1`: cmd: `${matrix.u}`: the stage's `matrix` has no `u`",
+            ),
+        ] {
+            let text = format!("stages:\n  s:\n    kind: command\n    {bad}\n");
+            let text = match text.contains("cmd:") {
+                true => text,
+                false => format!("{text}    cmd: echo\n"),
+            };
+            let e = load(&text).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("/p/pipe.yaml{want}")), "{bad}: {e}");
+        }
+        // `@` is for generated names only.
+        let e = load("stages:\n  a@b: {kind: command, cmd: echo}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a valid stage name"), "{e}");
     }
 }
