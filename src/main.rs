@@ -160,12 +160,21 @@ enum Cmd {
     /// Write a run's report: a static HTML page with its curves, tables,
     /// sample grids and timeline.
     Report {
-        /// The run id or name (`haic-pipe registry runs` lists them).
-        run: String,
+        /// The run id or name (`haic-pipe registry runs` lists them); with
+        /// several runs, a page that compares them (a sweep's run gets
+        /// its members compared on `compare.html` beside its page).
+        #[arg(required = true)]
+        runs: Vec<String>,
+        /// A metric the comparison shows and overlays (as in `compare`;
+        /// default: each kind's headline metrics, `train.loss` and
+        /// `train.bits_per_dim`).
+        #[arg(long = "metric")]
+        metrics: Vec<String>,
         /// Find the workspace beside this pipeline file.
         #[arg(long, short)]
         pipeline: Option<PathBuf>,
-        /// The folder to write (default: reports/run-RUN in the workspace).
+        /// The folder to write (default: reports/run-RUN, or
+        /// reports/compare-RUN-RUN..., in the workspace).
         #[arg(long, short)]
         out: Option<PathBuf>,
     },
@@ -372,6 +381,33 @@ fn headline_patterns(runs: &[registry::RunFacts], kinds: &Kinds) -> Vec<String> 
         .filter_map(|(stage, kind)| Some((stage, kinds.get(kind)?.headline_metrics())))
         .flat_map(|(stage, ms)| ms.iter().map(move |m| format!("{stage}:{m}")))
         .collect()
+}
+
+/// The ids of the runs a person named (ids or names); an error names the
+/// first that is not there.
+async fn run_ids(reader: &mut registry::Reader, runs: &[String]) -> Result<Vec<i64>> {
+    let mut ids = Vec::with_capacity(runs.len());
+    for which in runs {
+        let Some(id) = reader.find_run(which).await? else {
+            bail!(
+                "no run {which} in this workspace; `haic-pipe registry runs` lists the runs (by id and name)"
+            );
+        };
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+/// What the runs ran with and gave; a sweep's run gives its members.
+async fn facts_of(reader: &mut registry::Reader, ids: &[i64]) -> Result<Vec<registry::RunFacts>> {
+    let mut facts = Vec::new();
+    for &id in ids {
+        match reader.sweep_facts(id).await? {
+            Some(members) => facts.extend(members),
+            None => facts.extend(reader.run_facts(id).await?),
+        }
+    }
+    Ok(facts)
 }
 
 fn workspace_for(cli_ws: &Option<PathBuf>, pipeline: Option<&Path>) -> Result<Workspace> {
@@ -595,19 +631,8 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         } => {
             let ws = workspace_for(&cli.workspace, pipeline.as_deref())?;
             let mut reader = registry::Reader::open(&ws.registry_path()).await?;
-            let mut facts = Vec::new();
-            for which in &runs {
-                let Some(id) = reader.find_run(which).await? else {
-                    bail!(
-                        "no run {which} in this workspace; `haic-pipe registry runs` lists the runs (by id and name)"
-                    );
-                };
-                // A sweep's members are compared one by one.
-                match reader.sweep_facts(id).await? {
-                    Some(members) => facts.extend(members),
-                    None => facts.extend(reader.run_facts(id).await?),
-                }
-            }
+            let ids = run_ids(&mut reader, &runs).await?;
+            let facts = facts_of(&mut reader, &ids).await?;
             let patterns = if metrics.is_empty() {
                 headline_patterns(&facts, &kinds)
             } else {
@@ -621,19 +646,60 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             render::comparison(&c, format);
             Ok(0)
         }
-        Cmd::Report { run, pipeline, out } => {
+        Cmd::Report {
+            runs,
+            metrics,
+            pipeline,
+            out,
+        } => {
             let ws = workspace_for(&cli.workspace, pipeline.as_deref())?;
-            let Some(run) = registry::Reader::open(&ws.registry_path())
-                .await?
-                .find_run(&run)
-                .await?
-            else {
-                bail!(
-                    "no run {run} in this workspace; `haic-pipe registry runs` lists the runs (by id and name)"
-                );
+            let registry_path = ws.registry_path();
+            let mut reader = registry::Reader::open(&registry_path).await?;
+            let ids = run_ids(&mut reader, &runs).await?;
+            let facts = facts_of(&mut reader, &ids).await?;
+            let patterns = match metrics.is_empty() {
+                true => {
+                    let mut p = headline_patterns(&facts, &kinds);
+                    p.extend(["train.loss".into(), "train.bits_per_dim".into()]);
+                    p
+                }
+                false => metrics,
             };
-            let out = out.unwrap_or_else(|| ws.root.join("reports").join(format!("run-{run}")));
-            let page = report::write(&ws.registry_path(), run, &out).await?;
+            let page = match ids.as_slice() {
+                [run] => {
+                    let out =
+                        out.unwrap_or_else(|| ws.root.join("reports").join(format!("run-{run}")));
+                    // A sweep's members side by side, linked from its page.
+                    let compared = facts.len() > 1;
+                    if compared {
+                        report::write_comparison(
+                            &registry_path,
+                            &facts,
+                            &patterns,
+                            &out,
+                            "compare.html",
+                        )
+                        .await?;
+                    }
+                    report::write(
+                        &registry_path,
+                        *run,
+                        &out,
+                        compared.then_some("compare.html"),
+                    )
+                    .await?
+                }
+                _ => {
+                    let name = match ids.len() <= 10 {
+                        true => ids.iter().map(i64::to_string).collect::<Vec<_>>().join("-"),
+                        false => format!("{}-and-{}-more", ids[0], ids.len() - 1),
+                    };
+                    let out = out
+                        .unwrap_or_else(|| ws.root.join("reports").join(format!("compare-{name}")));
+                    report::write_comparison(&registry_path, &facts, &patterns, &out, "index.html")
+                        .await?
+                }
+            };
             println!("{}", page.display());
             Ok(0)
         }

@@ -11,10 +11,14 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use pipeline::registry::{Reader, StageStatus};
+use pipeline::compare;
+use pipeline::registry::{Reader, RunFacts, StageStatus};
 use plotters::prelude::*;
 
 use crate::eval;
+
+/// One run's points of a metric on a comparison plot: its label, (step, value).
+type Line = (String, Vec<(i64, f64)>);
 
 /// Per stage, per metric: (step, value) in step order.
 type Metrics = BTreeMap<String, BTreeMap<String, Vec<(i64, f64)>>>;
@@ -69,7 +73,13 @@ fn slug(s: &str) -> String {
 }
 
 /// Writes the report of run `run` into `out`; returns the page's path.
-pub async fn write(registry: &Path, run: i64, out: &Path) -> Result<PathBuf> {
+/// `compared`: a page beside it that compares the run's sweep members.
+pub async fn write(
+    registry: &Path,
+    run: i64,
+    out: &Path,
+    compared: Option<&str>,
+) -> Result<PathBuf> {
     let mut reader = Reader::open(registry).await?;
     let Some(head) = reader.run(run).await? else {
         bail!(
@@ -120,6 +130,13 @@ pub async fn write(registry: &Path, run: i64, out: &Path) -> Result<PathBuf> {
             _ => "not finished".into(),
         }
     );
+
+    if let Some(page) = compared {
+        let _ = writeln!(
+            html,
+            "<p><a href=\"{page}\">The sweep's members compared</a>: params, metrics, groups over seeds, curves overlaid.</p>"
+        );
+    }
 
     // Tables first: what a reader wants to see.
     let bits = bits_table(&stages, &last);
@@ -279,7 +296,7 @@ pub async fn write(registry: &Path, run: i64, out: &Path) -> Result<PathBuf> {
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:1.5rem auto;max-width:70rem;padding:0 1rem;color:#222}\
 table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}\
 td.n{text-align:right;font-variant-numeric:tabular-nums}.grids{display:flex;gap:2rem;flex-wrap:wrap}\
-.grids img{image-rendering:pixelated;width:24rem}.curves img{width:22rem;margin:.2rem}pre{background:#f6f6f6;padding:.6rem}";
+.grids img{image-rendering:pixelated;width:24rem}.curves img{width:22rem;margin:.2rem}.curves img.wide{width:28rem}div.wide{overflow-x:auto}pre{background:#f6f6f6;padding:.6rem}";
 
 /// The AR models' bits/dim and the bound beside the baseline.
 fn bits_table(stages: &[StageRow], last: &dyn Fn(&str, &str) -> Option<f64>) -> String {
@@ -499,6 +516,205 @@ fn timeline(path: &Path, stages: &[StageRow], origin: f64) -> Result<()> {
             ))
         }))
         .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// A table of `compare`'s as HTML.
+fn html_table(r: &pipeline::registry::QueryResult) -> String {
+    let mut out = String::from("<table><tr>");
+    for c in &r.columns {
+        let _ = write!(out, "<th>{}</th>", esc(c));
+    }
+    out.push_str("</tr>\n");
+    for row in &r.rows {
+        out.push_str("<tr>");
+        for v in row {
+            match v {
+                serde_json::Value::Number(n) => {
+                    let text = match n.as_f64() {
+                        Some(f) if n.is_f64() => format!("{f:.4}"),
+                        _ => n.to_string(),
+                    };
+                    let _ = write!(out, "<td class=\"n\">{text}</td>");
+                }
+                serde_json::Value::Null => out.push_str("<td></td>"),
+                serde_json::Value::String(s) => {
+                    let _ = write!(out, "<td>{}</td>", esc(s));
+                }
+                other => {
+                    let _ = write!(out, "<td>{}</td>", esc(&other.to_string()));
+                }
+            }
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str("</table>\n");
+    out
+}
+
+/// How the comparison page names a run or sweep member.
+fn run_label(f: &RunFacts) -> String {
+    match &f.name {
+        Some(n) => n.clone(),
+        None => format!("run {}", f.id),
+    }
+}
+
+/// Writes the comparison of `runs` (runs or a sweep's members) into
+/// `out/file`: `compare`'s tables for the metrics `patterns` name, then
+/// each of those metrics' curves (two points or more) with one line per
+/// run. Returns the page's path.
+pub async fn write_comparison(
+    registry: &Path,
+    runs: &[RunFacts],
+    patterns: &[String],
+    out: &Path,
+    file: &str,
+) -> Result<PathBuf> {
+    let mut reader = Reader::open(registry).await?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let c = compare::compare(runs, patterns, &compare::GroupBy::VaryingExceptSeeds);
+    let ids: Vec<String> = runs
+        .iter()
+        .map(|r| r.id.to_string())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut html = String::new();
+    let _ = write!(
+        html,
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>haic-pipe: {0}</title>\n<style>{STYLE}</style></head><body>\n<h1>{0}</h1>\n<p>{1} rows: the params that differ and the metrics compared.</p>\n<div class=\"wide\">{2}</div>",
+        esc(&match ids.as_slice() {
+            [one] => format!("Run {one}: the sweep's members compared"),
+            _ => format!("Runs {} compared", ids.join(", ")),
+        }),
+        runs.len(),
+        html_table(&c.runs)
+    );
+    if let Some(g) = &c.groups {
+        let _ = write!(
+            html,
+            "<h2 id=\"groups\">Groups</h2>\n<p>Over the runs of each group (all but seeds alike): mean, standard deviation and the 95 % interval of the mean (Student's t, n - 1 degrees of freedom).</p>\n<div class=\"wide\">{}</div>",
+            html_table(g)
+        );
+    }
+
+    // (stage, metric) -> one line per run that has two points or more.
+    let mut curves: BTreeMap<(String, String), Vec<Line>> = BTreeMap::new();
+    let mut points_of: std::collections::HashMap<i64, Vec<pipeline::registry::MetricPoint>> =
+        std::collections::HashMap::new();
+    for r in runs {
+        for (stage, producer) in &r.producers {
+            if !points_of.contains_key(producer) {
+                points_of.insert(*producer, reader.metric_points(*producer).await?);
+            }
+            let mut by_name: BTreeMap<&str, Vec<(i64, f64)>> = BTreeMap::new();
+            for p in &points_of[producer] {
+                if patterns
+                    .iter()
+                    .any(|pat| compare::matches(pat, stage, &p.name))
+                {
+                    by_name.entry(&p.name).or_default().push((p.step, p.value));
+                }
+            }
+            for (name, points) in by_name.into_iter().filter(|(_, p)| p.len() >= 2) {
+                curves
+                    .entry((stage.clone(), name.to_string()))
+                    .or_default()
+                    .push((run_label(r), points));
+            }
+        }
+    }
+    if !curves.is_empty() {
+        html.push_str("<h2 id=\"curves\">Curves</h2>\n<div class=\"curves\">\n");
+        for (i, ((stage, name), lines)) in curves.iter().enumerate() {
+            // The index keeps names apart that slug alike (`a.b`, `a_b`).
+            let svg = format!("compare-{i}-{}-{}.svg", slug(stage), slug(name));
+            overlaid(&out.join(&svg), &format!("{stage}: {name}"), lines)?;
+            let _ = writeln!(
+                html,
+                "<img class=\"wide\" src=\"{svg}\" alt=\"{} of {} per run\">",
+                esc(name),
+                esc(stage)
+            );
+        }
+        html.push_str("</div>\n");
+    }
+    html.push_str("</body></html>\n");
+    let page = out.join(file);
+    std::fs::write(&page, html).with_context(|| format!("writing {}", page.display()))?;
+    Ok(page)
+}
+
+/// One metric's curves, one line (and legend entry) per run.
+fn overlaid(path: &Path, title: &str, lines: &[Line]) -> Result<()> {
+    let all = lines.iter().flat_map(|(_, p)| p.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    );
+    for &(s, v) in all {
+        if v.is_finite() {
+            (x0, x1) = (x0.min(s as f64), x1.max(s as f64));
+            (y0, y1) = (y0.min(v), y1.max(v));
+        }
+    }
+    // Values past what an axis can span (±1e308) draw nothing.
+    if !(x0.is_finite()
+        && x1.is_finite()
+        && y0.is_finite()
+        && y1.is_finite()
+        && (y1 - y0).is_finite())
+    {
+        return Ok(());
+    }
+    if y1 - y0 < 1e-12 {
+        (y0, y1) = (y0 - 0.5, y1 + 0.5);
+    }
+    let pad = 0.05 * (y1 - y0);
+    let root = SVGBackend::new(path, (560, 320)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 16))
+        .margin(8)
+        .x_label_area_size(28)
+        .y_label_area_size(56)
+        .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .light_line_style(WHITE)
+        .draw()
+        .map_err(plot_err)?;
+    for (i, (label, points)) in lines.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(
+                points
+                    .iter()
+                    .filter(|p| p.1.is_finite())
+                    .map(|&(s, v)| (s as f64, v)),
+                color.stroke_width(2),
+            ))
+            .map_err(plot_err)?
+            .label(label.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2))
+            });
+    }
+    // A legend of hundreds of runs would cover the plot.
+    if lines.len() <= 12 {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK.mix(0.3))
+            .draw()
+            .map_err(plot_err)?;
+    }
     root.present().map_err(plot_err)?;
     Ok(())
 }

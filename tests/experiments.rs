@@ -150,6 +150,15 @@ fn compare_pools_seeds_and_gives_intervals() {
         let hi = g["train:score ci95_hi"].as_f64().unwrap();
         assert!((hi - mean - 6.353).abs() < 1e-3, "{g}");
     }
+    // The report of several runs is their comparison.
+    let out = p.haic(&["report", "1", "2", "3", "4", "--metric", "score"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let page = p.read(".haic/reports/compare-1-2-3-4/index.html");
+    assert!(
+        page.contains("Runs 1, 2, 3, 4 compared") && page.contains("train:score ci95_hi"),
+        "{page}"
+    );
+    assert_eq!(page.matches("<tr>").count(), 1 + 4 + 1 + 2, "{page}");
     // The table form says what the intervals are.
     let out = p.haic(&["compare", "1", "2", "3", "4", "--metric", "score"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -234,6 +243,30 @@ fn a_sweep_runs_shared_stages_once_and_each_member_as_alone() {
     assert!(out.status.success(), "{}", stderr(&out));
     let rerun = p.query("SELECT DISTINCT status FROM stage_runs WHERE run_id = 2");
     assert_eq!(rerun, vec![serde_json::json!({"status": "cached"})]);
+
+    // The sweep's report links its members' comparison, with each
+    // training curve overlaid across the four members.
+    let out = p.haic(&["report", "grid"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        p.read(".haic/reports/run-1/index.html")
+            .contains("href=\"compare.html\"")
+    );
+    let page = p.read(".haic/reports/run-1/compare.html");
+    assert!(page.contains("level1_decoder=msp,seed=1"), "{page}");
+    let svgs: Vec<String> = std::fs::read_dir(p.path(".haic/reports/run-1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("compare-") && n.ends_with(".svg"))
+        .collect();
+    assert_eq!(svgs.len(), 6, "{svgs:?}");
+    let vq1 = svgs.iter().find(|n| n.contains("vq1-train-loss")).unwrap();
+    let svg = p.read(&format!(".haic/reports/run-1/{vq1}"));
+    assert_eq!(
+        svg.matches("level1_decoder=").count(),
+        4,
+        "a legend entry per member"
+    );
 
     // compare: one row per member, two groups (the decoders) of n = 2 seeds.
     let c = json(&p.haic(&["compare", "grid", "--format", "json"]));

@@ -95,6 +95,9 @@ pub struct RunFacts {
     pub params: Vec<(String, String, String, String)>,
     /// (stage, kind, metric name, last value).
     pub metrics: Vec<(String, String, String, f64)>,
+    /// (stage, the stage run behind its artifact): where its metric
+    /// points are ([`Reader::metric_points`]).
+    pub producers: Vec<(String, i64)>,
 }
 
 /// One stage of a run: its latest stage run, and where its artifact and
@@ -272,6 +275,13 @@ impl Reader {
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
             .collect();
+        let producers =
+            sqlx::query("SELECT stage, producer FROM run_stages WHERE run_id = ? ORDER BY stage")
+                .bind(run)
+                .fetch_all(&mut self.conn)
+                .await
+                .map_err(&err)?;
+        facts.producers = producers.iter().map(|r| (r.get(0), r.get(1))).collect();
         Ok(Some(facts))
     }
 
@@ -345,6 +355,18 @@ impl Reader {
                     .push((r.get(1), r.get(2), r.get(3), r.get(4)));
             }
         }
+        let producers = sqlx::query(
+            "SELECT member, stage, producer FROM member_stages WHERE run_id = ? ORDER BY member, stage",
+        )
+        .bind(run)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(&err)?;
+        for r in &producers {
+            if let Some(&i) = slot.get(&r.get::<i64, _>(0)) {
+                facts[i].producers.push((r.get(1), r.get(2)));
+            }
+        }
         Ok(Some(facts))
     }
 
@@ -374,6 +396,7 @@ impl Reader {
             pipeline_digest: head.get(2),
             params: Vec::new(),
             metrics: Vec::new(),
+            producers: Vec::new(),
         }))
     }
 
