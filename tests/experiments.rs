@@ -402,3 +402,32 @@ fn a_fanned_out_stage_runs_per_value_and_shares_keys_with_its_equal() {
     );
     assert!(text.contains("temperature        0.8"), "{text}");
 }
+
+#[test]
+fn a_failed_member_does_not_stop_the_others() {
+    let p = Project::new(
+        "vars: {lr: 1}\nstages:\n  train: {kind: command, cmd: \"test ${lr} -ne 2\"}\n  after: {kind: command, cmd: \"true\", inputs: {up: train}}\nsweep: {lr: [1, 2, 3]}\n",
+    );
+    let out = p.run(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let states = common::sorted(p.statuses(1));
+    assert_eq!(
+        states,
+        common::pairs(&[
+            ("after@lr=1", "succeeded"),
+            ("after@lr=2", "skipped"),
+            ("after@lr=3", "succeeded"),
+            ("train@lr=1", "succeeded"),
+            ("train@lr=2", "failed"),
+            ("train@lr=3", "succeeded"),
+        ])
+    );
+    // The member's line in `status` says what is not cached.
+    let out = p.haic(&["status", "pipeline.yaml"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("lr=2  0/2 cached; not: train, after"),
+        "{text}"
+    );
+    assert!(text.contains("lr=3  2/2 cached"), "{text}");
+}
