@@ -406,7 +406,9 @@ fn a_fanned_out_stage_runs_per_value_and_shares_keys_with_its_equal() {
 #[test]
 fn a_failed_member_does_not_stop_the_others() {
     let p = Project::new(
-        "vars: {lr: 1}\nstages:\n  train: {kind: command, cmd: \"test ${lr} -ne 2\"}\n  after: {kind: command, cmd: \"true\", inputs: {up: train}}\nsweep: {lr: [1, 2, 3]}\n",
+        // Each train copy writes its own output, so the after copies have
+        // distinct keys (equal artifacts would make one find the other's).
+        "vars: {lr: 1}\nstages:\n  train: {kind: command, cmd: \"test ${lr} -ne 2 && echo ${lr} > o.txt\", outs: [o.txt]}\n  after: {kind: command, cmd: \"true\", inputs: {up: train}}\nsweep: {lr: [1, 2, 3]}\n",
     );
     let out = p.run(&[]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
