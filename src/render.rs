@@ -439,33 +439,42 @@ pub fn table(r: &QueryResult, format: Format) {
                         .collect()
                 })
                 .collect();
-            // Columns are cut at 60 characters like cells: a name SQLite
-            // made from a long expression must not become a width that
-            // `format!` refuses (over 65,535 panics).
-            let mut widths: Vec<usize> = r
-                .columns
+            // A cell or column name longer than CELL_MAX is cut with a
+            // visible `…` (never silently: a cut key finds no rows); a name
+            // SQLite made from a long expression must not become a width
+            // that `format!` refuses (over 65,535 panics).
+            let mut cut = false;
+            let mut shown = |c: &str| -> String {
+                if c.chars().count() <= CELL_MAX {
+                    return c.to_string();
+                }
+                cut = true;
+                let mut s: String = c.chars().take(CELL_MAX - 1).collect();
+                s.push('…');
+                s
+            };
+            let columns: Vec<String> = r.columns.iter().map(|c| shown(c)).collect();
+            let texts: Vec<Vec<String>> = texts
                 .iter()
-                .map(|c| c.chars().count().min(60))
+                .map(|row| row.iter().map(|c| shown(c)).collect())
                 .collect();
+            let mut widths: Vec<usize> = columns.iter().map(|c| c.chars().count()).collect();
             for row in &texts {
                 for (w, c) in widths.iter_mut().zip(row) {
-                    *w = (*w).max(c.chars().count().min(60));
+                    *w = (*w).max(c.chars().count());
                 }
             }
             let line = |cells: &[String]| {
                 cells
                     .iter()
                     .zip(&widths)
-                    .map(|(c, w)| {
-                        let c: String = c.chars().take(60).collect();
-                        format!("{c:w$}")
-                    })
+                    .map(|(c, w)| format!("{c:w$}"))
                     .collect::<Vec<_>>()
                     .join("  ")
                     .trim_end()
                     .to_string()
             };
-            let _ = writeln!(out, "{}", line(&r.columns));
+            let _ = writeln!(out, "{}", line(&columns));
             let _ = writeln!(
                 out,
                 "{}",
@@ -478,6 +487,14 @@ pub fn table(r: &QueryResult, format: Format) {
             for row in &texts {
                 let _ = writeln!(out, "{}", line(row));
             }
+            if cut {
+                eprintln!(
+                    "haic-pipe: cells longer than {CELL_MAX} characters are cut and end in `…`; `--format csv` or `--format json` prints them whole"
+                );
+            }
         }
     }
 }
+
+/// The widest a table cell is printed (see [`table`]).
+const CELL_MAX: usize = 120;

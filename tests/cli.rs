@@ -100,7 +100,42 @@ fn a_column_name_of_70000_characters_is_cut_in_a_table() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     let header = text.lines().next().unwrap_or("");
-    assert_eq!(header, "a".repeat(60), "the header is cut at 60 characters");
+    assert_eq!(
+        header,
+        format!("{}…", "a".repeat(119)),
+        "the header is cut at 120 characters, visibly"
+    );
+    assert!(stderr(&out).contains("`--format csv` or `--format json` prints them whole"));
+}
+
+#[test]
+fn a_key_of_64_characters_is_printed_whole() {
+    let p = Project::new(TWO);
+    assert!(p.run(&[]).status.success());
+    let out = p.haic(&[
+        "registry",
+        "-p",
+        "pipeline.yaml",
+        "query",
+        "SELECT key FROM artifacts LIMIT 1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let key = text.lines().nth(2).unwrap_or("");
+    assert_eq!(key.len(), 64, "{text}");
+    // The key as printed finds its row.
+    let q = format!("SELECT count(*) AS n FROM artifacts WHERE key = '{key}'");
+    let out = p.haic(&[
+        "registry",
+        "-p",
+        "pipeline.yaml",
+        "query",
+        &q,
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "n\n1\n");
+    assert!(!stderr(&out).contains("cut"), "no note when nothing is cut");
 }
 
 #[test]
