@@ -528,7 +528,15 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                     .collect(),
             };
             if shown.is_empty() {
-                bail!("{}: there is no stage `{stage}`", pipeline.display());
+                bail!(
+                    "{}: there is no stage `{stage}`; {}",
+                    pipeline.display(),
+                    pipeline::graph::did_you_mean(
+                        &stage,
+                        p.stages.iter().map(|s| s.name.as_str()),
+                        "stages in this file"
+                    )
+                );
             }
             let g = pipeline::graph::build(&p)?;
             let ws = Workspace::locate(&pipeline, cli.workspace.as_deref())?;

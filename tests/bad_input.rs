@@ -82,6 +82,26 @@ const STAGE_CASES: &[StageCase] = &[
         ],
     },
     StageCase {
+        name: "a misspelt input name",
+        stages: "  bad:\n    kind: train_vq\n    inputs: {tabel: prep}\n    params: {steps: 5}\n",
+        setup: Setup::Smoke,
+        code: 2,
+        expect: &[
+            "stage `bad`",
+            "train_vq has no input `tabel` (did you mean table?); it reads table",
+        ],
+    },
+    StageCase {
+        name: "two input names that are one variable to a command",
+        stages: "  bad:\n    kind: command\n    cmd: ls $HAIC_INPUT_A_B\n    inputs: {a-b: prep, a_b: vq1}\n",
+        setup: Setup::Smoke,
+        code: 2,
+        expect: &[
+            "stage `bad`",
+            "inputs `a-b` and `a_b` would both be HAIC_INPUT_A_B in the command; rename one",
+        ],
+    },
+    StageCase {
         name: "train_vq without steps",
         stages: "  bad:\n    kind: train_vq\n    inputs: {table: prep}\n    params: {quantiser: {codebook_size: 4}}\n",
         setup: Setup::Smoke,

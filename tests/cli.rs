@@ -312,3 +312,24 @@ fn show_names_the_artifact_and_gc_removes_only_unused_ones() {
     let st = String::from_utf8_lossy(&p.haic(&["status", "pipeline.yaml"]).stdout).to_string();
     assert!(st.contains("a      stale"), "{st}");
 }
+
+#[test]
+fn a_misspelt_stage_gets_the_closest_names() {
+    let p = common::smoke("");
+    let out = p.run(&["codez1"]);
+    assert_error(
+        &out,
+        2,
+        "there is no stage `codez1`; did you mean codes1 or codes2?",
+    );
+    let out = p.haic(&["show", "pipeline.yaml", "decoderr1"]);
+    assert_error(&out, 2, "did you mean decoder1");
+    // Nothing close: the names, and how many were left out.
+    let out = p.run(&["zzzzzzzzzzzz"]);
+    assert_error(&out, 2, "stages in this file: prep, vq1, codes1");
+    assert!(stderr(&out).contains(" … and 4 more"), "{}", stderr(&out));
+    assert!(
+        !p.path(".haic/registry.db").exists(),
+        "no run row for a bad target"
+    );
+}

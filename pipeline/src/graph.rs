@@ -162,17 +162,35 @@ pub fn build(p: &Pipeline) -> Result<Graph> {
 }
 
 fn suggest(name: &str, p: &Pipeline) -> String {
-    let close: Vec<&str> = p
-        .stages
+    did_you_mean(
+        name,
+        p.stages.iter().map(|s| s.name.as_str()),
+        "stages in this file",
+    )
+}
+
+/// A hint for a name that matches none of `names`: the closest ones by
+/// edit distance (or containing each other), else the names themselves,
+/// the first 10 and how many more.
+pub fn did_you_mean<'a>(name: &str, names: impl Iterator<Item = &'a str>, what: &str) -> String {
+    let names: Vec<&str> = names.collect();
+    let limit = (name.chars().count() / 3).max(1);
+    let mut close: Vec<(usize, &str)> = names
         .iter()
-        .map(|s| s.name.as_str())
-        .filter(|s| s.contains(name) || name.contains(s))
-        .take(3)
+        .map(|&s| (strsim::osa_distance(name, s), s))
+        .filter(|&(d, s)| d <= limit || (s.len() >= 3 && name.contains(s)) || s.contains(name))
         .collect();
+    close.sort();
+    close.dedup_by_key(|c| c.1);
     if close.is_empty() {
-        let all: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).take(10).collect();
-        format!("stages in this file: {}", all.join(", "))
+        let shown: Vec<&str> = names.iter().copied().take(10).collect();
+        let more = match names.len().saturating_sub(10) {
+            0 => String::new(),
+            n => format!(" … and {n} more"),
+        };
+        format!("{what}: {}{more}", shown.join(", "))
     } else {
+        let close: Vec<&str> = close.iter().take(3).map(|c| c.1).collect();
         format!("did you mean {}?", close.join(" or "))
     }
 }
@@ -285,6 +303,30 @@ impl Graph {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hints_suggest_by_edit_distance_and_say_how_many_are_left_out() {
+        let names = ["prep", "codes1", "codes2", "vq1"];
+        assert_eq!(
+            did_you_mean("codez1", names.into_iter(), "stages"),
+            "did you mean codes1 or codes2?"
+        );
+        assert_eq!(
+            did_you_mean("vq", names.into_iter(), "stages"),
+            "did you mean vq1?"
+        );
+        let many: Vec<String> = (0..14).map(|i| format!("stage{i}")).collect();
+        let hint = did_you_mean(
+            "zzzzzzzzzz",
+            many.iter().map(String::as_str),
+            "stages in this file",
+        );
+        assert!(
+            hint.starts_with("stages in this file: stage0, stage1,"),
+            "{hint}"
+        );
+        assert!(hint.ends_with("stage9 … and 4 more"), "{hint}");
+    }
 
     #[test]
     fn cycle_is_reported_in_flow_order() {

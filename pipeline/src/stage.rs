@@ -68,6 +68,12 @@ pub trait StageKind: Send + Sync {
     fn headline_metrics(&self) -> &'static [&'static str] {
         &[]
     }
+    /// The input names the kind reads, when it reads a fixed set (`None`:
+    /// names of the user's choosing, like `command`'s or `evaluate`'s
+    /// sample sets); any other input name is refused at load time.
+    fn input_names(&self) -> Option<&'static [&'static str]> {
+        None
+    }
     /// Files the stage reads that its params name (e.g. a data source), as
     /// written there; the engine adds them to the stage's deps, so their
     /// contents enter the stage key and a stage writing them becomes upstream.
@@ -129,6 +135,20 @@ impl KindRules for Kinds {
                 "cmd",
                 format!("`cmd` is only for `command` stages, not `{}`", stage.kind),
             )));
+        }
+        if let Some(known) = kind.input_names()
+            && let Some(name) = stage.inputs.keys().find(|n| !known.contains(&n.as_str()))
+        {
+            let reads = match known.is_empty() {
+                true => "it reads no inputs".to_string(),
+                false => format!("it reads {}", known.join(", ")),
+            };
+            let hint = crate::graph::did_you_mean(name, known.iter().copied(), "inputs");
+            let message = match hint.starts_with("did you mean") {
+                true => format!("{} has no input `{name}` ({hint}); {reads}", kind.name()),
+                false => format!("{} has no input `{name}`; {reads}", kind.name()),
+            };
+            return Some(Err(ParamError::new(format!("inputs.{name}"), message)));
         }
         Some(kind.check(stage))
     }

@@ -32,6 +32,19 @@ use pipeline::stage::{StageContext, StageError, StageKind};
 
 pub struct Command;
 
+/// The variable that holds input `name`'s folder: `HAIC_INPUT_` and the
+/// name upper-cased, anything but letters and digits as `_`.
+fn input_var(name: &str) -> String {
+    let var: String = name
+        .chars()
+        .map(|c| match c.is_ascii_alphanumeric() {
+            true => c.to_ascii_uppercase(),
+            false => '_',
+        })
+        .collect();
+    format!("HAIC_INPUT_{var}")
+}
+
 impl StageKind for Command {
     fn name(&self) -> &'static str {
         "command"
@@ -42,6 +55,18 @@ impl StageKind for Command {
     }
 
     fn check(&self, stage: &Stage) -> Result<(), ParamError> {
+        let mut vars: std::collections::HashMap<String, &str> = Default::default();
+        for name in stage.inputs.keys() {
+            if let Some(other) = vars.insert(input_var(name), name) {
+                return Err(ParamError::new(
+                    format!("inputs.{name}"),
+                    format!(
+                        "inputs `{other}` and `{name}` would both be {} in the command; rename one",
+                        input_var(name)
+                    ),
+                ));
+            }
+        }
         match stage.params.get("cmd") {
             Some(serde_json::Value::String(s)) if !s.trim().is_empty() => Ok(()),
             Some(serde_json::Value::String(_)) => Err(ParamError::new("cmd", "`cmd` is empty")),
@@ -100,17 +125,7 @@ impl StageKind for Command {
             .env("HAIC_DEVICE", &job.device)
             .env("HAIC_METRICS", &metrics_file);
         for (name, dir) in &job.inputs {
-            let var: String = name
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() {
-                        c.to_ascii_uppercase()
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
-            command.env(format!("HAIC_INPUT_{var}"), dir);
+            command.env(input_var(name), dir);
         }
         // SAFETY: prctl is async-signal-safe; the command dies with its worker.
         unsafe {

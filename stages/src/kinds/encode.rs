@@ -62,6 +62,10 @@ impl StageKind for Encode {
         2
     }
 
+    fn input_names(&self) -> Option<&'static [&'static str]> {
+        Some(&["level", "table"])
+    }
+
     fn device_dependent(&self) -> bool {
         true
     }

@@ -173,6 +173,10 @@ impl StageKind for Preprocess {
         2
     }
 
+    fn input_names(&self) -> Option<&'static [&'static str]> {
+        Some(&[])
+    }
+
     fn resolved_params(
         &self,
         stage: &Stage,

@@ -163,6 +163,10 @@ impl StageKind for TrainAr {
         3 // 2: metrics.json without the reconstruction's seconds; 3: class-stratified validation rows
     }
 
+    fn input_names(&self) -> Option<&'static [&'static str]> {
+        Some(&["table", "condition"])
+    }
+
     fn device_dependent(&self) -> bool {
         true
     }

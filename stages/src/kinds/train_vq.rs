@@ -158,6 +158,10 @@ impl StageKind for TrainVq {
         3 // 3: class-stratified validation rows
     }
 
+    fn input_names(&self) -> Option<&'static [&'static str]> {
+        Some(&["table"])
+    }
+
     fn device_dependent(&self) -> bool {
         true
     }
