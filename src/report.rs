@@ -65,11 +65,30 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// A file name part from a stage or metric name.
+/// A file name part from a stage or metric name: at most 48 characters,
+/// letters and digits kept, the rest `-`. Two names can give one slug
+/// (`a.b`, `a_b`): [`FileNames`] keeps their files apart.
 fn slug(s: &str) -> String {
     s.chars()
+        .take(48)
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect()
+}
+
+/// The report's file names so far: a name given twice gets `-2`, `-3`...
+#[derive(Default)]
+struct FileNames(std::collections::HashSet<String>);
+
+impl FileNames {
+    fn unique(&mut self, stem: &str, ext: &str) -> String {
+        let mut name = format!("{stem}.{ext}");
+        let mut n = 1;
+        while !self.0.insert(name.clone()) {
+            n += 1;
+            name = format!("{stem}-{n}.{ext}");
+        }
+        name
+    }
 }
 
 /// Writes the report of run `run` into `out`; returns the page's path.
@@ -119,6 +138,7 @@ pub async fn write(
         metrics.get(stage)?.get(name)?.last().map(|p| p.1)
     };
 
+    let mut files = FileNames::default();
     let mut html = String::new();
     let _ = write!(
         html,
@@ -154,7 +174,7 @@ pub async fn write(
         );
         for s in samples {
             let Some(dir) = &s.artifact else { continue };
-            let name = format!("samples-{}.png", slug(&s.stage));
+            let name = files.unique(&format!("samples-{}", slug(&s.stage)), "png");
             if std::fs::copy(dir.join("grid.png"), out.join(&name)).is_ok() {
                 let _ = writeln!(
                     html,
@@ -172,7 +192,7 @@ pub async fn write(
         .iter()
         .filter_map(|s| {
             let dir = s.artifact.as_ref()?;
-            let name = format!("reconstructions-{}.png", slug(&s.stage));
+            let name = files.unique(&format!("reconstructions-{}", slug(&s.stage)), "png");
             std::fs::copy(dir.join("reconstructions.png"), out.join(&name))
                 .ok()
                 .map(|_| (s, name))
@@ -270,7 +290,7 @@ pub async fn write(
             esc(&s.kind)
         );
         for (name, points) in series {
-            let file = format!("curve-{}-{}.svg", slug(&s.stage), slug(name));
+            let file = files.unique(&format!("curve-{}-{}", slug(&s.stage), slug(name)), "svg");
             curve(&out.join(&file), name, points)?;
             let _ = writeln!(
                 html,
@@ -436,7 +456,9 @@ fn curve(path: &Path, name: &str, points: &[(i64, f64)]) -> Result<()> {
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
             (a.min(p.1), b.max(p.1))
         });
-    if !(y0.is_finite() && y1.is_finite()) {
+    // A range no axis can span (values near ±1e308) draws nothing
+    // rather than looping over an infinite number of ticks.
+    if !(y0.is_finite() && y1.is_finite() && (y1 - y0).is_finite() && (x1 - x0).is_finite()) {
         return Ok(());
     }
     if y1 - y0 < 1e-12 {

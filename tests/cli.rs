@@ -333,3 +333,47 @@ fn a_misspelt_stage_gets_the_closest_names() {
         "no run row for a bad target"
     );
 }
+
+#[test]
+fn report_survives_metric_names_and_values_at_the_edges() {
+    let long = "m".repeat(300);
+    let p = Project::new(&format!(
+        "stages:\n  s:\n    kind: command\n    cmd: |\n      m=\"$HAIC_METRICS\"\n      printf 'a.b 0 1\\na.b 1 2\\na_b 0 5\\na_b 1 3\\n{long} 0 1\\n{long} 1 2\\nhuge 0 1e308\\nhuge 1 -1e308\\ntwice 0 1\\ntwice 1 9\\ntwice 1 4\\ntwice 2 2\\n' >> \"$m\"\n"
+    ));
+    let out = p.run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let started = std::time::Instant::now();
+    let out = p.haic(&["report", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Not a timing test: the ±1e308 axis used to spin forever.
+    assert!(started.elapsed().as_secs() < 60);
+    let files: Vec<String> = std::fs::read_dir(p.path(".haic/reports/run-1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    // `a.b` and `a_b` each have their curve; the long name a short file.
+    assert!(files.contains(&"curve-s-a-b.svg".to_string()), "{files:?}");
+    assert!(
+        files.contains(&"curve-s-a-b-2.svg".to_string()),
+        "{files:?}"
+    );
+    assert!(files.iter().all(|f| f.len() < 120), "{files:?}");
+    assert_eq!(
+        files
+            .iter()
+            .filter(|f| f.starts_with("curve-s-mmm"))
+            .count(),
+        1
+    );
+    // A step given twice: the later value stands, in the points and in
+    // their summary alike.
+    let rows = p.query(
+        "SELECT s.points, s.max_value, (SELECT count(*) FROM metrics WHERE name = 'twice') AS n,
+                (SELECT value FROM metrics WHERE name = 'twice' AND step = 1) AS at1
+         FROM metric_summaries s WHERE s.name = 'twice'",
+    );
+    assert_eq!(rows[0]["points"], 3);
+    assert_eq!(rows[0]["n"], 3);
+    assert_eq!(rows[0]["at1"], 4.0);
+    assert_eq!(rows[0]["max_value"], 4.0);
+}

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use sqlx::{Connection, QueryBuilder};
+use sqlx::{Connection, QueryBuilder, Row};
 
 use super::{MetricPoint, Registry, db_err};
 use crate::error::Result;
@@ -31,13 +31,34 @@ impl Registry {
                 points.len() - finite.len()
             );
         }
-        let points = finite;
+        // A point at a step already given replaces it (a resumed stage logs
+        // again the steps after its checkpoint): within the batch the later
+        // one is kept, and a metric whose batch reaches back to a stored
+        // step has its summary recomputed from the table below, so the
+        // points and their summary never disagree.
+        let mut at: HashMap<(i64, &str, i64), usize> = HashMap::with_capacity(finite.len());
+        for (i, p) in finite.iter().enumerate() {
+            at.insert((p.stage_run_id, p.name.as_str(), p.step), i);
+        }
+        let points: Vec<&MetricPoint> = match at.len() == finite.len() {
+            true => finite,
+            false => {
+                let mut keep: Vec<usize> = at.into_values().collect();
+                keep.sort_unstable();
+                keep.into_iter().map(|i| finite[i]).collect()
+            }
+        };
         if points.is_empty() {
             return Ok(());
         }
         // Summaries of this batch, merged into the stored ones below.
         let mut summary: HashMap<(i64, &str), BatchSummary> = HashMap::new();
+        let mut first_step: HashMap<(i64, &str), i64> = HashMap::new();
         for p in &points {
+            let f = first_step
+                .entry((p.stage_run_id, p.name.as_str()))
+                .or_insert(p.step);
+            *f = (*f).min(p.step);
             let e = summary
                 .entry((p.stage_run_id, p.name.as_str()))
                 .or_insert(BatchSummary {
@@ -57,6 +78,40 @@ impl Registry {
         }
         let mut c = self.conn.lock().await;
         let mut tx = c.begin().await.map_err(db_err(&self.path))?;
+        // The metrics whose batch starts at or before their stored last step.
+        let keys: Vec<(i64, &str)> = first_step.keys().copied().collect();
+        let mut stored: HashMap<(i64, String), i64> = HashMap::new();
+        for chunk in keys.chunks(METRIC_ROWS_PER_STATEMENT / 2) {
+            let mut qb = QueryBuilder::new(
+                "SELECT stage_run_id, name, last_step FROM metric_summaries WHERE (stage_run_id, name) IN (VALUES ",
+            );
+            let mut list = qb.separated(", ");
+            for (id, name) in chunk {
+                list.push("(");
+                list.push_bind_unseparated(*id);
+                list.push_unseparated(", ");
+                list.push_bind_unseparated(*name);
+                list.push_unseparated(")");
+            }
+            qb.push(")");
+            let rows = qb
+                .build()
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err(&self.path))?;
+            for r in rows {
+                stored.insert((r.get(0), r.get(1)), r.get(2));
+            }
+        }
+        let revisited: Vec<(i64, &str)> = first_step
+            .iter()
+            .filter(|((id, name), first)| {
+                stored
+                    .get(&(*id, name.to_string()))
+                    .is_some_and(|last| *first <= last)
+            })
+            .map(|(k, _)| *k)
+            .collect();
         for chunk in points.chunks(METRIC_ROWS_PER_STATEMENT) {
             let mut qb = QueryBuilder::new(
                 "INSERT OR REPLACE INTO metrics (stage_run_id, name, step, value) ",
@@ -98,6 +153,20 @@ impl Registry {
                 .execute(&mut *tx)
                 .await
                 .map_err(db_err(&self.path))?;
+        }
+        for (id, name) in revisited {
+            sqlx::query(
+                "INSERT OR REPLACE INTO metric_summaries (stage_run_id, name, last_step, last_value, min_value, max_value, points)
+                 SELECT stage_run_id, name, max(step),
+                        (SELECT value FROM metrics l WHERE l.stage_run_id = m.stage_run_id AND l.name = m.name ORDER BY step DESC LIMIT 1),
+                        min(value), max(value), count(*)
+                 FROM metrics m WHERE stage_run_id = ? AND name = ? GROUP BY stage_run_id, name",
+            )
+            .bind(id)
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err(&self.path))?;
         }
         tx.commit().await.map_err(db_err(&self.path))?;
         Ok(())
@@ -177,6 +246,38 @@ mod tests {
                 Value::from(1.0),
                 Value::from(1.0),
                 Value::from(10)
+            ]
+        );
+        // Steps given again (a resumed stage) replace theirs, in the table
+        // and its summary alike; so does a step twice in one batch.
+        let again = |step: i64, value: f64| MetricPoint {
+            stage_run_id: id,
+            name: "val_bpd".into(),
+            step,
+            value,
+        };
+        reg.insert_metrics(&[again(8, 50.0), again(9, 0.5), again(9, 0.25)])
+            .await
+            .unwrap();
+        let q = query_read_only(
+            &path,
+            "SELECT s.last_step, s.last_value, s.min_value, s.max_value, s.points, (SELECT count(*) FROM metrics), (SELECT max(value) FROM metrics)
+             FROM metric_summaries s",
+            &Default::default(),
+        )
+        .await
+        .unwrap()
+        .result;
+        assert_eq!(
+            q.rows[0],
+            vec![
+                Value::from(9),
+                Value::from(0.25),
+                Value::from(0.25),
+                Value::from(50.0),
+                Value::from(10),
+                Value::from(10),
+                Value::from(50.0)
             ]
         );
         let q = query_read_only(
