@@ -2,7 +2,8 @@
 //! when a stage is about to read it, never used, set aside, and made again
 //! by the next run; a deleted artifact folder simply re-runs its stage; a
 //! full disk fails the stage that writes, leaves nothing half-written, and
-//! a resume after freeing space finishes.
+//! a resume after freeing space finishes. A damaged registry is named as
+//! such, with what to do.
 
 mod common;
 
@@ -285,4 +286,42 @@ fn a_full_disk_under_the_registry_stops_the_run_and_resume_finishes() {
         query(&p, "SELECT attempt, status FROM stage_runs ORDER BY id").ends_with("2,succeeded\n"),
         "the resume ran fill again"
     );
+}
+
+#[test]
+fn a_damaged_registry_is_named_as_damaged_not_as_a_refused_query() {
+    let p = Project::new(PIPELINE);
+    assert!(p.run(&[]).status.success());
+    // Garbage over every page but the first (the schema stays readable).
+    let db = p.path(".haic/registry.db");
+    let len = std::fs::metadata(&db).unwrap().len() as usize;
+    let mut bytes = std::fs::read(&db).unwrap();
+    for (i, b) in bytes.iter_mut().enumerate().skip(4096) {
+        *b = (i % 251) as u8;
+    }
+    assert_eq!(bytes.len(), len);
+    std::fs::write(&db, &bytes).unwrap();
+    for args in [
+        vec![
+            "registry",
+            "-p",
+            "pipeline.yaml",
+            "query",
+            "SELECT * FROM stage_runs",
+        ],
+        vec!["status", "pipeline.yaml"],
+    ] {
+        let out = p.haic(&args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("the registry file is damaged"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            err.contains("move registry.db and its -wal and -shm files aside"),
+            "{err}"
+        );
+        assert!(!err.contains("refused"), "{err}");
+    }
 }

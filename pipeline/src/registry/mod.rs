@@ -277,12 +277,26 @@ pub struct Registry {
     conn: Mutex<SqliteConnection>,
 }
 
+/// SQLITE_CORRUPT (11) or SQLITE_NOTADB (26), extended codes included.
+pub(crate) fn is_damaged(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(d) = e else {
+        return false;
+    };
+    d.code()
+        .and_then(|c| c.parse::<i64>().ok())
+        .is_some_and(|c| matches!(c & 0xff, 11 | 26))
+}
+
 fn db_err(path: &Path) -> impl Fn(sqlx::Error) -> Error + '_ {
     move |e| {
         // SQLITE_FULL (13): what to do, as the stages say for their writes.
         let full = matches!(&e, sqlx::Error::Database(d) if d.code().as_deref() == Some("13"));
         let message = if full {
             format!("{e}; {}", crate::error::DISK_FULL_ADVICE)
+        } else if is_damaged(&e) {
+            format!(
+                "the registry file is damaged ({e}). Restore it from a copy, or move registry.db and its -wal and -shm files aside: the next run starts a new registry, and the artifact store keeps every artifact"
+            )
         } else {
             e.to_string()
         };
@@ -312,11 +326,14 @@ impl Registry {
         sqlx::migrate!("../migrations")
             .run(&mut conn)
             .await
-            .map_err(|e| Error::Registry {
-                path: path.to_path_buf(),
-                message: format!(
-                    "applying the schema failed: {e}; if this registry was written by a newer haic-pipe, use that version"
-                ),
+            .map_err(|e| match e {
+                sqlx::migrate::MigrateError::Execute(e) if is_damaged(&e) => db_err(path)(e),
+                e => Error::Registry {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "applying the schema failed: {e}; if this registry was written by a newer haic-pipe, use that version"
+                    ),
+                },
             })?;
         Ok(Registry {
             path: path.to_path_buf(),

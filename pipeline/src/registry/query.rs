@@ -145,6 +145,7 @@ pub async fn query_read_only(path: &Path, sql: &str, limits: &QueryLimits) -> Re
                 d.message()
             ))
         }
+        e if super::is_damaged(&e) => db_err(path)(e),
         sqlx::Error::Database(d) => Error::QueryRefused(d.message().to_string()),
         other => db_err(path)(other),
     };
