@@ -346,6 +346,13 @@ pub struct Outcome {
 /// Preference counts per package; raters who chose the broken image in
 /// any catch trial are left out entirely.
 pub async fn outcomes(registry_path: &Path) -> Result<Vec<Outcome>> {
+    // Reading makes nothing: no registry (or `.haic`) where there is none.
+    if !registry_path.exists() {
+        bail!(
+            "no registry at {}: run a pipeline first, or pass `-p PIPELINE` (or `--workspace DIR`) to find its workspace",
+            registry_path.display()
+        );
+    }
     let registry = Registry::open(registry_path).await?;
     let mut out = Vec::new();
     for package in registry.rating_packages().await? {

@@ -377,3 +377,24 @@ fn report_survives_metric_names_and_values_at_the_edges() {
     assert_eq!(rows[0]["at1"], 4.0);
     assert_eq!(rows[0]["max_value"], 4.0);
 }
+
+#[test]
+fn reading_commands_outside_a_workspace_say_how_to_find_one_and_write_nothing() {
+    let p = Project::new(TWO);
+    std::fs::remove_file(p.pipeline()).unwrap();
+    for args in [
+        vec!["eval", "report"],
+        vec!["registry", "runs"],
+        vec!["report", "1"],
+    ] {
+        let out = p.haic(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = stderr(&out);
+        assert!(
+            err.contains("no registry") && err.contains("run a pipeline first"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("code: 14"), "{err}");
+    }
+    assert!(!p.path(".haic").exists(), "nothing was created");
+}
