@@ -276,10 +276,14 @@ impl Server {
 
     /// One raw HTTP/1.1 POST to /api/answer: (status, body).
     fn post(&self, body: &[u8]) -> (u16, String) {
+        self.post_as(body, "application/json")
+    }
+
+    fn post_as(&self, body: &[u8], content_type: &str) -> (u16, String) {
         let addr = self.url.trim_start_matches("http://").trim_end_matches('/');
         let mut s = TcpStream::connect(addr).unwrap();
         let head = format!(
-            "POST /api/answer HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "POST /api/answer HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()
         );
         s.write_all(head.as_bytes()).unwrap();
@@ -374,6 +378,10 @@ fn the_rating_server_listens_on_loopback_and_refuses_malformed_answers() {
         let (got, response) = server.post(body.as_bytes());
         assert_eq!(got, status, "{body:.80}: {response}");
     }
+    // A well-formed answer sent as another content type: 415, as documented.
+    let answer = format!(r#"{{"task_id":"{t}","choice":"left","rater":"r"}}"#);
+    let (got, response) = server.post_as(answer.as_bytes(), "text/plain");
+    assert_eq!(got, 415, "{response}");
     assert!(ratings(&p).is_empty(), "a refused answer stored something");
 }
 
