@@ -118,6 +118,36 @@ fn weights(p: &Project) -> Vec<Vec<u8>> {
 const RESUMABLE: &str = "      steps: 40\n      checkpoint_every: 5\n      validate_every: 20\n      decoder: {kind: msp, hidden: 16, res_blocks: 1, res_hidden: 8}";
 
 #[test]
+fn an_interrupted_stage_says_where_it_stopped_and_resumes_there() {
+    let p = Project::new(&pipeline(RESUMABLE));
+    p.interrupt_after_checkpoint("vq1", 10);
+    let out = p.haic(&["status", "pipeline.yaml"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("vq1"))
+        .unwrap_or_default();
+    assert!(line.contains("interrupted"), "{text}");
+    assert!(line.contains("interrupted in run 1 at step"), "{text}");
+    let from = line
+        .split("resumes from the checkpoint at step ")
+        .nth(1)
+        .and_then(|s| s.trim_end_matches(')').parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no resume point in {line}"));
+    assert!(from >= 10 && from % 5 == 0, "{line}");
+    // The resumed run says the same on the console.
+    let out = p.run(&["--resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "stage `vq1` resumes from its checkpoint at step {from}"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_worker_killed_mid_training_resumes_to_the_same_bytes() {
     let whole = Project::new(&pipeline(RESUMABLE));
     let out = whole.run(&[]);

@@ -212,6 +212,14 @@ fn checkpoint_steps(dir: &Path) -> Vec<(u64, PathBuf)> {
     steps
 }
 
+/// The step of the newest checkpoint in a stage key's scratch folder, as
+/// `status` reports it (not verified: the worker checks it when it loads).
+pub fn newest_checkpoint_step(scratch: &Path) -> Option<u64> {
+    checkpoint_steps(&scratch.join("checkpoints"))
+        .first()
+        .map(|s| s.0)
+}
+
 /// Checks a checkpoint folder against its digest record.
 fn verify_checkpoint(dir: &Path) -> std::result::Result<(), String> {
     let text = std::fs::read(dir.join(CHECKPOINT_RECORD))
@@ -286,6 +294,10 @@ pub enum WorkerEvent {
     },
     /// Checkpointed at `step` on SIGUSR1 and stopped; see [`EXIT_CHECKPOINTED`].
     Stopped {
+        step: u64,
+    },
+    /// Resumes from the checkpoint at `step` (said once, when it loads).
+    Resumed {
         step: u64,
     },
     /// Where the worker computes: its device, host and, on a GPU, the
@@ -416,7 +428,10 @@ impl StageContext {
         let any = !found.is_empty();
         for (step, path) in found {
             match verify_checkpoint(&path) {
-                Ok(()) => return Some(Checkpoint { step, dir: path }),
+                Ok(()) => {
+                    self.emit(&WorkerEvent::Resumed { step });
+                    return Some(Checkpoint { step, dir: path });
+                }
                 Err(why) => {
                     eprintln!(
                         "warning: checkpoint {} is damaged ({why}); set aside, trying the previous one",

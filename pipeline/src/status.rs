@@ -121,10 +121,38 @@ pub async fn status(
             None => None,
         };
         if let Some(KeyedRun {
+            id,
+            status: StageStatus::Interrupted,
+            run_id: run,
+            ..
+        }) = &last
+        {
+            // Stopped (Ctrl-C, a killed driver found by a later run): how
+            // far it got and where a run picks it up.
+            state.state = Freshness::Interrupted;
+            let at = match registry.as_ref() {
+                Some(r) => r.last_metric_step(*id).await?,
+                None => None,
+            };
+            let from = crate::stage::newest_checkpoint_step(&ws.scratch(&key));
+            state.why.push(match (at, from) {
+                (Some(at), Some(c)) => format!(
+                    "interrupted in run {run} at step {at}; resumes from the checkpoint at step {c}"
+                ),
+                (None, Some(c)) => {
+                    format!("interrupted in run {run}; resumes from the checkpoint at step {c}")
+                }
+                (Some(at), None) => format!(
+                    "interrupted in run {run} at step {at}; no checkpoint yet, so it starts over"
+                ),
+                (None, None) => format!("interrupted in run {run}; it starts over"),
+            });
+        } else if let Some(KeyedRun {
             status: s @ (StageStatus::Running | StageStatus::Failed),
             error,
             run_id: run,
             driver_pid,
+            ..
         }) = &last
         {
             let driver_alive = driver_pid.is_some_and(is_haic_process);

@@ -127,7 +127,27 @@ impl Project {
     /// Runs `stage` (and what it needs), waits until it has committed
     /// checkpoint `step`, SIGKILLs its worker and waits for the driver to fail.
     pub fn kill_worker_after_checkpoint(&self, stage: &str, step: u64) {
-        let mut driver = self
+        let mut driver = self.driver_at_checkpoint(stage, step);
+        send_signal(self.worker_pid(stage), "KILL");
+        assert_eq!(
+            driver.wait().expect("driver").code(),
+            Some(1),
+            "the stage fails, the driver survives"
+        );
+    }
+
+    /// Runs `stage` (and what it needs), waits until it has committed
+    /// checkpoint `step`, sends the driver SIGINT (Ctrl-C) and waits for it
+    /// to stop the run (exit 130).
+    pub fn interrupt_after_checkpoint(&self, stage: &str, step: u64) {
+        let mut driver = self.driver_at_checkpoint(stage, step);
+        send_signal(driver.id(), "INT");
+        assert_eq!(driver.wait().expect("driver").code(), Some(130));
+    }
+
+    /// A driver running `stage`, once the stage has committed checkpoint `step`.
+    fn driver_at_checkpoint(&self, stage: &str, step: u64) -> std::process::Child {
+        let driver = self
             .cmd(&["run", "pipeline.yaml", stage])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -157,12 +177,7 @@ impl Project {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        send_signal(self.worker_pid(stage), "KILL");
-        assert_eq!(
-            driver.wait().expect("driver").code(),
-            Some(1),
-            "the stage fails, the driver survives"
-        );
+        driver
     }
 
     /// The log of `stage`'s attempt `attempt`.

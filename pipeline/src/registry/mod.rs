@@ -199,6 +199,8 @@ impl std::fmt::Display for RunStatus {
 /// [`Registry::last_for_key`]).
 #[derive(Debug, Clone)]
 pub struct KeyedRun {
+    /// The stage run's row.
+    pub id: i64,
     pub status: StageStatus,
     pub error: Option<String>,
     pub run_id: i64,

@@ -359,7 +359,7 @@ impl Registry {
     /// Newest stage run of this stage with this key, if any.
     pub async fn last_for_key(&self, stage: &str, key: &str) -> Result<Option<KeyedRun>> {
         let q = sqlx::query(
-            "SELECT s.status, s.error, s.run_id, r.driver_pid FROM stage_runs s JOIN runs r ON r.id = s.run_id
+            "SELECT s.status, s.error, s.run_id, r.driver_pid, s.id FROM stage_runs s JOIN runs r ON r.id = s.run_id
              WHERE s.stage = ? AND s.key = ? ORDER BY s.id DESC LIMIT 1",
         )
         .bind(stage)
@@ -369,11 +369,19 @@ impl Registry {
         };
         let status: String = r.get(0);
         Ok(Some(KeyedRun {
+            id: r.get(4),
             status: self.parse(&status)?,
             error: r.get(1),
             run_id: r.get(2),
             driver_pid: r.get(3),
         }))
+    }
+
+    /// The last step stage run `id` logged a metric at, if any.
+    pub async fn last_metric_step(&self, id: i64) -> Result<Option<i64>> {
+        let q = sqlx::query("SELECT max(last_step) FROM metric_summaries WHERE stage_run_id = ?")
+            .bind(id);
+        Ok(self.fetch_optional(q).await?.and_then(|r| r.get(0)))
     }
 }
 

@@ -650,6 +650,10 @@ impl Driver {
                     *p = self.executor.placed(&device, &host, gpu.as_deref());
                 }
             }
+            WorkerEvent::Resumed { step } => self.sink_notice(format!(
+                "stage `{}` resumes from its checkpoint at step {step}",
+                st.name
+            )),
             WorkerEvent::Stopped { step } => self.sink_notice(format!(
                 "stage `{}` checkpointed at step {step} before its time limit; the {} back-end requeues it",
                 st.name,
