@@ -2,8 +2,8 @@
 //! when a stage is about to read it, never used, set aside, and made again
 //! by the next run; a deleted artifact folder simply re-runs its stage; a
 //! full disk fails the stage that writes, leaves nothing half-written, and
-//! a resume after freeing space finishes. A damaged registry is named as
-//! such, with what to do.
+//! a resume after freeing space finishes. A garbage manifest is set aside
+//! like damaged data; a damaged registry is named as such, with what to do.
 
 mod common;
 
@@ -324,4 +324,37 @@ fn a_damaged_registry_is_named_as_damaged_not_as_a_refused_query() {
         );
         assert!(!err.contains("refused"), "{err}");
     }
+}
+
+#[test]
+fn a_garbage_manifest_is_set_aside_and_its_artifact_made_again() {
+    let p = Project::new(PIPELINE);
+    assert!(p.run(&[]).status.success());
+    let key = p.query("SELECT key FROM artifacts WHERE stage = 'a'")[0]["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = p.path(&format!(".haic/artifacts/{key}"));
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    writable(&dir.join("manifest.json"));
+    std::fs::write(dir.join("manifest.json"), "garbage").unwrap();
+    // status says what it found and what a run does, and writes nothing.
+    let out = p.haic(&["status", "pipeline.yaml"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("manifest.json is damaged") && text.contains("the next run sets it aside"),
+        "{text}"
+    );
+    assert!(dir.exists());
+    // The run sets it aside, makes it again; the run after finds it cached.
+    let out = p.run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("set aside as"), "{}", stderr(&out));
+    assert!(
+        p.path(&format!(".haic/artifacts/.damaged/{key}-0/manifest.json"))
+            .exists()
+    );
+    let out = p.run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("2 cached"), "{}", stderr(&out));
 }

@@ -335,7 +335,8 @@ impl ArtifactStore {
     }
 
     /// The manifest of a published artifact, or `None` if there is none.
-    /// A manifest that cannot be read means a damaged artifact: an error.
+    /// A manifest that cannot be read means a damaged artifact: an
+    /// [`Error::Artifact`] (the driver sets it aside and runs the stage again).
     pub fn manifest(&self, key: &str) -> Result<Option<Manifest>> {
         let path = self.dir(key).join("manifest.json");
         match fs::read(&path) {
@@ -343,10 +344,7 @@ impl ArtifactStore {
                 .map(Some)
                 .map_err(|e| Error::Artifact {
                     key: key.to_string(),
-                    message: format!(
-                        "{} is damaged ({e}); remove that folder and run again",
-                        path.display()
-                    ),
+                    message: format!("{} is damaged ({e})", path.display()),
                 }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),

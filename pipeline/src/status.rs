@@ -109,12 +109,23 @@ pub async fn status(
         };
         let key = material.key();
         state.key = Some(key.clone());
-        if let Some(m) = store.manifest(&key)? {
-            digests[i] = Some(m.digest);
-            state.state = Freshness::Cached;
-            state.artifact = Some(store.data_dir(&key));
-            out[i] = Some(state);
-            continue;
+        match store.manifest(&key) {
+            Ok(Some(m)) => {
+                digests[i] = Some(m.digest);
+                state.state = Freshness::Cached;
+                state.artifact = Some(store.data_dir(&key));
+                out[i] = Some(state);
+                continue;
+            }
+            Ok(None) => {}
+            Err(crate::Error::Artifact { message, .. }) => {
+                state.why.push(format!(
+                    "{message}; the next run sets it aside and makes it again"
+                ));
+                out[i] = Some(state);
+                continue;
+            }
+            Err(e) => return Err(e),
         }
         let last = match &registry {
             Some(r) => r.last_for_key(&st.name, &key).await?,

@@ -376,6 +376,17 @@ impl Driver {
                 }
             }
             Ok(None) => {}
+            // A damaged manifest: set aside like damaged data, made again.
+            Err(e @ Error::Artifact { .. }) if self.store.dir(&key).exists() => {
+                match self.store.set_aside(&key) {
+                    Ok(to) => self.sink_notice(format!(
+                        "stage `{}`: {e}; set aside as {}, running it again",
+                        st.name,
+                        to.display()
+                    )),
+                    Err(moving) => return self.fail_unstarted(i, format!("{e}; {moving}")).await,
+                }
+            }
             Err(e) => self.sink_notice(format!("stage `{}`: {e}; running it again", st.name)),
         }
         if let Err(msg) = self.verify_inputs(i).await {
