@@ -645,3 +645,32 @@ fn gpu_slots_come_from_cuda_visible_devices_one_stage_per_device() {
         .unwrap();
     assert_error(&out, 1, "needs 3 GPU(s) but this driver has 2");
 }
+
+#[test]
+fn a_command_that_changes_its_deps_fails_naming_the_file_and_publishes_nothing() {
+    let p = Project::new(
+        "stages:\n  w: {kind: command, cmd: \"echo x > words.txt; echo y > out.txt\", deps: [words.txt], outs: [out.txt]}\n  d: {kind: command, cmd: \"rm -rf ddir/*; echo z > o2.txt\", deps: [ddir], outs: [o2.txt]}\n  ok: {kind: command, cmd: \"cat words.txt > o3.txt\", deps: [words.txt], outs: [o3.txt]}\n",
+    );
+    p.write("words.txt", "hello\n");
+    p.write("ddir/a", "a\n");
+    let out = p.run(&["w", "d"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    for changed in [
+        "words.txt`, which the stage reads as a dep",
+        "ddir`, which the stage reads as a dep",
+    ] {
+        assert!(err.contains(changed), "{err}");
+    }
+    assert_eq!(
+        p.query("SELECT count(*) AS n FROM artifacts")[0]["n"],
+        0,
+        "nothing published"
+    );
+    assert!(!p.path("out.txt").exists() && !p.path("o2.txt").exists());
+    // A command that only reads its deps is not affected.
+    p.write("words.txt", "hello\n");
+    let out = p.run(&["ok"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(p.read("o3.txt"), "hello\n");
+}

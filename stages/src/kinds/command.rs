@@ -8,6 +8,10 @@
 //! them into the pipeline folder. So a failed or interrupted command never
 //! leaves half-written outs where the user looks, two stages never write
 //! over each other, and an undeclared dep shows up as a missing file.
+//! Deps are links to the user's files, so a command could write through
+//! them: every dep is listed (size, time, inode of each file under it)
+//! before and after the command, and any change fails the stage, naming
+//! the path, before anything is published.
 //!
 //! The command sees these variables:
 //!
@@ -20,9 +24,10 @@
 //! | `HAIC_DEVICE` | `cpu` or the GPU device(s) the slot gave it |
 //! | `HAIC_METRICS` | a file the command may append metric lines to, `name step value` (e.g. `echo "loss 10 0.37" >> "$HAIC_METRICS"`); they reach the registry while the command runs |
 
+use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -134,6 +139,7 @@ impl StageKind for Command {
                 Ok(())
             });
         }
+        let deps_before = dep_listing(&job.deps);
         eprintln!("$ {cmd}");
         let mut child = command
             .spawn()
@@ -152,6 +158,12 @@ impl StageKind for Command {
             (status, metrics)
         });
         let status = status.map_err(|e| format!("waiting for `sh -c {cmd:?}`: {e}"))?;
+        if let Some(changed) = first_change(&deps_before, &dep_listing(&job.deps)) {
+            return Err(format!(
+                "the command changed `{changed}`, which the stage reads as a dep (the sandbox links deps to the originals, so a write there reaches your file): a stage may write only its outs. Nothing is published; restore the file if it was yours, and write to a declared out instead"
+            )
+            .into());
+        }
         metrics?;
         if !status.success() {
             let how = match status.code() {
@@ -176,6 +188,60 @@ impl StageKind for Command {
         }
         pipeline::cache::remove_tree(&sandbox)?;
         Ok(())
+    }
+}
+
+/// What a dep looks like on disk, file by file (a folder's whole tree):
+/// path, kind, size, modification time and inode. A command that writes,
+/// truncates, adds or removes anything under a dep changes it.
+type DepListing = Vec<(PathBuf, bool, u64, i64, i64, u64)>;
+
+fn dep_listing(deps: &BTreeMap<String, PathBuf>) -> DepListing {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    // A dep's own path follows a symlink the user made; inside it, not.
+    let mut stack: Vec<(PathBuf, bool)> = deps.values().map(|abs| (abs.clone(), true)).collect();
+    while let Some((path, root)) = stack.pop() {
+        let meta = match root {
+            true => std::fs::metadata(&path),
+            false => std::fs::symlink_metadata(&path),
+        };
+        let Ok(meta) = meta else {
+            out.push((path, false, u64::MAX, 0, 0, 0));
+            continue;
+        };
+        if meta.is_dir()
+            && let Ok(rd) = std::fs::read_dir(&path)
+        {
+            stack.extend(rd.flatten().map(|e| (e.path(), false)));
+        }
+        out.push((
+            path,
+            meta.is_dir(),
+            meta.len(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ino(),
+        ));
+    }
+    out.sort();
+    out
+}
+
+/// The first path that differs between two listings, if any.
+fn first_change(before: &DepListing, after: &DepListing) -> Option<String> {
+    let (mut b, mut a) = (before.iter().peekable(), after.iter().peekable());
+    loop {
+        match (b.peek(), a.peek()) {
+            (None, None) => return None,
+            (Some(x), Some(y)) if x == y => {
+                b.next();
+                a.next();
+            }
+            (Some(x), Some(y)) => return Some((&x.0).min(&y.0).display().to_string()),
+            (Some(x), None) => return Some(x.0.display().to_string()),
+            (None, Some(y)) => return Some(y.0.display().to_string()),
+        }
     }
 }
 
