@@ -543,6 +543,16 @@ fn an_out_is_never_written_through_a_symlink_that_leaves_the_pipeline_folder() {
         0,
         "nothing was written outside"
     );
+    // Refused before the command ran: nothing stored, and `status` agrees
+    // with `run` (it said `cached` while every run failed).
+    assert_eq!(p.query("SELECT count(*) AS n FROM artifacts")[0]["n"], 0);
+    let out = p.haic(&["status", "pipeline.yaml"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("failed") && text.contains("through a symlink that leaves"),
+        "{text}"
+    );
+    assert_error(&p.run(&[]), 1, "out `link/a.txt` would be written to");
 }
 
 #[test]

@@ -54,6 +54,20 @@ pub fn restore(
     Ok(())
 }
 
+/// Whether every out of `stage` can be restored where it is declared: no
+/// folder on the way is a symlink leading out of the pipeline folder.
+/// Checked before a stage runs, so nothing is stored that could never be
+/// restored, and by `status`, so that it and `run` agree.
+pub fn check_destinations(p: &Pipeline, stage: &Stage) -> Result<()> {
+    if !stage.restore_outs {
+        return Ok(());
+    }
+    for out in &stage.outs {
+        stays_inside(&p.dir, &p.dir.join(out), out)?;
+    }
+    Ok(())
+}
+
 /// An out's path is inside the pipeline folder (the spec refuses `..` and
 /// absolute paths), but a folder on the way may be a symlink that leads
 /// elsewhere; nothing is written through one.

@@ -109,6 +109,13 @@ pub async fn status(
         };
         let key = material.key();
         state.key = Some(key.clone());
+        if let Err(e) = crate::outs::check_destinations(p, st) {
+            // What `run` would fail on: it could not restore the outs.
+            state.state = Freshness::Failed;
+            state.why.push(e.to_string());
+            out[i] = Some(state);
+            continue;
+        }
         match store.manifest(&key) {
             Ok(Some(m)) => {
                 digests[i] = Some(m.digest);

@@ -392,6 +392,9 @@ impl Driver {
         if let Err(msg) = self.verify_inputs(i).await {
             return self.fail_unstarted(i, msg).await;
         }
+        if let Err(e) = crate::outs::check_destinations(&self.p, st) {
+            return self.fail_unstarted(i, e.to_string()).await;
+        }
         match self.run_worker(i, &material, &key).await {
             Ok(s) => s,
             Err(e) => {
