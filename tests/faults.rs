@@ -3,14 +3,15 @@
 //! by the next run; a deleted artifact folder simply re-runs its stage; a
 //! full disk fails the stage that writes, leaves nothing half-written, and
 //! a resume after freeing space finishes. A garbage manifest is set aside
-//! like damaged data; a damaged registry is named as such, with what to do.
+//! like damaged data; a damaged registry is named as such, with what to
+//! do, and an emptied or replaced one is refused (the workspace's id).
 
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use common::{Project, bin, repo, stderr};
+use common::{Project, assert_error, bin, repo, stderr};
 
 const PIPELINE: &str = "stages:
   a:
@@ -319,7 +320,7 @@ fn a_damaged_registry_is_named_as_damaged_not_as_a_refused_query() {
             "{args:?}: {err}"
         );
         assert!(
-            err.contains("move registry.db and its -wal and -shm files aside"),
+            err.contains("move registry.db, its -wal and -shm files and registry-id aside"),
             "{err}"
         );
         assert!(!err.contains("refused"), "{err}");
@@ -357,4 +358,47 @@ fn a_garbage_manifest_is_set_aside_and_its_artifact_made_again() {
     let out = p.run(&[]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("2 cached"), "{}", stderr(&out));
+}
+
+#[test]
+fn an_emptied_registry_is_refused_not_silently_started_over() {
+    let p = Project::new(PIPELINE);
+    assert!(p.run(&[]).status.success());
+    let db = p.path(".haic/registry.db");
+    let copy = std::fs::read(&db).unwrap();
+    assert!(p.path(".haic/registry-id").is_file());
+    std::fs::write(&db, b"").unwrap();
+    for args in [
+        vec!["status", "pipeline.yaml"],
+        vec!["run", "pipeline.yaml", "--resume"],
+    ] {
+        let out = p.haic(&args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("this registry is empty, but the workspace had one"),
+            "{err}"
+        );
+        assert!(err.contains("Restore registry.db"), "{err}");
+    }
+    // Put back, it is the workspace's again; the history is all there.
+    std::fs::write(&db, &copy).unwrap();
+    let out = p.run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("run 2 succeeded"), "{}", stderr(&out));
+    // Another workspace's registry is named as not this one's.
+    let other = Project::new(PIPELINE);
+    assert!(other.run(&[]).status.success());
+    std::fs::copy(other.path(".haic/registry.db"), &db).unwrap();
+    let _ = std::fs::remove_file(p.path(".haic/registry.db-wal"));
+    let _ = std::fs::remove_file(p.path(".haic/registry.db-shm"));
+    assert_error(
+        &p.haic(&["status", "pipeline.yaml"]),
+        2,
+        "is not the one this workspace recorded",
+    );
+    // Deleting the recorded id adopts the registry there, on purpose.
+    std::fs::remove_file(p.path(".haic/registry-id")).unwrap();
+    let out = p.haic(&["status", "pipeline.yaml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
 }

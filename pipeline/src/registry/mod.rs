@@ -297,7 +297,7 @@ fn db_err(path: &Path) -> impl Fn(sqlx::Error) -> Error + '_ {
             format!("{e}; {}", crate::error::DISK_FULL_ADVICE)
         } else if is_damaged(&e) {
             format!(
-                "the registry file is damaged ({e}). Restore it from a copy, or move registry.db and its -wal and -shm files aside: the next run starts a new registry, and the artifact store keeps every artifact"
+                "the registry file is damaged ({e}). Restore it from a copy, or move registry.db, its -wal and -shm files and registry-id aside: the next run starts a new registry, and the artifact store keeps every artifact"
             )
         } else {
             e.to_string()
@@ -311,9 +311,94 @@ fn db_err(path: &Path) -> impl Fn(sqlx::Error) -> Error + '_ {
 
 type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
 
+/// The file beside the registry that holds its identity.
+pub fn identity_file(registry: &Path) -> PathBuf {
+    registry.with_file_name("registry-id")
+}
+
+fn emptied(path: &Path, id: &str, beside: &Path) -> Error {
+    Error::Registry {
+        path: path.to_path_buf(),
+        message: format!(
+            "this registry is empty, but the workspace had one (id {id}, in {}): it was emptied or replaced, and its history of runs is gone from this file. Restore registry.db from a copy; to start a new history here on purpose, delete {} (the artifact store keeps every artifact)",
+            beside.display(),
+            beside.display()
+        ),
+    }
+}
+
+/// The registry's identity against the one written beside it. A new
+/// registry gets one (the first writer's, decided by SQLite), written
+/// beside it; a registry without one where the file has one was emptied
+/// or replaced: an error with what to do, before anything is written.
+async fn check_identity(path: &Path, conn: &mut SqliteConnection) -> Result<()> {
+    let err = db_err(path);
+    let beside = identity_file(path);
+    let written = std::fs::read_to_string(&beside)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty());
+    let stored: Option<String> = sqlx::query_scalar("SELECT id FROM workspace_identity LIMIT 1")
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(&err)?;
+    let id = match (stored, written) {
+        (Some(a), Some(b)) if a == b => return Ok(()),
+        (Some(a), Some(b)) => {
+            return Err(Error::Registry {
+                path: path.to_path_buf(),
+                message: format!(
+                    "this registry (id {a}) is not the one this workspace recorded (id {b} in {}): it was replaced. Put the workspace's own registry back, or, to adopt this one, delete {}",
+                    beside.display(),
+                    beside.display()
+                ),
+            });
+        }
+        (None, Some(b)) => return Err(emptied(path, &b, &beside)),
+        (Some(a), None) => a,
+        (None, None) => {
+            let seed = format!(
+                "{}:{}:{:?}",
+                std::process::id(),
+                path.display(),
+                std::time::SystemTime::now()
+            );
+            let mine = blake3::hash(seed.as_bytes()).to_hex()[..32].to_string();
+            // Two first openers race here: SQLite keeps one id, both read it.
+            sqlx::query(
+                "INSERT INTO workspace_identity (id) SELECT ? WHERE NOT EXISTS (SELECT 1 FROM workspace_identity)",
+            )
+            .bind(&mine)
+            .execute(&mut *conn)
+            .await
+            .map_err(&err)?;
+            sqlx::query_scalar("SELECT id FROM workspace_identity LIMIT 1")
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(&err)?
+        }
+    };
+    // Written whole by a rename: a reader never sees half an id.
+    let tmp = beside.with_file_name(format!("registry-id.tmp{}", std::process::id()));
+    std::fs::write(&tmp, format!("{id}\n"))
+        .and_then(|_| std::fs::rename(&tmp, &beside))
+        .map_err(|e| Error::io(format!("writing {}", beside.display()), e))?;
+    Ok(())
+}
+
 impl Registry {
     /// Opens (creating if needed) the registry and applies pending migrations.
     pub async fn open(path: &Path) -> Result<Registry> {
+        // Checked before SQLite touches the file: opening an emptied one
+        // would write a fresh schema into it and its -wal.
+        let beside = identity_file(path);
+        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        if size == 0
+            && let Ok(id) = std::fs::read_to_string(&beside)
+            && !id.trim().is_empty()
+        {
+            return Err(emptied(path, id.trim(), &beside));
+        }
         let opts = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -337,6 +422,7 @@ impl Registry {
                     ),
                 },
             })?;
+        check_identity(path, &mut conn).await?;
         Ok(Registry {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),

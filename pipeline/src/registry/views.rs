@@ -57,6 +57,10 @@ const TABLES: &[(&str, &str)] = &[
         "the artifact store's contents: key, stage, digest, size, the stage run that made it",
     ),
     ("lineage", "which artifact a stage run read, per input"),
+    (
+        "workspace_identity",
+        "the workspace's id, also in registry-id beside the file: an emptied or replaced registry is refused",
+    ),
     ("file_hashes", "the dependency files' digest cache"),
     (
         "rating_packages",
