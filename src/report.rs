@@ -448,44 +448,12 @@ fn plot_err(e: impl std::fmt::Display) -> anyhow::Error {
 }
 
 fn curve(path: &Path, name: &str, points: &[(i64, f64)]) -> Result<()> {
-    let root = SVGBackend::new(path, (440, 260)).into_drawing_area();
-    root.fill(&WHITE).map_err(plot_err)?;
-    let (x0, x1) = (points[0].0 as f64, points[points.len() - 1].0 as f64);
-    let (mut y0, mut y1) = points
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
-            (a.min(p.1), b.max(p.1))
-        });
-    // A range no axis can span (values near ±1e308) draws nothing
-    // rather than looping over an infinite number of ticks.
-    if !(y0.is_finite() && y1.is_finite() && (y1 - y0).is_finite() && (x1 - x0).is_finite()) {
-        return Ok(());
-    }
-    if y1 - y0 < 1e-12 {
-        (y0, y1) = (y0 - 0.5, y1 + 0.5);
-    }
-    let pad = 0.05 * (y1 - y0);
-    let mut chart = ChartBuilder::on(&root)
-        .caption(name, ("sans-serif", 16))
-        .margin(8)
-        .x_label_area_size(28)
-        .y_label_area_size(56)
-        .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))
-        .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("step")
-        .light_line_style(WHITE)
-        .draw()
-        .map_err(plot_err)?;
-    chart
-        .draw_series(LineSeries::new(
-            points.iter().map(|&(s, v)| (s as f64, v)),
-            BLUE.stroke_width(2),
-        ))
-        .map_err(plot_err)?;
-    root.present().map_err(plot_err)?;
-    Ok(())
+    plot_lines(
+        path,
+        name,
+        (440, 260),
+        &[(name.to_string(), points.to_vec())],
+    )
 }
 
 fn timeline(path: &Path, stages: &[StageRow], origin: f64) -> Result<()> {
@@ -671,20 +639,26 @@ pub async fn write_comparison(
 
 /// One metric's curves, one line (and legend entry) per run.
 fn overlaid(path: &Path, title: &str, lines: &[Line]) -> Result<()> {
-    let all = lines.iter().flat_map(|(_, p)| p.iter());
+    plot_lines(path, title, (560, 320), lines)
+}
+
+/// Lines over steps in an SVG of `size` pixels: one line in blue, or
+/// several in the palette with a legend (up to 12 of them).
+fn plot_lines(path: &Path, title: &str, size: (u32, u32), lines: &[Line]) -> Result<()> {
     let (mut x0, mut x1, mut y0, mut y1) = (
         f64::INFINITY,
         f64::NEG_INFINITY,
         f64::INFINITY,
         f64::NEG_INFINITY,
     );
-    for &(s, v) in all {
+    for &(s, v) in lines.iter().flat_map(|(_, p)| p.iter()) {
         if v.is_finite() {
             (x0, x1) = (x0.min(s as f64), x1.max(s as f64));
             (y0, y1) = (y0.min(v), y1.max(v));
         }
     }
-    // Values past what an axis can span (±1e308) draw nothing.
+    // A range no axis can span (values near ±1e308) draws nothing
+    // rather than looping over an infinite number of ticks.
     if !(x0.is_finite()
         && x1.is_finite()
         && y0.is_finite()
@@ -697,7 +671,7 @@ fn overlaid(path: &Path, title: &str, lines: &[Line]) -> Result<()> {
         (y0, y1) = (y0 - 0.5, y1 + 0.5);
     }
     let pad = 0.05 * (y1 - y0);
-    let root = SVGBackend::new(path, (560, 320)).into_drawing_area();
+    let root = SVGBackend::new(path, size).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 16))
@@ -713,7 +687,10 @@ fn overlaid(path: &Path, title: &str, lines: &[Line]) -> Result<()> {
         .draw()
         .map_err(plot_err)?;
     for (i, (label, points)) in lines.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = match lines.len() {
+            1 => BLUE.to_rgba(),
+            _ => Palette99::pick(i).to_rgba(),
+        };
         chart
             .draw_series(LineSeries::new(
                 points
@@ -729,7 +706,7 @@ fn overlaid(path: &Path, title: &str, lines: &[Line]) -> Result<()> {
             });
     }
     // A legend of hundreds of runs would cover the plot.
-    if lines.len() <= 12 {
+    if (2..=12).contains(&lines.len()) {
         chart
             .configure_series_labels()
             .background_style(WHITE.mix(0.8))

@@ -25,6 +25,16 @@ pub struct SpecError {
     pub hint: Option<String>,
 }
 
+impl SpecError {
+    /// `note` added to the hint (after what it says already).
+    pub fn add_note(&mut self, note: String) {
+        self.hint = Some(match self.hint.take() {
+            Some(h) => format!("{h}; {note}"),
+            None => note,
+        });
+    }
+}
+
 impl std::fmt::Display for SpecError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: ", self.pos)?;

@@ -291,10 +291,11 @@ pub fn load_with(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    struct OnlyCommand;
+    /// Kind rules that know `command` only, for the spec's unit tests.
+    pub(crate) struct OnlyCommand;
     impl KindRules for OnlyCommand {
         fn kind_names(&self) -> Vec<&'static str> {
             vec!["command"]

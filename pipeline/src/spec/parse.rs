@@ -334,11 +334,10 @@ fn naming_overrides(e: Error, stage: &str, overrides: &[Override]) -> Error {
         .map(|o| o.text.as_str())
         .collect();
     if !set.is_empty() {
-        let note = format!("set on the command line by `-S {}`", set.join("`, `-S "));
-        spec.hint = Some(match spec.hint.take() {
-            Some(h) => format!("{h}; {note}"),
-            None => note,
-        });
+        spec.add_note(format!(
+            "set on the command line by `-S {}`",
+            set.join("`, `-S ")
+        ));
     }
     Error::Spec(spec)
 }

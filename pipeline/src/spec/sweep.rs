@@ -163,11 +163,7 @@ fn in_member(e: Error, vars: &IndexMap<String, Value>) -> Error {
         .iter()
         .map(|(k, v)| format!("{k}={}", value_text(v)))
         .collect();
-    let note = format!("in the sweep's member {}", label.join(","));
-    spec.hint = Some(match spec.hint.take() {
-        Some(h) => format!("{h}; {note}"),
-        None => note,
-    });
+    spec.add_note(format!("in the sweep's member {}", label.join(",")));
     Error::Spec(spec)
 }
 
@@ -563,17 +559,7 @@ pub(super) fn refuse_reads_of_shared_outs(stages: &mut [Stage]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::ParamError;
-
-    struct OnlyCommand;
-    impl KindRules for OnlyCommand {
-        fn kind_names(&self) -> Vec<&'static str> {
-            vec!["command"]
-        }
-        fn check(&self, stage: &Stage) -> Option<std::result::Result<(), ParamError>> {
-            (stage.kind == "command").then_some(Ok(()))
-        }
-    }
+    use crate::spec::tests::OnlyCommand;
 
     const CHAIN: &str = "vars: {a: 1, b: x}\nstages:\n  shared: {kind: command, cmd: echo s}\n  by_a: {kind: command, cmd: 'echo ${a}', inputs: {up: shared}}\n  by_both: {kind: command, cmd: 'echo ${b}', inputs: {up: by_a}}\n";
 
@@ -680,17 +666,7 @@ mod tests {
 #[cfg(test)]
 mod fan_out_tests {
     use super::*;
-    use crate::error::ParamError;
-
-    struct OnlyCommand;
-    impl KindRules for OnlyCommand {
-        fn kind_names(&self) -> Vec<&'static str> {
-            vec!["command"]
-        }
-        fn check(&self, stage: &Stage) -> Option<std::result::Result<(), ParamError>> {
-            (stage.kind == "command").then_some(Ok(()))
-        }
-    }
+    use crate::spec::tests::OnlyCommand;
 
     fn load(text: &str) -> Result<Pipeline> {
         super::super::parse(text, Path::new("/p/pipe.yaml"), &OnlyCommand)
