@@ -377,7 +377,6 @@ fn merge(
     swept: Vec<String>,
 ) -> Result<Pipeline> {
     let first = &built[0];
-    let graph = crate::graph::build(first)?;
     let n = first.stages.len();
     // Copies in order of first appearance; `copy_of[c]` is the file stage.
     let mut copies: Vec<Stage> = Vec::new();
@@ -385,7 +384,9 @@ fn merge(
     let mut by_identity: HashMap<String, usize> = HashMap::new();
     // `member_copy[m][i]`: the copy member m's stage i is.
     let mut member_copy: Vec<Vec<usize>> = Vec::with_capacity(built.len());
-    for p in &built {
+    for (m, p) in built.iter().enumerate() {
+        // Each member's own order: a var may change which stage an input names.
+        let graph = crate::graph::build(p).map_err(|e| in_member(e, &members[m]))?;
         let mut mine = vec![usize::MAX; n];
         for &i in &graph.order {
             let st = &p.stages[i];
@@ -628,6 +629,20 @@ mod tests {
         .unwrap();
         assert!(p.sweep.is_none());
         assert_eq!(p.stage("by_a").unwrap().params["cmd"], "echo 5");
+    }
+
+    #[test]
+    fn a_var_may_choose_which_stage_an_input_names() {
+        // Member b=x reads `left`, b=w reads `right`, declared after the reader.
+        let text = "vars: {b: x}\nstages:\n  reader: {kind: command, cmd: cat, inputs: {up: '${vars.b}_side'}}\n  x_side: {kind: command, cmd: echo l}\n  w_side: {kind: command, cmd: echo r}\n";
+        let p = sweep(text, &["b=x,w"]).unwrap();
+        assert_eq!(p.stage("reader@b=x").unwrap().inputs["up"], "x_side");
+        assert_eq!(p.stage("reader@b=w").unwrap().inputs["up"], "w_side");
+        let e = sweep(text, &["b=x,nope"]).unwrap_err().to_string();
+        assert!(
+            e.contains("`nope_side`") && e.contains("in the sweep's member b=nope"),
+            "{e}"
+        );
     }
 
     #[test]
