@@ -664,7 +664,8 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             let registry_path = ws.registry_path();
             let mut reader = registry::Reader::open(&registry_path).await?;
             let ids = run_ids(&mut reader, &runs).await?;
-            let facts = facts_of(&mut reader, &ids).await?;
+            let mut facts = facts_of(&mut reader, &ids).await?;
+            reader.load_producers(&mut facts).await?;
             let patterns = match metrics.is_empty() {
                 true => {
                     let mut p = headline_patterns(&facts, &kinds);

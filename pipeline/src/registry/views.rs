@@ -100,8 +100,11 @@ pub struct RunFacts {
     /// (stage, kind, metric name, last value).
     pub metrics: Vec<(String, String, String, f64)>,
     /// (stage, the stage run behind its artifact): where its metric
-    /// points are ([`Reader::metric_points`]).
+    /// points are ([`Reader::metric_points`]); filled by
+    /// [`Reader::load_producers`], which `compare` does not need.
     pub producers: Vec<(String, i64)>,
+    /// The member, for a sweep's member.
+    pub member: Option<i64>,
 }
 
 /// One stage of a run: its latest stage run, and where its artifact and
@@ -279,13 +282,6 @@ impl Reader {
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
             .collect();
-        let producers =
-            sqlx::query("SELECT stage, producer FROM run_stages WHERE run_id = ? ORDER BY stage")
-                .bind(run)
-                .fetch_all(&mut self.conn)
-                .await
-                .map_err(&err)?;
-        facts.producers = producers.iter().map(|r| (r.get(0), r.get(1))).collect();
         Ok(Some(facts))
     }
 
@@ -324,6 +320,7 @@ impl Reader {
             );
             f.overrides
                 .extend(vars.iter().map(|(k, v)| format!("vars.{k}={}", text(v))));
+            f.member = Some(member);
             slot.insert(member, facts.len());
             facts.push(f);
         }
@@ -359,19 +356,31 @@ impl Reader {
                     .push((r.get(1), r.get(2), r.get(3), r.get(4)));
             }
         }
-        let producers = sqlx::query(
-            "SELECT member, stage, producer FROM member_stages WHERE run_id = ? ORDER BY member, stage",
-        )
-        .bind(run)
-        .fetch_all(&mut self.conn)
-        .await
-        .map_err(&err)?;
-        for r in &producers {
-            if let Some(&i) = slot.get(&r.get::<i64, _>(0)) {
-                facts[i].producers.push((r.get(1), r.get(2)));
-            }
-        }
         Ok(Some(facts))
+    }
+
+    /// Fills each run's (or sweep member's) `producers`: per stage, the
+    /// stage run behind its artifact.
+    pub async fn load_producers(&mut self, facts: &mut [RunFacts]) -> Result<()> {
+        let err = db_err(&self.path);
+        for f in facts.iter_mut() {
+            let rows = match f.member {
+                Some(m) => sqlx::query(
+                    "SELECT stage, producer FROM member_stages WHERE run_id = ? AND member = ? ORDER BY stage",
+                )
+                .bind(f.id)
+                .bind(m),
+                None => sqlx::query(
+                    "SELECT stage, producer FROM run_stages WHERE run_id = ? ORDER BY stage",
+                )
+                .bind(f.id),
+            }
+            .fetch_all(&mut self.conn)
+            .await
+            .map_err(&err)?;
+            f.producers = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        }
+        Ok(())
     }
 
     /// A run's name, tags, overrides and digest, without stages.
@@ -401,6 +410,7 @@ impl Reader {
             params: Vec::new(),
             metrics: Vec::new(),
             producers: Vec::new(),
+            member: None,
         }))
     }
 
