@@ -618,9 +618,9 @@ pub async fn write_comparison(
     }
     if !curves.is_empty() {
         html.push_str("<h2 id=\"curves\">Curves</h2>\n<div class=\"curves\">\n");
-        for (i, ((stage, name), lines)) in curves.iter().enumerate() {
-            // The index keeps names apart that slug alike (`a.b`, `a_b`).
-            let svg = format!("compare-{i}-{}-{}.svg", slug(stage), slug(name));
+        let mut files = FileNames::default();
+        for ((stage, name), lines) in &curves {
+            let svg = files.unique(&format!("compare-{}-{}", slug(stage), slug(name)), "svg");
             overlaid(&out.join(&svg), &format!("{stage}: {name}"), lines)?;
             let _ = writeln!(
                 html,

@@ -17,7 +17,7 @@
 //! Metric patterns are a metric name (`val.bits_per_dim`: every stage that
 //! has it) or `STAGE:METRIC`, `*` matching any text.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::Value;
 
@@ -40,12 +40,10 @@ pub struct Comparison {
     pub groups: Option<QueryResult>,
 }
 
-/// How a group names its run `i`: the run id, or for a sweep's member
-/// (several rows of one run) `RUN/NAME`.
-fn run_label(runs: &[RunFacts], i: usize) -> String {
-    let r = &runs[i];
-    let shared = runs.iter().filter(|o| o.id == r.id).count() > 1;
-    match (&r.name, shared) {
+/// How a group names its run `r`: the run id, or for a sweep's member
+/// (its run has several rows: `rows_of[id]` > 1) `RUN/NAME`.
+fn run_label(r: &RunFacts, rows_of: &HashMap<i64, usize>) -> String {
+    match (&r.name, rows_of.get(&r.id).is_some_and(|n| *n > 1)) {
         (Some(name), true) => format!("{}/{name}", r.id),
         _ => r.id.to_string(),
     }
@@ -151,6 +149,10 @@ pub fn compare(runs: &[RunFacts], patterns: &[String], group_by: &GroupBy) -> Co
     }
     let grouped = groups.values().any(|members| members.len() > 1);
     let groups = grouped.then(|| {
+        let mut rows_of: HashMap<i64, usize> = HashMap::new();
+        for r in runs {
+            *rows_of.entry(r.id).or_default() += 1;
+        }
         let mut columns = keys.clone();
         columns.push("n".into());
         columns.push("runs".into());
@@ -167,7 +169,7 @@ pub fn compare(runs: &[RunFacts], patterns: &[String], group_by: &GroupBy) -> Co
                 row.push(Value::from(
                     members
                         .iter()
-                        .map(|&i| run_label(runs, i))
+                        .map(|&i| run_label(&runs[i], &rows_of))
                         .collect::<Vec<_>>()
                         .join(" "),
                 ));

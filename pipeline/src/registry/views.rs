@@ -310,16 +310,12 @@ impl Reader {
             let vars: String = r.get(1);
             let vars: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_str(&vars).unwrap_or_default();
-            let text = |v: &serde_json::Value| crate::spec::sweep::value_text(v);
             let mut f = head.clone();
-            f.name = Some(
+            f.name = Some(crate::spec::sweep::label_of(&vars));
+            f.overrides.extend(
                 vars.iter()
-                    .map(|(k, v)| format!("{k}={}", text(v)))
-                    .collect::<Vec<_>>()
-                    .join(","),
+                    .map(|(k, v)| crate::spec::sweep::override_text(k, v)),
             );
-            f.overrides
-                .extend(vars.iter().map(|(k, v)| format!("vars.{k}={}", text(v))));
             f.member = Some(member);
             slot.insert(member, facts.len());
             facts.push(f);

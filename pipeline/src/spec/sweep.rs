@@ -103,20 +103,27 @@ pub struct Member {
 impl Member {
     /// `level1_decoder=ff,seed=0`.
     pub fn label(&self) -> String {
-        self.vars
-            .iter()
-            .map(|(k, v)| format!("{k}={}", value_text(v)))
-            .collect::<Vec<_>>()
-            .join(",")
+        label_of(&self.vars)
     }
 
     /// The member's values as `-S` would write them: `vars.seed=0`.
     pub fn as_overrides(&self) -> Vec<String> {
-        self.vars
-            .iter()
-            .map(|(k, v)| format!("vars.{k}={}", value_text(v)))
-            .collect()
+        self.vars.iter().map(|(k, v)| override_text(k, v)).collect()
     }
+}
+
+/// How a member is named everywhere (messages, `compare`, `status`):
+/// `level1_decoder=ff,seed=0`, in the order given.
+pub fn label_of<'a>(vars: impl IntoIterator<Item = (&'a String, &'a Value)>) -> String {
+    vars.into_iter()
+        .map(|(k, v)| format!("{k}={}", value_text(v)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A member's value of var `k` as `-S` would write it: `vars.seed=0`.
+pub fn override_text(k: &str, v: &Value) -> String {
+    format!("vars.{k}={}", value_text(v))
 }
 
 /// A value as it appears in a generated name: strings bare, the rest as
@@ -148,7 +155,7 @@ pub(super) fn build_all(
         all.extend(vars.iter().map(|(k, v)| Override {
             path: vec!["vars".into(), k.clone()],
             value: v.clone(),
-            text: format!("vars.{k}={}", value_text(v)),
+            text: override_text(k, v),
         }));
         let p = build(raw.clone(), path, kinds, &all).map_err(|e| in_member(e, vars))?;
         built.push(p);
@@ -159,11 +166,7 @@ pub(super) fn build_all(
 /// An error in one member's pipeline, with the member named.
 fn in_member(e: Error, vars: &IndexMap<String, Value>) -> Error {
     let Error::Spec(mut spec) = e else { return e };
-    let label: Vec<String> = vars
-        .iter()
-        .map(|(k, v)| format!("{k}={}", value_text(v)))
-        .collect();
-    spec.add_note(format!("in the sweep's member {}", label.join(",")));
+    spec.add_note(format!("in the sweep's member {}", label_of(vars)));
     Error::Spec(spec)
 }
 
@@ -304,14 +307,10 @@ fn members(
     for (i, c) in combos.iter().enumerate() {
         let text = serde_json::to_string(c).unwrap_or_default();
         if let Some(j) = seen.insert(text, i) {
-            let label: Vec<String> = c
-                .iter()
-                .map(|(k, v)| format!("{k}={}", value_text(v)))
-                .collect();
             return Err(err(
                 format!(
                     "members {j} and {i} of the sweep are the same ({})",
-                    label.join(",")
+                    label_of(c)
                 ),
                 "each combination of values may appear once",
             ));
