@@ -282,7 +282,9 @@ pub fn digest_of_entries(files: &[FileEntry]) -> String {
     h.finalize().to_hex().to_string()
 }
 
-/// What `artifacts/<key>/manifest.json` holds.
+/// What `artifacts/<key>/manifest.json` holds. `params` and `inputs` make
+/// the store describe itself: `registry recover` rebuilds stage runs and
+/// lineage from them (manifests written before they existed lack them).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub key: String,
@@ -291,6 +293,37 @@ pub struct Manifest {
     pub digest: String,
     pub bytes: u64,
     pub files: Vec<FileEntry>,
+    /// The stage's resolved params.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub params: Value,
+    /// Input name -> the key of the artifact read.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub inputs: BTreeMap<String, String>,
+}
+
+/// Who made an artifact, as its manifest records it, and the metric points
+/// its stage reported (kept beside the manifest in [`METRIC_POINTS_FILE`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Provenance<'a> {
+    pub stage: &'a str,
+    pub kind: &'a str,
+    pub params: &'a Value,
+    pub inputs: &'a BTreeMap<String, String>,
+    pub metrics: &'a [MetricRecord],
+}
+
+/// `artifacts/<key>/metric-points.json`: the points the attempt that
+/// published the artifact reported (an attempt resumed from a checkpoint
+/// holds its own points only). Outside `data/`, so not in the digest: the
+/// values include timings.
+pub const METRIC_POINTS_FILE: &str = "metric-points.json";
+
+/// One metric point as a stage reported it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricRecord {
+    pub name: String,
+    pub step: i64,
+    pub value: f64,
 }
 
 /// A staging folder: write into [`Staging::data`], then [`ArtifactStore::commit`].
@@ -370,7 +403,7 @@ impl ArtifactStore {
     /// Hashes the staged files, writes the manifest and publishes the artifact
     /// with one rename. If another process published the same key first, its
     /// artifact is kept and this staging folder is dropped.
-    pub fn commit(&self, staging: Staging, stage: &str, kind: &str) -> Result<Manifest> {
+    pub fn commit(&self, staging: Staging, made_by: Provenance<'_>) -> Result<Manifest> {
         let data = staging.data();
         let mut files = Vec::new();
         for (rel, path) in list_files(&data)? {
@@ -386,12 +419,17 @@ impl ArtifactStore {
         }
         let manifest = Manifest {
             key: staging.key.clone(),
-            stage: stage.to_string(),
-            kind: kind.to_string(),
+            stage: made_by.stage.to_string(),
+            kind: made_by.kind.to_string(),
             digest: digest_of_entries(&files),
             bytes: files.iter().map(|f| f.bytes).sum(),
             files,
+            params: made_by.params.clone(),
+            inputs: made_by.inputs.clone(),
         };
+        let points = staging.root.join(METRIC_POINTS_FILE);
+        let text = serde_json::to_vec(made_by.metrics).unwrap_or_default();
+        fs::write(&points, text).ctx(|| format!("writing {}", points.display()))?;
         let mpath = staging.root.join("manifest.json");
         let text = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
         fs::write(&mpath, text).ctx(|| format!("writing {}", mpath.display()))?;
@@ -414,6 +452,15 @@ impl ArtifactStore {
                 e,
             )),
         }
+    }
+
+    /// The metric points recorded with an artifact; none for one published
+    /// before they were kept, or whose file is unreadable.
+    pub fn metric_points(&self, key: &str) -> Vec<MetricRecord> {
+        fs::read(self.dir(key).join(METRIC_POINTS_FILE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
     }
 
     /// Re-hashes every file of an artifact against its manifest.
@@ -557,10 +604,26 @@ mod tests {
             store.manifest(&key).unwrap().is_none(),
             "staged is not visible"
         );
-        let m = store.commit(st, "s", "command").unwrap();
+        let params = serde_json::json!({"n": 1});
+        let inputs = BTreeMap::from([("src".to_string(), "b".repeat(64))]);
+        let made_by = Provenance {
+            stage: "s",
+            kind: "command",
+            params: &params,
+            inputs: &inputs,
+            metrics: &[MetricRecord {
+                name: "loss".into(),
+                step: 3,
+                value: 0.5,
+            }],
+        };
+        let m = store.commit(st, made_by).unwrap();
         assert_eq!(m.files.len(), 1);
         assert_eq!(m.bytes, 5);
-        assert_eq!(store.manifest(&key).unwrap().unwrap().digest, m.digest);
+        let read = store.manifest(&key).unwrap().unwrap();
+        assert_eq!(read.digest, m.digest);
+        assert_eq!((&read.params, &read.inputs), (&params, &inputs));
+        assert_eq!(store.metric_points(&key), made_by.metrics);
         let meta = fs::metadata(store.data_dir(&key).join("x.txt")).unwrap();
         assert!(meta.permissions().readonly());
         store.verify(&key).unwrap();

@@ -28,7 +28,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::cache::{ArtifactStore, FileEntry, hash_file, list_files, remove_tree};
+use crate::cache::{
+    ArtifactStore, FileEntry, MetricRecord, Provenance, hash_file, list_files, remove_tree,
+};
 use crate::error::{Error, IoContext, ParamError, Result};
 use crate::spec::{KindRules, Stage};
 
@@ -342,6 +344,8 @@ pub struct StageContext {
     out_dir: PathBuf,
     events: Mutex<Box<dyn Write + Send>>,
     stopped_at: AtomicU64,
+    /// Every metric point reported, kept with the artifact.
+    metrics: Mutex<Vec<MetricRecord>>,
 }
 
 impl StageContext {
@@ -351,6 +355,7 @@ impl StageContext {
             out_dir,
             events: Mutex::new(events),
             stopped_at: AtomicU64::new(NOT_STOPPING),
+            metrics: Mutex::new(Vec::new()),
         }
     }
 
@@ -500,6 +505,13 @@ impl StageContext {
             eprintln!("metric `{name}` at step {step} is {value}; not recorded");
             return;
         }
+        if let Ok(mut kept) = self.metrics.lock() {
+            kept.push(MetricRecord {
+                name: name.to_string(),
+                step,
+                value,
+            });
+        }
         self.emit(&WorkerEvent::Metric {
             name: name.to_string(),
             step,
@@ -588,6 +600,7 @@ pub fn run_job(kinds: &Kinds, mut job: Job, events: Box<dyn Write + Send>) -> i3
         }
     };
     let (stage, kind_name, key) = (job.stage.clone(), job.kind.clone(), job.key.clone());
+    let (params, input_keys) = (job.params.clone(), job.input_keys.clone());
     let out_events = match events.into_inner() {
         Ok(w) => w,
         Err(p) => p.into_inner(),
@@ -595,6 +608,7 @@ pub fn run_job(kinds: &Kinds, mut job: Job, events: Box<dyn Write + Send>) -> i3
     let ctx = StageContext::new(job, staging.data(), out_events);
     let result = kind.run(&ctx);
     let stopped_at = ctx.stopped_at.load(Ordering::SeqCst);
+    let metrics = ctx.metrics.into_inner().unwrap_or_else(|p| p.into_inner());
     let events = ctx.events;
     let fail = |msg: String| report_failure(&events, msg);
     if result.is_err() && stopped_at != NOT_STOPPING {
@@ -610,7 +624,14 @@ pub fn run_job(kinds: &Kinds, mut job: Job, events: Box<dyn Write + Send>) -> i3
         fail(format!("{e}{}", disk_full_hint(&*e)));
         return 1;
     }
-    match store.commit(staging, &stage, &kind_name) {
+    let made_by = Provenance {
+        stage: &stage,
+        kind: &kind_name,
+        params: &params,
+        inputs: &input_keys,
+        metrics: &metrics,
+    };
+    match store.commit(staging, made_by) {
         Ok(m) => {
             emit_to(
                 &events,
