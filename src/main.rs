@@ -272,6 +272,14 @@ enum RegistryCmd {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Rebuild a lost or damaged registry from the artifact store: one
+    /// run holding every artifact, its params, lineage and metric points.
+    /// The old file is renamed aside, never deleted.
+    Recover {
+        /// Replace a registry that opens and passes its integrity check.
+        #[arg(long)]
+        force: bool,
+    },
     /// The runs, newest first, with stage counts.
     Runs {
         #[arg(long, default_value_t = 20)]
@@ -582,6 +590,11 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 }
                 RegistryCmd::Schema { format } => {
                     (registry::Reader::open(&path).await?.schema().await?, format)
+                }
+                RegistryCmd::Recover { force } => {
+                    let r = pipeline::recover::recover(&ws, pipeline.as_deref(), force).await?;
+                    render::recovered(&r, &path);
+                    return Ok(0);
                 }
                 RegistryCmd::Runs { limit, format } => (
                     registry::Reader::open(&path)

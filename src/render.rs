@@ -227,6 +227,32 @@ pub fn finish(mode: Mode) {
     }
 }
 
+/// What `registry recover` rebuilt, and what it could not.
+pub fn recovered(r: &pipeline::recover::Recovered, registry: &std::path::Path) {
+    println!(
+        "recovered {} artifact(s) into run {} (`recovered`) of {}: {} lineage link(s), {} metric point(s)",
+        r.artifacts,
+        r.run_id,
+        registry.display(),
+        r.lineage,
+        r.metric_points
+    );
+    if r.without_provenance > 0 {
+        println!(
+            "{} artifact(s) were published before manifests recorded params and inputs: they come back without params, lineage or metrics",
+            r.without_provenance
+        );
+    }
+    for key in &r.unreadable {
+        println!(
+            "artifact {key}: its manifest cannot be read; the next run sets it aside and makes it again"
+        );
+    }
+    for p in &r.set_aside {
+        println!("kept the replaced file as {}", p.display());
+    }
+}
+
 pub fn status(states: &[StageState], json: bool) {
     if json {
         println!(

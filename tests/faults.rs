@@ -402,3 +402,138 @@ fn an_emptied_registry_is_refused_not_silently_started_over() {
     let out = p.haic(&["status", "pipeline.yaml"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// Two stages that report metrics, so that a recovered registry has
+/// params, lineage and curves to compare with the original.
+const MEASURED: &str = "stages:
+  a:
+    kind: command
+    cmd: \"seq 1 ${n} > a.txt; echo 'loss 1 0.5' >> $HAIC_METRICS; echo 'loss 2 0.25' >> $HAIC_METRICS\"
+    params: {n: 100}
+    outs: [a.txt]
+  b:
+    kind: command
+    cmd: \"wc -l < $HAIC_INPUT_SRC/a.txt > b.txt; echo 'lines 0 100' >> $HAIC_METRICS\"
+    inputs: {src: a}
+    outs: [b.txt]
+";
+
+/// What a registry records of the artifacts: rows, lineage, params and
+/// metric points, by stage (ids and times differ between registries).
+fn record_of_artifacts(p: &Project) -> Vec<Vec<serde_json::Value>> {
+    [
+        "SELECT key, stage, kind, digest, bytes, path FROM artifacts ORDER BY key",
+        "SELECT s.stage, l.input, l.artifact_key FROM lineage l JOIN stage_runs s ON s.id = l.stage_run_id ORDER BY 1, 2",
+        "SELECT s.stage, p.name, p.value FROM params p JOIN artifacts a ON a.stage_run_id = p.stage_run_id JOIN stage_runs s ON s.id = a.stage_run_id ORDER BY 1, 2",
+        "SELECT s.stage, m.name, m.step, m.value FROM metrics m JOIN artifacts a ON a.stage_run_id = m.stage_run_id JOIN stage_runs s ON s.id = a.stage_run_id ORDER BY 1, 2, 3",
+    ]
+    .iter()
+    .map(|sql| p.query(sql))
+    .collect()
+}
+
+fn recover(p: &Project, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["registry", "-p", "pipeline.yaml", "recover"];
+    args.extend_from_slice(extra);
+    p.haic(&args)
+}
+
+fn set_aside_files(p: &Project) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(p.path(".haic"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".before-recover-"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_lost_registry_is_rebuilt_from_the_artifact_store() {
+    let p = Project::new(MEASURED);
+    assert!(p.run(&[]).status.success());
+    let before = record_of_artifacts(&p);
+    assert_eq!(before[0].len(), 2, "{before:?}");
+    assert_eq!(before[1].len(), 1, "{before:?}");
+    assert_eq!(before[3].len(), 3, "{before:?}");
+    // A healthy registry is not replaced unless asked.
+    assert_error(&recover(&p, &[]), 2, "nothing to recover");
+    assert!(set_aside_files(&p).is_empty());
+
+    std::fs::write(p.path(".haic/registry.db"), b"").unwrap();
+    let out = recover(&p, &[]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        text.contains("recovered 2 artifact(s) into run 1")
+            && text.contains("1 lineage link(s), 3 metric point(s)"),
+        "{text}"
+    );
+    assert_eq!(set_aside_files(&p).len(), 1, "{:?}", set_aside_files(&p));
+    assert_eq!(record_of_artifacts(&p), before);
+    let run = p.query("SELECT name, status, note FROM runs");
+    assert_eq!(run[0]["name"], "recovered", "{run:?}");
+    assert_eq!(run[0]["status"], "succeeded", "{run:?}");
+    // The workspace is the same one: status and run find everything cached.
+    let out = p.haic(&["status", "pipeline.yaml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("cached")
+            .count(),
+        2,
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = p.run(&[]);
+    assert!(
+        stderr(&out).contains("run 2 succeeded in"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("2 cached"), "{}", stderr(&out));
+    // --force rebuilds a healthy one, keeping it beside.
+    let out = recover(&p, &["--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(set_aside_files(&p).len(), 2, "{:?}", set_aside_files(&p));
+    assert_eq!(record_of_artifacts(&p), before);
+}
+
+#[test]
+fn garbage_inside_the_registry_stops_status_and_run_until_recovered() {
+    let p = Project::new(MEASURED);
+    assert!(p.run(&[]).status.success());
+    // Garbage over the page of a table neither status nor a no-op run reads.
+    let root =
+        p.query("SELECT rootpage FROM sqlite_master WHERE name = 'metric_summaries'")[0]["rootpage"]
+            .as_i64()
+            .unwrap() as usize;
+    let page = p.query("SELECT page_size FROM pragma_page_size()")[0]["page_size"]
+        .as_i64()
+        .unwrap() as usize;
+    let db = p.path(".haic/registry.db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    for (i, b) in bytes[(root - 1) * page..root * page].iter_mut().enumerate() {
+        *b = (i % 7) as u8 + 200;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    for args in [
+        vec!["status", "pipeline.yaml"],
+        vec!["run", "pipeline.yaml"],
+    ] {
+        let out = p.haic(&args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("the registry file is damaged: SQLite's integrity check says"),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains("haic-pipe registry recover"), "{err}");
+    }
+    assert_eq!(std::fs::read(&db).unwrap(), bytes, "nothing was written");
+    let out = recover(&p, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = p.run(&[]);
+    assert!(stderr(&out).contains("2 cached"), "{}", stderr(&out));
+}

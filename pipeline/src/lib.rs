@@ -14,6 +14,7 @@ pub mod gc;
 pub mod graph;
 pub mod hashing;
 pub mod outs;
+pub mod recover;
 pub mod registry;
 pub mod run;
 pub mod spec;

@@ -39,11 +39,11 @@ pub use views::{Reader, RunFacts, RunHead, RunStage};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sqlx::ConnectOptions;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteQueryResult, SqliteRow,
     SqliteSynchronous,
 };
+use sqlx::{ConnectOptions, Connection};
 use tokio::sync::Mutex;
 
 use crate::error::{Error, Result};
@@ -297,7 +297,7 @@ fn db_err(path: &Path) -> impl Fn(sqlx::Error) -> Error + '_ {
             format!("{e}; {}", crate::error::DISK_FULL_ADVICE)
         } else if is_damaged(&e) {
             format!(
-                "the registry file is damaged ({e}). Restore it from a copy, or move registry.db, its -wal and -shm files and registry-id aside: the next run starts a new registry, and the artifact store keeps every artifact"
+                "the registry file is damaged ({e}). {DAMAGED_ADVICE}; or move registry.db, its -wal and -shm files and registry-id aside: the next run starts a new registry, and the artifact store keeps every artifact"
             )
         } else {
             e.to_string()
@@ -320,11 +320,22 @@ fn emptied(path: &Path, id: &str, beside: &Path) -> Error {
     Error::Registry {
         path: path.to_path_buf(),
         message: format!(
-            "this registry is empty, but the workspace had one (id {id}, in {}): it was emptied or replaced, and its history of runs is gone from this file. Restore registry.db from a copy; to start a new history here on purpose, delete {} (the artifact store keeps every artifact)",
+            "this registry is empty, but the workspace had one (id {id}, in {}): it was emptied or replaced, and its history of runs is gone from this file. Restore registry.db from a copy, or rebuild the record of every artifact from the store with `haic-pipe registry recover -p PIPELINE`; to start a new history here on purpose, delete {} (the artifact store keeps every artifact)",
             beside.display(),
             beside.display()
         ),
     }
+}
+
+/// A new random workspace identity (32 hex digits).
+pub fn fresh_identity(path: &Path) -> String {
+    let seed = format!(
+        "{}:{}:{:?}",
+        std::process::id(),
+        path.display(),
+        std::time::SystemTime::now()
+    );
+    blake3::hash(seed.as_bytes()).to_hex()[..32].to_string()
 }
 
 /// The registry's identity against the one written beside it. A new
@@ -357,13 +368,7 @@ async fn check_identity(path: &Path, conn: &mut SqliteConnection) -> Result<()> 
         (None, Some(b)) => return Err(emptied(path, &b, &beside)),
         (Some(a), None) => a,
         (None, None) => {
-            let seed = format!(
-                "{}:{}:{:?}",
-                std::process::id(),
-                path.display(),
-                std::time::SystemTime::now()
-            );
-            let mine = blake3::hash(seed.as_bytes()).to_hex()[..32].to_string();
+            let mine = fresh_identity(path);
             // Two first openers race here: SQLite keeps one id, both read it.
             sqlx::query(
                 "INSERT INTO workspace_identity (id) SELECT ? WHERE NOT EXISTS (SELECT 1 FROM workspace_identity)",
@@ -386,8 +391,105 @@ async fn check_identity(path: &Path, conn: &mut SqliteConnection) -> Result<()> 
     Ok(())
 }
 
+/// The file beside the registry that says which state of `registry.db`
+/// was last closed cleanly or checked (its size and mtime): a file that
+/// differs was written by something else (a crash, a copy, damage) and is
+/// checked before use.
+pub fn clean_stamp_file(registry: &Path) -> PathBuf {
+    registry.with_file_name("registry-clean")
+}
+
+/// `registry.db`'s size and modification time, as the stamp holds them.
+fn file_stamp(path: &Path) -> Option<String> {
+    let meta = std::fs::metadata(path).ok()?;
+    let mtime = meta
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    Some(format!("{} {}", meta.len(), mtime.as_nanos()))
+}
+
+/// Records the registry file's present state as known good. Best effort:
+/// without the stamp the next open only checks again.
+fn write_clean_stamp(path: &Path) {
+    let Some(stamp) = file_stamp(path) else {
+        return;
+    };
+    let beside = clean_stamp_file(path);
+    let tmp = beside.with_file_name(format!("registry-clean.tmp{}", std::process::id()));
+    if std::fs::write(&tmp, format!("{stamp}\n")).is_ok() {
+        let _ = std::fs::rename(&tmp, &beside);
+    }
+}
+
+/// Whether the file is as it was last closed cleanly or checked.
+fn matches_clean_stamp(path: &Path) -> bool {
+    let recorded = std::fs::read_to_string(clean_stamp_file(path)).ok();
+    recorded.is_some_and(|r| Some(r.trim().to_string()) == file_stamp(path))
+}
+
+/// What to do about a damaged registry, said wherever one is found.
+pub const DAMAGED_ADVICE: &str = "Rebuild the history from the artifact store with `haic-pipe registry recover -p PIPELINE` (the damaged file is kept beside it), or restore registry.db from a copy";
+
+/// SQLite's page-by-page check (`PRAGMA quick_check`): every page and
+/// record well-formed; it does not compare indexes with their tables.
+async fn quick_check(path: &Path, conn: &mut SqliteConnection) -> Result<()> {
+    let damaged = |said: String| Error::Registry {
+        path: path.to_path_buf(),
+        message: format!(
+            "the registry file is damaged: SQLite's integrity check says {said}. {DAMAGED_ADVICE}"
+        ),
+    };
+    let rows: Vec<String> = sqlx::query_scalar("PRAGMA quick_check(5)")
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| {
+            if is_damaged(&e) {
+                damaged(e.to_string())
+            } else {
+                db_err(path)(e)
+            }
+        })?;
+    if rows.len() == 1 && rows[0] == "ok" {
+        return Ok(());
+    }
+    Err(damaged(rows.join("; ")))
+}
+
+async fn connect(path: &Path) -> Result<SqliteConnection> {
+    let opts = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(30))
+        .foreign_keys(false)
+        // 32 MiB of page cache: a 10,000-stage run inserts 10,000 rows at once.
+        .pragma("cache_size", "-32768")
+        .disable_statement_logging();
+    opts.connect().await.map_err(db_err(path))
+}
+
+async fn migrate(path: &Path, conn: &mut SqliteConnection) -> Result<()> {
+    sqlx::migrate!("../migrations")
+        .run(&mut *conn)
+        .await
+        .map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(e) if is_damaged(&e) => db_err(path)(e),
+            e => Error::Registry {
+                path: path.to_path_buf(),
+                message: format!(
+                    "applying the schema failed: {e}; if this registry was written by a newer haic-pipe, use that version"
+                ),
+            },
+        })
+}
+
 impl Registry {
     /// Opens (creating if needed) the registry and applies pending migrations.
+    /// A file that changed since it was last closed cleanly (a crash, damage,
+    /// a copy) is checked page by page first.
     pub async fn open(path: &Path) -> Result<Registry> {
         // Checked before SQLite touches the file: opening an emptied one
         // would write a fresh schema into it and its -wal.
@@ -399,34 +501,52 @@ impl Registry {
         {
             return Err(emptied(path, id.trim(), &beside));
         }
-        let opts = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(30))
-            .foreign_keys(false)
-            // 32 MiB of page cache: a 10,000-stage run inserts 10,000 rows at once.
-            .pragma("cache_size", "-32768")
-            .disable_statement_logging();
-        let mut conn = opts.connect().await.map_err(db_err(path))?;
-        sqlx::migrate!("../migrations")
-            .run(&mut conn)
-            .await
-            .map_err(|e| match e {
-                sqlx::migrate::MigrateError::Execute(e) if is_damaged(&e) => db_err(path)(e),
-                e => Error::Registry {
-                    path: path.to_path_buf(),
-                    message: format!(
-                        "applying the schema failed: {e}; if this registry was written by a newer haic-pipe, use that version"
-                    ),
-                },
-            })?;
+        let mut conn = connect(path).await?;
+        let checked = size > 0 && !matches_clean_stamp(path);
+        if checked {
+            quick_check(path, &mut conn).await?;
+        }
+        migrate(path, &mut conn).await?;
         check_identity(path, &mut conn).await?;
+        if checked {
+            write_clean_stamp(path);
+        }
         Ok(Registry {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
         })
+    }
+
+    /// A new, empty registry at `path` (which must not exist) with the
+    /// workspace identity `id`: what `registry recover` fills in.
+    pub async fn create_with_identity(path: &Path, id: &str) -> Result<Registry> {
+        if path.exists() {
+            return Err(Error::Invalid(format!(
+                "{} exists; a new registry needs a fresh file",
+                path.display()
+            )));
+        }
+        let mut conn = connect(path).await?;
+        migrate(path, &mut conn).await?;
+        sqlx::query("INSERT INTO workspace_identity (id) VALUES (?)")
+            .bind(id)
+            .execute(&mut conn)
+            .await
+            .map_err(db_err(path))?;
+        Ok(Registry {
+            path: path.to_path_buf(),
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// Folds the log into the file and closes the connection (SQLite then
+    /// removes the -wal and -shm files).
+    pub async fn close(self) -> Result<()> {
+        self.checkpoint_wal().await?;
+        let conn = self.conn.into_inner();
+        conn.close().await.map_err(db_err(&self.path))?;
+        write_clean_stamp(&self.path);
+        Ok(())
     }
 
     /// Runs one statement on the writer connection.
@@ -451,9 +571,12 @@ impl Registry {
 
     /// Folds the write-ahead log into the database file (`PRAGMA
     /// wal_checkpoint(TRUNCATE)`), e.g. before measuring its size.
+    /// The file is then as a clean close leaves it: recorded as such, so
+    /// that the next open need not check it.
     pub async fn checkpoint_wal(&self) -> Result<()> {
         self.execute(sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)"))
             .await?;
+        write_clean_stamp(&self.path);
         Ok(())
     }
 

@@ -31,6 +31,14 @@ impl Registry {
         Ok(r.last_insert_rowid())
     }
 
+    /// How many runs the registry holds.
+    pub async fn run_count(&self) -> Result<i64> {
+        let row = self
+            .fetch_optional(sqlx::query("SELECT count(*) FROM runs"))
+            .await?;
+        Ok(row.map(|r| r.get(0)).unwrap_or(0))
+    }
+
     /// The run named `name`, if there is one.
     pub async fn run_named(&self, name: &str) -> Result<Option<i64>> {
         let q = sqlx::query("SELECT id FROM runs WHERE name = ?").bind(name);
