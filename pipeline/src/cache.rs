@@ -346,6 +346,14 @@ pub struct ArtifactStore {
 
 static STAGING_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// A relative path of plain names (no `..`, `.`, root or prefix).
+fn is_plain_relative(path: &str) -> bool {
+    !path.is_empty()
+        && Path::new(path)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
 fn is_key(key: &str) -> bool {
     key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -372,13 +380,23 @@ impl ArtifactStore {
     /// [`Error::Artifact`] (the driver sets it aside and runs the stage again).
     pub fn manifest(&self, key: &str) -> Result<Option<Manifest>> {
         let path = self.dir(key).join("manifest.json");
+        let damaged = |why: String| Error::Artifact {
+            key: key.to_string(),
+            message: format!("{} is damaged ({why})", path.display()),
+        };
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| Error::Artifact {
-                    key: key.to_string(),
-                    message: format!("{} is damaged ({e})", path.display()),
-                }),
+            Ok(bytes) => {
+                let m: Manifest =
+                    serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
+                // Its paths are joined to the data folder: never a way out.
+                if let Some(f) = m.files.iter().find(|f| !is_plain_relative(&f.path)) {
+                    return Err(damaged(format!(
+                        "file `{}` is not a path inside data/",
+                        f.path
+                    )));
+                }
+                Ok(Some(m))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
         }
@@ -574,6 +592,33 @@ fn make_writable(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_manifest_naming_a_file_outside_its_data_folder_is_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::new(dir.path().join("artifacts"));
+        let key = "c".repeat(64);
+        fs::create_dir_all(store.data_dir(&key)).unwrap();
+        for (path, damaged) in [
+            ("../../etc/passwd", true),
+            ("/etc/passwd", true),
+            ("a/./b", false),
+            ("", true),
+            ("images/x.png", false),
+            ("images/../../x", true),
+        ] {
+            let text = serde_json::json!({"key": key, "stage": "s", "kind": "k", "digest": "d",
+                "bytes": 1, "files": [{"path": path, "bytes": 1, "digest": "d"}]});
+            fs::write(store.dir(&key).join("manifest.json"), text.to_string()).unwrap();
+            match store.manifest(&key) {
+                Err(Error::Artifact { message, .. }) if damaged => {
+                    assert!(message.contains("is not a path inside data/"), "{message}")
+                }
+                Ok(Some(_)) if !damaged => {}
+                other => panic!("{path}: {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn canonical_params_hash_equal() {
