@@ -421,12 +421,14 @@ async fn facts_of(reader: &mut registry::Reader, ids: &[i64]) -> Result<Vec<regi
 fn workspace_for(cli_ws: &Option<PathBuf>, pipeline: Option<&Path>) -> Result<Workspace> {
     match pipeline {
         Some(p) => Ok(Workspace::locate(p, cli_ws.as_deref())?),
-        None => {
-            let root = cli_ws.clone().unwrap_or_else(|| PathBuf::from(".haic"));
-            Ok(Workspace::open(
-                std::path::absolute(&root).context("resolving the workspace path")?,
-            )?)
-        }
+        None => match cli_ws {
+            Some(root) => Ok(Workspace::open(
+                std::path::absolute(root).context("resolving the workspace path")?,
+            )?),
+            None => Ok(Workspace::find(
+                &std::env::current_dir().context("reading the current folder")?,
+            )?),
+        },
     }
 }
 

@@ -379,6 +379,35 @@ fn report_survives_metric_names_and_values_at_the_edges() {
 }
 
 #[test]
+fn without_p_the_nearest_workspace_above_is_found_and_one_below_is_named() {
+    // A pipeline in a subfolder keeps its workspace there (pipelines/.haic,
+    // as the README's); from the folder above, the commands say how to
+    // reach it instead of "run a pipeline first" alone.
+    let p = Project::new(TWO);
+    std::fs::remove_file(p.pipeline()).unwrap();
+    p.write("pipelines/demo.yaml", TWO);
+    assert!(p.haic(&["run", "pipelines/demo.yaml"]).status.success());
+    let out = p.haic(&["registry", "runs"]);
+    assert_error(&out, 2, "pass `-p pipelines/demo.yaml` (pipelines/.haic)");
+    assert!(!p.path(".haic").exists(), "nothing was created");
+    // From inside the pipeline's folder, or deeper, it is found upward.
+    std::fs::create_dir_all(p.path("pipelines/notes/deeper")).unwrap();
+    for dir in ["pipelines", "pipelines/notes/deeper"] {
+        let out = p
+            .cmd(&["registry", "runs", "--format", "csv"])
+            .current_dir(p.path(dir))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{dir}: {}", stderr(&out));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.lines().count() == 2 && text.contains("succeeded"),
+            "{dir}: {text}"
+        );
+    }
+}
+
+#[test]
 fn reading_commands_outside_a_workspace_say_how_to_find_one_and_write_nothing() {
     let p = Project::new(TWO);
     std::fs::remove_file(p.pipeline()).unwrap();

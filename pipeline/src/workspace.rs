@@ -49,6 +49,53 @@ impl Workspace {
         Workspace::open(root)
     }
 
+    /// Without a pipeline file or `--workspace`: the nearest `.haic/` that
+    /// holds a registry, in `start` (absolute) or a folder above it, as git
+    /// finds `.git`. None: an error naming the workspaces one folder down
+    /// (`pipelines/.haic` from the repository root) and how to reach them.
+    pub fn find(start: &Path) -> Result<Workspace> {
+        for dir in start.ancestors() {
+            let root = dir.join(".haic");
+            if root.join("registry.db").is_file() {
+                return Workspace::open(root);
+            }
+        }
+        let mut below: Vec<String> = std::fs::read_dir(start)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().join(".haic/registry.db").is_file())
+            .map(|e| {
+                let folder = e.file_name().to_string_lossy().into_owned();
+                let mut pipelines: Vec<String> = std::fs::read_dir(e.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|f| f.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".yaml") || n.ends_with(".yml"))
+                    .collect();
+                pipelines.sort();
+                match pipelines.first() {
+                    Some(p) => format!("`-p {folder}/{p}` ({folder}/.haic)"),
+                    None => format!("`--workspace {folder}/.haic`"),
+                }
+            })
+            .collect();
+        below.sort();
+        let hint = if below.is_empty() {
+            "run a pipeline first, or pass `-p PIPELINE` (its workspace is .haic/ beside it) or `--workspace DIR`".to_string()
+        } else {
+            format!(
+                "run a pipeline first, or pass {} for the workspace one folder down",
+                below.join(" or ")
+            )
+        };
+        Err(Error::Invalid(format!(
+            "no registry in {} or a folder above it: {hint}",
+            start.join(".haic").display()
+        )))
+    }
+
     /// The workspace at `root` (absolute), reading where its data lives.
     pub fn open(root: PathBuf) -> Result<Workspace> {
         let record = root.join(DATA_DIR_FILE);
