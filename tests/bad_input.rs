@@ -163,6 +163,50 @@ const STAGE_CASES: &[StageCase] = &[
         ],
     },
     StageCase {
+        name: "an encoder downsampling more than the images allow",
+        stages: "  prep:\n    kind: preprocess\n    params: {source: {format: image_folder, train: imgs}, transforms: {resize: 40, crop: 40}}\n  bad:\n    kind: train_vq\n    inputs: {table: prep}\n    params: {steps: 5, encoder: {downsample: 4}}\n",
+        setup: Setup::Bare(nothing),
+        code: 2,
+        expect: &[
+            "stage `bad`",
+            "encoder.downsample is 4",
+            "input `table` (stage `prep`) holds 40x40 images, which 2^4 does not divide",
+            "use downsample 3 or less",
+        ],
+    },
+    StageCase {
+        name: "a second level downsampling codes the first level made too small",
+        stages: "  prep:\n    kind: preprocess\n    params: {source: {format: cifar10, train: [c.bin]}}\n  vq1:\n    kind: train_vq\n    inputs: {table: prep}\n    params: {steps: 5, encoder: {downsample: 3}}\n  codes1:\n    kind: encode\n    inputs: {level: vq1, table: prep}\n  bad:\n    kind: train_vq\n    inputs: {table: codes1}\n    params: {steps: 5, encoder: {downsample: 3}}\n",
+        setup: Setup::Bare(nothing),
+        code: 2,
+        expect: &[
+            "stage `bad`",
+            "input `table` (stage `codes1`) holds 4x4 code maps",
+            "use downsample 2 or less",
+        ],
+    },
+    StageCase {
+        name: "an AR decoder conditioned on codes its target is not 2^s times larger than",
+        stages: "  prep:\n    kind: preprocess\n    params: {source: {format: image_folder, train: a}, transforms: {crop: 48}}\n  other:\n    kind: preprocess\n    params: {source: {format: image_folder, train: b}, transforms: {crop: 40}}\n  vq:\n    kind: train_vq\n    inputs: {table: other}\n    params: {steps: 5, encoder: {downsample: 1}}\n  codes:\n    kind: encode\n    inputs: {level: vq, table: other}\n  bad:\n    kind: train_ar\n    inputs: {table: prep, condition: codes}\n    params: {steps: 5}\n",
+        setup: Setup::Bare(nothing),
+        code: 2,
+        expect: &[
+            "stage `bad`",
+            "input `condition` (stage `codes`) has 20x20 code maps and the target `table` (stage `prep`) is 48x48",
+            "2^s times larger",
+        ],
+    },
+    StageCase {
+        name: "an AR decoder conditioned on an image table",
+        stages: "  prep:\n    kind: preprocess\n    params: {source: {format: idx, train: {images: i.gz, labels: l.gz}}}\n  bad:\n    kind: train_ar\n    inputs: {table: prep, condition: prep}\n    params: {steps: 5}\n",
+        setup: Setup::Bare(nothing),
+        code: 2,
+        expect: &[
+            "stage `bad`",
+            "input `condition` (stage `prep`) is an image table",
+        ],
+    },
+    StageCase {
         name: "an unknown evaluate param",
         stages: "  bad:\n    kind: evaluate\n    inputs: {ham: ham_samples, real: prep}\n    params: {clasifier: {steps: 3}}\n",
         setup: Setup::Smoke,

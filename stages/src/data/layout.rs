@@ -29,3 +29,20 @@ pub fn image_table_dir(dir: &Path) -> PathBuf {
 /// The load-time fact (`StageKind::output_facts`) an image table's stage
 /// gives when its params fix it: the pixel channels of its images.
 pub const PIXEL_CHANNELS_FACT: &str = "pixel_channels";
+/// Load-time facts of a table's rows (or of the code maps a VQ level
+/// makes) when params fix them: height and width, in pixels or code
+/// positions.
+pub const HEIGHT_FACT: &str = "height";
+pub const WIDTH_FACT: &str = "width";
+/// Load-time fact of a code table (or a VQ level): codes per position.
+pub const CODES_FACT: &str = "codes";
+
+/// A whole-number fact of an input's facts, if stated.
+pub fn fact(facts: Option<&serde_json::Value>, key: &str) -> Option<usize> {
+    facts?.get(key)?.as_u64().map(|v| v as usize)
+}
+
+/// Height and width, if both are stated.
+pub fn size_fact(facts: Option<&serde_json::Value>) -> Option<(usize, usize)> {
+    Some((fact(facts, HEIGHT_FACT)?, fact(facts, WIDTH_FACT)?))
+}

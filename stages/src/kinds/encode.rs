@@ -90,6 +90,18 @@ impl StageKind for Encode {
         Ok(())
     }
 
+    /// A code table of the level's code maps (its facts: size and K).
+    fn output_facts(
+        &self,
+        _stage: &Stage,
+        inputs: &std::collections::BTreeMap<String, serde_json::Value>,
+    ) -> serde_json::Value {
+        inputs
+            .get("level")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
+
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         let cfg = parse_config(&crate::params::object(&ctx.job.params))
             .map_err(|e| Error::Params(e.message))?;

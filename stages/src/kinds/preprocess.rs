@@ -41,7 +41,7 @@ use crate::data::cifar::{CIFAR10_CLASSES, CifarReader, Variant};
 use crate::data::folder::FolderReader;
 use crate::data::hub_parquet::HubParquetReader;
 use crate::data::idx::IdxReader;
-use crate::data::layout::PIXEL_CHANNELS_FACT;
+use crate::data::layout::{HEIGHT_FACT, PIXEL_CHANNELS_FACT, WIDTH_FACT};
 use crate::data::shuffle::Spill;
 use crate::data::table::{ShardWriter, TABLE_FORMAT, TableIndex, TableMeta};
 use crate::data::transform::{Color, Transforms};
@@ -222,7 +222,9 @@ impl StageKind for Preprocess {
 
     /// The images' channels where the params fix them: a `color`
     /// transform, else IDX (grey) or CIFAR (RGB); a folder or Parquet
-    /// source keeps whatever its files hold.
+    /// source keeps whatever its files hold. Their size where the params
+    /// fix it: a `crop` (square), or CIFAR's 32x32 without `resize`; plus
+    /// twice the `pad`. (An IDX file's size is in its header, not here.)
     fn output_facts(
         &self,
         stage: &Stage,
@@ -231,12 +233,31 @@ impl StageKind for Preprocess {
         let Ok(cfg) = parse_config(&stage.params) else {
             return Value::Null;
         };
+        let mut facts = serde_json::Map::new();
         let channels = match (cfg.transforms.color, &cfg.source) {
-            (Some(Color::Gray), _) | (None, Source::Idx { .. }) => 1,
-            (Some(Color::Rgb), _) | (None, Source::Cifar10 { .. } | Source::Cifar100 { .. }) => 3,
-            (None, _) => return Value::Null,
+            (Some(Color::Gray), _) | (None, Source::Idx { .. }) => Some(1),
+            (Some(Color::Rgb), _) | (None, Source::Cifar10 { .. } | Source::Cifar100 { .. }) => {
+                Some(3)
+            }
+            (None, _) => None,
         };
-        serde_json::json!({ PIXEL_CHANNELS_FACT: channels })
+        if let Some(c) = channels {
+            facts.insert(PIXEL_CHANNELS_FACT.into(), c.into());
+        }
+        let side = match (cfg.transforms.crop, cfg.transforms.resize, &cfg.source) {
+            (Some(crop), _, _) => Some(crop),
+            (None, None, Source::Cifar10 { .. } | Source::Cifar100 { .. }) => Some(32),
+            _ => None,
+        };
+        if let Some(side) = side {
+            let side = side as u64 + 2 * cfg.transforms.pad.unwrap_or(0) as u64;
+            facts.insert(HEIGHT_FACT.into(), side.into());
+            facts.insert(WIDTH_FACT.into(), side.into());
+        }
+        match facts.is_empty() {
+            true => Value::Null,
+            false => Value::Object(facts),
+        }
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {

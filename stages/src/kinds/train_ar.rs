@@ -49,7 +49,7 @@ use serde_json::json;
 
 use crate::checkpoint;
 use crate::data::grid::write_grid;
-use crate::data::layout::PIXEL_CHANNELS_FACT;
+use crate::data::layout::{PIXEL_CHANNELS_FACT, fact, size_fact};
 use crate::data::level_table::InputKind;
 use crate::data::level_table::{BatchStream, Cursor, LevelTable, Rows, check_aligned};
 use crate::device::device;
@@ -212,33 +212,46 @@ impl StageKind for TrainAr {
     /// The PixelCNN splits its hidden channels into one group per pixel
     /// channel: refused at load time when the table's images are known to
     /// have channels that do not divide `model.hidden`.
+    /// The model against its inputs: hidden channels the pixel channels
+    /// divide, and a code map the target is 2^s times larger than.
     fn check_inputs(
         &self,
         stage: &Stage,
         inputs: &std::collections::BTreeMap<String, serde_json::Value>,
     ) -> Result<(), ParamError> {
         let cfg = parse_config(&stage.params)?;
-        let Some(c) = inputs
-            .get("table")
-            .and_then(|f| f.get(PIXEL_CHANNELS_FACT))
-            .and_then(serde_json::Value::as_u64)
-            .map(|c| c as usize)
-        else {
+        if let Some(c) = fact(inputs.get("table"), PIXEL_CHANNELS_FACT) {
+            check_hidden(stage, &cfg, c)?;
+        }
+        let Some(condition) = inputs.get("condition") else {
             return Ok(());
         };
-        let h = cfg.model.hidden;
-        if c > 1 && !h.is_multiple_of(c) {
-            let from = stage.inputs.get("table").map_or("", String::as_str);
-            let below = h / c * c;
-            let fix = if below == 0 {
-                format!("{c}")
-            } else {
-                format!("{below} or {}", below + c)
-            };
+        let named = |input: &str| {
+            stage
+                .inputs
+                .get(input)
+                .map_or("", String::as_str)
+                .to_string()
+        };
+        if fact(Some(condition), PIXEL_CHANNELS_FACT).is_some() {
             return Err(ParamError::new(
-                "params.model",
+                "inputs.condition",
                 format!(
-                    "model.hidden is {h}, not a multiple of the {c} pixel channels of input `table` (stage `{from}`): the PixelCNN gives each channel an equal group of hidden channels; use {fix}"
+                    "input `condition` (stage `{}`) is an image table; give the code table an `encode` stage wrote",
+                    named("condition")
+                ),
+            ));
+        }
+        if let (Some((th, tw)), Some((ch, cw))) =
+            (size_fact(inputs.get("table")), size_fact(Some(condition)))
+            && !(0..=8).any(|s| ch << s == th && cw << s == tw)
+        {
+            return Err(ParamError::new(
+                "inputs.condition",
+                format!(
+                    "input `condition` (stage `{}`) has {ch}x{cw} code maps and the target `table` (stage `{}`) is {th}x{tw}: the target must be 2^s times larger on both sides; condition on the level just above the target's",
+                    named("condition"),
+                    named("table")
                 ),
             ));
         }
@@ -251,6 +264,28 @@ impl StageKind for TrainAr {
         let device = device(&ctx.job.device)?;
         Trainer::new(ctx, cfg, device)?.run()
     }
+}
+
+/// The PixelCNN gives each of the `c` pixel channels an equal group of
+/// hidden channels.
+fn check_hidden(stage: &Stage, cfg: &Config, c: usize) -> Result<(), ParamError> {
+    let h = cfg.model.hidden;
+    if c > 1 && !h.is_multiple_of(c) {
+        let from = stage.inputs.get("table").map_or("", String::as_str);
+        let below = h / c * c;
+        let fix = if below == 0 {
+            format!("{c}")
+        } else {
+            format!("{below} or {}", below + c)
+        };
+        return Err(ParamError::new(
+            "params.model",
+            format!(
+                "model.hidden is {h}, not a multiple of the {c} pixel channels of input `table` (stage `{from}`): the PixelCNN gives each channel an equal group of hidden channels; use {fix}"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Everything a checkpoint holds besides tensors.

@@ -44,6 +44,7 @@ use serde_json::json;
 
 use crate::checkpoint;
 use crate::data::grid::write_grid;
+use crate::data::layout::{CODES_FACT, HEIGHT_FACT, WIDTH_FACT, fact, size_fact};
 use crate::data::level_table::InputKind;
 use crate::data::level_table::{BatchStream, Cursor, LevelTable, Rows};
 use crate::device::device;
@@ -194,6 +195,53 @@ impl StageKind for TrainVq {
         Ok(())
     }
 
+    /// The code maps the level makes: the input's size over
+    /// 2^`encoder.downsample`, K codes.
+    fn output_facts(
+        &self,
+        stage: &Stage,
+        inputs: &std::collections::BTreeMap<String, serde_json::Value>,
+    ) -> serde_json::Value {
+        let Ok(cfg) = parse_config(&stage.params) else {
+            return serde_json::Value::Null;
+        };
+        let mut facts = serde_json::Map::new();
+        facts.insert(CODES_FACT.into(), cfg.quantiser.codebook_size.into());
+        if let Some((h, w)) = size_fact(inputs.get("table"))
+            && let Ok((ch, cw)) = code_map_size(h, w, cfg.encoder.downsample)
+        {
+            facts.insert(HEIGHT_FACT.into(), ch.into());
+            facts.insert(WIDTH_FACT.into(), cw.into());
+        }
+        serde_json::Value::Object(facts)
+    }
+
+    /// The encoder's downsampling must divide the input's sides.
+    fn check_inputs(
+        &self,
+        stage: &Stage,
+        inputs: &std::collections::BTreeMap<String, serde_json::Value>,
+    ) -> Result<(), ParamError> {
+        let cfg = parse_config(&stage.params)?;
+        let Some((h, w)) = size_fact(inputs.get("table")) else {
+            return Ok(());
+        };
+        code_map_size(h, w, cfg.encoder.downsample).map(|_| ()).map_err(|most| {
+            let from = stage.inputs.get("table").map_or("", String::as_str);
+            let s = cfg.encoder.downsample;
+            let what = match fact(inputs.get("table"), CODES_FACT) {
+                Some(_) => "code maps",
+                None => "images",
+            };
+            ParamError::new(
+                "params.encoder.downsample",
+                format!(
+                    "encoder.downsample is {s}: the code map would be {h}x{w} / 2^{s}, but input `table` (stage `{from}`) holds {h}x{w} {what}, which 2^{s} does not divide into a grid of at least 1x1; use downsample {most} or less"
+                ),
+            )
+        })
+    }
+
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         let cfg = parse_config(&crate::params::object(&ctx.job.params))
             .map_err(|e| Error::Params(e.message))?;
@@ -201,6 +249,22 @@ impl StageKind for TrainVq {
         let table = LevelTable::open(ctx.input("table")?)?;
         Trainer::new(ctx, cfg, table, device)?.run()
     }
+}
+
+/// The code map of an `h`x`w` input downsampled `s` times (halved each
+/// time); else the largest `s` that works.
+pub fn code_map_size(h: usize, w: usize, s: usize) -> Result<(usize, usize), usize> {
+    let fits = |s: usize| {
+        s < usize::BITS as usize
+            && (h >> s) << s == h
+            && (w >> s) << s == w
+            && h >> s > 0
+            && w >> s > 0
+    };
+    if fits(s) {
+        return Ok((h >> s, w >> s));
+    }
+    Err((0..s).rev().find(|&t| fits(t)).unwrap_or(0))
 }
 
 /// Everything a checkpoint holds besides tensors.
