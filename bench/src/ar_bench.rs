@@ -100,9 +100,11 @@ fn train(name: &str, info: ArInfo, steps: usize) -> Result<(), Box<dyn std::erro
 }
 
 /// Sampling `n` images from a freshly initialised model (the cost does not
-/// depend on the weights), naive (the whole network per value) against
-/// cached (incremental; median of `runs`); checks that both draw the same
-/// images.
+/// depend on the weights), naive (the whole network per value, once)
+/// against cached (incremental) and on-device drawing (cached, values drawn
+/// where the logits are, one transfer per row), medians of `runs`; checks
+/// that naive and cached draw the same images. `HAIC_BENCH_DEVICE`
+/// (`cpu`, `cuda:0`) picks the device.
 fn sample(
     name: &str,
     info: ArInfo,
@@ -112,7 +114,10 @@ fn sample(
     if !selected(name) {
         return Ok(());
     }
-    let model = ArModel::new(info, &Device::Cpu)?;
+    let device = stages::device::device(
+        &std::env::var("HAIC_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()),
+    )?;
+    let model = ArModel::new(info, &device)?;
     let mut rng = SplitMix64(5);
     let rows = Rows {
         ids: (0..n as i64).collect(),
@@ -125,38 +130,44 @@ fn sample(
         values: (0..n * 64).map(|_| rng.below(128) as u16).collect(),
     };
     let batch = model.batch(&rows, Some(&codes))?;
-    let (mut naive, mut cached) = (Vec::new(), Vec::new());
+    let (mut naive, mut cached, mut on_device) = (Vec::new(), Vec::new(), Vec::new());
     let mut identical = true;
     for run in 0..runs {
         let mut drawn = Vec::new();
         // The naive sampler takes minutes: once, beside the first cached run.
         let methods = match run {
-            0 => &[Sampling::Naive, Sampling::Cached][..],
-            _ => &[Sampling::Cached],
+            0 => &[Sampling::Naive, Sampling::Cached, Sampling::OnDevice][..],
+            _ => &[Sampling::Cached, Sampling::OnDevice],
         };
         for &how in methods {
             let times = match how {
                 Sampling::Naive => &mut naive,
                 Sampling::Cached => &mut cached,
+                Sampling::OnDevice => &mut on_device,
             };
             let t = Instant::now();
-            drawn.push(model.sample(
+            let values = model.sample(
                 batch.labels.as_ref(),
                 batch.code_map.as_ref(),
                 n,
                 1.0,
                 &mut SplitMix64(9),
                 how,
-            )?);
+            )?;
             times.push(t.elapsed().as_secs_f64());
+            if how != Sampling::OnDevice {
+                drawn.push(values);
+            }
         }
         identical &= drawn.len() < 2 || drawn[0] == drawn[1];
     }
-    let (a, c) = (median(naive), median(cached));
+    let (a, c, d) = (median(naive), median(cached), median(on_device));
     println!(
-        "{name:<34} {n} images: cached {:>7.2} s ({:>6.1} images/s) | naive (whole network per value, once) {:>7.2} s | {:.1}x | same images: {identical}",
+        "{name:<34} {n} images: cached {:>7.2} s ({:>6.1} images/s) | on-device drawing {:>7.2} s ({:.2}x cached) | naive (whole network per value, once) {:>7.2} s | {:.1}x | naive = cached: {identical}",
         c,
         n as f64 / c,
+        d,
+        c / d,
         a,
         a / c
     );

@@ -17,7 +17,9 @@
 //! ```
 //!
 //! Every position is drawn by the cached sampler ([`Sampling::Cached`]),
-//! which draws the same values as re-running the network per position.
+//! which draws the same values as re-running the network per position; on
+//! a GPU the values are drawn on the device ([`Sampling::OnDevice`]: one
+//! transfer per row, not per value).
 //! Batch b draws from its own random stream (seed, b): a stage killed
 //! mid-way keeps its finished batches (checkpointed after each) and the
 //! resumed run gives the same samples, bit for bit.
@@ -304,7 +306,7 @@ impl StageKind for SampleStage {
                         n,
                         cfg.temperature(name),
                         &mut rng,
-                        Sampling::Cached,
+                        Sampling::for_device(&device),
                     )
                     .map_err(Error::candle(&format!("sampling from `{name}`")))?;
                 seconds[l] += t.elapsed().as_secs_f64();

@@ -520,7 +520,7 @@ impl<'a> Trainer<'a> {
                 n,
                 self.cfg.reconstruct.temperature,
                 &mut rng,
-                Sampling::Cached,
+                Sampling::for_device(&self.model.device),
             )
             .map_err(Error::candle("sampling"))?;
         let s = self.step as i64;
