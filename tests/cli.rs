@@ -170,6 +170,11 @@ fn reads_the_textual_filter_used_to_refuse_are_answered() {
 fn runaway_queries_stop_at_their_time_and_row_limits() {
     let p = Project::new(TWO);
     assert!(p.run(&[]).status.success());
+    let registry_files = || {
+        ["registry.db", "registry.db-wal"]
+            .map(|f| std::fs::read(p.path(&format!(".haic/{f}"))).unwrap_or_default())
+    };
+    let before = registry_files();
     let endless = "with recursive c(x) as (select 1 union all select x+1 from c)";
     let started = std::time::Instant::now();
     let out = p.haic(&[
@@ -222,6 +227,7 @@ fn runaway_queries_stop_at_their_time_and_row_limits() {
         2,
         "positive number of seconds",
     );
+    assert!(registry_files() == before, "the registry files changed");
 }
 
 /// The schema is discoverable from the CLI, and a query on a table that
