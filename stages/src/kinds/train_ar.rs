@@ -209,9 +209,6 @@ impl StageKind for TrainAr {
         Ok(())
     }
 
-    /// The PixelCNN splits its hidden channels into one group per pixel
-    /// channel: refused at load time when the table's images are known to
-    /// have channels that do not divide `model.hidden`.
     /// The model against its inputs: hidden channels the pixel channels
     /// divide, and a code map the target is 2^s times larger than.
     fn check_inputs(

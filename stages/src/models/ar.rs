@@ -301,21 +301,11 @@ impl ArModel {
             Sampling::Cached => Some(Incremental::new(&self.net, labels, cond.as_ref())?),
             Sampling::Naive | Sampling::OnDevice => None,
         };
-        let above = self.net.rows_above();
         let mut chw = vec![0u32; n * c * h * w];
         let mut probs = vec![0f64; k];
         for y in 0..h {
             if let Some(inc) = &mut cached {
-                let y0 = y.saturating_sub(above);
-                let band = y + 1 - y0;
-                let mut values = vec![0u32; n * c * band * w];
-                for (dst, src) in values
-                    .chunks_exact_mut(band * w)
-                    .zip(chw.chunks_exact(h * w))
-                {
-                    dst.copy_from_slice(&src[y0 * w..(y + 1) * w]);
-                }
-                inc.start_row(y, &self.input_tensor(&values, n, band, w)?)?;
+                inc.start_row(y, &self.band(&chw, n, y)?)?;
             }
             for x in 0..w {
                 for ch in 0..c {
@@ -358,6 +348,22 @@ impl ArModel {
         Ok(self.table_layout(&chw, n))
     }
 
+    /// The rows the incremental sampler needs to start row `y`: those
+    /// above it its receptive field reaches, and `y`, of `n` CHW images.
+    fn band(&self, chw: &[u32], n: usize, y: usize) -> candle_core::Result<Tensor> {
+        let (c, h, w) = (self.info.channels(), self.info.height, self.info.width);
+        let y0 = y.saturating_sub(self.net.rows_above());
+        let band = y + 1 - y0;
+        let mut values = vec![0u32; n * c * band * w];
+        for (dst, src) in values
+            .chunks_exact_mut(band * w)
+            .zip(chw.chunks_exact(h * w))
+        {
+            dst.copy_from_slice(&src[y0 * w..(y + 1) * w]);
+        }
+        self.input_tensor(&values, n, band, w)
+    }
+
     /// CHW values of `n` rows -> table layout (HWC pixels, row-major codes).
     fn table_layout(&self, chw: &[u32], n: usize) -> Vec<u16> {
         let (c, h, w) = (self.info.channels(), self.info.height, self.info.width);
@@ -389,20 +395,10 @@ impl ArModel {
         );
         let pixels = matches!(self.info.target, InputKind::Pixels { .. });
         let mut inc = Incremental::new(&self.net, labels, cond)?;
-        let above = self.net.rows_above();
         let mut chw = vec![0u32; n * c * h * w];
         let mut noise = vec![0f32; w * c * n * k];
         for y in 0..h {
-            let y0 = y.saturating_sub(above);
-            let band = y + 1 - y0;
-            let mut values = vec![0u32; n * c * band * w];
-            for (dst, src) in values
-                .chunks_exact_mut(band * w)
-                .zip(chw.chunks_exact(h * w))
-            {
-                dst.copy_from_slice(&src[y0 * w..(y + 1) * w]);
-            }
-            inc.start_row(y, &self.input_tensor(&values, n, band, w)?)?;
+            inc.start_row(y, &self.band(&chw, n, y)?)?;
             // The row's noise, one upload: (position, image, class).
             for g in noise.iter_mut() {
                 *g = gumbel(rng);
@@ -570,8 +566,8 @@ mod tests {
 
     /// The cached sampler computes each position's logits from cached rows
     /// and columns; it must draw the very values the whole network gives.
-    #[test]
-    fn cached_sampling_draws_exactly_the_naive_samples() {
+    /// RGB pixels conditioned on a class and a code map; codes on a class.
+    fn pixel_and_code_models() -> [ArModel; 2] {
         let rgb = model(
             InputKind::Pixels { channels: 3 },
             true,
@@ -582,8 +578,12 @@ mod tests {
                 upsample: 1,
             }),
         );
-        let codes = model(InputKind::Codes { classes: 7 }, true, None);
-        for m in [&rgb, &codes] {
+        [rgb, model(InputKind::Codes { classes: 7 }, true, None)]
+    }
+
+    #[test]
+    fn cached_sampling_draws_exactly_the_naive_samples() {
+        for m in &pixel_and_code_models() {
             let naive = draw_samples(m, 5, Sampling::Naive);
             let cached = draw_samples(m, 5, Sampling::Cached);
             assert_eq!(naive.len(), 4 * m.info.values_per_row());
@@ -596,18 +596,7 @@ mod tests {
     /// values exactly, through the same network, for pixels and codes.
     #[test]
     fn on_device_drawing_at_a_cold_temperature_gives_the_greedy_values() {
-        let rgb = model(
-            InputKind::Pixels { channels: 3 },
-            true,
-            Some(CodeMapInfo {
-                codebook_size: 5,
-                height: 3,
-                width: 3,
-                upsample: 1,
-            }),
-        );
-        let codes = model(InputKind::Codes { classes: 7 }, true, None);
-        for m in [&rgb, &codes] {
+        for m in &pixel_and_code_models() {
             let cached = draw_samples_at(m, 3, Sampling::Cached, 1e-4);
             let on_device = draw_samples_at(m, 4, Sampling::OnDevice, 1e-4);
             assert_eq!(on_device, cached, "{:?}", m.info.target);
