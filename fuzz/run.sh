@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Time-boxed fuzzing of the input readers (cargo-fuzz, libFuzzer):
+# Time-boxed fuzzing of the input readers, the worker's job file, artifact
+# manifests and the rating server's JSON (cargo-fuzz, libFuzzer):
 #   fuzz/run.sh [SECONDS per target, default 300] [TARGET...]
 # Needs a nightly toolchain and `cargo install cargo-fuzz`. Seeds each
 # target's corpus (fuzz/corpus/TARGET, not committed) from the shipped data
@@ -9,7 +10,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-300}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(spec idx cifar code_table)
+[ ${#targets[@]} -gt 0 ] || targets=(spec idx cifar code_table job manifest rating)
 
 seed() {
   local dir=fuzz/corpus/$1
@@ -46,6 +47,31 @@ PY
           { printf "\\$(printf %o $per_row)"; cat "$f"; } > "$dir/$(basename "$(dirname "$(dirname "$f")")" | cut -c1-8)-$(basename "$f")-$per_row"
         done
       done
+      chmod -R u+w "$ws" && rm -rf "$ws"
+      ;;
+    job | manifest | rating)
+      local ws
+      ws=$(mktemp -d)
+      cargo run -q -- run pipelines/smoke.yaml --workspace "$ws" >/dev/null 2>&1
+      case $1 in
+        job) for j in "$ws"/scratch/*/job-*.json; do
+            cp "$j" "$dir/$(basename "$(dirname "$j")" | cut -c1-12)-$(basename "$j")"
+          done ;;
+        manifest) for m in "$ws"/artifacts/*/manifest.json; do
+            cp "$m" "$dir/$(basename "$(dirname "$m")" | cut -c1-12)"
+          done ;;
+        rating) python3 - "$ws" "$dir" <<'PY'
+import glob, json, struct, sys
+ws, out = sys.argv[1], sys.argv[2]
+for path in glob.glob(f"{ws}/artifacts/*/data/manifest.json"):
+    text = open(path, "rb").read()
+    task = json.loads(text)["tasks"][0]["id"]
+    for i, choice in enumerate(("left", "right", "up")):
+        answer = json.dumps({"task_id": task, "choice": choice, "rater": "r1"}).encode()
+        open(f"{out}/answer-{i}", "wb").write(struct.pack("<H", len(text)) + text + answer)
+PY
+          ;;
+      esac
       chmod -R u+w "$ws" && rm -rf "$ws"
       ;;
   esac

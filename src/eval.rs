@@ -19,7 +19,8 @@ use axum::routing::{get, post};
 use pipeline::registry::{Rating, RatingPackage, Registry};
 use serde::Deserialize;
 use stages::human_eval::{
-    BROKEN, MANIFEST_FORMAT, Manifest, binomial_test_two_sided, wilson_interval,
+    Answer, BROKEN, BadAnswer, Manifest, binomial_test_two_sided, check_rater, read_manifest,
+    wilson_interval,
 };
 
 /// The largest answer body the rating page accepts.
@@ -41,15 +42,8 @@ impl Package {
                 path.display()
             )
         })?;
-        let manifest: Manifest = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{}: not a human-eval manifest", path.display()))?;
-        if manifest.format != MANIFEST_FORMAT {
-            bail!(
-                "{}: format `{}` is not `{MANIFEST_FORMAT}`",
-                path.display(),
-                manifest.format
-            );
-        }
+        let manifest =
+            read_manifest(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(Package {
             dir: std::path::absolute(dir)?,
             digest: blake3::hash(&bytes).to_hex().to_string(),
@@ -67,64 +61,18 @@ impl Package {
         }
     }
 
-    /// The answer of `rater` choosing `choice` in task `task_id`, checked.
-    fn rating(
-        &self,
-        task_id: &str,
-        choice: &str,
-        rater: &str,
-        origin: &str,
-    ) -> Result<Rating, BadAnswer> {
-        let task = self
-            .manifest
-            .tasks
-            .iter()
-            .find(|t| t.id == task_id)
-            .ok_or_else(|| {
-                BadAnswer::UnknownTask(format!("no task `{task_id}` in this package"))
-            })?;
-        let chosen = task.chosen(choice).ok_or_else(|| {
-            BadAnswer::Invalid(format!("choice `{choice}`: answer `left` or `right`"))
-        })?;
-        check_rater(rater).map_err(BadAnswer::Invalid)?;
+    /// The rating an answer gives, checked.
+    fn rating(&self, a: &Answer, origin: &str) -> Result<Rating, BadAnswer> {
+        let (task, chosen) = self.manifest.check_answer(a)?;
         Ok(Rating {
             package: self.digest.clone(),
             task_id: task.id.clone(),
             kind: task.kind.clone(),
-            rater: rater.to_string(),
-            choice: choice.to_string(),
+            rater: a.rater.clone(),
+            choice: a.choice.clone(),
             chosen: chosen.to_string(),
             origin: origin.to_string(),
         })
-    }
-}
-
-/// Why an answer is refused.
-enum BadAnswer {
-    UnknownTask(String),
-    Invalid(String),
-}
-
-impl std::fmt::Display for BadAnswer {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        match self {
-            BadAnswer::UnknownTask(m) | BadAnswer::Invalid(m) => f.write_str(m),
-        }
-    }
-}
-
-/// Rater names: 1-64 characters of letters, digits, `-`, `_`, `.`, `@`.
-fn check_rater(rater: &str) -> Result<(), String> {
-    let ok = !rater.is_empty()
-        && rater.len() <= 64
-        && rater
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c));
-    match ok {
-        true => Ok(()),
-        false => Err(format!(
-            "rater `{rater}`: use 1-64 letters, digits, `-`, `_`, `.` or `@`"
-        )),
     }
 }
 
@@ -136,14 +84,6 @@ struct Served {
 #[derive(Deserialize)]
 struct RaterQuery {
     rater: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Answer {
-    task_id: String,
-    choice: String,
-    rater: String,
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -239,7 +179,7 @@ async fn answer(
         Ok(b) => b,
         Err(e) => return error(e.status(), format!("not an answer: {}", e.body_text())),
     };
-    let rating = match s.package.rating(&a.task_id, &a.choice, &a.rater, "local") {
+    let rating = match s.package.rating(&a, "local") {
         Ok(r) => r,
         Err(BadAnswer::UnknownTask(m)) => return error(StatusCode::NOT_FOUND, m),
         Err(BadAnswer::Invalid(m)) => return error(StatusCode::UNPROCESSABLE_ENTITY, m),
@@ -313,16 +253,14 @@ pub async fn import(
         let record =
             record.with_context(|| format!("{}:{line}: not a CSV row", results.display()))?;
         let field = |c: usize| record.get(c).unwrap_or("").trim();
-        let rating = package
-            .rating(
-                field(task_col),
-                &field(choice_col).to_lowercase(),
-                field(rater_col),
-                &origin,
-            )
-            .map_err(|m| {
-                anyhow::anyhow!("{}:{line}: {m}; nothing was imported", results.display())
-            })?;
+        let answer = Answer {
+            task_id: field(task_col).to_string(),
+            choice: field(choice_col).to_lowercase(),
+            rater: field(rater_col).to_string(),
+        };
+        let rating = package.rating(&answer, &origin).map_err(|m| {
+            anyhow::anyhow!("{}:{line}: {m}; nothing was imported", results.display())
+        })?;
         ratings.push(rating);
     }
     let registry = Registry::open(registry_path).await?;

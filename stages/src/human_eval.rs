@@ -59,6 +59,79 @@ impl Task {
     }
 }
 
+/// Reads a package's `manifest.json`: JSON of this format.
+pub fn read_manifest(bytes: &[u8]) -> Result<Manifest, String> {
+    let manifest: Manifest =
+        serde_json::from_slice(bytes).map_err(|e| format!("not a human-eval manifest: {e}"))?;
+    if manifest.format != MANIFEST_FORMAT {
+        return Err(format!(
+            "format `{}` is not `{MANIFEST_FORMAT}`",
+            manifest.format
+        ));
+    }
+    Ok(manifest)
+}
+
+/// What the rating page posts for one task (JSON).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Answer {
+    pub task_id: String,
+    pub choice: String,
+    pub rater: String,
+}
+
+/// Why an answer is refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BadAnswer {
+    /// No task of that id in the package (HTTP 404).
+    UnknownTask(String),
+    /// A field out of its range (HTTP 422).
+    Invalid(String),
+}
+
+impl std::fmt::Display for BadAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            BadAnswer::UnknownTask(m) | BadAnswer::Invalid(m) => f.write_str(m),
+        }
+    }
+}
+
+/// Rater names: 1-64 characters of letters, digits, `-`, `_`, `.`, `@`.
+pub fn check_rater(rater: &str) -> Result<(), String> {
+    let ok = !rater.is_empty()
+        && rater.len() <= 64
+        && rater
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c));
+    match ok {
+        true => Ok(()),
+        false => Err(format!(
+            "rater `{rater}`: use 1-64 letters, digits, `-`, `_`, `.` or `@`"
+        )),
+    }
+}
+
+impl Manifest {
+    /// The task an answer is for and the source of the image it chose,
+    /// every field checked.
+    pub fn check_answer(&self, a: &Answer) -> Result<(&Task, &str), BadAnswer> {
+        let task = self
+            .tasks
+            .iter()
+            .find(|t| t.id == a.task_id)
+            .ok_or_else(|| {
+                BadAnswer::UnknownTask(format!("no task `{}` in this package", a.task_id))
+            })?;
+        let chosen = task.chosen(&a.choice).ok_or_else(|| {
+            BadAnswer::Invalid(format!("choice `{}`: answer `left` or `right`", a.choice))
+        })?;
+        check_rater(&a.rater).map_err(BadAnswer::Invalid)?;
+        Ok((task, chosen))
+    }
+}
+
 /// `tasks.csv`: one row per task, `task_id,image_left_url,image_right_url`
 /// (the batch-file format of crowd platforms), URLs under `base_url`.
 pub fn tasks_csv(manifest: &Manifest, base_url: &str) -> Result<Vec<u8>, csv::Error> {
