@@ -2,7 +2,7 @@
 # Regenerates the README's figures in docs/ from the tiny pipeline (cached
 # stages are reused; a fresh workspace trains everything, ~14 minutes on 2
 # cores): the sample grids of the hierarchy (at temperatures 1.0 and 0.8)
-# and of the flat baseline, vq1's and decoder1's reconstructions, and
+# and of the flat baseline, vq1's, decoder1's and the chain's reconstructions, and
 # the bits/dim and evaluation tables of `haic-pipe report`, rendered to PNG
 # by headless Chromium (Debian: apt-get install chromium).
 set -euo pipefail
@@ -18,6 +18,7 @@ cp "$out/samples-baseline-samples.png" docs/samples-baseline.png
 cp "$out/samples-ham-samples-cold.png" docs/samples-ham-cold.png
 cp "$out/reconstructions-vq1.png" docs/reconstructions-vq1.png
 cp "$out/reconstructions-decoder1.png" docs/reconstructions-decoder1.png
+cp "$out/reconstructions-chain-reconstructions.png" docs/reconstructions-chain.png
 "${HAIC_CHROMIUM:-chromium}" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
   --disable-background-networking --disable-component-update --disable-sync \
   --user-data-dir="$out/chromium" --hide-scrollbars --window-size=900,780 \

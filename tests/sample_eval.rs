@@ -569,3 +569,80 @@ fn bad_sampling_params_and_inputs_get_clear_errors() {
         "{log}"
     );
 }
+
+/// Chain reconstructions: the top codes of real validation images decoded
+/// back down by sampling each level's AR decoder, shown beside the images.
+#[test]
+fn chain_reconstructions_decode_real_images_codes_down_the_hierarchy() {
+    let p = smoke(
+        "\n  chain:\n    kind: sample\n    inputs: {start: codes2, decoder2: decoder2, decoder1: decoder1, real: prep}\n    params: {samples_per_class: 2, seed: 0}\n  wrong_level:\n    kind: sample\n    inputs: {start: codes1, decoder2: decoder2, decoder1: decoder1}\n",
+    );
+    let out = p.run(&["chain"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = p.artifact_data("stage", "chain");
+    let record = json(&dir.join("sample.json"));
+    assert_eq!(
+        record["chain"],
+        serde_json::json!(["start", "decoder2", "decoder1"])
+    );
+    assert_eq!(record["start"]["split"], "val");
+    let ids: Vec<i64> = record["start"]["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 20, "2 rows of each of the 10 classes");
+    let distinct: std::collections::BTreeSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), 20, "{ids:?}");
+    // One column per class, originals above reconstructions, a pair of
+    // rows per sample: 10 x 4 cells of 32x32 (2 px gaps).
+    assert_eq!(
+        png_size(&dir.join("reconstructions.png")),
+        (10 * 34 + 2, 4 * 34 + 2)
+    );
+    assert_eq!(png_size(&dir.join("grid.png")), (2 * 34 + 2, 10 * 34 + 2));
+    // Run again: the same stage key, nothing runs.
+    let out = p.run(&["chain"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("chain: started"), "{}", stderr(&out));
+
+    // A start table the top decoder was not conditioned on is named.
+    let out = p.run(&["wrong_level"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let log = p.attempt_log("wrong_level", 1);
+    assert!(
+        log.contains("inputs.start: `decoder2` was not trained conditioned on this code table"),
+        "{log}"
+    );
+    // At load time: both a prior and a start; `real` or `start_split`
+    // without a start.
+    for (inputs, params, text) in [
+        (
+            "{prior: prior, start: codes2, decoder1: decoder1}",
+            "{}",
+            "not both",
+        ),
+        (
+            "{prior: prior, real: prep}",
+            "{}",
+            "`real` (the images shown beside their reconstructions) goes with `start`",
+        ),
+        (
+            "{prior: prior}",
+            "{start_split: val}",
+            "start_split: only with a `start` input",
+        ),
+        (
+            "{start: codes2}",
+            "{}",
+            "`start` needs the decoders below its codes",
+        ),
+    ] {
+        let p = smoke(&format!(
+            "\n  bad:\n    kind: sample\n    inputs: {inputs}\n    params: {params}\n"
+        ));
+        common::assert_error(&p.run(&["bad"]), 2, text);
+        assert_eq!(p.artifact_count(), 0, "nothing ran for {inputs}");
+    }
+}

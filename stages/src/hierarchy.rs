@@ -50,6 +50,19 @@ pub fn decoder_names(
 /// models pixels, each decoder is conditioned on the codes the next model
 /// models, and the top has no code map.
 pub fn check_chain(chain: &[(&str, &ArInfo)]) -> Result<(), Error> {
+    check_links(chain)?;
+    let (top, t) = chain[chain.len() - 1];
+    if t.condition.is_some() {
+        return Err(Error::Params(format!(
+            "inputs.{top}: the prior is conditioned on a code map; the top of the chain models the top codes given the class only"
+        )));
+    }
+    Ok(())
+}
+
+/// The links of a chain (bottom first): the bottom model models pixels and
+/// each decoder is conditioned on the codes the model above it models.
+pub fn check_links(chain: &[(&str, &ArInfo)]) -> Result<(), Error> {
     let bad = |m: String| Err(Error::Params(m));
     let Some(&(first, info)) = chain.first() else {
         return bad("no AR model given".into());
@@ -66,12 +79,6 @@ pub fn check_chain(chain: &[(&str, &ArInfo)]) -> Result<(), Error> {
                 "inputs.{lower}: is not conditioned on the codes that `{upper}` models; the decoder of each level must take as `condition` the code table the next model has as `table`"
             ));
         }
-    }
-    let (top, t) = chain[chain.len() - 1];
-    if t.condition.is_some() {
-        return bad(format!(
-            "inputs.{top}: the prior is conditioned on a code map; the top of the chain models the top codes given the class only"
-        ));
     }
     Ok(())
 }

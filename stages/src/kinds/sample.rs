@@ -24,6 +24,21 @@
 //! mid-way keeps its finished batches (checkpointed after each) and the
 //! resumed run gives the same samples, bit for bit.
 //!
+//! Chain reconstructions (the paper's figure): with `start: CODE_TABLE`
+//! instead of `prior`, the top decoder starts from the code maps of real
+//! images (`samples_per_class` rows per class of the table's `start_split`,
+//! `val` unless given, in table order) and every level below is sampled
+//! as usual; with `real: IMAGE_TABLE` (the table those codes were encoded
+//! from), `reconstructions.png` shows the real images (a row, one per
+//! class) above their reconstructions, as the levels' figures do.
+//!
+//! ```yaml
+//! chain:
+//!   kind: sample
+//!   inputs: {start: codes2, decoder2: decoder2, decoder1: decoder1, real: prep}
+//!   params: {samples_per_class: 4, start_split: val}
+//! ```
+//!
 //! Output:
 //! - `images/`: an image table (split `samples`, id = sample index, label =
 //!   its class), readable wherever a `preprocess` table is;
@@ -50,17 +65,17 @@ use crate::data::Sample as ImageRow;
 use crate::data::code_table::{CODE_TABLE_FORMAT, CodeMeta, CodeShardWriter, CodeTableIndex};
 use crate::data::grid::{write_grid, write_image};
 use crate::data::layout::{SAMPLES_CODES, SAMPLES_IMAGES, SAMPLES_SPLIT};
-use crate::data::level_table::InputKind;
+use crate::data::level_table::{InputKind, LevelTable, Rows};
 use crate::data::table::{ShardWriter, TABLE_FORMAT, TableIndex, TableMeta};
 use crate::device::device;
 use crate::error::Error;
-use crate::hierarchy::{check_chain, decoder_names};
+use crate::hierarchy::{check_chain, check_links, decoder_names};
 use crate::models::ar::{ArModel, Sampling};
 use crate::rng::SplitMix64;
 
 pub struct SampleStage;
 
-const OTHERS: &[&str] = &["prior"];
+const OTHERS: &[&str] = &["prior", "start", "real"];
 
 /// A class by name or index.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,6 +116,9 @@ struct Config {
     /// Columns of `grid.png` (default: samples per class, at most 16).
     #[serde(default)]
     grid_columns: Option<usize>,
+    /// With a `start` input: the split its rows come from (default `val`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    start_split: Option<String>,
 }
 
 fn all_classes() -> Classes {
@@ -220,12 +238,34 @@ impl StageKind for SampleStage {
     fn check(&self, stage: &Stage) -> Result<(), ParamError> {
         let cfg = parse_config(&stage.params)?;
         let err = |m: String| ParamError::new("inputs", m);
-        if !stage.inputs.contains_key("prior") {
+        let has = |name: &str| stage.inputs.contains_key(name);
+        match (has("prior"), has("start")) {
+            (false, false) => return Err(err(
+                "sample needs `inputs: {prior: AR_STAGE}` and, for a hierarchy, `decoder1: AR_STAGE`, ... down to the pixels; or, for chain reconstructions, `start: CODE_TABLE` and the decoders below it".into(),
+            )),
+            (true, true) => return Err(err(
+                "give `prior` (samples from scratch) or `start` (chain reconstructions of real images' codes), not both".into(),
+            )),
+            _ => {}
+        }
+        let decoders =
+            decoder_names("sample", stage.inputs.keys().cloned(), OTHERS, false).map_err(err)?;
+        if has("start") && decoders.is_empty() {
             return Err(err(
-                "sample needs `inputs: {prior: AR_STAGE}` and, for a hierarchy, `decoder1: AR_STAGE`, ... down to the pixels".into(),
+                "`start` needs the decoders below its codes: decoder1, ... up to the level the code table holds".into(),
             ));
         }
-        decoder_names("sample", stage.inputs.keys().cloned(), OTHERS, false).map_err(err)?;
+        if has("real") && !has("start") {
+            return Err(err(
+                "`real` (the images shown beside their reconstructions) goes with `start`".into(),
+            ));
+        }
+        if cfg.start_split.is_some() && !has("start") {
+            return Err(ParamError::new(
+                "params.start_split",
+                "params: start_split: only with a `start` input",
+            ));
+        }
         if let Temperature::PerInput(m) = &cfg.temperature
             && let Some(k) = m.keys().find(|k| !stage.inputs.contains_key(*k))
         {
@@ -246,8 +286,15 @@ impl StageKind for SampleStage {
         let device = device(&ctx.job.device)?;
         let names = decoder_names("sample", ctx.job.inputs.keys().cloned(), OTHERS, false)
             .map_err(Error::Params)?;
-        // Top first: prior, decoderN, ..., decoder1.
-        let mut order: Vec<String> = vec!["prior".into()];
+        let start = match ctx.job.inputs.contains_key("start") {
+            true => Some(LevelTable::open(ctx.input("start")?)?),
+            false => None,
+        };
+        // Top first: prior (unless starting from codes), decoderN, ..., decoder1.
+        let mut order: Vec<String> = match start {
+            Some(_) => Vec::new(),
+            None => vec!["prior".into()],
+        };
         order.extend(names.iter().rev().cloned());
         let models: Vec<ArModel> = order
             .iter()
@@ -259,20 +306,38 @@ impl StageKind for SampleStage {
             .rev()
             .map(|(n, m)| (n.as_str(), &m.info))
             .collect();
-        check_chain(&links)?;
-        let prior = &models[0].info;
-        if !prior.class_conditional {
-            return Err(Error::Params(
-                "inputs.prior: is not class-conditional; sampling draws samples per class, so train the prior with `class_conditional: true`".into(),
-            )
-            .into());
-        }
-        let class_names = prior.class_names.clone();
+        let (class_names, start_rows) = match &start {
+            None => {
+                check_chain(&links)?;
+                let prior = &models[0].info;
+                if !prior.class_conditional {
+                    return Err(Error::Params(
+                        "inputs.prior: is not class-conditional; sampling draws samples per class, so train the prior with `class_conditional: true`".into(),
+                    )
+                    .into());
+                }
+                (prior.class_names.clone(), None)
+            }
+            Some(table) => {
+                check_start_chain(&links, ctx.input_key("start")?)?;
+                (table.class_names.clone(), Some(table))
+            }
+        };
         let classes = cfg.class_indices(&class_names)?;
         let labels: Vec<u32> = classes
             .iter()
             .flat_map(|&c| std::iter::repeat_n(c as u32, cfg.samples_per_class))
             .collect();
+        let start_rows = match start_rows {
+            Some(table) => Some(rows_per_class(
+                table,
+                cfg.start_split.as_deref().unwrap_or("val"),
+                &classes,
+                cfg.samples_per_class,
+                &class_names,
+            )?),
+            None => None,
+        };
         let total = labels.len();
         let batches = total.div_ceil(cfg.batch_size);
 
@@ -296,7 +361,24 @@ impl StageKind for SampleStage {
             let mut rng = SplitMix64::stream(cfg.seed, &format!("batch {b}"));
             let label_tensor = Tensor::from_slice(&labels[start..end], n, &device)
                 .map_err(Error::candle("building the labels"))?;
-            let mut above: Option<Tensor> = None;
+            let mut above: Option<Tensor> = match &start_rows {
+                Some(rows) => {
+                    let top = &models[0].info;
+                    let per = rows.values.len() / rows.len().max(1);
+                    let codes: Vec<u32> = rows.values[start * per..end * per]
+                        .iter()
+                        .map(|&v| u32::from(v))
+                        .collect();
+                    let (ch, cw) = top.condition.map(|c| (c.height, c.width)).ok_or_else(|| {
+                        Error::Params("inputs.start: the top decoder takes no code map".into())
+                    })?;
+                    Some(
+                        Tensor::from_vec(codes, (n, ch, cw), &device)
+                            .map_err(Error::candle("building the start code maps"))?,
+                    )
+                }
+                None => None,
+            };
             for (l, (model, name)) in models.iter().zip(&order).enumerate() {
                 let t = Instant::now();
                 let values = model
@@ -341,6 +423,9 @@ impl StageKind for SampleStage {
             &class_names,
             &classes,
         )?;
+        if let (Some(rows), true) = (&start_rows, ctx.job.inputs.contains_key("real")) {
+            write_chain_figure(ctx, out, &cfg, &drawn, models.len(), rows, &classes)?;
+        }
         let new_rows = total - resumed_rows;
         ctx.metric("sample.seconds", 0, elapsed);
         if elapsed > 0.0 && new_rows > 0 {
@@ -352,8 +437,16 @@ impl StageKind for SampleStage {
         // Timings and how much this attempt drew are metrics, never part of
         // the artifact: its digest depends only on the stage's inputs.
         ctx.metric("sample.sampled_now", 0, new_rows as f64);
+        let mut chain = order.clone();
+        if start_rows.is_some() {
+            chain.insert(0, "start".into());
+        }
         let record = json!({
-            "chain": order,
+            "chain": chain,
+            "start": start_rows.as_ref().map(|r| json!({
+                "split": cfg.start_split.as_deref().unwrap_or("val"),
+                "ids": r.ids,
+            })),
             "classes": classes.iter().map(|&c| &class_names[c]).collect::<Vec<_>>(),
             "samples_per_class": cfg.samples_per_class,
             "samples": total,
@@ -367,6 +460,140 @@ impl StageKind for SampleStage {
         eprintln!("sampled {total} images in {elapsed:.1} s");
         Ok(())
     }
+}
+
+/// The top decoder of a chain reconstruction must have been trained on
+/// the code table `start` names (its `condition`), and the chain below it
+/// must hold as for sampling.
+fn check_start_chain(
+    links: &[(&str, &crate::models::ar::ArInfo)],
+    start_key: &str,
+) -> Result<(), Error> {
+    check_links(links)?;
+    let (top, t) = links[links.len() - 1];
+    if t.condition_key.as_deref() != Some(start_key) {
+        return Err(Error::Params(format!(
+            "inputs.start: `{top}` was not trained conditioned on this code table; give as `start` the code table `{top}` has as `condition`"
+        )));
+    }
+    Ok(())
+}
+
+/// `per_class` rows of each class in `classes`, in class order then table
+/// order, from `split` of a code table (read one shard at a time).
+fn rows_per_class(
+    table: &LevelTable,
+    split: &str,
+    classes: &[usize],
+    per_class: usize,
+    class_names: &[String],
+) -> Result<Rows, StageError> {
+    let mut picked: Vec<Rows> = vec![Rows::default(); classes.len()];
+    let per = table.values_per_row;
+    for f in &table.split(split)?.files {
+        if picked.iter().all(|r| r.len() >= per_class) {
+            break;
+        }
+        table.for_each_batch(f, 8192, |b| {
+            for r in 0..b.len() {
+                let slot = classes
+                    .iter()
+                    .position(|&c| i64::from(b.labels[r]) == c as i64);
+                if let Some(k) = slot
+                    && picked[k].len() < per_class
+                {
+                    picked[k].push_row(&b, r, per);
+                }
+            }
+            Ok(())
+        })?;
+    }
+    let mut out = Rows::default();
+    for (k, rows) in picked.into_iter().enumerate() {
+        if rows.len() < per_class {
+            return Err(Error::Params(format!(
+                "inputs.start: split `{split}` holds {} row(s) of class `{}`, fewer than samples_per_class ({per_class}); lower it or pick other classes",
+                rows.len(),
+                class_names[classes[k]]
+            ))
+            .into());
+        }
+        out.extend(rows);
+    }
+    Ok(out)
+}
+
+/// `reconstructions.png`: the real images (input `real`, the rows `start`
+/// encoded, by id) above their reconstructions.
+fn write_chain_figure(
+    ctx: &StageContext,
+    out: &Path,
+    cfg: &Config,
+    drawn: &Drawn,
+    models: usize,
+    start: &Rows,
+    classes: &[usize],
+) -> Result<(), StageError> {
+    let real = LevelTable::open(ctx.input("real")?)?;
+    let split = cfg.start_split.as_deref().unwrap_or("val");
+    let per = real.values_per_row;
+    let images = &drawn.levels[models - 1];
+    if images.len() != start.len() * per {
+        return Err(Error::Params(format!(
+            "inputs.real: its images hold {per} values, the reconstructions {}; give the image table the start codes were encoded from",
+            images.len() / start.len().max(1)
+        ))
+        .into());
+    }
+    let wanted: std::collections::HashMap<i64, usize> = start
+        .ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| (id, i))
+        .collect();
+    let mut found: Vec<Option<Vec<u16>>> = vec![None; start.len()];
+    for f in &real.split(split)?.files {
+        real.for_each_batch(f, 8192, |b| {
+            for r in 0..b.len() {
+                if let Some(&i) = wanted.get(&b.ids[r]) {
+                    found[i] = Some(b.values[r * per..(r + 1) * per].to_vec());
+                }
+            }
+            Ok(())
+        })?;
+    }
+    let mut originals: Vec<&[u16]> = Vec::with_capacity(start.len());
+    for (i, image) in found.iter().enumerate() {
+        let Some(image) = image else {
+            return Err(Error::Params(format!(
+                "inputs.real: split `{split}` has no row {}; give the image table the start codes were encoded from",
+                start.ids[i]
+            ))
+            .into());
+        };
+        originals.push(image);
+    }
+    // As every stage's reconstructions.png: one column per class, the
+    // originals' row above their reconstructions' row, a pair of rows per
+    // sample of each class (at most 8).
+    let per_class = cfg.samples_per_class;
+    let mut grid: Vec<&[u16]> = Vec::new();
+    for j in 0..per_class.min(8) {
+        let at = |k: usize| k * per_class + j;
+        grid.extend((0..classes.len()).map(|k| originals[at(k)]));
+        grid.extend((0..classes.len()).map(|k| &images[at(k) * per..(at(k) + 1) * per]));
+    }
+    write_grid(
+        &out.join("reconstructions.png"),
+        &grid,
+        (
+            real.height,
+            real.width,
+            real.values_per_row / (real.height * real.width),
+        ),
+        classes.len(),
+    )?;
+    Ok(())
 }
 
 /// What has been drawn so far: per model (top first), the values of the
