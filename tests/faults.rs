@@ -498,6 +498,12 @@ fn a_lost_registry_is_rebuilt_from_the_artifact_store() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(set_aside_files(&p).len(), 2, "{:?}", set_aside_files(&p));
     assert_eq!(record_of_artifacts(&p), before);
+    // A deleted registry, recovered without -p from the pipeline's folder:
+    // the workspace is found by the id left beside it.
+    std::fs::remove_file(p.path(".haic/registry.db")).unwrap();
+    let out = p.haic(&["registry", "recover"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(record_of_artifacts(&p), before);
 }
 
 #[test]

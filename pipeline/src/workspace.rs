@@ -50,13 +50,15 @@ impl Workspace {
     }
 
     /// Without a pipeline file or `--workspace`: the nearest `.haic/` that
-    /// holds a registry, in `start` (absolute) or a folder above it, as git
-    /// finds `.git`. None: an error naming the workspaces one folder down
-    /// (`pipelines/.haic` from the repository root) and how to reach them.
+    /// holds a registry (or its id: a registry lost beside it is still
+    /// that workspace's, for `registry recover`), in `start` (absolute) or
+    /// a folder above it, as git finds `.git`. None: an error naming the
+    /// workspaces one folder down (`pipelines/.haic` from the repository
+    /// root) and how to reach them.
     pub fn find(start: &Path) -> Result<Workspace> {
         for dir in start.ancestors() {
             let root = dir.join(".haic");
-            if root.join("registry.db").is_file() {
+            if root.join("registry.db").is_file() || root.join("registry-id").is_file() {
                 return Workspace::open(root);
             }
         }
