@@ -286,12 +286,13 @@ impl StageKind for SampleStage {
         let device = device(&ctx.job.device)?;
         let names = decoder_names("sample", ctx.job.inputs.keys().cloned(), OTHERS, false)
             .map_err(Error::Params)?;
-        let start = match ctx.job.inputs.contains_key("start") {
+        // Chain reconstructions start from this code table instead of the prior.
+        let start_table = match ctx.job.inputs.contains_key("start") {
             true => Some(LevelTable::open(ctx.input("start")?)?),
             false => None,
         };
         // Top first: prior (unless starting from codes), decoderN, ..., decoder1.
-        let mut order: Vec<String> = match start {
+        let mut order: Vec<String> = match start_table {
             Some(_) => Vec::new(),
             None => vec!["prior".into()],
         };
@@ -306,7 +307,7 @@ impl StageKind for SampleStage {
             .rev()
             .map(|(n, m)| (n.as_str(), &m.info))
             .collect();
-        let (class_names, start_rows) = match &start {
+        let (class_names, start_rows) = match &start_table {
             None => {
                 check_chain(&links)?;
                 let prior = &models[0].info;
