@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use super::{Sample, SampleSource, read_full};
 use crate::error::{Error, Result};
 
-const SIDE: usize = 32;
+/// Every CIFAR image is SIDE x SIDE.
+pub const SIDE: usize = 32;
 const PLANE: usize = SIDE * SIDE;
 
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -246,7 +246,9 @@ impl StageKind for Preprocess {
         }
         let side = match (cfg.transforms.crop, cfg.transforms.resize, &cfg.source) {
             (Some(crop), _, _) => Some(crop),
-            (None, None, Source::Cifar10 { .. } | Source::Cifar100 { .. }) => Some(32),
+            (None, None, Source::Cifar10 { .. } | Source::Cifar100 { .. }) => {
+                Some(crate::data::cifar::SIDE as u32)
+            }
             _ => None,
         };
         if let Some(side) = side {

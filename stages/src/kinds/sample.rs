@@ -364,19 +364,19 @@ impl StageKind for SampleStage {
                 .map_err(Error::candle("building the labels"))?;
             let mut above: Option<Tensor> = match &start_rows {
                 Some(rows) => {
-                    let top = &models[0].info;
                     let per = rows.values.len() / rows.len().max(1);
-                    let codes: Vec<u32> = rows.values[start * per..end * per]
-                        .iter()
-                        .map(|&v| u32::from(v))
-                        .collect();
-                    let (ch, cw) = top.condition.map(|c| (c.height, c.width)).ok_or_else(|| {
-                        Error::Params("inputs.start: the top decoder takes no code map".into())
-                    })?;
-                    Some(
-                        Tensor::from_vec(codes, (n, ch, cw), &device)
-                            .map_err(Error::candle("building the start code maps"))?,
-                    )
+                    let (ch, cw) = models[0]
+                        .info
+                        .condition
+                        .map(|c| (c.height, c.width))
+                        .ok_or_else(|| {
+                            Error::Params("inputs.start: the top decoder takes no code map".into())
+                        })?;
+                    Some(code_maps(
+                        &rows.values[start * per..end * per],
+                        (n, ch, cw),
+                        &device,
+                    )?)
                 }
                 None => None,
             };
@@ -394,11 +394,8 @@ impl StageKind for SampleStage {
                     .map_err(Error::candle(&format!("sampling from `{name}`")))?;
                 seconds[l] += t.elapsed().as_secs_f64();
                 if let InputKind::Codes { .. } = model.info.target {
-                    let codes: Vec<u32> = values.iter().map(|&v| v as u32).collect();
-                    above = Some(
-                        Tensor::from_vec(codes, (n, model.info.height, model.info.width), &device)
-                            .map_err(Error::candle("building a code map"))?,
-                    );
+                    let shape = (n, model.info.height, model.info.width);
+                    above = Some(code_maps(&values, shape, &device)?);
                 }
                 drawn.levels[l].extend_from_slice(&values);
             }
@@ -461,6 +458,17 @@ impl StageKind for SampleStage {
         eprintln!("sampled {total} images in {elapsed:.1} s");
         Ok(())
     }
+}
+
+/// `n` code maps of h x w (table values, row-major) as the tensor the
+/// next decoder is conditioned on.
+fn code_maps(
+    values: &[u16],
+    (n, h, w): (usize, usize, usize),
+    device: &candle_core::Device,
+) -> Result<Tensor, Error> {
+    let codes: Vec<u32> = values.iter().map(|&v| u32::from(v)).collect();
+    Tensor::from_vec(codes, (n, h, w), device).map_err(Error::candle("building a code map"))
 }
 
 /// The top decoder of a chain reconstruction must have been trained on

@@ -54,7 +54,7 @@ use crate::data::level_table::InputKind;
 use crate::data::level_table::{BatchStream, Cursor, LevelTable, Rows, check_aligned};
 use crate::device::device;
 use crate::error::Error;
-use crate::models::ar::{AR_FORMAT, ArInfo, ArModel, Sampling};
+use crate::models::ar::{AR_FORMAT, ArInfo, ArModel, Sampling, upsample_factor};
 use crate::models::conv::MAX_KERNEL;
 use crate::models::optim::{AdamW, OptimConfig};
 use crate::models::pixelcnn::{PixelCnnConfig, bits_per_dim};
@@ -241,7 +241,7 @@ impl StageKind for TrainAr {
         }
         if let (Some((th, tw)), Some((ch, cw))) =
             (size_fact(inputs.get("table")), size_fact(Some(condition)))
-            && !(0..=8).any(|s| ch << s == th && cw << s == tw)
+            && upsample_factor((ch, cw), (th, tw)).is_none()
         {
             return Err(ParamError::new(
                 "inputs.condition",

@@ -85,8 +85,7 @@ impl ArInfo {
             ));
         };
         let (h, w) = (condition.height, condition.width);
-        let upsample = (0..=8).find(|s| h << s == target.height && w << s == target.width);
-        let Some(upsample) = upsample else {
+        let Some(upsample) = upsample_factor((h, w), (target.height, target.width)) else {
             return Err(Error::Params(format!(
                 "inputs.condition: its code maps are {h}x{w}, the target is {}x{}: the target must be 2^s times larger on both sides",
                 target.height, target.width
@@ -99,6 +98,12 @@ impl ArInfo {
             upsample,
         })
     }
+}
+
+/// The s (at most 8) for which a `target` is 2^s times a code map of
+/// size `condition` on both sides, if there is one.
+pub fn upsample_factor(condition: (usize, usize), target: (usize, usize)) -> Option<usize> {
+    (0..=8).find(|&s| condition.0 << s == target.0 && condition.1 << s == target.1)
 }
 
 /// A batch as tensors.
@@ -188,7 +193,7 @@ impl ArModel {
         let c = self.info.channels();
         match self.info.target {
             InputKind::Pixels { .. } => {
-                let scaled: Vec<f32> = chw.iter().map(|&v| v as f32 / 255.0 - 0.5).collect();
+                let scaled: Vec<f32> = chw.iter().map(|&v| pixel_input(v)).collect();
                 Tensor::from_vec(scaled, (b, c, h, w), &self.device)
             }
             InputKind::Codes { .. } => Tensor::from_slice(chw, (b, h, w), &self.device),
@@ -273,7 +278,8 @@ impl ArModel {
     /// Draws one row per label (and per code map) value by value in raster
     /// and channel order, at `temperature` (logits divided by it); returns
     /// the rows in table layout (HWC pixels or row-major codes). `how`
-    /// picks the computation; both draw the same values from the same `rng`.
+    /// picks the computation: `Naive` and `Cached` draw the same values from
+    /// the same `rng`, `OnDevice` other values from the same distribution.
     pub fn sample(
         &self,
         labels: Option<&Tensor>,
@@ -393,7 +399,16 @@ impl ArModel {
             self.info.width,
             self.info.classes(),
         );
-        let pixels = matches!(self.info.target, InputKind::Pixels { .. });
+        // Pixel values enter the network as `input_tensor` makes them: looked
+        // up in a table of `pixel_input`, so both paths feed the same floats.
+        let pixel_inputs = match self.info.target {
+            InputKind::Pixels { .. } => Some(Tensor::from_vec(
+                (0..k as u32).map(pixel_input).collect::<Vec<f32>>(),
+                k,
+                &self.device,
+            )?),
+            InputKind::Codes { .. } => None,
+        };
         let mut inc = Incremental::new(&self.net, labels, cond)?;
         let mut chw = vec![0u32; n * c * h * w];
         let mut noise = vec![0f32; w * c * n * k];
@@ -413,15 +428,12 @@ impl ArModel {
                         .affine(1.0 / temperature, 0.0)?
                         .add(&noise_t.get(x * c + ch)?)?
                         .argmax(candle_core::D::Minus1)?;
-                    row = match pixels {
-                        true => {
-                            let scaled = value
-                                .to_dtype(candle_core::DType::F32)?
-                                .affine(1.0 / 255.0, -0.5)?
-                                .reshape((n, 1, 1, 1))?;
+                    row = match &pixel_inputs {
+                        Some(table) => {
+                            let scaled = table.index_select(&value, 0)?.reshape((n, 1, 1, 1))?;
                             row.slice_assign(&[0..n, ch..ch + 1, 0..1, x..x + 1], &scaled)?
                         }
-                        false => {
+                        None => {
                             row.slice_assign(&[0..n, 0..1, x..x + 1], &value.reshape((n, 1, 1))?)?
                         }
                     };
@@ -496,6 +508,11 @@ pub fn read_info(dir: &Path) -> Result<ArInfo> {
 }
 
 /// An index drawn from unnormalised probabilities.
+/// What the network reads for pixel value `v` (0..=255).
+fn pixel_input(v: u32) -> f32 {
+    v as f32 / 255.0 - 0.5
+}
+
 /// A standard Gumbel variate: -ln(-ln u), u uniform in (0, 1).
 fn gumbel(rng: &mut SplitMix64) -> f32 {
     let u = rng.uniform().max(f64::MIN_POSITIVE);
