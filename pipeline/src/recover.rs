@@ -83,7 +83,7 @@ pub async fn recover(ws: &Workspace, pipeline: Option<&Path>, force: bool) -> Re
         .unwrap_or_else(|| crate::registry::fresh_identity(&path));
     let fresh = path.with_file_name("registry.db.recovering");
     for suffix in REGISTRY_FILES {
-        let f = PathBuf::from(format!("{}{suffix}", fresh.display()));
+        let f = suffixed(&fresh, suffix);
         if f.exists() {
             std::fs::remove_file(&f).ctx(|| format!("removing {}", f.display()))?;
         }
@@ -103,9 +103,9 @@ pub async fn recover(ws: &Workspace, pipeline: Option<&Path>, force: bool) -> Re
         } else {
             format!("-{n}")
         };
-        PathBuf::from(format!("{}.before-recover-{secs}{tail}", from.display()))
+        suffixed(from, &format!(".before-recover-{secs}{tail}"))
     };
-    let files = REGISTRY_FILES.map(|suffix| PathBuf::from(format!("{}{suffix}", path.display())));
+    let files = REGISTRY_FILES.map(|suffix| suffixed(&path, suffix));
     // One name for the files kept, taken by none of them yet.
     let n = (0..)
         .find(|&n| files.iter().all(|f| !aside(f, n).exists()))
@@ -131,6 +131,13 @@ pub async fn recover(ws: &Workspace, pipeline: Option<&Path>, force: bool) -> Re
     // Opening it checks it and writes the identity beside it if missing.
     Registry::open(&path).await?.close().await?;
     Ok(summary)
+}
+
+/// `path` with `suffix` added to its file name (`registry.db` + `-wal`).
+fn suffixed(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 /// Writes the recovered run into `registry`.
