@@ -79,6 +79,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 name,
                 step,
                 value,
+                at: Some(pipeline::registry::unix_now()),
             });
         }
     }

@@ -202,6 +202,7 @@ async fn fill(
                 name: p.name,
                 step: p.step,
                 value: p.value,
+                at: None,
             })
             .collect();
         if !points.is_empty() {

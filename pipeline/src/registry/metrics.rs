@@ -7,7 +7,7 @@ use sqlx::{Connection, QueryBuilder, Row};
 use super::{MetricPoint, Registry, db_err};
 use crate::error::Result;
 
-/// Rows bound per INSERT statement (4 values each, under SQLite's 32766 limit).
+/// Rows bound per INSERT statement (5 values each, under SQLite's 32766 limit).
 pub(super) const METRIC_ROWS_PER_STATEMENT: usize = 4000;
 
 /// One metric's points within one batch, merged into `metric_summaries`.
@@ -114,13 +114,14 @@ impl Registry {
             .collect();
         for chunk in points.chunks(METRIC_ROWS_PER_STATEMENT) {
             let mut qb = QueryBuilder::new(
-                "INSERT OR REPLACE INTO metrics (stage_run_id, name, step, value) ",
+                "INSERT OR REPLACE INTO metrics (stage_run_id, name, step, value, at) ",
             );
             qb.push_values(chunk, |mut b, p| {
                 b.push_bind(p.stage_run_id)
                     .push_bind(p.name.as_str())
                     .push_bind(p.step)
-                    .push_bind(p.value);
+                    .push_bind(p.value)
+                    .push_bind(p.at);
             });
             qb.build()
                 .execute(&mut *tx)
@@ -227,6 +228,7 @@ mod tests {
                 name: "val_bpd".into(),
                 step: s,
                 value: 10.0 - s as f64,
+                at: None,
             })
             .collect();
         reg.insert_metrics(&pts[..5]).await.unwrap();
@@ -255,6 +257,7 @@ mod tests {
             name: "val_bpd".into(),
             step,
             value,
+            at: None,
         };
         reg.insert_metrics(&[again(8, 50.0), again(9, 0.5), again(9, 0.25)])
             .await

@@ -215,6 +215,17 @@ pub struct MetricPoint {
     pub name: String,
     pub step: i64,
     pub value: f64,
+    /// When the driver received it, in seconds since 1970 (UTC); `None`
+    /// where that is not known (a point rebuilt by `registry recover`).
+    #[serde(default)]
+    pub at: Option<f64>,
+}
+
+/// Seconds since 1970 now, as [`MetricPoint::at`] records them.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// A cached file digest (see `file_hashes` in the schema).

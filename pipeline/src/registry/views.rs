@@ -71,8 +71,11 @@ const TABLES: &[(&str, &str)] = &[
 
 /// A read-only connection to a registry.
 pub struct Reader {
-    path: PathBuf,
-    conn: SqliteConnection,
+    pub(super) path: PathBuf,
+    pub(super) conn: SqliteConnection,
+    /// Whether `metrics` has its `at` column: a registry no `run` has
+    /// opened since it was added lacks it (and a reader cannot add it).
+    pub(super) metric_time: bool,
 }
 
 /// A run's head row.
@@ -144,9 +147,17 @@ pub(super) async fn connect_read_only(path: &Path) -> Result<SqliteConnection> {
 impl Reader {
     /// Opens the registry at `path` read-only; an error when there is none.
     pub async fn open(path: &Path) -> Result<Reader> {
+        let mut conn = connect_read_only(path).await?;
+        let metric_time =
+            sqlx::query("SELECT 1 FROM pragma_table_info('metrics') WHERE name = 'at'")
+                .fetch_optional(&mut conn)
+                .await
+                .map_err(db_err(path))?
+                .is_some();
         Ok(Reader {
             path: path.to_path_buf(),
-            conn: connect_read_only(path).await?,
+            conn,
+            metric_time,
         })
     }
 
@@ -460,9 +471,10 @@ impl Reader {
 
     /// Every metric point of a stage run, by name then step.
     pub async fn metric_points(&mut self, stage_run_id: i64) -> Result<Vec<MetricPoint>> {
-        let rows = sqlx::query(
-            "SELECT name, step, value FROM metrics WHERE stage_run_id = ? ORDER BY name, step",
-        )
+        let rows = sqlx::query(match self.metric_time {
+            true => "SELECT name, step, value, at FROM metrics WHERE stage_run_id = ? ORDER BY name, step",
+            false => "SELECT name, step, value, NULL FROM metrics WHERE stage_run_id = ? ORDER BY name, step",
+        })
         .bind(stage_run_id)
         .fetch_all(&mut self.conn)
         .await
@@ -475,6 +487,7 @@ impl Reader {
                     name: r.try_get(0).ok()?,
                     step: r.try_get(1).ok()?,
                     value: r.try_get(2).ok()?,
+                    at: r.try_get(3).ok()?,
                 })
             })
             .collect())

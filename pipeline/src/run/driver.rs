@@ -657,6 +657,7 @@ impl Driver {
                     name,
                     step,
                     value,
+                    at: Some(crate::registry::unix_now()),
                 });
             }
             WorkerEvent::Placed { device, host, gpu } => {
