@@ -2,6 +2,7 @@
 //! to the stage kinds (`stages`). No logic of its own beyond rendering.
 
 mod eval;
+mod html;
 mod render;
 mod report;
 

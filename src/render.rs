@@ -411,6 +411,26 @@ pub fn comparison(c: &pipeline::compare::Comparison, format: Format) {
     }
 }
 
+/// A table as CSV text (RFC 4180 quoting), a header line first.
+pub fn csv_text(r: &QueryResult) -> String {
+    let esc = |s: String| {
+        if s.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s
+        }
+    };
+    let mut out = String::new();
+    let line = |cells: Vec<String>| cells.into_iter().map(esc).collect::<Vec<_>>().join(",");
+    out.push_str(&line(r.columns.clone()));
+    out.push('\n');
+    for row in &r.rows {
+        out.push_str(&line(row.iter().map(cell_text).collect()));
+        out.push('\n');
+    }
+    out
+}
+
 pub fn table(r: &QueryResult, format: Format) {
     let mut out = std::io::stdout().lock();
     match format {
@@ -423,33 +443,7 @@ pub fn table(r: &QueryResult, format: Format) {
             );
         }
         Format::Csv => {
-            let esc = |s: String| {
-                if s.contains([',', '"', '\n']) {
-                    format!("\"{}\"", s.replace('"', "\"\""))
-                } else {
-                    s
-                }
-            };
-            let _ = writeln!(
-                out,
-                "{}",
-                r.columns
-                    .iter()
-                    .cloned()
-                    .map(esc)
-                    .collect::<Vec<_>>()
-                    .join(",")
-            );
-            for row in &r.rows {
-                let _ = writeln!(
-                    out,
-                    "{}",
-                    row.iter()
-                        .map(|v| esc(cell_text(v)))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                );
-            }
+            let _ = write!(out, "{}", csv_text(r));
         }
         Format::Table => {
             if r.columns.is_empty() {

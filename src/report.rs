@@ -16,6 +16,7 @@ use pipeline::registry::{Reader, RunFacts, StageStatus};
 use plotters::prelude::*;
 
 use crate::eval;
+use crate::html::{LastValues, STYLE, bits_table, esc, evaluation_table, html_table, seconds};
 
 /// One run's points of a metric on a comparison plot: its label, (step, value).
 type Line = (String, Vec<(i64, f64)>);
@@ -34,35 +35,6 @@ struct StageRow {
     /// run for a cached stage).
     metrics_from: i64,
     artifact: Option<PathBuf>,
-}
-
-/// Seconds since 1970 of an ISO-8601 UTC time as the registry writes it
-/// (`2026-11-28T21:41:09.123Z`).
-fn seconds(ts: &str) -> Option<f64> {
-    let (date, time) = ts.trim_end_matches('Z').split_once('T')?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let mut t = time.split(':');
-    let (h, min, s) = (
-        t.next()?.parse::<f64>().ok()?,
-        t.next()?.parse::<f64>().ok()?,
-        t.next()?.parse::<f64>().ok()?,
-    );
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days as f64 * 86_400.0 + h * 3600.0 + min * 60.0 + s)
-}
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 /// A file name part from a stage or metric name: at most 48 characters,
@@ -134,9 +106,18 @@ pub async fn write(
             m.entry(p.name).or_default().push((p.step, p.value));
         }
     }
-    let last = |stage: &str, name: &str| -> Option<f64> {
-        metrics.get(stage)?.get(name)?.last().map(|p| p.1)
-    };
+    let mut last = LastValues::default();
+    for (stage, m) in &metrics {
+        for (name, points) in m {
+            if let Some((_, v)) = points.last() {
+                last.set(stage, name, *v);
+            }
+        }
+    }
+    let names: Vec<(&str, &str)> = stages
+        .iter()
+        .map(|s| (s.stage.as_str(), s.kind.as_str()))
+        .collect();
 
     let mut files = FileNames::default();
     let mut html = String::new();
@@ -159,8 +140,8 @@ pub async fn write(
     }
 
     // Tables first: what a reader wants to see.
-    let bits = bits_table(&stages, &last);
-    let evaluation = evaluation_table(&stages, &metrics);
+    let bits = bits_table(&names, &last);
+    let evaluation = evaluation_table(&names, &last);
     let _ = write!(
         html,
         "<h2 id=\"bits\">Bits per dimension</h2>\n{bits}\n<h2 id=\"evaluation\">Sample quality</h2>\n{evaluation}\n"
@@ -313,136 +294,6 @@ pub async fn write(
     Ok(out.join("index.html"))
 }
 
-const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:1.5rem auto;max-width:70rem;padding:0 1rem;color:#222}\
-table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}\
-td.n{text-align:right;font-variant-numeric:tabular-nums}.grids{display:flex;gap:2rem;flex-wrap:wrap}\
-.grids img{image-rendering:pixelated;width:24rem}.curves img{width:22rem;margin:.2rem}.curves img.wide{width:28rem}div.wide{overflow-x:auto}pre{background:#f6f6f6;padding:.6rem}";
-
-/// The AR models' bits/dim and the bound beside the baseline.
-fn bits_table(stages: &[StageRow], last: &dyn Fn(&str, &str) -> Option<f64>) -> String {
-    let mut t = String::from(
-        "<table><tr><th>model</th><th>bits/dim (per modelled value)</th><th>bits per image</th></tr>\n",
-    );
-    let mut any = false;
-    for s in stages.iter().filter(|s| s.kind == "train_ar") {
-        if let Some(bpd) = last(&s.stage, "val.bits_per_dim") {
-            any = true;
-            let bpi = last(&s.stage, "val.bits_per_image")
-                .map(|v| format!("{v:.1}"))
-                .unwrap_or_default();
-            let _ = writeln!(
-                t,
-                "<tr><td>{}</td><td class=\"n\">{bpd:.3}</td><td class=\"n\">{bpi}</td></tr>",
-                esc(&s.stage)
-            );
-        }
-    }
-    for s in stages.iter().filter(|s| s.kind == "bound") {
-        for (name, label) in [
-            (
-                "bound.bits_per_dim",
-                "hierarchical bound (bits per image dimension)",
-            ),
-            (
-                "baseline.bits_per_dim",
-                "flat baseline (bits per image dimension)",
-            ),
-        ] {
-            if let Some(v) = last(&s.stage, name) {
-                any = true;
-                let _ = writeln!(
-                    t,
-                    "<tr><th>{} <small>({})</small></th><td class=\"n\"><b>{v:.3}</b></td><td></td></tr>",
-                    label,
-                    esc(&s.stage)
-                );
-            }
-        }
-    }
-    t.push_str("</table>");
-    if any {
-        t
-    } else {
-        "<p>No AR model in this run.</p>".into()
-    }
-}
-
-/// Accuracy of the real-data classifier on each sample set, CAS and the
-/// Fréchet distance, each with its 95 % interval, beside the same for as
-/// many real images.
-fn evaluation_table(stages: &[StageRow], metrics: &Metrics) -> String {
-    let mut out = String::new();
-    for s in stages.iter().filter(|s| s.kind == "evaluate") {
-        let Some(m) = metrics.get(&s.stage) else {
-            continue;
-        };
-        let get = |n: &str| m.get(n).and_then(|p| p.last()).map(|p| p.1);
-        // "83.1 % [80.6, 85.4]", or the value alone where no interval was kept.
-        let shown = |n: &str, percent: bool| {
-            let scale = if percent { 100.0 } else { 1.0 };
-            let unit = if percent { " %" } else { "" };
-            let digits = if percent { 1 } else { 2 };
-            let Some(v) = get(n) else {
-                return String::new();
-            };
-            match (get(&format!("{n}_lo")), get(&format!("{n}_hi"))) {
-                (Some(lo), Some(hi)) => format!(
-                    "{:.digits$}{unit} [{:.digits$}, {:.digits$}]",
-                    scale * v,
-                    scale * lo,
-                    scale * hi
-                ),
-                _ => format!("{:.digits$}{unit}", scale * v),
-            }
-        };
-        let mut sets: Vec<&str> = m
-            .keys()
-            .filter_map(|k| k.strip_prefix("eval.")?.strip_suffix(".cas"))
-            .collect();
-        sets.sort();
-        let _ = writeln!(
-            out,
-            "<table><tr><th>images</th><th>real-data classifier's accuracy on them</th><th>CAS: trained on them, tested on real test images</th><th>Fréchet distance to real test images (classifier features)</th></tr>"
-        );
-        if get("eval.real.test_accuracy").is_some() {
-            let _ = writeln!(
-                out,
-                "<tr><td>real (test split)</td><td class=\"n\">{}</td><td></td><td></td></tr>",
-                shown("eval.real.test_accuracy", true)
-            );
-        }
-        for set in sets {
-            let _ = writeln!(
-                out,
-                "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
-                esc(set),
-                shown(&format!("eval.{set}.accuracy"), true),
-                shown(&format!("eval.{set}.cas"), true),
-                shown(&format!("eval.{set}.frechet"), false),
-            );
-            if get(&format!("eval.{set}.real_cas")).is_some() {
-                let _ = writeln!(
-                    out,
-                    "<tr><td>real, as many as {}</td><td></td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
-                    esc(set),
-                    shown(&format!("eval.{set}.real_cas"), true),
-                    shown(&format!("eval.{set}.real_frechet"), false),
-                );
-            }
-        }
-        let _ = write!(
-            out,
-            "</table>\n<p><small>from stage {}; 95 % bootstrap intervals in brackets</small></p>\n",
-            esc(&s.stage)
-        );
-    }
-    if out.is_empty() {
-        "<p>No evaluate stage in this run.</p>".into()
-    } else {
-        out
-    }
-}
-
 fn plot_err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("drawing a plot: {e}")
 }
@@ -508,39 +359,6 @@ fn timeline(path: &Path, stages: &[StageRow], origin: f64) -> Result<()> {
         .map_err(plot_err)?;
     root.present().map_err(plot_err)?;
     Ok(())
-}
-
-/// A table of `compare`'s as HTML.
-fn html_table(r: &pipeline::registry::QueryResult) -> String {
-    let mut out = String::from("<table><tr>");
-    for c in &r.columns {
-        let _ = write!(out, "<th>{}</th>", esc(c));
-    }
-    out.push_str("</tr>\n");
-    for row in &r.rows {
-        out.push_str("<tr>");
-        for v in row {
-            match v {
-                serde_json::Value::Number(n) => {
-                    let text = match n.as_f64() {
-                        Some(f) if n.is_f64() => format!("{f:.4}"),
-                        _ => n.to_string(),
-                    };
-                    let _ = write!(out, "<td class=\"n\">{text}</td>");
-                }
-                serde_json::Value::Null => out.push_str("<td></td>"),
-                serde_json::Value::String(s) => {
-                    let _ = write!(out, "<td>{}</td>", esc(s));
-                }
-                other => {
-                    let _ = write!(out, "<td>{}</td>", esc(&other.to_string()));
-                }
-            }
-        }
-        out.push_str("</tr>\n");
-    }
-    out.push_str("</table>\n");
-    out
 }
 
 /// How the comparison page names a run or sweep member.
@@ -716,19 +534,4 @@ fn plot_lines(path: &Path, title: &str, size: (u32, u32), lines: &[Line]) -> Res
     }
     root.present().map_err(plot_err)?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn registry_times_become_seconds() {
-        assert_eq!(seconds("1970-01-01T00:00:00.000Z"), Some(0.0));
-        assert_eq!(seconds("2000-03-01T00:00:01.500Z"), Some(951_868_801.5));
-        let a = seconds("2026-11-28T23:59:59.000Z").unwrap();
-        let b = seconds("2026-11-29T00:00:01.000Z").unwrap();
-        assert_eq!(b - a, 2.0);
-        assert_eq!(seconds("yesterday"), None);
-    }
 }
