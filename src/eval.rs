@@ -5,7 +5,6 @@
 //! `stages::human_eval`.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -107,13 +106,11 @@ pub async fn serve(registry_path: &Path, package: Package, host: &str, port: u16
         .route("/images/{file}", get(image))
         .layer(DefaultBodyLimit::max(MAX_ANSWER_BYTES))
         .with_state(state.clone());
-    let addr: SocketAddr = format!("{host}:{port}")
-        .parse()
-        .with_context(|| format!("`{host}:{port}` is not an address to listen on"))?;
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-        format!("listening on {addr} (another port: --port N; 0 picks a free one)")
-    })?;
-    let local = listener.local_addr()?;
+    let (listener, local) = crate::serve::listen(host, port).await?;
+    let app = app.layer(axum::middleware::from_fn_with_state(
+        crate::serve::allowed_hosts(local),
+        crate::serve::host_guard,
+    ));
     // Written, not printed: a closed stdout (a caller that read the first
     // line and went) must not stop the server.
     use std::io::Write;

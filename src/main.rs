@@ -5,6 +5,7 @@ mod eval;
 mod html;
 mod render;
 mod report;
+mod serve;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
