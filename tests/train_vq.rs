@@ -115,6 +115,23 @@ fn weights(p: &Project) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The reconstructions drawn at each validation step, by file name.
+fn step_images(p: &Project) -> Vec<(String, Vec<u8>)> {
+    let dir = p.artifact_data("kind", "train_vq").join("steps");
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
 const RESUMABLE: &str = "      steps: 40\n      checkpoint_every: 5\n      validate_every: 20\n      decoder: {kind: msp, hidden: 16, res_blocks: 1, res_hidden: 8}";
 
 #[test]
@@ -166,6 +183,32 @@ fn a_worker_killed_mid_training_resumes_to_the_same_bytes() {
     assert!(
         weights(&killed) == expected,
         "resumed weights differ from the uninterrupted run's"
+    );
+
+    // Killed after its step-20 validation drew its reconstructions: the
+    // resumed attempt keeps them and draws step 40's, the same bytes.
+    let images = step_images(&whole);
+    let names: Vec<&str> = images.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "reconstructions-000000000020.png",
+            "reconstructions-000000000040.png"
+        ]
+    );
+    let late = Project::new(&pipeline(RESUMABLE));
+    late.kill_worker_after_checkpoint("vq1", 30);
+    let out = late.run(&["--resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        late.attempt_log("vq1", 2)
+            .contains("resuming from the checkpoint at step 30"),
+        "{}",
+        late.attempt_log("vq1", 2)
+    );
+    assert!(
+        step_images(&late) == images,
+        "the resumed run's step images differ from the uninterrupted run's"
     );
 
     // A damaged newest checkpoint: the previous one is used, with a warning,

@@ -1,12 +1,46 @@
 //! What the training stages (`train_vq`, `train_ar`) share: the defaults of
 //! their schedule params and the checks of them, the validation rows, and
 //! the training loop ([`train`] over a [`Trainable`]) with its cadence of
-//! logging, validation and checkpoints.
+//! logging, validation and checkpoints; and the images a stage draws at
+//! its validation steps ([`step_image`], [`publish_step_images`]).
 
 use crate::data::level_table::{LevelTable, Rows};
 use crate::error::Error;
 use pipeline::ParamError;
 use pipeline::stage::{StageContext, StageError};
+
+/// The folder, in a stage's scratch folder and then in its artifact, of
+/// the images it draws at validation steps: `NAME-STEP.png`, the step in
+/// 12 digits (what `haic-pipe ui` shows with a step slider, live from the
+/// scratch folder while the stage runs).
+pub const STEP_IMAGES: &str = "steps";
+
+/// Where the image `name` of validation step `step` goes. In the scratch
+/// folder, which outlives an interrupted attempt: a resumed one (bit-exact)
+/// draws the later steps' again, identical, and the artifact ends the same.
+pub fn step_image(ctx: &StageContext, name: &str, step: u64) -> std::path::PathBuf {
+    ctx.scratch_dir()
+        .join(STEP_IMAGES)
+        .join(format!("{name}-{step:012}.png"))
+}
+
+/// Copies the step images into the artifact's `steps/`, when there are any.
+pub fn publish_step_images(ctx: &StageContext) -> Result<(), StageError> {
+    let from = ctx.scratch_dir().join(STEP_IMAGES);
+    let Ok(entries) = std::fs::read_dir(&from) else {
+        return Ok(());
+    };
+    let to = ctx.out_dir().join(STEP_IMAGES);
+    std::fs::create_dir_all(&to)?;
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_string_lossy().ends_with(".png") {
+            std::fs::copy(entry.path(), to.join(&name))?;
+        }
+    }
+    Ok(())
+}
 
 pub fn batch_size() -> usize {
     64

@@ -23,7 +23,9 @@
 //! `level.json` (everything needed to rebuild the level), `metrics.json`
 //! (the last validation) and, for a pixel level, `reconstructions.png`
 //! (validation images above, the auxiliary decoder's reconstructions from
-//! their codes alone below).
+//! their codes alone below) and the same at each validation step,
+//! `steps/reconstructions-STEP.png` (`haic-pipe ui` shows them with a step
+//! slider, live while the stage trains).
 //!
 //! **Bit-exact resume.** Every `checkpoint_every` steps the scratch folder
 //! gets one safetensors file: the weights, the optimiser's moments and the
@@ -156,7 +158,7 @@ impl StageKind for TrainVq {
     }
 
     fn version(&self) -> u32 {
-        3 // 3: class-stratified validation rows
+        4 // 3: class-stratified validation rows; 4: reconstructions per validation step
     }
 
     fn input_names(&self) -> Option<&'static [&'static str]> {
@@ -379,11 +381,12 @@ impl<'a> Trainer<'a> {
         let last = training::train(ctx, &mut self, &schedule)?;
         let out = ctx.out_dir();
         self.level.save(out)?;
-        self.write_reconstructions(out)?;
+        self.write_reconstructions(&out.join("reconstructions.png"))?;
         let summary = match last {
             Some(v) => v,
             None => self.validate()?,
         };
+        training::publish_step_images(ctx)?;
         std::fs::write(
             out.join("metrics.json"),
             serde_json::to_vec_pretty(&summary)?,
@@ -391,10 +394,10 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// `reconstructions.png` of a pixel level: validation images (one per
-    /// class where there are enough) above, the auxiliary decoder's
-    /// reconstructions from their codes alone below.
-    fn write_reconstructions(&self, out: &Path) -> Result<(), StageError> {
+    /// The reconstructions figure of a pixel level, at `path`: validation
+    /// images (one per class where there are enough) above, the auxiliary
+    /// decoder's reconstructions from their codes alone below.
+    fn write_reconstructions(&self, path: &Path) -> Result<(), StageError> {
         let InputKind::Pixels { channels } = self.table.input else {
             return Ok(());
         };
@@ -434,7 +437,10 @@ impl<'a> Trainer<'a> {
             .chain(decoded.chunks_exact(per))
             .collect();
         let shape = (self.table.height, self.table.width, channels);
-        write_grid(&out.join("reconstructions.png"), &images, shape, n.max(1))?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        write_grid(path, &images, shape, n.max(1))?;
         Ok(())
     }
 
@@ -502,6 +508,11 @@ impl<'a> Trainer<'a> {
                 }
             }
         }
+        self.write_reconstructions(&training::step_image(
+            self.ctx,
+            "reconstructions",
+            self.step,
+        ))?;
         eprintln!("step {}: validation {out}", self.step);
         Ok(out)
     }
