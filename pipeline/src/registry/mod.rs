@@ -24,6 +24,7 @@
 //! | [`query`] | `haic-pipe registry query`: one read-only statement from a person |
 
 mod artifacts;
+mod dashboard;
 mod files;
 mod metrics;
 mod query;
@@ -31,6 +32,9 @@ mod ratings;
 mod runs;
 mod views;
 
+pub use dashboard::{
+    ArtifactRow, LineageRow, MetricRow, RunDetail, RunFilter, RunRow, RunsPage, Series, StageRow,
+};
 pub use query::{Queried, QueryLimits, QueryResult, query_read_only};
 pub use ratings::{Rating, RatingPackage};
 pub use runs::flatten_params;
