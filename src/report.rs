@@ -82,20 +82,28 @@ pub async fn write(
     let run_start = seconds(&head.started_at);
     let run_end = head.finished_at.as_deref().and_then(seconds);
 
-    let stages: Vec<StageRow> = reader
-        .run_stages(run)
+    let detail = reader
+        .run_detail(run)
         .await?
+        .with_context(|| format!("run {run} went from {}", registry.display()))?;
+    let stages: Vec<StageRow> = detail
+        .stages
         .into_iter()
-        .map(|r| StageRow {
-            started: r.started_at.as_deref().and_then(seconds),
-            finished: r.finished_at.as_deref().and_then(seconds),
-            stage: r.stage,
-            kind: r.kind,
-            status: r.status,
-            metrics_from: r.metrics_from,
-            artifact: r.artifact.map(|p| p.join("data")),
+        .map(|r| {
+            Ok(StageRow {
+                started: r.started_at.as_deref().and_then(seconds),
+                finished: r.finished_at.as_deref().and_then(seconds),
+                status: r
+                    .status
+                    .parse::<StageStatus>()
+                    .map_err(anyhow::Error::msg)?,
+                stage: r.stage,
+                kind: r.kind,
+                metrics_from: r.producer,
+                artifact: r.artifact.map(|a| PathBuf::from(a.path).join("data")),
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
 
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut metrics: Metrics = BTreeMap::new();

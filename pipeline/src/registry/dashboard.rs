@@ -1,6 +1,7 @@
 //! What `haic-pipe ui` reads: a page of runs under filters, one run whole
 //! (stages with their progress, params, metric summaries, artifacts,
-//! lineage), a metric's points, and a cheap "has anything changed" probe.
+//! lineage; `report` reads its stages too), a metric's points, and a cheap
+//! "has anything changed" probe.
 //! Read-only, like the other views; the server decides what to draw.
 
 use std::collections::BTreeMap;

@@ -1,6 +1,8 @@
 //! Read-only views the CLI renders: the runs overview (`registry runs`), a
-//! stage's recent runs (`show`), one run's stages and metrics (`report`),
-//! and what runs ran with and gave (`compare`). They open the registry read-only, like `registry query`.
+//! stage's recent runs (`show`), a stage run's metric points (`report`),
+//! and what runs ran with and gave (`compare`); a run whole and the
+//! dashboard's pages are in dashboard.rs. They open the registry
+//! read-only, like `registry query`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,7 +12,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::{ConnectOptions, Row};
 
-use super::{MetricPoint, QueryResult, RunStatus, StageStatus, db_err};
+use super::{MetricPoint, QueryResult, RunStatus, db_err};
 use crate::error::{Error, Result};
 
 /// What each table and view holds, for `registry schema`.
@@ -108,22 +110,6 @@ pub struct RunFacts {
     pub producers: Vec<(String, i64)>,
     /// The member, for a sweep's member.
     pub member: Option<i64>,
-}
-
-/// One stage of a run: its latest stage run, and where its artifact and
-/// metrics are.
-#[derive(Debug, Clone)]
-pub struct RunStage {
-    pub stage: String,
-    pub kind: String,
-    pub status: StageStatus,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
-    /// The stage run whose metrics describe the artifact: the one that
-    /// produced it, for a cached stage.
-    pub metrics_from: i64,
-    /// The artifact's folder in the store, if it has one.
-    pub artifact: Option<PathBuf>,
 }
 
 /// A read-only connection to the registry at `path` (SQLite refuses any
@@ -437,36 +423,6 @@ impl Reader {
             started_at: r.get(2),
             finished_at: r.get(3),
         }))
-    }
-
-    /// Every stage of run `run` (its latest attempt), in start order.
-    pub async fn run_stages(&mut self, run: i64) -> Result<Vec<RunStage>> {
-        let rows = sqlx::query(
-            "SELECT sr.stage, sr.kind, sr.status, sr.started_at, sr.finished_at,
-               COALESCE(a.stage_run_id, sr.id), a.path
-             FROM stage_runs sr LEFT JOIN artifacts a ON a.key = sr.key
-             WHERE sr.run_id = ?1 AND sr.id = (SELECT MAX(s2.id) FROM stage_runs s2
-               WHERE s2.run_id = sr.run_id AND s2.stage = sr.stage)
-             ORDER BY sr.started_at, sr.id",
-        )
-        .bind(run)
-        .fetch_all(&mut self.conn)
-        .await
-        .map_err(db_err(&self.path))?;
-        rows.iter()
-            .map(|r| {
-                let status: String = r.get(2);
-                Ok(RunStage {
-                    stage: r.get(0),
-                    kind: r.get(1),
-                    status: self.parse(&status)?,
-                    started_at: r.get(3),
-                    finished_at: r.get(4),
-                    metrics_from: r.get(5),
-                    artifact: r.get::<Option<String>, _>(6).map(PathBuf::from),
-                })
-            })
-            .collect()
     }
 
     /// Every metric point of a stage run, by name then step.
