@@ -106,31 +106,17 @@ pub async fn serve(registry_path: &Path, package: Package, host: &str, port: u16
         .route("/images/{file}", get(image))
         .layer(DefaultBodyLimit::max(MAX_ANSWER_BYTES))
         .with_state(state.clone());
-    let (listener, local) = crate::serve::listen(host, port).await?;
-    let app = app.layer(axum::middleware::from_fn_with_state(
-        crate::serve::allowed_hosts(local),
-        crate::serve::host_guard,
-    ));
-    // Written, not printed: a closed stdout (a caller that read the first
-    // line and went) must not stop the server.
-    use std::io::Write;
-    let mut out = std::io::stdout();
-    let _ = writeln!(
-        out,
-        "rating page: http://{local}/\npackage {} ({} tasks, {} vs {}); answers go to {}; Ctrl-C stops",
-        state.package.dir.display(),
-        state.package.manifest.tasks.len(),
-        state.package.manifest.comparison[0],
-        state.package.manifest.comparison[1],
-        registry_path.display()
-    );
-    let _ = out.flush();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
-    Ok(())
+    crate::serve::run(host, port, app, |url| {
+        format!(
+            "rating page: {url}\npackage {} ({} tasks, {} vs {}); answers go to {}; Ctrl-C stops",
+            state.package.dir.display(),
+            state.package.manifest.tasks.len(),
+            state.package.manifest.comparison[0],
+            state.package.manifest.comparison[1],
+            registry_path.display()
+        )
+    })
+    .await
 }
 
 async fn page() -> Html<&'static str> {

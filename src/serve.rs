@@ -12,8 +12,35 @@ use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+/// Serves `router` on `host:port` (0: any free port) until Ctrl-C, with
+/// the Host check. `banner` gets the address (`http://IP:PORT/`) and
+/// gives the lines written first; written, not printed: a caller that read
+/// them and closed stdout must not stop the server.
+pub async fn run(
+    host: &str,
+    port: u16,
+    router: axum::Router,
+    banner: impl FnOnce(&str) -> String,
+) -> Result<()> {
+    let (listener, local) = listen(host, port).await?;
+    let router = router.layer(axum::middleware::from_fn_with_state(
+        allowed_hosts(local),
+        host_guard,
+    ));
+    use std::io::Write;
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{}", banner(&format!("http://{local}/")));
+    let _ = out.flush();
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
+
 /// Binds `host:port`; the address it got (port 0 picks a free one).
-pub async fn listen(host: &str, port: u16) -> Result<(tokio::net::TcpListener, SocketAddr)> {
+async fn listen(host: &str, port: u16) -> Result<(tokio::net::TcpListener, SocketAddr)> {
     let addr: SocketAddr = format!("{host}:{port}")
         .parse()
         .or_else(|_| format!("[{host}]:{port}").parse())
@@ -28,7 +55,7 @@ pub async fn listen(host: &str, port: u16) -> Result<(tokio::net::TcpListener, S
 /// The `Host` values a page listening on `local` answers: on loopback,
 /// only the loopback names with its port; elsewhere (`--host 0.0.0.0`, the
 /// user's choice to expose it) any.
-pub fn allowed_hosts(local: SocketAddr) -> Option<Arc<Vec<String>>> {
+fn allowed_hosts(local: SocketAddr) -> Option<Arc<Vec<String>>> {
     if !local.ip().is_loopback() {
         return None;
     }
@@ -41,7 +68,7 @@ pub fn allowed_hosts(local: SocketAddr) -> Option<Arc<Vec<String>>> {
 }
 
 /// Middleware: a request whose `Host` is not one of `allowed` gets 421.
-pub async fn host_guard(
+async fn host_guard(
     State(allowed): State<Option<Arc<Vec<String>>>>,
     request: Request,
     next: Next,

@@ -110,27 +110,13 @@ pub async fn serve(ws: &Workspace, kinds: Arc<Kinds>, host: &str, port: u16) -> 
         kinds,
         version: tokio::sync::Mutex::new(None),
     });
-    let (listener, local) = crate::serve::listen(host, port).await?;
-    let router = router(app).layer(axum::middleware::from_fn_with_state(
-        crate::serve::allowed_hosts(local),
-        crate::serve::host_guard,
-    ));
-    use std::io::Write;
-    let mut out = std::io::stdout();
-    // Written, not printed: a caller that read the first line and closed
-    // stdout must not stop the server.
-    let _ = writeln!(
-        out,
-        "dashboard: http://{local}/\nworkspace {} (read-only); Ctrl-C stops",
-        ws.root.display()
-    );
-    let _ = out.flush();
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
-    Ok(())
+    crate::serve::run(host, port, router(app), |url| {
+        format!(
+            "dashboard: {url}\nworkspace {} (read-only); Ctrl-C stops",
+            ws.root.display()
+        )
+    })
+    .await
 }
 
 fn router(app: Arc<App>) -> Router {

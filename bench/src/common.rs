@@ -20,6 +20,19 @@ use stages::rng::SplitMix64;
 /// The batch of the training benchmarks.
 pub const BATCH: usize = 64;
 
+/// The numbers on the command line, each in place of its default.
+pub fn numbers_or<const N: usize>(defaults: [usize; N]) -> [usize; N] {
+    let given: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let mut out = defaults;
+    for (o, g) in out.iter_mut().zip(given) {
+        *o = g;
+    }
+    out
+}
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]

@@ -23,12 +23,7 @@ const BEST10: &str = "SELECT s.stage_run_id, s.last_value FROM metric_summaries 
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let runs = args.first().copied().unwrap_or(2000);
-    let per_run = args.get(1).copied().unwrap_or(150);
+    let [runs, per_run] = common::numbers_or([2000, 150]);
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("registry.db");
     let reg = Arc::new(Registry::open(&path).await?);

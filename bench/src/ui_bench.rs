@@ -48,12 +48,7 @@ fn peak_rss_mb(pid: u32) -> f64 {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let runs = args.first().copied().unwrap_or(100_000);
-    let per_run = args.get(1).copied().unwrap_or(100);
+    let [runs, per_run] = common::numbers_or([100_000, 100]);
     let binary = std::env::var("HAIC_BIN").unwrap_or_else(|_| "target/release/haic-pipe".into());
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("registry.db");

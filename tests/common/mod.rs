@@ -329,3 +329,68 @@ pub fn browser_script(name: &str) -> Option<PathBuf> {
     eprintln!("skipping: {why}");
     None
 }
+
+/// A page `haic-pipe` serves (`eval serve`, `ui`), started by `cmd` and
+/// killed when dropped: its URL is the first line it writes, after
+/// `prefix`; `addr` is that URL's host and port.
+pub struct Served {
+    child: std::process::Child,
+    pub url: String,
+    pub addr: String,
+    /// Kept open while the server runs.
+    _stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Served {
+    pub fn start(mut cmd: Command, prefix: &str) -> Served {
+        use std::io::BufRead;
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting haic-pipe");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut first = String::new();
+        stdout
+            .read_line(&mut first)
+            .expect("reading the first line");
+        let url = first
+            .trim()
+            .strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+            .to_string();
+        let addr = url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        Served {
+            child,
+            url,
+            addr,
+            _stdout: stdout,
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a browser script with node; its stdout, once it exited 0.
+pub fn node(script: &Path, args: &[&str]) -> String {
+    let out = Command::new("node")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("running node");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
