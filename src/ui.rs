@@ -11,8 +11,10 @@
 //! without per-client state and costs one PRAGMA per tab per second.
 //!
 //! Read-only: every connection is opened read-only (SQLite refuses
-//! writes), files are served only when the artifact's manifest lists them
-//! or the registry names them as a stage's log inside the workspace.
+//! writes), files are served only when the artifact's manifest lists them,
+//! the registry names them as a stage's log inside the workspace, or they
+//! are a running stage's step images (by their name's form) in the scratch
+//! folder of its key.
 
 mod lttb;
 
@@ -55,11 +57,9 @@ const APP_JS: &str = include_str!("ui/app.js");
 const UI_STYLE: &str = include_str!("ui/ui.css");
 
 struct App {
-    registry: PathBuf,
     ws: Workspace,
-    workspace: PathBuf,
+    registry: PathBuf,
     store: ArtifactStore,
-    logs: PathBuf,
     kinds: Arc<Kinds>,
     /// The connection whose `data_version` the pages poll: it must be the
     /// same one each time for the number to mean anything. Opened at the
@@ -100,13 +100,10 @@ type Answer<T> = std::result::Result<T, Failure>;
 /// Serves the dashboard until Ctrl-C; prints its address first (a line
 /// `dashboard: URL`).
 pub async fn serve(ws: &Workspace, kinds: Arc<Kinds>, host: &str, port: u16) -> Result<()> {
-    let registry = ws.registry_path();
     let app = Arc::new(App {
-        registry: registry.clone(),
         ws: ws.clone(),
-        workspace: ws.root.clone(),
+        registry: ws.registry_path(),
         store: ws.store(),
-        logs: ws.logs(),
         kinds,
         version: tokio::sync::Mutex::new(None),
     });
@@ -256,10 +253,12 @@ fn encode(s: &str) -> String {
     out
 }
 
-/// A run id from a URL: a number, else 400.
-fn run_id(text: &str) -> Answer<i64> {
-    text.parse()
-        .map_err(|_| bad(format!("a run id is a number, not `{text}`")))
+/// The run a URL names by id or name; 404 when there is none.
+async fn find_run(reader: &mut Reader, which: &str) -> Answer<i64> {
+    reader
+        .find_run(which)
+        .await?
+        .ok_or_else(|| not_found(format!("no run `{which}` in this workspace")))
 }
 
 /// The runs `runs=1,2,x` names (ids or names), each there, at most
@@ -295,14 +294,16 @@ async fn named_runs(reader: &mut Reader, runs: &Option<String>) -> Answer<Vec<i6
 
 // ---- pages ----
 
-fn page(app: &App, title: &str, body: &str) -> Html<String> {
+/// A whole page around `body`. `version` is the registry's version read
+/// before `body` was: the page's first poll refreshes only if it moved.
+fn page(app: &App, version: i64, title: &str, body: &str) -> Html<String> {
     Html(format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t} · haic-pipe</title>\
-<link rel=\"stylesheet\" href=\"/static/uplot.css\"><style>{STYLE}{UI_STYLE}</style></head><body>\n\
+<link rel=\"stylesheet\" href=\"/static/uplot.css\"><style>{STYLE}{UI_STYLE}</style></head><body data-version=\"{version}\">\n\
 <nav><a href=\"/\">haic-pipe</a> · <span title=\"the workspace\">{ws}</span> · <span id=\"live\">live</span></nav>\n\
 <main>\n{body}\n</main>\n<script src=\"/static/uplot.js\"></script><script src=\"/static/app.js\"></script></body></html>\n",
         t = esc(title),
-        ws = esc(&app.workspace.display().to_string()),
+        ws = esc(&app.ws.root.display().to_string()),
     ))
 }
 
@@ -311,6 +312,7 @@ async fn runs_page(
     q: std::result::Result<Query<RunsQuery>, QueryRejection>,
 ) -> Answer<Html<String>> {
     let q = query(q)?;
+    let version = app.version().await?;
     let table = runs_table(&app, &q).await?;
     let selected = |v: &str| match given(&q.status) == Some(v) {
         true => " selected",
@@ -336,7 +338,7 @@ async fn runs_page(
         "<div id=\"runs\" data-live=\"/fragments/runs?{}\">{table}</div>",
         esc(&q.with_offset(number("offset", &q.offset, 0, i64::from(i32::MAX))?))
     );
-    Ok(page(&app, "runs", &body))
+    Ok(page(&app, version, "runs", &body))
 }
 
 async fn runs_fragment(
@@ -376,7 +378,7 @@ async fn runs_table(app: &App, q: &RunsQuery) -> Answer<String> {
     if !app.registry.exists() {
         return Ok(format!(
             "<p class=\"count\" data-total=\"0\">No runs yet in {}: <code>haic-pipe run PIPELINE</code> starts one, and this page shows it.</p>",
-            esc(&app.workspace.display().to_string())
+            esc(&app.ws.root.display().to_string())
         ));
     }
     let RunsPage { total, rows } = app
@@ -441,9 +443,9 @@ async fn runs_table(app: &App, q: &RunsQuery) -> Answer<String> {
 }
 
 async fn detail(app: &App, run: &str) -> Answer<RunDetail> {
-    let id = run_id(run)?;
-    app.reader()
-        .await?
+    let mut reader = app.reader().await?;
+    let id = find_run(&mut reader, run).await?;
+    reader
         .run_detail(id)
         .await?
         .ok_or_else(|| not_found(format!("no run {id} in this workspace")))
@@ -453,6 +455,7 @@ async fn run_page(
     State(app): State<Arc<App>>,
     UrlPath(run): UrlPath<String>,
 ) -> Answer<Html<String>> {
+    let version = app.version().await?;
     let d = detail(&app, &run).await?;
     let id = d.run.id;
     let r = &d.run;
@@ -493,7 +496,7 @@ async fn run_page(
         images_part(&app, &d)
     );
     body.push_str(&params_part(&d));
-    Ok(page(&app, &format!("run {id}"), &body))
+    Ok(page(&app, version, &format!("run {id}"), &body))
 }
 
 async fn run_fragment(
@@ -990,6 +993,7 @@ async fn compare_page(
     q: std::result::Result<Query<CompareQuery>, QueryRejection>,
 ) -> Answer<Html<String>> {
     let q = query(q)?;
+    let version = app.version().await?;
     let (ids, c) = comparison(&app, &q).await?;
     let list: Vec<String> = ids.iter().map(i64::to_string).collect();
     let mut body = format!(
@@ -1014,7 +1018,7 @@ async fn compare_page(
     }
     body.push_str("<h2>Curves</h2>\n");
     body.push_str(&chart_widget(&ids));
-    Ok(page(&app, "compare", &body))
+    Ok(page(&app, version, "compare", &body))
 }
 
 async fn compare_csv(
@@ -1041,8 +1045,9 @@ async fn log_tail(
     State(app): State<Arc<App>>,
     UrlPath((run, stage)): UrlPath<(String, String)>,
 ) -> Answer<Response> {
-    let id = run_id(&run)?;
-    let Some(path) = app.reader().await?.log_path(id, &stage).await? else {
+    let mut reader = app.reader().await?;
+    let id = find_run(&mut reader, &run).await?;
+    let Some(path) = reader.log_path(id, &stage).await? else {
         return Err(not_found(format!(
             "run {id} has no log of a stage `{stage}`"
         )));
@@ -1050,7 +1055,7 @@ async fn log_tail(
     // The registry names the file; it is read only inside the logs folder.
     let inside = std::fs::canonicalize(&path)
         .ok()
-        .filter(|p| std::fs::canonicalize(&app.logs).is_ok_and(|logs| p.starts_with(logs)));
+        .filter(|p| std::fs::canonicalize(app.ws.logs()).is_ok_and(|logs| p.starts_with(logs)));
     let Some(path) = inside else {
         return Err(not_found(format!(
             "the log of `{stage}` is not in the workspace's logs folder (moved or removed)"
@@ -1071,16 +1076,11 @@ async fn live_step_image(
     State(app): State<Arc<App>>,
     UrlPath((run, stage, file)): UrlPath<(String, String, String)>,
 ) -> Answer<Response> {
-    let id = run_id(&run)?;
     if step_image_name(&file).is_none() {
         return Err(not_found(format!("no step image `{file}`")));
     }
-    let d = app
-        .reader()
-        .await?
-        .run_detail(id)
-        .await?
-        .ok_or_else(|| not_found(format!("no run {id} in this workspace")))?;
+    let d = detail(&app, &run).await?;
+    let id = d.run.id;
     let key = d
         .stages
         .iter()
@@ -1152,16 +1152,23 @@ async fn artifact_file(
         .into_response())
 }
 
-async fn version(State(app): State<Arc<App>>) -> Answer<Response> {
-    let mut slot = app.version.lock().await;
-    if slot.is_none() && app.registry.exists() {
-        *slot = Some(app.reader().await?);
+impl App {
+    /// The registry's version as the polling connection sees it; -1 while
+    /// there is no registry (the first run's commit moves it).
+    async fn version(&self) -> Answer<i64> {
+        let mut slot = self.version.lock().await;
+        if slot.is_none() && self.registry.exists() {
+            *slot = Some(self.reader().await?);
+        }
+        Ok(match slot.as_mut() {
+            Some(reader) => reader.data_version().await?,
+            None => -1,
+        })
     }
-    // No registry yet: a version of its own, which the first run's moves.
-    let v = match slot.as_mut() {
-        Some(reader) => reader.data_version().await?,
-        None => -1,
-    };
+}
+
+async fn version(State(app): State<Arc<App>>) -> Answer<Response> {
+    let v = app.version().await?;
     Ok(axum::Json(serde_json::json!({ "version": v })).into_response())
 }
 

@@ -114,7 +114,7 @@ fn the_dashboard_follows_a_running_pipeline_and_compares_runs_in_a_browser() {
         assert!(std::time::Instant::now() < deadline, "run 2 never started");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let live = node(&script, &["live", &ui.served.url, "2"]);
+    let live = node(&script, &["live", &ui.served.url, "2", "16"]);
     let status = run.wait().unwrap();
     assert!(status.success(), "run 2 failed");
     assert_eq!(live["status"], "succeeded", "{live}");
@@ -143,6 +143,7 @@ fn the_dashboard_follows_a_running_pipeline_and_compares_runs_in_a_browser() {
     let before = registry_digest(&p);
     let compared = node(&script, &["compare", &ui.served.url, "1", "2"]);
     let (csv_status, csv) = ui.get("/compare.csv?runs=1,2");
+    let (by_name, named) = ui.get("/runs/quick");
     assert_eq!(
         registry_digest(&p),
         before,
@@ -173,6 +174,8 @@ fn the_dashboard_follows_a_running_pipeline_and_compares_runs_in_a_browser() {
     // The differing param is the command (its vars filled in).
     assert!(header.contains(&"slow.cmd"), "{header:?}");
     assert!(compared["curves"].as_u64().unwrap() >= 19, "{compared}");
+    assert_eq!(by_name, 200, "a run by its name: {named}");
+    assert!(named.contains("quick <small>#1</small>"), "{named}");
     assert_eq!(csv_status, 200);
     assert!(csv.starts_with("run,name,"), "{csv}");
     assert_eq!(csv.lines().count(), 3, "{csv}");
@@ -215,8 +218,8 @@ fn bad_requests_get_4xx_and_nothing_outside_the_workspace() {
     ];
     let cases: Vec<(String, u16)> = [
         ("/runs/999", 404),
-        ("/runs/abc", 400),
-        ("/runs/99999999999999999999999", 400),
+        ("/runs/abc", 404),
+        ("/runs/99999999999999999999999", 404),
         ("/api/runs/999", 404),
         ("/fragments/runs/-1", 404),
         ("/api/runs?limit=99999999999999999999", 400),

@@ -6,7 +6,12 @@
     "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
   const selected = new Set();
   const charts = [];
-  let version = null;
+  // The registry's version the page was drawn at.
+  let version = Number(document.body.dataset.version);
+  // Each live part's last HTML as fetched: a part is replaced only when
+  // that changes (the browser's own serialisation never equals it), so an
+  // unchanged part keeps its state (a step slider's position).
+  const fetched = new Map();
 
   async function getJSON(url) {
     const r = await fetch(url);
@@ -20,7 +25,8 @@
       const r = await fetch(el.dataset.live);
       if (!r.ok) continue;
       const html = await r.text();
-      if (html !== el.innerHTML) {
+      if (html !== fetched.get(el)) {
+        fetched.set(el, html);
         el.innerHTML = html;
         restoreSelection();
       }
@@ -32,7 +38,6 @@
     const live = document.getElementById("live");
     try {
       const v = (await getJSON("/api/version")).version;
-      // The first answer refreshes too: the page may predate it.
       if (v !== version) {
         version = v;
         await refreshLive();
@@ -177,7 +182,11 @@
     }
   }
 
-  for (const el of document.querySelectorAll(".chart")) charts.push(new Chart(el));
+  for (const el of document.querySelectorAll(".chart")) {
+    const c = new Chart(el);
+    charts.push(c);
+    c.reload();
+  }
   restoreSelection();
   poll();
 })();

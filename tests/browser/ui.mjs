@@ -1,6 +1,6 @@
 // Drives `haic-pipe ui` in a headless Chromium as a researcher would.
-//   node ui.mjs live URL RUN     watch run RUN's stage `slow` from running
-//                                to succeeded while its curve grows
+//   node ui.mjs live URL RUN N   watch run RUN's stage `slow` from running
+//                                to succeeded while its curve grows to N
 //   node ui.mjs compare URL A B  tick runs A and B on the runs page,
 //                                compare them, sort, read the table
 //   node ui.mjs steps URL RUN    move run RUN's step slider to the first
@@ -49,6 +49,11 @@ try {
       if (status === "succeeded") break;
       await page.waitForTimeout(50);
     }
+    // The stage's row may show it done a moment before the curve has its
+    // last points (the chart reloads after the page's live parts).
+    await page.waitForFunction((n) => Number(document.querySelector(".chart").dataset.points) >= n,
+      Number(runs[1]), { timeout: 10000 });
+    points = Number(await page.getAttribute(".chart", "data-points"));
     // Latencies of the points already there when the page opened say
     // nothing of the page: keep those that arrived after.
     const node = await page.getAttribute('.node[data-stage="slow"]', "data-status");
