@@ -160,11 +160,11 @@ pub fn vq_training(
         let after = FORWARD_FLOPS.load(Ordering::Relaxed);
         let grads = loss.total.backward()?;
         opt.step(&grads, 1e-3)?;
-        level.quantiser.ema_update(&loss.z, &loss.codes)?;
+        level.quantiser.ema_update_batch(&loss.z, &loss.codes)?;
         if i >= 3 {
             times.push(t.elapsed().as_secs_f64());
         }
-        let quantiser = 2 * loss.codes.len() * cfg.encoder.dim * cfg.quantiser.codebook_size;
+        let quantiser = 2 * loss.codes.elem_count() * cfg.encoder.dim * cfg.quantiser.codebook_size;
         flops = 3 * (after - before) + 3 * quantiser as u64;
     }
     Ok((median(times), flops, level.vars.parameter_count()))

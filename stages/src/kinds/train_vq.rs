@@ -566,14 +566,14 @@ impl Trainable for Trainer<'_> {
             .step(&grads, lr)
             .map_err(Error::candle("optimizer"))?;
         let q = &mut self.level.quantiser;
-        q.ema_update(&loss.z, &loss.codes)
+        q.ema_update_batch(&loss.z, &loss.codes)
             .map_err(Error::candle("EMA update"))?;
         self.step += 1;
         let reseed = q.cfg.reseed_every;
         let mut always = Vec::new();
         if reseed > 0 && self.step.is_multiple_of(reseed) {
             let reseeded = q
-                .reseed_dead(&loss.z, &mut self.reseed_rng)
+                .reseed_dead_batch(&loss.z, &mut self.reseed_rng)
                 .map_err(Error::candle("re-seeding"))?;
             if reseeded > 0 {
                 always.push(("train.reseeded_codes", reseeded as f64));
@@ -591,7 +591,11 @@ impl Trainable for Trainer<'_> {
                 ("train.commitment", loss.commitment),
                 (
                     "train.dead_codes",
-                    self.level.quantiser.dead_codes().len() as f64,
+                    self.level
+                        .quantiser
+                        .dead_codes()
+                        .map_err(Error::candle("counting dead codes"))?
+                        .len() as f64,
                 ),
             ],
             always,

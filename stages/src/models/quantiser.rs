@@ -4,12 +4,16 @@
 //! appendix), with dead codes re-seeded from encoder outputs.
 //!
 //! The codebook is not a trainable variable: the optimiser never sees it.
-//! Its EMA state lives on the host as f32, updated in a fixed order, so a
-//! resumed run updates it bit for bit like an uninterrupted one.
+//! On the CPU its EMA state lives on the host as f32, updated in a fixed
+//! order, so a resumed run updates it bit for bit like an uninterrupted
+//! one. On a GPU it lives on the device: a step's update is two
+//! scatter-adds and a few element-wise kernels, and the batch's encoder
+//! outputs never cross to the host (their sums' order is the device's,
+//! so resume there is exact to rounding, not to the bit).
 
 use std::collections::BTreeMap;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::nearest::nearest_code;
@@ -59,11 +63,19 @@ pub struct Quantised {
 pub struct Quantiser {
     pub cfg: QuantiserConfig,
     pub dim: usize,
-    /// K x D, row-major.
+    /// K x D, row-major. With `on_device`, these three are stale between
+    /// [`Quantiser::sync_to_host`] calls.
     codebook: Vec<f32>,
     cluster_size: Vec<f32>,
     embed_sum: Vec<f32>,
     codebook_t: Tensor,
+    on_device: Option<DeviceEma>,
+}
+
+/// The EMA state kept on the device: cluster sizes (K) and sums (K x D).
+struct DeviceEma {
+    cluster_size: Tensor,
+    embed_sum: Tensor,
 }
 
 impl Quantiser {
@@ -77,22 +89,53 @@ impl Quantiser {
         let k = cfg.codebook_size;
         let codebook: Vec<f32> = (0..k * dim).map(|_| rng.normal() as f32).collect();
         let codebook_t = Tensor::from_vec(codebook.clone(), (k, dim), device)?;
-        Ok(Quantiser {
+        let mut q = Quantiser {
             embed_sum: codebook.clone(),
             cluster_size: vec![0.0; k],
             codebook,
             codebook_t,
             dim,
             cfg,
-        })
+            on_device: None,
+        };
+        q.keep_ema_on_device(device.is_cuda())?;
+        Ok(q)
+    }
+
+    /// Where the EMA state lives: the device (a GPU's default) or the host
+    /// (the CPU's, bit-exact). Tests move it to compare the two.
+    pub fn keep_ema_on_device(&mut self, on: bool) -> candle_core::Result<()> {
+        self.sync_to_host()?;
+        self.on_device = None;
+        if on {
+            let (k, d, dev) = (self.cfg.codebook_size, self.dim, self.codebook_t.device());
+            self.on_device = Some(DeviceEma {
+                cluster_size: Tensor::from_vec(self.cluster_size.clone(), k, dev)?,
+                embed_sum: Tensor::from_vec(self.embed_sum.clone(), (k, d), dev)?,
+            });
+        }
+        Ok(())
+    }
+
+    /// Brings the device's EMA state and codebook to the host copies.
+    fn sync_to_host(&mut self) -> candle_core::Result<()> {
+        if let Some(e) = &self.on_device {
+            self.cluster_size = e.cluster_size.to_vec1::<f32>()?;
+            self.embed_sum = e.embed_sum.flatten_all()?.to_vec1::<f32>()?;
+            self.codebook = self.codebook_t.flatten_all()?.to_vec1::<f32>()?;
+        }
+        Ok(())
     }
 
     pub fn codebook(&self) -> &Tensor {
         &self.codebook_t
     }
 
-    pub fn cluster_sizes(&self) -> &[f32] {
-        &self.cluster_size
+    pub fn cluster_sizes(&self) -> candle_core::Result<Vec<f32>> {
+        match &self.on_device {
+            Some(e) => e.cluster_size.to_vec1::<f32>(),
+            None => Ok(self.cluster_size.clone()),
+        }
     }
 
     /// Quantises `z` (N x D).
@@ -113,7 +156,37 @@ impl Quantiser {
         nearest_code(z, &self.codebook_t)
     }
 
-    /// One EMA step from a batch: `z` rows (N x D, host f32) and their codes.
+    /// One EMA step from a batch: `z` (N x D) and its codes (N, u32),
+    /// where the state lives (see [`Quantiser::keep_ema_on_device`]).
+    pub fn ema_update_batch(&mut self, z: &Tensor, codes: &Tensor) -> candle_core::Result<()> {
+        let Some(e) = &mut self.on_device else {
+            let z = z.flatten_all()?.to_vec1::<f32>()?;
+            return self.ema_update(&z, &codes.to_vec1::<u32>()?);
+        };
+        let (k, d, dev) = (self.cfg.codebook_size, self.dim, z.device());
+        let z = z.reshape(((), d))?;
+        let n = z.dim(0)?;
+        let sums = Tensor::zeros((k, d), DType::F32, dev)?.index_add(codes, &z, 0)?;
+        let counts = Tensor::zeros(k, DType::F32, dev)?.index_add(
+            codes,
+            &Tensor::ones(n, DType::F32, dev)?,
+            0,
+        )?;
+        let decay = self.cfg.decay;
+        e.cluster_size = ((&e.cluster_size * decay)? + (counts * (1.0 - decay))?)?;
+        e.embed_sum = ((&e.embed_sum * decay)? + (sums * (1.0 - decay))?)?;
+        // The same smoothing as the host's, as kernels: N_k' = (N_k + eps) / (n + K eps) * n.
+        let total = e.cluster_size.sum_all()?;
+        let eps = self.cfg.epsilon;
+        let smoothed = (&e.cluster_size + eps)?
+            .broadcast_div(&(&total + k as f64 * eps)?)?
+            .broadcast_mul(&total)?;
+        self.codebook_t = e.embed_sum.broadcast_div(&smoothed.unsqueeze(1)?)?;
+        Ok(())
+    }
+
+    /// One EMA step from a batch on the host: `z` rows (N x D, f32) and
+    /// their codes.
     pub fn ema_update(&mut self, z: &[f32], codes: &[u32]) -> candle_core::Result<()> {
         let (k, d) = (self.cfg.codebook_size, self.dim);
         let mut counts = vec![0f64; k];
@@ -150,15 +223,33 @@ impl Quantiser {
         if t.dims() != [k, d] {
             candle_core::bail!("the codebook is {:?}, the level needs [{k}, {d}]", t.dims());
         }
+        self.sync_to_host()?;
         self.codebook = t.flatten_all()?.to_vec1::<f32>()?;
         self.refresh()
     }
 
     /// Codes whose EMA cluster size is below `dead_below`.
-    pub fn dead_codes(&self) -> Vec<usize> {
-        (0..self.cfg.codebook_size)
-            .filter(|&c| (self.cluster_size[c] as f64) < self.cfg.dead_below)
-            .collect()
+    pub fn dead_codes(&self) -> candle_core::Result<Vec<usize>> {
+        let sizes = self.cluster_sizes()?;
+        Ok((0..self.cfg.codebook_size)
+            .filter(|&c| (sizes[c] as f64) < self.cfg.dead_below)
+            .collect())
+    }
+
+    /// [`Quantiser::reseed_dead`] from a batch's `z` (N x D) wherever the
+    /// state lives: re-seeding is rare (every `reseed_every` steps), so
+    /// device state makes the round trip through the host for it.
+    pub fn reseed_dead_batch(
+        &mut self,
+        z: &Tensor,
+        rng: &mut SplitMix64,
+    ) -> candle_core::Result<usize> {
+        let z = z.flatten_all()?.to_vec1::<f32>()?;
+        let on_device = self.on_device.is_some();
+        self.keep_ema_on_device(false)?;
+        let moved = self.reseed_dead(&z, rng)?;
+        self.keep_ema_on_device(on_device)?;
+        Ok(moved)
     }
 
     /// Moves every dead code onto a random row of `z` (N x D, host f32) and
@@ -166,7 +257,7 @@ impl Quantiser {
     pub fn reseed_dead(&mut self, z: &[f32], rng: &mut SplitMix64) -> candle_core::Result<usize> {
         let d = self.dim;
         let rows = z.len() / d;
-        let dead = self.dead_codes();
+        let dead = self.dead_codes()?;
         if rows == 0 || dead.is_empty() {
             return Ok(0);
         }
@@ -194,6 +285,13 @@ impl Quantiser {
     pub fn state(&self, prefix: &str) -> candle_core::Result<Vec<(String, Tensor)>> {
         let dev = self.codebook_t.device();
         let (k, d) = (self.cfg.codebook_size, self.dim);
+        if let Some(e) = &self.on_device {
+            return Ok(vec![
+                (format!("{prefix}codebook"), self.codebook_t.clone()),
+                (format!("{prefix}ema_cluster_size"), e.cluster_size.clone()),
+                (format!("{prefix}ema_embed_sum"), e.embed_sum.clone()),
+            ]);
+        }
         Ok(vec![
             (format!("{prefix}codebook"), self.codebook_t.clone()),
             (
@@ -229,7 +327,9 @@ impl Quantiser {
         self.codebook = get("codebook", k * d)?;
         self.cluster_size = get("ema_cluster_size", k)?;
         self.embed_sum = get("ema_embed_sum", k * d)?;
-        self.refresh()
+        self.refresh()?;
+        let on_device = self.on_device.take().is_some();
+        self.keep_ema_on_device(on_device)
     }
 }
 
@@ -317,12 +417,12 @@ mod tests {
                 "{got:?} vs {want:?}"
             );
         }
-        let cs = q.cluster_sizes();
+        let cs = q.cluster_sizes().unwrap();
         assert!((cs[0] - 0.2).abs() < 1e-7 && (cs[1] - 0.1).abs() < 1e-7 && cs[2] == 0.0);
         // The smoothing keeps the unused code finite, and far away: it is dead.
         assert!(got[2].is_finite());
         assert_eq!(
-            q.dead_codes(),
+            q.dead_codes().unwrap(),
             [0, 1, 2],
             "all below the default threshold of 1"
         );
@@ -337,8 +437,67 @@ mod tests {
         assert_eq!(moved, 1);
         let row = &q.codebook[2..4];
         assert!(row == [3., 4.] || row == [5., 6.], "{row:?}");
-        assert_eq!(q.cluster_sizes(), [5.0, 1.0]);
+        assert_eq!(q.cluster_sizes().unwrap(), [5.0, 1.0]);
         assert_eq!(q.codebook[..2], [0., 0.], "live codes stay");
+    }
+
+    #[test]
+    fn the_device_update_agrees_with_the_host_update() {
+        // 64 codes of 8, 40 steps of 256 rows, a re-seed every 10: the two
+        // paths must end within rounding (f32 sums on the device against
+        // f64 on the host).
+        let (k, d) = (64, 8);
+        let mut rng = SplitMix64(7);
+        let start: Vec<f32> = (0..k * d).map(|_| rng.normal() as f32).collect();
+        let mut host = quantiser(&start, k, d);
+        let mut device = quantiser(&start, k, d);
+        device.keep_ema_on_device(true).unwrap();
+        let (mut r1, mut r2) = (SplitMix64(3), SplitMix64(3));
+        for step in 1..=40 {
+            let z: Vec<f32> = (0..256 * d).map(|_| rng.normal() as f32 * 0.5).collect();
+            let zt = Tensor::from_vec(z.clone(), (256, d), &Device::Cpu).unwrap();
+            let codes = host.codes(&zt).unwrap();
+            host.ema_update(&z, &codes.to_vec1::<u32>().unwrap())
+                .unwrap();
+            device.ema_update_batch(&zt, &codes).unwrap();
+            if step % 10 == 0 {
+                assert_eq!(
+                    host.reseed_dead(&z, &mut r1).unwrap(),
+                    device.reseed_dead_batch(&zt, &mut r2).unwrap()
+                );
+            }
+        }
+        let a = host
+            .codebook()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = device
+            .codebook()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs() / x.abs().max(1.0))
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "codebooks differ by {worst}");
+        let (sa, sb) = (
+            host.cluster_sizes().unwrap(),
+            device.cluster_sizes().unwrap(),
+        );
+        assert!(
+            sa.iter().zip(&sb).all(|(x, y)| (x - y).abs() < 1e-4),
+            "{sa:?} vs {sb:?}"
+        );
+        // A checkpoint of the device state reads back into a host quantiser.
+        let state: BTreeMap<String, Tensor> = device.state("q.").unwrap().into_iter().collect();
+        let mut back = quantiser(&start, k, d);
+        back.load_state(&state, "q.").unwrap();
+        assert_eq!(back.cluster_sizes().unwrap(), sb);
     }
 
     #[test]

@@ -64,9 +64,10 @@ pub struct StepLoss {
     pub total: Tensor,
     pub reconstruction: f64,
     pub commitment: f64,
-    /// Encoder outputs (N x D, row-major) and their codes.
-    pub z: Vec<f32>,
-    pub codes: Vec<u32>,
+    /// Encoder outputs (N x D, detached) and their codes (N, u32), where
+    /// the level computes.
+    pub z: Tensor,
+    pub codes: Tensor,
 }
 
 pub struct VqLevel {
@@ -245,8 +246,8 @@ impl VqLevel {
             reconstruction: recon.to_scalar::<f32>()? as f64,
             commitment: q.commitment.to_scalar::<f32>()? as f64,
             total,
-            z: z.flatten_all()?.to_vec1::<f32>()?,
-            codes: q.codes.to_vec1::<u32>()?,
+            z: z.detach(),
+            codes: q.codes,
         })
     }
 
