@@ -7,17 +7,22 @@
 #   bash bench/gpu-smoke.sh            # the whole check
 #   HAIC_GPU_SMOKE_CPU_ONLY=1 bash bench/gpu-smoke.sh   # the CPU half only
 #                                      # (a default build; checks the script)
+#   HAIC_BIN=PATH bash bench/gpu-smoke.sh   # a binary built elsewhere, no
+#                                      # build (bench/gpu-stage.sh's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(mktemp -d)
-if [ -n "${HAIC_GPU_SMOKE_CPU_ONLY:-}" ]; then
+runs="cpu gpu"
+[ -n "${HAIC_GPU_SMOKE_CPU_ONLY:-}" ] && runs="cpu"
+if [ -n "${HAIC_BIN:-}" ]; then
+  bin=$HAIC_BIN
+elif [ -n "${HAIC_GPU_SMOKE_CPU_ONLY:-}" ]; then
   cargo build --release -q
-  runs="cpu"
+  bin=target/release/haic-pipe
 else
   cargo build --release -q --features cuda
-  runs="cpu gpu"
+  bin=target/release/haic-pipe
 fi
-bin=target/release/haic-pipe
 sed "s|^root: \.\.|root: $PWD|" pipelines/smoke.yaml >"$out/cpu.yaml"
 { cat "$out/cpu.yaml"; echo "defaults: {resources: {gpus: 1}}"; } >"$out/gpu.yaml"
 
