@@ -4,7 +4,9 @@
 # cores): the sample grids of the hierarchy (at temperatures 1.0 and 0.8)
 # and of the flat baseline, vq1's, decoder1's and the chain's reconstructions, and
 # the bits/dim and evaluation tables of `haic-pipe report`, rendered to PNG
-# by headless Chromium (Debian: apt-get install chromium).
+# by headless Chromium (Debian: apt-get install chromium), and the
+# dashboard's three pages (`haic-pipe ui`, through tests/browser/ui.mjs:
+# `npm ci --prefix tests/browser`), comparing the newest two runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 haic() { cargo run -q --release -- "$@"; }
@@ -23,4 +25,16 @@ cp "$out/reconstructions-chain-reconstructions.png" docs/reconstructions-chain.p
   --disable-background-networking --disable-component-update --disable-sync \
   --user-data-dir="$out/chromium" --hide-scrollbars --window-size=900,780 \
   --screenshot="$PWD/docs/tables.png" "file://$out/tables.html"
+previous=$(haic registry -p pipelines/tiny.yaml query \
+  "SELECT id FROM runs WHERE id < $run ORDER BY id DESC LIMIT 1" --format csv | tail -n +2)
+if [ -n "$previous" ]; then
+  target/release/haic-pipe ui -p pipelines/tiny.yaml --port 0 >"$out/ui.txt" &
+  ui=$!
+  trap 'kill $ui 2>/dev/null || true' EXIT
+  until grep -q '^dashboard: ' "$out/ui.txt" 2>/dev/null; do sleep 0.2; done
+  url=$(sed -n 's/^dashboard: //p' "$out/ui.txt")
+  HAIC_UI_SCREENSHOTS="$PWD/docs" node tests/browser/ui.mjs shots "$url" "$run" "$previous"
+else
+  echo "one run only: the dashboard's screenshots (two runs compared) are left as they are" >&2
+fi
 echo "docs/ regenerated from run $run (report: $out/index.html)"

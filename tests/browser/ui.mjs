@@ -5,6 +5,9 @@
 //                                compare them, sort, read the table
 //   node ui.mjs steps URL RUN    move run RUN's step slider to the first
 //                                validation and back
+//   node ui.mjs shots URL A B    the README's screenshots (docs/regenerate.sh):
+//                                the runs page with A and B ticked, run A's
+//                                page, A and B compared
 // Prints one JSON object of what it saw. HAIC_UI_SCREENSHOTS=DIR saves
 // the pages it visits there.
 import { chromium } from "playwright-core";
@@ -98,6 +101,20 @@ try {
     }
     await shot(page, "steps");
     console.log(JSON.stringify({ frames, seen }));
+  } else if (mode === "shots") {
+    const [a, b] = runs;
+    await page.goto(url);
+    for (const r of [a, b]) await page.check(`input.pick[value="${r}"]`);
+    await shot(page, "ui-runs");
+    await page.setViewportSize({ width: 1280, height: 1300 });
+    await page.goto(`${url}runs/${a}`);
+    await page.waitForFunction(() => Number(document.querySelector(".chart").dataset.points || 0) > 0);
+    await shot(page, "ui-run");
+    await page.setViewportSize({ width: 1280, height: 900 });
+    await page.goto(`${url}compare?runs=${a},${b}`);
+    await page.waitForFunction(() => Number(document.querySelector(".chart").dataset.points || 0) > 0);
+    await shot(page, "ui-compare");
+    console.log(JSON.stringify({ shots: ["ui-runs", "ui-run", "ui-compare"] }));
   } else {
     throw new Error(`unknown mode ${mode}`);
   }
