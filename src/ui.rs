@@ -1254,9 +1254,13 @@ async fn series_json(
             }
         };
         let keep = lttb::lttb(&x, &y, points);
+        let label = match reader.run_name(id).await? {
+            Some(name) => format!("{name} (#{id})"),
+            None => format!("run {id}"),
+        };
         series.push(serde_json::json!({
             "run": id,
-            "label": format!("run {id}"),
+            "label": label,
             "points": total,
             "x": keep.iter().map(|&i| x[i]).collect::<Vec<_>>(),
             "y": keep.iter().map(|&i| y[i]).collect::<Vec<_>>(),

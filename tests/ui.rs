@@ -174,6 +174,11 @@ fn the_dashboard_follows_a_running_pipeline_and_compares_runs_in_a_browser() {
     // The differing param is the command (its vars filled in).
     assert!(header.contains(&"slow.cmd"), "{header:?}");
     assert!(compared["curves"].as_u64().unwrap() >= 19, "{compared}");
+    // The curves' legend names a named run by its name.
+    let (_, series) = ui.get("/api/series?runs=1,2&metric=slow:printed_at");
+    let series: Value = serde_json::from_str(&series).unwrap();
+    assert_eq!(series["series"][0]["label"], "quick (#1)", "{series}");
+    assert_eq!(series["series"][1]["label"], "run 2", "{series}");
     assert_eq!(by_name, 200, "a run by its name: {named}");
     assert!(named.contains("quick <small>#1</small>"), "{named}");
     assert_eq!(csv_status, 200);

@@ -530,6 +530,16 @@ impl Reader {
         Ok(out.into_iter().collect())
     }
 
+    /// Run `run`'s name, if it has one.
+    pub async fn run_name(&mut self, run: i64) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT name FROM runs WHERE id = ?")
+            .bind(run)
+            .fetch_optional(&mut self.conn)
+            .await
+            .map_err(db_err(&self.path))?;
+        Ok(row.and_then(|r| r.get(0)))
+    }
+
     /// Where stage `stage` of run `run` wrote its log (its last attempt).
     pub async fn log_path(&mut self, run: i64, stage: &str) -> Result<Option<String>> {
         let row = sqlx::query(
