@@ -72,20 +72,17 @@ pub async fn write(
     compared: Option<&str>,
 ) -> Result<PathBuf> {
     let mut reader = Reader::open(registry).await?;
-    let Some(head) = reader.run(run).await? else {
+    let Some(detail) = reader.run_detail(run).await? else {
         bail!(
             "no run {run} in {}; `haic-pipe registry runs` lists the runs",
             registry.display()
         );
     };
-    let (pipeline, status) = (head.pipeline, head.status.as_str().to_string());
+    let head = detail.run;
+    let (pipeline, status) = (head.pipeline, head.status);
     let run_start = seconds(&head.started_at);
     let run_end = head.finished_at.as_deref().and_then(seconds);
 
-    let detail = reader
-        .run_detail(run)
-        .await?
-        .with_context(|| format!("run {run} went from {}", registry.display()))?;
     let stages: Vec<StageRow> = detail
         .stages
         .into_iter()

@@ -38,7 +38,7 @@ pub use dashboard::{
 pub use query::{Queried, QueryLimits, QueryResult, query_read_only};
 pub use ratings::{Rating, RatingPackage};
 pub use runs::flatten_params;
-pub use views::{Reader, RunFacts, RunHead};
+pub use views::{Reader, RunFacts};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

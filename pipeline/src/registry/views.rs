@@ -12,7 +12,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::{ConnectOptions, Row};
 
-use super::{MetricPoint, QueryResult, RunStatus, db_err};
+use super::{MetricPoint, QueryResult, db_err};
 use crate::error::{Error, Result};
 
 /// What each table and view holds, for `registry schema`.
@@ -80,15 +80,6 @@ pub struct Reader {
     pub(super) metric_time: bool,
 }
 
-/// A run's head row.
-#[derive(Debug, Clone)]
-pub struct RunHead {
-    pub pipeline: String,
-    pub status: RunStatus,
-    pub started_at: String,
-    pub finished_at: Option<String>,
-}
-
 /// What a run ran with and gave, for `compare`: every stage's params and
 /// last metric values, read from the stage run behind each stage's artifact
 /// (cached stages included, through the `run_stages` view).
@@ -144,13 +135,6 @@ impl Reader {
             path: path.to_path_buf(),
             conn,
             metric_time,
-        })
-    }
-
-    fn parse<T: FromStr<Err = String>>(&self, text: &str) -> Result<T> {
-        text.parse().map_err(|message| Error::Registry {
-            path: self.path.clone(),
-            message,
         })
     }
 
@@ -404,24 +388,6 @@ impl Reader {
             metrics: Vec::new(),
             producers: Vec::new(),
             member: None,
-        }))
-    }
-
-    /// Run `run`'s head row, if there is such a run.
-    pub async fn run(&mut self, run: i64) -> Result<Option<RunHead>> {
-        let row =
-            sqlx::query("SELECT pipeline, status, started_at, finished_at FROM runs WHERE id = ?")
-                .bind(run)
-                .fetch_optional(&mut self.conn)
-                .await
-                .map_err(db_err(&self.path))?;
-        let Some(r) = row else { return Ok(None) };
-        let status: String = r.get(1);
-        Ok(Some(RunHead {
-            pipeline: r.get(0),
-            status: self.parse(&status)?,
-            started_at: r.get(2),
-            finished_at: r.get(3),
         }))
     }
 
