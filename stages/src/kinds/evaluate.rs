@@ -33,6 +33,11 @@
 //! `sample` stage (its `images/` table) or an image table, with the real
 //! table's image shape and classes.
 //!
+//! Memory holds one shard of a table at a time (every split is read a
+//! shard at a time, [`RowSource`]), the labels of each split, the
+//! classifier's features of the samples and the test images, and the N
+//! real images a sample set's CAS is compared with: never a whole split.
+//!
 //! Output: `evaluation.json`, `evaluation.md` (the table). Metrics, each
 //! with `_lo` and `_hi` (its interval): `eval.real.test_accuracy`,
 //! `eval.<input>.accuracy`, `eval.<input>.cas`, `eval.<input>.real_cas`,
@@ -48,7 +53,8 @@ use serde_json::json;
 
 use crate::data::layout::{SAMPLES_SPLIT, image_table_dir};
 use crate::data::level_table::InputKind;
-use crate::data::level_table::{LevelTable, Rows};
+use crate::data::level_table::LevelTable;
+use crate::data::row_source::RowSource;
 use crate::device::device;
 use crate::error::Error;
 use crate::models::classifier::{Classifier, ClassifierConfig};
@@ -83,26 +89,44 @@ fn test() -> String {
     "test".into()
 }
 
-/// All rows of an image table's split, each label checked to be a class.
-fn labelled_rows(table: &LevelTable, split: &str, input: &str) -> Result<Rows, Error> {
-    let rows = table.read_split(split, None)?;
-    let n = table.class_names.len();
-    if let Some((id, l)) = rows
-        .ids
-        .iter()
-        .zip(&rows.labels)
-        .find(|(_, l)| !(0..n as i32).contains(l))
-    {
-        return Err(Error::Params(format!(
-            "inputs.{input}: row id {id} of split `{split}` has label {l}, not one of the {n} classes; evaluation needs labelled images"
-        )));
+/// A split read a shard at a time, and its labels (read once, in table
+/// order), each checked to be a class.
+struct Labelled<'a> {
+    rows: RowSource<'a>,
+    labels: Vec<i32>,
+}
+
+impl<'a> Labelled<'a> {
+    fn read(table: &'a LevelTable, split: &'a str, input: &str) -> Result<Self, Error> {
+        let rows = RowSource::split(table, split)?;
+        let labels = rows.labels()?;
+        let n = table.class_names.len();
+        if let Some((at, l)) = labels
+            .iter()
+            .enumerate()
+            .find(|(_, l)| !(0..n as i32).contains(l))
+        {
+            let id = rows
+                .rows_at(&[at])?
+                .ids
+                .first()
+                .copied()
+                .unwrap_or_default();
+            return Err(Error::Params(format!(
+                "inputs.{input}: row id {id} of split `{split}` has label {l}, not one of the {n} classes; evaluation needs labelled images"
+            )));
+        }
+        if labels.is_empty() {
+            return Err(Error::Params(format!(
+                "inputs.{input}: split `{split}` has no rows"
+            )));
+        }
+        Ok(Labelled { rows, labels })
     }
-    if rows.is_empty() {
-        return Err(Error::Params(format!(
-            "inputs.{input}: split `{split}` has no rows"
-        )));
+
+    fn len(&self) -> usize {
+        self.labels.len()
     }
-    Ok(rows)
 }
 
 impl StageKind for Evaluate {
@@ -111,7 +135,7 @@ impl StageKind for Evaluate {
     }
 
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn device_dependent(&self) -> bool {
@@ -153,12 +177,16 @@ impl StageKind for Evaluate {
         };
         let shape = (real.height, real.width, channels);
         let classes = real.class_names.len();
-        let train_rows = labelled_rows(&real, &cfg.train_split, "real")?;
-        let test_rows = labelled_rows(&real, &cfg.test_split, "real")?;
+        let train_rows = Labelled::read(&real, &cfg.train_split, "real")?;
+        let test_rows = Labelled::read(&real, &cfg.test_split, "real")?;
 
-        let mut sets = Vec::new();
+        let mut tables = Vec::new();
         for name in ctx.job.inputs.keys().filter(|k| *k != "real") {
-            sets.push((name.clone(), sample_set(ctx, name, &real)?));
+            tables.push((name.clone(), sample_table(ctx, name, &real)?));
+        }
+        let mut sets = Vec::new();
+        for (name, (table, split)) in &tables {
+            sets.push((name, Labelled::read(table, split, name)?));
         }
 
         let ev = Evaluation {
@@ -168,11 +196,9 @@ impl StageKind for Evaluate {
             device: &device,
         };
         let t = Instant::now();
-        let reference = ev.trained(&train_rows)?;
+        let reference = ev.trained(&train_rows.rows)?;
         let mut test_features = Vec::new();
-        let test_hits = reference
-            .predict(&test_rows, Some(&mut test_features), &device)
-            .map_err(ev.err())?;
+        let test_hits = reference.predict(&test_rows.rows, Some(&mut test_features), &device)?;
         let real_acc = stats::proportion(&test_hits, cfg.resamples, cfg.seed);
         emit(ctx, "eval.real.test_accuracy", real_acc);
         eprintln!(
@@ -199,14 +225,14 @@ impl StageKind for Evaluate {
                 &reference,
                 rows,
                 &train_rows,
-                &test_rows,
+                &test_rows.rows,
                 &test_features,
                 &mut real_by_classes,
             )?;
             for (metric, e) in scores.metrics() {
                 emit(ctx, &format!("eval.{name}.{metric}"), e);
             }
-            ctx.progress((i + 1) as u64, sets.len() as u64, Some(name.clone()));
+            ctx.progress((i + 1) as u64, sets.len() as u64, Some(name.to_string()));
             eprintln!(
                 "{name}: {} samples; real-data classifier {}; CAS {} (real images: {}); Fréchet {} (real images: {}) ({:.0} s)",
                 rows.len(),
@@ -218,7 +244,7 @@ impl StageKind for Evaluate {
                 t.elapsed().as_secs_f64()
             );
             table.push_str(&scores.table_rows(name, rows.len(), &cfg.train_split));
-            results.insert(name.clone(), scores.record(rows.len()));
+            results.insert(name.to_string(), scores.record(rows.len()));
         }
         let record = json!({
             "real": {
@@ -246,9 +272,14 @@ impl StageKind for Evaluate {
     }
 }
 
-/// The labelled images of sample input `name` (its `samples` split, else
-/// its first), checked to be images of the real table's shape and classes.
-fn sample_set(ctx: &StageContext, name: &str, real: &LevelTable) -> Result<Rows, StageError> {
+/// The table of sample input `name` and the split that holds its images
+/// (its `samples` split, else its first), checked to be images of the
+/// real table's shape and classes.
+fn sample_table(
+    ctx: &StageContext,
+    name: &str,
+    real: &LevelTable,
+) -> Result<(LevelTable, String), StageError> {
     let table = LevelTable::open(&image_table_dir(ctx.input(name)?))?;
     if table.input != real.input || (table.height, table.width) != (real.height, real.width) {
         return Err(Error::Params(format!(
@@ -274,7 +305,7 @@ fn sample_set(ctx: &StageContext, name: &str, real: &LevelTable) -> Result<Rows,
             }
         }
     };
-    Ok(labelled_rows(&table, &split, name)?)
+    Ok((table, split))
 }
 
 /// One evaluation's classifier settings and device.
@@ -335,18 +366,12 @@ impl Scores {
 }
 
 impl Evaluation<'_> {
-    fn err(&self) -> impl Fn(candle_core::Error) -> Error {
-        Error::candle("training the classifier")
-    }
-
     /// A classifier trained on `rows` with the stage's config and seed.
-    fn trained(&self, rows: &Rows) -> Result<Classifier, Error> {
+    fn trained(&self, rows: &RowSource) -> Result<Classifier, Error> {
         let c = &self.cfg.classifier;
         let model = Classifier::new(c, self.shape, self.classes, self.cfg.seed, self.device)
-            .map_err(self.err())?;
-        model
-            .train(c, rows, self.cfg.seed, self.device)
-            .map_err(self.err())?;
+            .map_err(Error::candle("building the classifier"))?;
+        model.train(c, rows, self.cfg.seed, self.device)?;
         Ok(model)
     }
 
@@ -355,9 +380,9 @@ impl Evaluation<'_> {
     fn score(
         &self,
         reference: &Classifier,
-        samples: &Rows,
-        train: &Rows,
-        test: &Rows,
+        samples: &Labelled,
+        train: &Labelled,
+        test: &RowSource,
         test_features: &[f32],
         real_by_classes: &mut RealByClasses,
     ) -> Result<Scores, Error> {
@@ -367,20 +392,17 @@ impl Evaluation<'_> {
             self.cfg.resamples,
         );
         let mut features = Vec::new();
-        let hits = reference
-            .predict(samples, Some(&mut features), self.device)
-            .map_err(self.err())?;
+        let hits = reference.predict(&samples.rows, Some(&mut features), self.device)?;
         let cas_hits = self
-            .trained(samples)?
-            .predict(test, None, self.device)
-            .map_err(self.err())?;
+            .trained(&samples.rows)?
+            .predict(test, None, self.device)?;
         // The real images' side depends on the set's class counts alone:
         // sets drawn alike (100 per class each) share one computation.
-        let counts = class_counts(samples);
+        let counts = class_counts(&samples.labels);
         let real = match real_by_classes.get(&counts) {
             Some(r) => *r,
             None => {
-                let r = self.real_side(reference, samples, train, test, test_features)?;
+                let r = self.real_side(reference, &counts, train, test, test_features)?;
                 real_by_classes.insert(counts, r);
                 r
             }
@@ -395,14 +417,14 @@ impl Evaluation<'_> {
         })
     }
 
-    /// CAS and Fréchet distance of as many real training images as
-    /// `like` has, with its class counts.
+    /// CAS and Fréchet distance of real training images with class
+    /// counts `like`.
     fn real_side(
         &self,
         reference: &Classifier,
-        like: &Rows,
-        train: &Rows,
-        test: &Rows,
+        like: &ClassCounts,
+        train: &Labelled,
+        test: &RowSource,
         test_features: &[f32],
     ) -> Result<RealScores, Error> {
         let (dim, seed, n) = (
@@ -410,15 +432,13 @@ impl Evaluation<'_> {
             self.cfg.seed,
             self.cfg.resamples,
         );
-        let real = same_classes(train, like, seed);
+        let real = train
+            .rows
+            .rows_at(&same_classes(&train.labels, like, seed))?;
+        let real = RowSource::Held(&real);
         let mut real_features = Vec::new();
-        reference
-            .predict(&real, Some(&mut real_features), self.device)
-            .map_err(self.err())?;
-        let real_cas_hits = self
-            .trained(&real)?
-            .predict(test, None, self.device)
-            .map_err(self.err())?;
+        reference.predict(&real, Some(&mut real_features), self.device)?;
+        let real_cas_hits = self.trained(&real)?.predict(test, None, self.device)?;
         Ok(RealScores {
             n: real.len(),
             cas: stats::proportion(&real_cas_hits, n, seed),
@@ -439,29 +459,26 @@ struct RealScores {
 type ClassCounts = std::collections::BTreeMap<i32, usize>;
 type RealByClasses = std::collections::BTreeMap<ClassCounts, RealScores>;
 
-fn class_counts(rows: &Rows) -> ClassCounts {
+fn class_counts(labels: &[i32]) -> ClassCounts {
     let mut counts = ClassCounts::new();
-    for l in &rows.labels {
+    for l in labels {
         *counts.entry(*l).or_default() += 1;
     }
     counts
 }
 
-/// Rows of `pool` with the class counts of `like`, drawn without
-/// replacement in a seeded order (fewer where a class runs out).
-fn same_classes(pool: &Rows, like: &Rows, seed: u64) -> Rows {
-    let mut wanted = class_counts(like);
-    let per = pool.values.len() / pool.len().max(1);
-    let mut out = Rows::default();
-    for r in SplitMix64::stream(seed, "real rows like the samples").permutation(pool.len()) {
-        let Some(left) = wanted.get_mut(&pool.labels[r]).filter(|n| **n > 0) else {
+/// Positions of rows of a pool with these labels that have the class
+/// counts `like`, drawn without replacement in a seeded order (fewer
+/// where a class runs out).
+fn same_classes(labels: &[i32], like: &ClassCounts, seed: u64) -> Vec<usize> {
+    let mut wanted = like.clone();
+    let mut out = Vec::new();
+    for r in SplitMix64::stream(seed, "real rows like the samples").permutation(labels.len()) {
+        let Some(left) = wanted.get_mut(&labels[r]).filter(|n| **n > 0) else {
             continue;
         };
         *left -= 1;
-        out.ids.push(pool.ids[r]);
-        out.labels.push(pool.labels[r]);
-        out.values
-            .extend_from_slice(&pool.values[r * per..(r + 1) * per]);
+        out.push(r);
     }
     out
 }

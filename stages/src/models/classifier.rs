@@ -5,8 +5,9 @@
 //! Fréchet distance compares. Sized for a CPU: four 3x3 convs (the second
 //! and fourth of stride 2, ReLU after each) -> a fully connected feature
 //! layer (ReLU) -> linear; AdamW with a cosine schedule over whole epochs,
-//! each a fresh permutation of the training rows, every image shifted by
-//! up to `shift` pixels (background fill) as it is drawn.
+//! each a fresh permutation of the shards and of each shard's rows (one
+//! shard in memory), every image shifted by up to `shift` pixels
+//! (background fill) as it is drawn.
 
 use candle_core::{D, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
@@ -15,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use super::conv::Conv;
 use super::optim::{AdamW, OptimConfig, Schedule};
 use super::vars::SeededVars;
-use crate::data::level_table::Rows;
+use crate::data::row_source::RowSource;
+use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,121 +149,206 @@ impl Classifier {
         self.head.forward(&self.features(x)?)
     }
 
-    /// Trains on `rows` (labels must be class indices) for `cfg.epochs`
-    /// passes in orders drawn with `seed`; returns the last loss.
+    /// Trains on `source` (labels must be class indices) for `cfg.epochs`
+    /// passes; returns the last loss. Each pass visits the shards in a
+    /// seeded order and each shard's rows in a seeded order (one shard in
+    /// memory; rows held in memory are one shard), a batch running on
+    /// across shards and the last of a pass short.
     pub fn train(
         &self,
         cfg: &ClassifierConfig,
-        rows: &Rows,
+        source: &RowSource,
         seed: u64,
         device: &Device,
-    ) -> candle_core::Result<f64> {
-        let per = self.per_image();
+    ) -> Result<f64> {
         let optim = OptimConfig {
             lr: cfg.lr,
             schedule: Schedule::Cosine,
             ..Default::default()
         };
-        let mut opt = AdamW::new(self.vars.all(), optim.clone())?;
+        let mut opt = AdamW::new(self.vars.all(), optim.clone()).map_err(training())?;
         let mut rng = SplitMix64::stream(seed, "classifier batches");
-        let n = rows.len();
+        let n = source.len();
         let mut loss_value = f64::NAN;
         if n == 0 {
             return Ok(loss_value);
         }
-        let b = cfg.batch_size.max(1);
+        let (per, b) = (self.per_image(), cfg.batch_size.max(1));
         let total = cfg.steps(n) as u64;
         let span = cfg.shift as u64 * 2 + 1;
         let mut step = 0u64;
+        let mut batch = Batch::default();
         for _ in 0..cfg.epochs {
-            let order = rng.permutation(n);
-            for batch in order.chunks(b) {
-                let mut values = Vec::with_capacity(batch.len() * per);
-                let mut labels = Vec::with_capacity(batch.len());
-                let mut shifts = Vec::with_capacity(batch.len());
-                for &r in batch {
-                    values.extend_from_slice(&rows.values[r * per..(r + 1) * per]);
-                    labels.push(rows.labels[r] as u32);
+            for shard in rng.permutation(source.shards()) {
+                let rows = source.shard(shard)?;
+                for r in rng.permutation(rows.len()) {
+                    batch
+                        .values
+                        .extend_from_slice(&rows.values[r * per..(r + 1) * per]);
+                    batch.labels.push(rows.labels[r] as u32);
                     let dy = rng.below(span) as isize - cfg.shift as isize;
                     let dx = rng.below(span) as isize - cfg.shift as isize;
-                    shifts.push((dy, dx));
+                    batch.shifts.push((dy, dx));
+                    if batch.labels.len() == b {
+                        loss_value =
+                            self.step(&mut opt, &batch, optim.lr_at(step, total), device)?;
+                        batch.clear();
+                        step += 1;
+                    }
                 }
-                let x = self.input(&values, Some(&shifts), device)?;
-                let y = Tensor::from_vec(labels, batch.len(), device)?;
-                let loss = candle_nn::loss::cross_entropy(&self.forward(&x)?, &y)?;
-                let grads = loss.backward()?;
-                opt.step(&grads, optim.lr_at(step, total))?;
-                loss_value = loss.to_scalar::<f32>()? as f64;
+            }
+            if !batch.labels.is_empty() {
+                loss_value = self.step(&mut opt, &batch, optim.lr_at(step, total), device)?;
+                batch.clear();
                 step += 1;
             }
         }
         Ok(loss_value)
     }
 
-    /// For each row, whether its predicted class is its label; and, when
-    /// `features` is set, its feature vector (rows x features, row-major).
+    /// One optimiser step on `batch`; its loss.
+    fn step(&self, opt: &mut AdamW, batch: &Batch, lr: f64, device: &Device) -> Result<f64> {
+        let mut step = || -> candle_core::Result<f64> {
+            let x = self.input(&batch.values, Some(&batch.shifts), device)?;
+            let y = Tensor::from_slice(&batch.labels, batch.labels.len(), device)?;
+            let loss = candle_nn::loss::cross_entropy(&self.forward(&x)?, &y)?;
+            let grads = loss.backward()?;
+            opt.step(&grads, lr)?;
+            Ok(loss.to_scalar::<f32>()? as f64)
+        };
+        step().map_err(training())
+    }
+
+    /// For each row of `source` in table order, whether its predicted
+    /// class is its label; and, when `features` is set, its feature vector
+    /// (rows x features, row-major). One shard in memory.
     pub fn predict(
         &self,
-        rows: &Rows,
+        source: &RowSource,
         mut features: Option<&mut Vec<f32>>,
         device: &Device,
-    ) -> candle_core::Result<Vec<bool>> {
+    ) -> Result<Vec<bool>> {
         let per = self.per_image();
-        let mut right = Vec::with_capacity(rows.len());
-        for (values, labels) in rows.values.chunks(256 * per).zip(rows.labels.chunks(256)) {
-            let f = self.features(&self.input(values, None, device)?)?;
-            let predicted = self.head.forward(&f)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
-            right.extend(
-                predicted
-                    .iter()
-                    .zip(labels)
-                    .map(|(p, l)| *p as i64 == *l as i64),
-            );
-            if let Some(out) = features.as_deref_mut() {
-                out.extend(f.flatten_all()?.to_vec1::<f32>()?);
+        let mut right = Vec::with_capacity(source.len());
+        for shard in 0..source.shards() {
+            let rows = source.shard(shard)?;
+            for (values, labels) in rows.values.chunks(256 * per).zip(rows.labels.chunks(256)) {
+                let predict = || -> candle_core::Result<(Vec<u32>, Option<Vec<f32>>)> {
+                    let f = self.features(&self.input(values, None, device)?)?;
+                    let predicted = self.head.forward(&f)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
+                    let f = match features {
+                        Some(_) => Some(f.flatten_all()?.to_vec1::<f32>()?),
+                        None => None,
+                    };
+                    Ok((predicted, f))
+                };
+                let (predicted, f) = predict().map_err(Error::candle("classifying"))?;
+                right.extend(
+                    predicted
+                        .iter()
+                        .zip(labels)
+                        .map(|(p, l)| *p as i64 == *l as i64),
+                );
+                if let (Some(out), Some(f)) = (features.as_deref_mut(), f) {
+                    out.extend(f);
+                }
             }
         }
         Ok(right)
     }
 
-    /// The fraction of `rows` whose predicted class is their label.
-    pub fn accuracy(&self, rows: &Rows, device: &Device) -> candle_core::Result<f64> {
-        let right = self.predict(rows, None, device)?;
-        Ok(right.iter().filter(|r| **r).count() as f64 / rows.len().max(1) as f64)
+    /// The fraction of `source`'s rows whose predicted class is their label.
+    pub fn accuracy(&self, source: &RowSource, device: &Device) -> Result<f64> {
+        let right = self.predict(source, None, device)?;
+        Ok(right.iter().filter(|r| **r).count() as f64 / right.len().max(1) as f64)
     }
+}
+
+/// The rows of one training batch, as they are drawn.
+#[derive(Default)]
+struct Batch {
+    values: Vec<u16>,
+    labels: Vec<u32>,
+    shifts: Vec<(isize, isize)>,
+}
+
+impl Batch {
+    fn clear(&mut self) {
+        self.values.clear();
+        self.labels.clear();
+        self.shifts.clear();
+    }
+}
+
+fn training() -> impl Fn(candle_core::Error) -> Error {
+    Error::candle("training the classifier")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::row_source::write_test_table;
 
-    /// Two classes told apart by brightness: the classifier must learn them.
-    #[test]
-    fn the_classifier_learns_an_easy_task() {
-        let dev = Device::Cpu;
+    /// 64 8x8 images of two classes told apart by brightness.
+    fn easy_rows() -> Vec<(i64, Vec<u8>)> {
         let mut rng = SplitMix64(3);
-        let n = 64;
-        let mut rows = Rows::default();
-        for i in 0..n {
-            let label = i % 2;
-            rows.ids.push(i as i64);
-            rows.labels.push(label);
-            let base = if label == 0 { 40 } else { 200 };
-            rows.values
-                .extend((0..64).map(|_| (base + rng.below(30)) as u16));
-        }
-        let cfg = ClassifierConfig {
+        (0..64)
+            .map(|i| {
+                let label = i % 2;
+                let base = if label == 0 { 40 } else { 200 };
+                (
+                    label,
+                    (0..64).map(|_| (base + rng.below(30)) as u8).collect(),
+                )
+            })
+            .collect()
+    }
+
+    fn cfg() -> ClassifierConfig {
+        ClassifierConfig {
             hidden: 4,
             features: 8,
             epochs: 15,
             batch_size: 16,
             lr: 0.01,
-            shift: 0,
-        };
-        let model = Classifier::new(&cfg, (8, 8, 1), 2, 0, &dev).unwrap();
+            shift: 1,
+        }
+    }
+
+    /// Read from a table in shards of 10 rows (a batch spans shards), the
+    /// classifier must learn them.
+    #[test]
+    fn the_classifier_learns_an_easy_task_from_a_table_a_shard_at_a_time() {
+        let dev = Device::Cpu;
+        let dir = tempfile::tempdir().unwrap();
+        let table = write_test_table(dir.path(), (8, 8), 2, &easy_rows(), 10);
+        let rows = RowSource::split(&table, "train").unwrap();
+        assert_eq!(rows.shards(), 7);
+        let model = Classifier::new(&cfg(), (8, 8, 1), 2, 0, &dev).unwrap();
         let before = model.accuracy(&rows, &dev).unwrap();
-        model.train(&cfg, &rows, 1, &dev).unwrap();
+        model.train(&cfg(), &rows, 1, &dev).unwrap();
         let after = model.accuracy(&rows, &dev).unwrap();
         assert!(after > 0.95, "accuracy {before} -> {after}");
+    }
+
+    /// A split of one shard trains exactly as the same rows held in
+    /// memory: streaming changes nothing where a split fits in a shard.
+    #[test]
+    fn one_shard_read_from_a_table_trains_as_the_rows_held_in_memory() {
+        let dev = Device::Cpu;
+        let dir = tempfile::tempdir().unwrap();
+        let table = write_test_table(dir.path(), (8, 8), 2, &easy_rows(), 100);
+        let split = RowSource::split(&table, "train").unwrap();
+        let held = split.shard(0).unwrap().into_owned();
+        let held = RowSource::Held(&held);
+        let mut features = Vec::new();
+        for source in [&split, &held] {
+            let model = Classifier::new(&cfg(), (8, 8, 1), 2, 0, &dev).unwrap();
+            let loss = model.train(&cfg(), source, 1, &dev).unwrap();
+            let mut f = Vec::new();
+            model.predict(source, Some(&mut f), &dev).unwrap();
+            features.push((loss.to_bits(), f));
+        }
+        assert_eq!(features[0], features[1]);
     }
 }
