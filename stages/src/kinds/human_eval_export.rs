@@ -18,6 +18,8 @@
 //! shuffled); a rater who prefers the broken one is screened out.
 //! Tasks are shuffled; image files are named by their content hash, so a
 //! URL says nothing about its source.
+//! Memory holds each split's labels and the images drawn, never a split:
+//! the rows are drawn from the labels, then read by position.
 //!
 //! Output (the package):
 //! - `images/HASH.png`;
@@ -39,6 +41,7 @@ use crate::data::grid::write_image;
 use crate::data::layout::image_table_dir;
 use crate::data::level_table::InputKind;
 use crate::data::level_table::{LevelTable, Rows};
+use crate::data::row_source::RowSource;
 use crate::error::Error;
 use crate::human_eval::{BROKEN, MANIFEST_FORMAT, Manifest, Shown, Task, tasks_csv};
 use crate::rng::SplitMix64;
@@ -79,10 +82,13 @@ fn compared(inputs: impl Iterator<Item = String>) -> Result<[String; 2], String>
     }
 }
 
-/// An image set: its rows and shape.
+/// An image set: its table, the split shown, that split's labels (the
+/// images are read only for the rows drawn) and the images' shape.
 struct Set {
     name: String,
-    rows: Rows,
+    table: LevelTable,
+    split: String,
+    labels: Vec<i32>,
     shape: (usize, usize, usize),
 }
 
@@ -103,35 +109,54 @@ impl Set {
                 .cloned()
                 .ok_or_else(|| Error::Params(format!("inputs.{name}: the table is empty")))?,
         };
-        let rows = table.read_split(&split, None)?;
-        if rows.is_empty() {
+        let labels = RowSource::split(&table, &split)?.labels()?;
+        if labels.is_empty() {
             return Err(Error::Params(format!(
                 "inputs.{name}: split `{split}` has no rows"
             )));
         }
         Ok(Set {
             name: name.to_string(),
-            rows,
             shape: (table.height, table.width, channels),
+            table,
+            split,
+            labels,
         })
     }
 
-    fn per_row(&self) -> usize {
-        self.shape.0 * self.shape.1 * self.shape.2
+    fn len(&self) -> u64 {
+        self.labels.len() as u64
     }
 
-    fn image(&self, r: usize) -> &[u16] {
-        let per = self.per_row();
-        &self.rows.values[r * per..(r + 1) * per]
+    /// The rows at these positions of the split, in that order (a shard
+    /// in memory at a time while they are read).
+    fn rows_at(&self, positions: &[usize]) -> Result<Drawn, Error> {
+        let rows = RowSource::split(&self.table, &self.split)?.rows_at(positions)?;
+        Ok(Drawn {
+            per_row: self.shape.0 * self.shape.1 * self.shape.2,
+            rows,
+        })
     }
 
     /// Row indices by label.
     fn by_label(&self) -> BTreeMap<i32, Vec<usize>> {
         let mut m: BTreeMap<i32, Vec<usize>> = BTreeMap::new();
-        for (r, &l) in self.rows.labels.iter().enumerate() {
+        for (r, &l) in self.labels.iter().enumerate() {
             m.entry(l).or_default().push(r);
         }
         m
+    }
+}
+
+/// The rows drawn from a set, in the order drawn.
+struct Drawn {
+    per_row: usize,
+    rows: Rows,
+}
+
+impl Drawn {
+    fn image(&self, i: usize) -> &[u16] {
+        &self.rows.values[i * self.per_row..(i + 1) * self.per_row]
     }
 }
 
@@ -231,23 +256,30 @@ impl StageKind for HumanEvalExport {
         let b_by_label = b.by_label();
         let mut tasks = Vec::new();
         let sides = balanced_sides(cfg.pairs, &mut rng);
-        for &a_left in &sides {
-            let ra = rng.below(a.rows.len() as u64) as usize;
-            let label = a.rows.labels[ra];
+        // The draws need the labels only; the images drawn are read after.
+        let (mut from_a, mut from_b) = (Vec::new(), Vec::new());
+        for _ in &sides {
+            let ra = rng.below(a.len()) as usize;
             // A same-class image of B when B has that class.
-            let rb = match b_by_label.get(&label) {
+            let rb = match b_by_label.get(&a.labels[ra]) {
                 Some(rows) => rows[rng.below(rows.len() as u64) as usize],
-                None => rng.below(b.rows.len() as u64) as usize,
+                None => rng.below(b.len()) as usize,
             };
-            let shown = |set: &Set, r: usize, w: &mut ImageWriter| -> Result<Shown, Error> {
+            from_a.push(ra);
+            from_b.push(rb);
+        }
+        let (drawn_a, drawn_b) = (a.rows_at(&from_a)?, b.rows_at(&from_b)?);
+        for (i, &a_left) in sides.iter().enumerate() {
+            let shown = |set: &Set, d: &Drawn, w: &mut ImageWriter| -> Result<Shown, Error> {
                 Ok(Shown {
                     source: set.name.clone(),
-                    row: set.rows.ids[r],
-                    label: set.rows.labels[r],
-                    image: w.write(set.image(r), set.shape)?,
+                    row: d.rows.ids[i],
+                    label: d.rows.labels[i],
+                    image: w.write(d.image(i), set.shape)?,
                 })
             };
-            let (sa, sb) = (shown(&a, ra, &mut writer)?, shown(&b, rb, &mut writer)?);
+            let sa = shown(&a, &drawn_a, &mut writer)?;
+            let sb = shown(&b, &drawn_b, &mut writer)?;
             let (left, right) = if a_left { (sa, sb) } else { (sb, sa) };
             tasks.push(Task {
                 id: String::new(),
@@ -267,22 +299,33 @@ impl StageKind for HumanEvalExport {
             }
             let mut rng = SplitMix64::stream(cfg.seed, "human eval catch trials");
             let sides = balanced_sides(cfg.catch_trials, &mut rng);
-            for &real_left in &sides {
-                let r = rng.below(real.rows.len() as u64) as usize;
-                let other = rng.below(real.rows.len() as u64) as usize;
-                let mut broken = real.image(other).to_vec();
-                rng.shuffle(&mut broken);
+            // The draws first (a shuffle's draws depend on the length
+            // only: shuffling the positions 0..per_row shuffles the pixels
+            // alike), then the images drawn.
+            let per_row = real.shape.0 * real.shape.1 * real.shape.2;
+            let (mut shown, mut broken, mut orders) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in &sides {
+                shown.push(rng.below(real.len()) as usize);
+                broken.push(rng.below(real.len()) as usize);
+                let mut order: Vec<usize> = (0..per_row).collect();
+                rng.shuffle(&mut order);
+                orders.push(order);
+            }
+            let (good_rows, broken_rows) = (real.rows_at(&shown)?, real.rows_at(&broken)?);
+            for (i, &real_left) in sides.iter().enumerate() {
+                let original = broken_rows.image(i);
+                let shuffled: Vec<u16> = orders[i].iter().map(|&k| original[k]).collect();
                 let good = Shown {
                     source: "catch".into(),
-                    row: real.rows.ids[r],
-                    label: real.rows.labels[r],
-                    image: writer.write(real.image(r), real.shape)?,
+                    row: good_rows.rows.ids[i],
+                    label: good_rows.rows.labels[i],
+                    image: writer.write(good_rows.image(i), real.shape)?,
                 };
                 let bad = Shown {
                     source: BROKEN.into(),
-                    row: real.rows.ids[other],
-                    label: real.rows.labels[other],
-                    image: writer.write(&broken, real.shape)?,
+                    row: broken_rows.rows.ids[i],
+                    label: broken_rows.rows.labels[i],
+                    image: writer.write(&shuffled, real.shape)?,
                 };
                 let (left, right) = if real_left { (good, bad) } else { (bad, good) };
                 tasks.push(Task {
