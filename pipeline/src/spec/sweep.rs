@@ -1,7 +1,7 @@
 //! Sweeps: one pipeline over several values of its vars, run as one DAG.
 //!
 //! ```yaml
-//! vars: {level1_decoder: ff, level2_decoder: msp}
+//! vars: {level1_decoder: ff, level2_decoder: msp, seed: 0}
 //! sweep:                          # a grid: every combination (4 members)
 //!   level1_decoder: [ff, msp]
 //!   level2_decoder: [ff, msp]
