@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Link-time stand-ins for the CUDA libraries a full `--features cuda` build
-# links (driver, NVRTC, cuRAND, cuBLAS, cuBLASLt), for a machine with no
+# links (driver, NVRTC, cuRAND, cuBLAS, cuBLASLt; cuDNN for `--features cudnn`), for a machine with no
 # GPU driver: the toolchain's wheels (scripts/cuda-toolchain.sh) have none
 # of them. Each stub defines every symbol cudarc declares for that library
 # as a function that returns 100 (CUDA_ERROR_NO_DEVICE; an error status in
@@ -9,7 +9,7 @@
 # ones loaded at run time (the stubs are never shipped; loaded by mistake,
 # they say "no device" instead of doing anything).
 #   scripts/cuda-stubs.sh CUDA_ROOT
-# writes CUDA_ROOT/lib/stubs/lib{cuda,nvrtc,curand,cublas,cublasLt}.so,
+# writes CUDA_ROOT/lib/stubs/lib{cuda,nvrtc,curand,cublas,cublasLt,cudnn}.so,
 # where cudarc's build looks (`lib/stubs` under CUDA_ROOT), and a
 # `libcudart.so` link to the runtime wheel's real `libcudart.so.13`
 # (candle's MoE kernels link the runtime: carry that file with the binary).
@@ -35,6 +35,7 @@ nvrtc nvrtc libnvrtc.so.13
 curand curand libcurand.so.10
 cublas cublas libcublas.so.13
 cublaslt cublasLt libcublasLt.so.13
+cudnn cudnn libcudnn.so.9
 LIBS
 # The runtime is in the wheels, only without its unversioned name.
 if [ -e "$root/lib/libcudart.so.13" ]; then
