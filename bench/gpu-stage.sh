@@ -1,43 +1,115 @@
 #!/usr/bin/env bash
-# Prepares the GPU check for a machine that has a GPU and no Rust (the
-# device tool's): builds the `cuda` binary here with the CUDA toolchain
-# from PyPI wheels and link stubs (scripts/cuda-toolchain.sh,
-# scripts/cuda-stubs.sh), strips and packs it (xz) beside the CUDA runtime
-# it links, in gpu-check/ (ignored by git; under the device tool's
-# 64 MiB), with gpu-check/run.sh. There, from the repository root (the
-# device tool: carry ["gpu-check"]):
-#   bash gpu-check/run.sh      # unpack, find cuBLAS/cuRAND, bench/gpu-smoke.sh
+# Prepares the device check for a machine that has a GPU and no Rust (the
+# device tool's): builds the `cuda` binaries here (haic-pipe and the
+# benchmark gpu-bench, and gpu-bench again with `--features cudnn`) with the
+# CUDA toolchain from PyPI wheels and link stubs (scripts/cuda-toolchain.sh,
+# scripts/cuda-stubs.sh), strips and packs them (xz) beside the CUDA
+# runtime they link, in gpu-check/ (ignored by git; 32 MB, under the device
+# tool's 64 MiB), with gpu-check/run.sh. There, from the repository root
+# (the device tool: carry ["gpu-check"]):
+#   bash gpu-check/run.sh      # everything below, about 5 minutes
+#   GPU_CHECK_PARTS="smoke vq" bash gpu-check/run.sh   # some parts
+#   GPU_CHECK_TWINS=0 ...      # without the PyTorch twins
+# Parts, each on its own time limit so that one failing leaves the rest:
+#   smoke   the smoke pipeline on CPU, then on the GPU (bench/gpu-smoke.sh)
+#   vq ar   a training step of imagenet128.yaml's vq1 / decoder1: candle
+#           (gpu-bench, then gpu-bench-cudnn) at batch 64, halved until it
+#           fits; then the PyTorch twin (bench/torch_twin.py) in f32 and
+#           with bf16 autocast, at batch 64 (and 16 for decoder1)
+#   sample  decoder1's sampler on 64 images, on-device against host
+#           drawing, both builds
+# Every result is a JSON line in the output and in $OUT/gpu-check.log;
+# peak GPU memory is nvidia-smi's, polled every 0.2 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/cuda-toolchain.sh)"
 scripts/cuda-stubs.sh "$CUDA_ROOT"
-cargo build --release --locked --features cuda --bin haic-pipe
 rm -rf gpu-check
 mkdir gpu-check
-strip -o gpu-check/haic-pipe target/release/haic-pipe
-xz -T2 -6 gpu-check/haic-pipe
+pack() { strip -o "gpu-check/$2" "target/release/$1" && xz -T2 -6 "gpu-check/$2"; }
+# Both builds select the same packages, so that only candle and what uses
+# it rebuild between them.
+cargo build --release --locked -p haic-pipe -p haic-bench \
+  --features haic-pipe/cuda,haic-bench/cuda --bin haic-pipe --bin gpu-bench
+pack haic-pipe haic-pipe
+pack gpu-bench gpu-bench
+cargo build --release --locked -p haic-pipe -p haic-bench \
+  --features haic-pipe/cuda,haic-bench/cudnn --bin gpu-bench
+pack gpu-bench gpu-bench-cudnn
 cp "$CUDA_ROOT/lib/libcudart.so.13" gpu-check/
 cat >gpu-check/run.sh <<'RUN'
 #!/usr/bin/env bash
-# On the GPU machine, from the repository root: unpacks the binary, puts
-# the CUDA runtime beside it and the system's or PyTorch's nvidia-* wheels'
-# libraries (cuBLAS, cuRAND) on the library path, says what is missing if
-# anything is, and runs bench/gpu-smoke.sh with it.
-set -euo pipefail
+# On the GPU machine, from the repository root: see bench/gpu-stage.sh.
+# The libraries come from the system or from PyTorch's nvidia-* wheels.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-python3 -c 'import lzma, shutil; shutil.copyfileobj(lzma.open("gpu-check/haic-pipe.xz"), open("gpu-check/haic-pipe", "wb"))'
-chmod +x gpu-check/haic-pipe
+log=${OUT:-/tmp}/gpu-check.log
+: >"$log"
+say() { echo "$@" | tee -a "$log"; }
+for packed in gpu-check/*.xz; do
+  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1] + ".xz"), open(sys.argv[1], "wb"))' "${packed%.xz}"
+  chmod +x "${packed%.xz}"
+done
 libs=$PWD/gpu-check
 for d in $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, d, "lib") for p in nvidia.__path__ for d in os.listdir(p)))' 2>/dev/null); do
   [ -d "$d" ] && libs="$libs:$d"
 done
 export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-if ldd gpu-check/haic-pipe | grep "not found"; then
-  echo "the binary needs the libraries above (CUDA 13: cuBLAS 13, cuRAND 10); none found here" >&2
+if ldd gpu-check/haic-pipe gpu-check/gpu-bench gpu-check/gpu-bench-cudnn | grep "not found"; then
+  say "the binaries need the libraries above (CUDA 13: cuBLAS 13, cuRAND 10, cuDNN 9); none found here"
   exit 1
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true
-HAIC_BIN=gpu-check/haic-pipe bash bench/gpu-smoke.sh
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$log"
+python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda)' 2>&1 | tee -a "$log"
+parts=${GPU_CHECK_PARTS:-smoke vq ar sample}
+
+# Runs "$@" under a time limit, its output into the log, with nvidia-smi's
+# peak memory used (MiB) over the run.
+measured() {
+  local limit=$1; shift
+  local mem; mem=$(mktemp)
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$mem" 2>/dev/null &
+  local poll=$!
+  local start; start=$(date +%s.%N)
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  kill "$poll" 2>/dev/null; wait "$poll" 2>/dev/null
+  say "## rc=$rc wall=$(awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $start }")s peak_mib=$(sort -n "$mem" | tail -1): $*"
+  rm -f "$mem"
+  return "$rc"
+}
+
+# Each build at the largest batch of 64, 32, 16 that runs; then the twins.
+train() {
+  local part=$1 twin_batches=$2 bench batch
+  for bench in gpu-check/gpu-bench gpu-check/gpu-bench-cudnn; do
+    for batch in 64 32 16; do
+      measured 150 "$bench" --only "$part" --batch "$batch" --steps 3 && break
+      say "## $bench --only $part at batch $batch did not run; halving"
+    done
+  done
+  [ "${GPU_CHECK_TWINS:-1}" = 0 ] && return
+  for batch in $twin_batches; do
+    for amp in "" "--amp bf16"; do
+      measured 120 python3 bench/torch_twin.py --pipeline pipelines/imagenet128.yaml \
+        --device cuda --only "$part" --batch "$batch" --steps 3 $amp
+    done
+  done
+}
+
+for part in $parts; do
+  say "# $part"
+  case $part in
+    smoke) HAIC_BIN=gpu-check/haic-pipe measured 240 bash bench/gpu-smoke.sh ;;
+    vq) train vq "64" ;;
+    ar) train ar "64 16" ;;
+    sample)
+      for bench in gpu-check/gpu-bench gpu-check/gpu-bench-cudnn; do
+        measured 150 "$bench" --only sample --sample-images 64 --sample-rows 4
+      done ;;
+    *) say "unknown part $part" ;;
+  esac
+done
 RUN
 chmod +x gpu-check/run.sh
 du -sh gpu-check/* >&2

@@ -26,9 +26,15 @@ random (the cost does not depend on them). Prints one JSON line per model:
   backward at batch 64.
 
 Usage: python bench/torch_twin.py [--steps N] [--threads T] [--only ops|vq|ar|sample]
+
+With `--pipeline FILE [--device cuda] [--batch N] [--amp bf16]` (the device
+check, bench/gpu-stage.sh): vq1 and decoder1 at that pipeline's sizes
+(pipelines/imagenet128.yaml: 128x128x3), the twins of
+`bench/src/gpu_bench.rs`, with the peak memory PyTorch allocated.
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -51,18 +57,18 @@ class ResBlock(nn.Module):
 
 
 class VqLevel1(nn.Module):
-    """tiny.yaml's level 1 with the ff auxiliary decoder."""
+    """A level-1 VQ level with the ff auxiliary decoder (tiny.yaml's by default)."""
 
-    def __init__(self, hidden=32, res_hidden=16, dim=32, codes=128):
+    def __init__(self, hidden=32, res_hidden=16, dim=32, codes=128, channels=1, res_blocks=2, down=2):
         super().__init__()
-        self.stem = nn.Conv2d(1, hidden, 3, padding=1)
-        self.down = nn.ModuleList([nn.Conv2d(hidden, hidden, 4, 2, 1) for _ in range(2)])
-        self.enc_res = nn.ModuleList([ResBlock(hidden, res_hidden) for _ in range(2)])
+        self.stem = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.down = nn.ModuleList([nn.Conv2d(hidden, hidden, 4, 2, 1) for _ in range(down)])
+        self.enc_res = nn.ModuleList([ResBlock(hidden, res_hidden) for _ in range(res_blocks)])
         self.enc_out = nn.Conv2d(hidden, dim, 1)
         self.conv_in = nn.Conv2d(dim, hidden, 3, padding=1)
-        self.dec_res = nn.ModuleList([ResBlock(hidden, res_hidden) for _ in range(2)])
-        self.up = nn.ModuleList([nn.ConvTranspose2d(hidden, hidden, 4, 2, 1) for _ in range(2)])
-        self.out = nn.Conv2d(hidden, 1, 3, padding=1)
+        self.dec_res = nn.ModuleList([ResBlock(hidden, res_hidden) for _ in range(res_blocks)])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(hidden, hidden, 4, 2, 1) for _ in range(down)])
+        self.out = nn.Conv2d(hidden, channels, 3, padding=1)
         self.register_buffer("codebook", torch.randn(codes, dim))
         self.register_buffer("cluster_size", torch.zeros(codes))
         self.register_buffer("embed_sum", self.codebook.clone())
@@ -156,29 +162,39 @@ class GatedLayer(nn.Module):
 
 
 class PixelCnn(nn.Module):
-    """tiny.yaml's decoder1: pixels given an 8x8 code map of 128 codes."""
+    """A gated PixelCNN of pixels given a code map (tiny.yaml's decoder1 by
+    default). With C > 1 channels haic-pipe splits the hidden channels into
+    C groups and masks across them; the twin masks as for one channel: the
+    same layer shapes, the same FLOPs."""
 
-    def __init__(self, hidden=16, layers=4, k=3, codes=128, embed=16, cond_hidden=16):
+    def __init__(
+        self, hidden=16, layers=4, k=3, codes=128, embed=16, cond_hidden=16,
+        channels=1, cond_res_blocks=1, upsample=2,
+    ):
         super().__init__()
+        self.channels = channels
         self.embedding = nn.Embedding(codes, embed)
         self.cond_in = nn.Conv2d(embed, cond_hidden, 3, padding=1)
-        self.cond_res = ResBlock(cond_hidden, cond_hidden // 2)
+        self.cond_res = nn.ModuleList(
+            [ResBlock(cond_hidden, cond_hidden // 2) for _ in range(cond_res_blocks)]
+        )
         self.cond_up = nn.ModuleList(
-            [nn.ConvTranspose2d(cond_hidden, cond_hidden, 4, 2, 1) for _ in range(2)]
+            [nn.ConvTranspose2d(cond_hidden, cond_hidden, 4, 2, 1) for _ in range(upsample)]
         )
         self.layers = nn.ModuleList(
             [
-                GatedLayer(1 if i == 0 else hidden, hidden, k, i == 0, cond_hidden)
+                GatedLayer(channels if i == 0 else hidden, hidden, k, i == 0, cond_hidden)
                 for i in range(layers)
             ]
         )
         self.out1 = nn.Conv2d(hidden, hidden, 1)
-        self.out2 = nn.Conv2d(hidden, 256, 1)
+        self.out2 = nn.Conv2d(hidden, channels * 256, 1)
         self.rows_above = layers * (k // 2)
 
     def condition(self, code_map):
         f = self.cond_in(self.embedding(code_map).permute(0, 3, 1, 2))
-        f = self.cond_res(f)
+        for r in self.cond_res:
+            f = r(f)
         for u in self.cond_up:
             f = u(F.relu(f))
         return f
@@ -191,6 +207,9 @@ class PixelCnn(nn.Module):
 
     def loss(self, x, targets, code_map):
         logits = self.forward_with(x, self.condition(code_map))
+        b, _, h, w = logits.shape
+        # (B, C * 256, H, W), channel-major as haic-pipe's -> (B, 256, C, H, W).
+        logits = logits.view(b, self.channels, 256, h, w).transpose(1, 2)
         return F.cross_entropy(logits, targets)
 
     @torch.no_grad()
@@ -241,23 +260,90 @@ def ops(reps):
         print(json.dumps({"op": name, "seconds": statistics.median(times)}), flush=True)
 
 
-def train(model, batch_fn, steps, warmup):
+def train(model, batch_fn, steps, warmup, device="cpu", amp=None):
+    """Median training step; on a GPU the batch's upload is in the step (as
+    in haic-pipe's) and the step ends synchronised."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     times = []
     for i in range(steps + warmup):
         inputs = batch_fn()
         t = time.perf_counter()
-        out = model.loss(*inputs)
+        inputs = [x.to(device) for x in inputs]
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
+        )
+        with autocast:
+            out = model.loss(*inputs)
         loss = out[0] if isinstance(out, tuple) else out
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if isinstance(out, tuple):
-            model.ema_update(out[1], out[2])
+            model.ema_update(out[1].float(), out[2])
+        if device != "cpu":
+            torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def pipeline_models(path):
+    """vq1's and decoder1's sizes from a pipeline file (imagenet128.yaml)."""
+    import yaml
+
+    stages = yaml.safe_load(open(path))["stages"]
+    side = stages["prep"]["params"]["transforms"]["crop"]
+    v = stages["vq1"]["params"]
+    enc, dec = v["encoder"], v["decoder"]
+    if dec.get("kind", "ff") != "ff" or dec["hidden"] != enc["hidden"]:
+        raise SystemExit(f"{path}: the twin is of an ff decoder as wide as its encoder")
+    codes = v["quantiser"]["codebook_size"]
+    vq = dict(hidden=enc["hidden"], res_hidden=enc["res_hidden"], dim=enc["dim"], codes=codes,
+              channels=3, res_blocks=enc["res_blocks"], down=enc["downsample"])
+    d = stages["decoder1"]["params"]
+    m = d["model"]
+    code_side = side >> enc["downsample"]
+    ar = dict(hidden=m["hidden"], layers=m["layers"], k=m["kernel"], codes=codes,
+              embed=m["code_embedding"], cond_hidden=m["cond_hidden"], channels=3,
+              cond_res_blocks=m["cond_res_blocks"], upsample=enc["downsample"])
+    return side, code_side, codes, vq, v["batch_size"], ar, d["batch_size"]
+
+
+def pipeline_bench(a):
+    """`--pipeline FILE`: vq1 and decoder1 at the file's sizes, on a.device,
+    one JSON line each with the peak memory PyTorch allocated."""
+    side, code_side, codes, vq_sizes, vq_batch, ar_sizes, ar_batch_size = pipeline_models(a.pipeline)
+    g = torch.Generator().manual_seed(1)
+    cuda = a.device != "cpu"
+
+    def run(name, make, batch_fn, batch, warmup):
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        model = make().to(a.device)
+        s = train(model, batch_fn, a.steps, warmup, a.device, a.amp)
+        row = {"model": name, "batch": batch, "precision": a.amp or "f32",
+               "seconds": s, "throughput": batch / s}
+        if cuda:
+            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        print(json.dumps(row), flush=True)
+        del model
+
+    if a.only in (None, "vq"):
+        b = a.batch or vq_batch
+        run("vq1", lambda: VqLevel1(**vq_sizes),
+            lambda: (torch.randint(0, 256, (b, 3, side, side), generator=g).float() / 255.0 - 0.5,),
+            b, 2)
+    if a.only in (None, "ar"):
+        b = a.batch or ar_batch_size
+
+        def ar_batch():
+            t = torch.randint(0, 256, (b, 3, side, side), generator=g)
+            codes_map = torch.randint(0, codes, (b, code_side, code_side), generator=g)
+            return t.float() / 255.0 - 0.5, t, codes_map
+
+        run("decoder1", lambda: PixelCnn(**ar_sizes), ar_batch, b, 2)
 
 
 def main():
@@ -266,9 +352,19 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", choices=["ops", "vq", "ar", "sample"])
     p.add_argument("--sample-images", type=int, default=10)
+    p.add_argument("--pipeline", help="vq1 and decoder1 at this pipeline's sizes (see pipeline_bench)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (with --pipeline)")
+    p.add_argument("--batch", type=int, help="in place of the pipeline's batch sizes")
+    p.add_argument("--amp", choices=["bf16"], help="bf16 autocast (with --pipeline)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
+    if a.pipeline:
+        # Full f32 as candle computes (PyTorch's default lets cuDNN use TF32).
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        pipeline_bench(a)
+        return
     g = torch.Generator().manual_seed(1)
 
     def pixels():
@@ -286,7 +382,7 @@ def main():
         def ar_batch():
             t = pixels()
             codes = torch.randint(0, 128, (BATCH, 8, 8), generator=g)
-            return t.float() / 255.0 - 0.5, t[:, 0], codes
+            return t.float() / 255.0 - 0.5, t, codes
 
         s = train(ar, ar_batch, a.steps, 2)
         print(json.dumps({"model": "ar", "seconds": s, "throughput": BATCH / s}), flush=True)
