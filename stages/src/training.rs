@@ -212,8 +212,9 @@ pub fn train(
     let total = schedule.steps;
     let mut cadence = Cadence::new(schedule, model.steps_done());
     let mut last = None;
+    let hint = |e| with_memory_hint(e, schedule.batch_size);
     while model.steps_done() < total {
-        let report = model.train_step(total)?;
+        let report = model.train_step(total).map_err(hint)?;
         let step = model.steps_done();
         let s = step as i64;
         let due = cadence.after_step(ctx, step, report.lr, report.grad_norm);
@@ -226,7 +227,7 @@ pub fn train(
             ctx.metric(name, s, *value);
         }
         if due.validate {
-            last = Some(model.validate()?);
+            last = Some(model.validate().map_err(hint)?);
         }
         if due.checkpoint {
             model.save_checkpoint()?;
@@ -238,6 +239,34 @@ pub fn train(
         ctx.progress(step, total, Some(report.note));
     }
     Ok(last)
+}
+
+/// A step or validation (both run `batch_size` rows at a time) that ran
+/// out of device memory, with the fix added: the batch is the one size a
+/// stage's params set that scales the memory a step needs. On an H200,
+/// imagenet128.yaml's decoder1 fits 16 but not 32 (docs/benchmarks.md).
+fn with_memory_hint(e: StageError, batch_size: usize) -> StageError {
+    if !out_of_memory(&*e) {
+        return e;
+    }
+    format!(
+        "{e}\nthe device ran out of memory at `params.batch_size: {batch_size}`: lower it (to {}, say) and run again, or make the model smaller (`hidden`, `layers`)",
+        (batch_size / 2).max(1)
+    )
+    .into()
+}
+
+/// Whether an error, or one it wraps, is a device allocation that failed
+/// (cudarc's `CUDA_ERROR_OUT_OF_MEMORY`, as candle passes it on).
+fn out_of_memory(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(err) = cause {
+        if err.to_string().contains("CUDA_ERROR_OUT_OF_MEMORY") {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
 }
 
 /// Up to `limit` rows of the validation split, spread over the classes
@@ -255,4 +284,45 @@ pub fn validation_rows_of(
         )));
     }
     table.read_stratified(split, limit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error whose own message hides its cause (the chain must be read).
+    #[derive(Debug)]
+    struct Outer(Error);
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "step failed")
+        }
+    }
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    fn candle(message: &str) -> Error {
+        Error::candle("forward")(candle_core::Error::Msg(message.into()))
+    }
+
+    #[test]
+    fn an_out_of_memory_error_says_to_lower_the_batch_and_others_pass_unchanged() {
+        // How cudarc's error reads once candle passes it on (seen on an H200).
+        let oom = r#"DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#;
+        let said = with_memory_hint(Box::new(candle(oom)), 64).to_string();
+        assert!(said.starts_with("forward: "), "{said}");
+        assert!(said.contains(oom), "{said}");
+        assert!(
+            said.contains("`params.batch_size: 64`: lower it (to 32, say)"),
+            "{said}"
+        );
+        let wrapped = with_memory_hint(Box::new(Outer(candle(oom))), 1).to_string();
+        assert!(wrapped.contains("lower it (to 1, say)"), "{wrapped}");
+
+        let other = with_memory_hint(Box::new(candle("shape mismatch in matmul")), 64);
+        assert_eq!(other.to_string(), "forward: shape mismatch in matmul");
+    }
 }
