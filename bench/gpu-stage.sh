@@ -7,7 +7,7 @@
 # runtime they link, in gpu-check/ (ignored by git; 32 MB, under the device
 # tool's 64 MiB), with gpu-check/run.sh. There, from the repository root
 # (the device tool: carry ["gpu-check"]):
-#   bash gpu-check/run.sh      # everything below, about 5 minutes
+#   bash gpu-check/run.sh      # everything below, about 6 minutes
 #   GPU_CHECK_PARTS="smoke vq" bash gpu-check/run.sh   # some parts
 #   GPU_CHECK_TWINS=0 ...      # without the PyTorch twins
 # Parts, each on its own time limit so that one failing leaves the rest:
@@ -18,6 +18,8 @@
 #           with bf16 autocast, at batch 64 (and 16 for decoder1)
 #   sample  decoder1's sampler on 64 images, on-device against host
 #           drawing, both builds
+#   ops     each convolution shape of the two models alone (forward and
+#           backward), both builds and the twin: where a step's time goes
 # Every result is a JSON line in the output and in $OUT/gpu-check.log;
 # peak GPU memory is nvidia-smi's, polled every 0.2 s.
 set -euo pipefail
@@ -61,7 +63,7 @@ if ldd gpu-check/haic-pipe gpu-check/gpu-bench gpu-check/gpu-bench-cudnn | grep 
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$log"
 python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda)' 2>&1 | tee -a "$log"
-parts=${GPU_CHECK_PARTS:-smoke vq ar sample}
+parts=${GPU_CHECK_PARTS:-smoke vq ar sample ops}
 
 # Runs "$@" under a time limit, its output into the log, with nvidia-smi's
 # peak memory used (MiB) over the run.
@@ -107,6 +109,13 @@ for part in $parts; do
       for bench in gpu-check/gpu-bench gpu-check/gpu-bench-cudnn; do
         measured 150 "$bench" --only sample --sample-images 64 --sample-rows 4
       done ;;
+    ops)
+      for bench in gpu-check/gpu-bench gpu-check/gpu-bench-cudnn; do
+        measured 150 "$bench" --only ops --steps 3
+      done
+      [ "${GPU_CHECK_TWINS:-1}" = 0 ] ||
+        measured 120 python3 bench/torch_twin.py --pipeline pipelines/imagenet128.yaml \
+          --device cuda --only ops --steps 3 ;;
     *) say "unknown part $part" ;;
   esac
 done

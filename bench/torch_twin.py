@@ -30,7 +30,8 @@ Usage: python bench/torch_twin.py [--steps N] [--threads T] [--only ops|vq|ar|sa
 With `--pipeline FILE [--device cuda] [--batch N] [--amp bf16]` (the device
 check, bench/gpu-stage.sh): vq1 and decoder1 at that pipeline's sizes
 (pipelines/imagenet128.yaml: 128x128x3), the twins of
-`bench/src/gpu_bench.rs`, with the peak memory PyTorch allocated.
+`bench/src/gpu_bench.rs`, with the peak memory PyTorch allocated; with
+`--only ops`, each of their convolution shapes alone, as gpu-bench's.
 """
 
 import argparse
@@ -310,6 +311,42 @@ def pipeline_models(path):
     return side, code_side, codes, vq, v["batch_size"], ar, d["batch_size"]
 
 
+def pipeline_ops(side, code_side, vq, ar, reps, device):
+    """gpu_bench.rs's `ops`: each convolution shape of vq1 (batch 64) and
+    decoder1 (batch 16) alone, forward and backward with the input's
+    gradient, the median of `reps` after 2 warm-ups, synchronised."""
+    h, r, a, ch, k = vq["hidden"], vq["res_hidden"], ar["hidden"], ar["cond_hidden"], ar["k"]
+    specs = [
+        (f"vq1 stem conv3x3 3->{h} at {side}", 64, (3, side), h, (3, 1, 1), False),
+        (f"vq1 down conv4x4/2 {h}->{h} at {side}", 64, (h, side), h, (4, 2, 1), False),
+        (f"vq1 res conv3x3 {h}->{r} at {code_side}", 64, (h, code_side), r, (3, 1, 1), False),
+        (f"vq1 up convT4x4/2 {h}->{h} at {side // 2}", 64, (h, side // 2), h, (4, 2, 1), True),
+        (f"vq1 out conv3x3 {h}->3 at {side}", 64, (h, side), 3, (3, 1, 1), False),
+        (f"decoder1 conv{k}x{k} {a}->{2 * a} at {side}", 16, (a, side), 2 * a, (k, 1, k // 2), False),
+        (f"decoder1 1x1 {2 * a}->{2 * a} at {side}", 16, (2 * a, side), 2 * a, (1, 1, 0), False),
+        (f"decoder1 out 1x1 {a}->768 at {side}", 16, (a, side), 768, (1, 1, 0), False),
+        (f"decoder1 cond convT4x4/2 {ch}->{ch} at {side // 2}", 16, (ch, side // 2), ch, (4, 2, 1), True),
+    ]
+    for name, batch, (c, s), out, (kk, stride, pad), transposed in specs:
+        conv = nn.ConvTranspose2d if transposed else nn.Conv2d
+        layer = conv(c, out, kk, stride, pad).to(device)
+        x = torch.randn(batch, c, s, s, device=device, requires_grad=True)
+        rr = torch.randn_like(layer(x))
+        times = []
+        for i in range(reps + 2):
+            t = time.perf_counter()
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            (layer(x) * rr).sum().backward()
+            if device != "cpu":
+                torch.cuda.synchronize()
+            if i >= 2:
+                times.append(time.perf_counter() - t)
+        print(json.dumps({"impl": "torch", "op": name, "batch": batch,
+                          "seconds": statistics.median(times)}), flush=True)
+        del layer, x, rr
+
+
 def pipeline_bench(a):
     """`--pipeline FILE`: vq1 and decoder1 at the file's sizes, on a.device,
     one JSON line each with the peak memory PyTorch allocated."""
@@ -330,6 +367,9 @@ def pipeline_bench(a):
         print(json.dumps(row), flush=True)
         del model
 
+    if a.only == "ops":
+        pipeline_ops(side, code_side, vq_sizes, ar_sizes, max(a.steps, 3), a.device)
+        return
     if a.only in (None, "vq"):
         b = a.batch or vq_batch
         run("vq1", lambda: VqLevel1(**vq_sizes),

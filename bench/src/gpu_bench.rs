@@ -5,7 +5,7 @@
 //! random inputs, on one device. `bench/torch_twin.py --size imagenet128`
 //! is the PyTorch side.
 //!
-//! `gpu-bench [--pipeline FILE] [--device cuda|cpu] [--only vq|ar|sample]
+//! `gpu-bench [--pipeline FILE] [--device cuda|cpu] [--only vq|ar|sample|ops]
 //!  [--batch N] [--steps N] [--sample-rows R] [--sample-images N]`
 //!
 //! One JSON line per model: `seconds` (median step after warm-up, the
@@ -16,6 +16,8 @@
 //! value drawn on the host: one transfer per value), and `image_seconds`
 //! (per row x the image's rows: a lower bound, since a later row's
 //! vertical band is up to `rows_above` rows tall, the first rows' are not).
+//! `--only ops` (only when asked for) times each convolution shape of the
+//! two models alone (see [`ops`]).
 
 mod common;
 use common::median;
@@ -23,11 +25,13 @@ use common::median;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{Device, Module, Tensor, Var};
 use stages::data::level_table::{InputKind, LevelTable, Rows};
 use stages::kinds::{train_ar, train_vq};
 use stages::models::ar::{AR_FORMAT, ArInfo, ArModel, CodeMapInfo, Sampling};
+use stages::models::conv::{Conv, ConvTranspose};
 use stages::models::optim::AdamW;
+use stages::models::vars::SeededVars;
 use stages::models::vq_level::VqLevel;
 use stages::rng::SplitMix64;
 
@@ -208,6 +212,148 @@ fn sample(
     Ok((per_row(Sampling::OnDevice)?, per_row(Sampling::Cached)?))
 }
 
+/// One layer of [`ops`]: name, batch, input (C, side), output channels,
+/// kernel, stride, padding, transposed.
+type OpSpec = (
+    String,
+    usize,
+    (usize, usize),
+    usize,
+    (usize, usize, usize),
+    bool,
+);
+
+/// The convolution shapes of vq1 (at batch 64) and decoder1 (at 16, the
+/// batch that fits), each timed alone: forward, then backward of
+/// `(y * r).sum()` for a fixed random r, input gradient included; the
+/// median of `reps` after 2 warm-ups. `bench/torch_twin.py --only ops`
+/// times the same list.
+fn ops(
+    vq: &train_vq::Config,
+    ar: &train_ar::Config,
+    s: &Sizes,
+    reps: usize,
+    dev: &Device,
+) -> Res<()> {
+    let (side, h, r) = (s.side, vq.encoder.hidden, vq.encoder.res_hidden);
+    let (a, ch) = (ar.model.hidden, ar.model.cond_hidden);
+    let k = ar.model.kernel;
+    let specs: Vec<OpSpec> = vec![
+        (
+            format!("vq1 stem conv3x3 3->{h} at {side}"),
+            64,
+            (3, side),
+            h,
+            (3, 1, 1),
+            false,
+        ),
+        (
+            format!("vq1 down conv4x4/2 {h}->{h} at {side}"),
+            64,
+            (h, side),
+            h,
+            (4, 2, 1),
+            false,
+        ),
+        (
+            format!("vq1 res conv3x3 {h}->{r} at {}", s.code_side),
+            64,
+            (h, s.code_side),
+            r,
+            (3, 1, 1),
+            false,
+        ),
+        (
+            format!("vq1 up convT4x4/2 {h}->{h} at {}", side / 2),
+            64,
+            (h, side / 2),
+            h,
+            (4, 2, 1),
+            true,
+        ),
+        (
+            format!("vq1 out conv3x3 {h}->3 at {side}"),
+            64,
+            (h, side),
+            3,
+            (3, 1, 1),
+            false,
+        ),
+        (
+            format!("decoder1 conv{k}x{k} {a}->{} at {side}", 2 * a),
+            16,
+            (a, side),
+            2 * a,
+            (k, 1, k / 2),
+            false,
+        ),
+        (
+            format!("decoder1 1x1 {}->{} at {side}", 2 * a, 2 * a),
+            16,
+            (2 * a, side),
+            2 * a,
+            (1, 1, 0),
+            false,
+        ),
+        (
+            format!("decoder1 out 1x1 {a}->768 at {side}"),
+            16,
+            (a, side),
+            768,
+            (1, 1, 0),
+            false,
+        ),
+        (
+            format!("decoder1 cond convT4x4/2 {ch}->{ch} at {}", side / 2),
+            16,
+            (ch, side / 2),
+            ch,
+            (4, 2, 1),
+            true,
+        ),
+    ];
+    let mut rng = SplitMix64(3);
+    for (name, batch, (c, side_in), out, (k, stride, pad), transposed) in specs {
+        let vars = SeededVars::new(1);
+        let layer: Box<dyn Module> = if transposed {
+            Box::new(ConvTranspose::new(
+                c,
+                out,
+                k,
+                stride,
+                pad,
+                vars.var_builder(dev),
+            )?)
+        } else {
+            Box::new(Conv::new(c, out, k, stride, pad, vars.var_builder(dev))?)
+        };
+        let n = batch * c * side_in * side_in;
+        let x: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        let x = Var::from_vec(x, (batch, c, side_in, side_in), dev)?;
+        let y = layer.forward(x.as_tensor())?;
+        let r: Vec<f32> = (0..y.elem_count()).map(|_| rng.normal() as f32).collect();
+        let r = Tensor::from_vec(r, y.shape(), dev)?;
+        let mut times = Vec::new();
+        for i in 0..reps + 2 {
+            let t = Instant::now();
+            let y = layer.forward(x.as_tensor())?;
+            let grads = (y * &r)?.sum_all()?.backward()?;
+            if grads.get(&x).is_none() {
+                return Err(format!("{name}: no input gradient").into());
+            }
+            dev.synchronize()?;
+            if i >= 2 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        println!(
+            "{{\"impl\": \"candle\", \"op\": \"{name}\", \"batch\": {batch}, \"seconds\": {:.6}}}",
+            median(times)
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Res<()> {
     stages::tuning::apply();
     let pipeline =
@@ -219,6 +365,7 @@ fn main() -> Res<()> {
     };
     let steps = count("--steps", 5)?;
     let only = arg("--only");
+    // `ops` runs only when asked for by name.
     let wanted = |m: &str| only.as_deref().is_none_or(|o| o == m);
 
     let spec = pipeline::spec::load(&pipeline, &stages::all())?;
@@ -252,6 +399,9 @@ fn main() -> Res<()> {
         sizes.code_side,
         sizes.codes
     );
+    if only.as_deref() == Some("ops") {
+        ops(&vq_cfg, &ar_cfg, &sizes, steps, &dev)?;
+    }
     if wanted("vq") {
         let batch = count("--batch", vq_cfg.batch_size)?;
         report("vq1", batch, vq(&vq_cfg, &sizes, batch, steps, &dev)?, "");
