@@ -7,19 +7,23 @@
 # runtime they link, in gpu-check/ (ignored by git; 32 MB, under the device
 # tool's 64 MiB), with gpu-check/run.sh. There, from the repository root
 # (the device tool: carry ["gpu-check"]):
-#   bash gpu-check/run.sh      # everything below, about 6 minutes
+#   bash gpu-check/run.sh      # everything below, about 8 minutes
 #   GPU_CHECK_PARTS="smoke vq" bash gpu-check/run.sh   # some parts
 #   GPU_CHECK_TWINS=0 ...      # without the PyTorch twins
 # Parts, each on its own time limit so that one failing leaves the rest:
-#   smoke   the smoke pipeline on CPU, then on the GPU (bench/gpu-smoke.sh)
-#   vq ar   a training step of imagenet128.yaml's vq1 / decoder1: candle
-#           (gpu-bench, then gpu-bench-cudnn) at batch 64, halved until it
-#           fits; then the PyTorch twin (bench/torch_twin.py) in f32 and
-#           with bf16 autocast, at batch 64 (and 16 for decoder1)
+#   smoke   the smoke pipeline on CPU, then on the GPU (bench/gpu-smoke.sh);
+#           again with HAIC_GPU_CONV=taps
+#   vq ar   a training step of imagenet128.yaml's vq1 / decoder1 in three
+#           candle variants (gpu-bench: candle's convolutions;
+#           gpu-bench-cudnn: through cuDNN; gpu-bench with
+#           HAIC_GPU_CONV=taps: stride-1 layers tap-wise) at batch 64,
+#           halved until it fits; then the PyTorch twin
+#           (bench/torch_twin.py) in f32 and with bf16 autocast, at batch
+#           64 (and 16 for decoder1)
 #   sample  decoder1's sampler on 64 images, on-device against host
-#           drawing, both builds
+#           drawing, each variant
 #   ops     each convolution shape of the two models alone (forward and
-#           backward), both builds and the twin: where a step's time goes
+#           backward), each variant and the twin: where a step's time goes
 # Every result is a JSON line in the output and in $OUT/gpu-check.log;
 # peak GPU memory is nvidia-smi's, polled every 0.2 s.
 set -euo pipefail
@@ -81,13 +85,18 @@ measured() {
   return "$rc"
 }
 
-# Each build at the largest batch of 64, 32, 16 that runs; then the twins.
+# The candle variants: candle's convolutions, through cuDNN, and the
+# tap-wise stride-1 convolutions (HAIC_GPU_CONV=taps, same binary).
+variants=("gpu-check/gpu-bench" "gpu-check/gpu-bench-cudnn" "env HAIC_GPU_CONV=taps gpu-check/gpu-bench")
+
+# Each variant at the largest batch of 64, 32, 16 that runs; then the twins.
 train() {
-  local part=$1 twin_batches=$2 bench batch
-  for bench in gpu-check/gpu-bench gpu-check/gpu-bench-cudnn; do
+  local part=$1 twin_batches=$2 v batch
+  for v in "${variants[@]}"; do
     for batch in 64 32 16; do
-      measured 150 "$bench" --only "$part" --batch "$batch" --steps 3 && break
-      say "## $bench --only $part at batch $batch did not run; halving"
+      # shellcheck disable=SC2086 # $v is a command and its words
+      measured 150 $v --only "$part" --batch "$batch" --steps 3 && break
+      say "## $v --only $part at batch $batch did not run"
     done
   done
   [ "${GPU_CHECK_TWINS:-1}" = 0 ] && return
@@ -102,16 +111,20 @@ train() {
 for part in $parts; do
   say "# $part"
   case $part in
-    smoke) HAIC_BIN=gpu-check/haic-pipe measured 240 bash bench/gpu-smoke.sh ;;
+    smoke)
+      HAIC_BIN=gpu-check/haic-pipe measured 240 bash bench/gpu-smoke.sh
+      HAIC_GPU_CONV=taps HAIC_BIN=gpu-check/haic-pipe measured 240 bash bench/gpu-smoke.sh ;;
     vq) train vq "64" ;;
     ar) train ar "64 16" ;;
     sample)
-      for bench in gpu-check/gpu-bench gpu-check/gpu-bench-cudnn; do
-        measured 150 "$bench" --only sample --sample-images 64 --sample-rows 4
+      for v in "${variants[@]}"; do
+        # shellcheck disable=SC2086
+        measured 150 $v --only sample --sample-images 64 --sample-rows 4
       done ;;
     ops)
-      for bench in gpu-check/gpu-bench gpu-check/gpu-bench-cudnn; do
-        measured 150 "$bench" --only ops --steps 3
+      for v in "${variants[@]}"; do
+        # shellcheck disable=SC2086
+        measured 150 $v --only ops --steps 3
       done
       [ "${GPU_CHECK_TWINS:-1}" = 0 ] ||
         measured 120 python3 bench/torch_twin.py --pipeline pipelines/imagenet128.yaml \

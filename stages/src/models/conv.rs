@@ -37,6 +37,19 @@ fn use_reference(x: &Tensor) -> bool {
     !x.device().is_cpu() || super::reference::current().candle_convs
 }
 
+/// Whether a stride-1 convolution that takes candle's ops runs tap-wise
+/// ([`Conv::forward_tapwise`]) rather than through candle's conv2d: off
+/// the CPU when `HAIC_GPU_CONV=taps` (an experiment until measured on a
+/// GPU; it changes rounding only, so it is not in the stage key), on the
+/// CPU where this thread asked for it.
+fn use_tapwise(x: &Tensor) -> bool {
+    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    match x.device().is_cpu() {
+        true => super::reference::current().tapwise_convs,
+        false => *FROM_ENV.get_or_init(|| std::env::var("HAIC_GPU_CONV").as_deref() == Ok("taps")),
+    }
+}
+
 fn count_flops(rows: usize, inner: usize, cols: usize) {
     FORWARD_FLOPS.fetch_add((2 * rows * inner * cols) as u64, Ordering::Relaxed);
 }
@@ -148,6 +161,53 @@ impl Conv {
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
 
+    /// A stride-1 layer as one batched matmul over the kept taps only
+    /// (`taps`, bit `ky * k + kx`): the padded input's shifted copies, one
+    /// per tap, stacked as (B, T*C, H*W) columns, times the weight's kept
+    /// taps as an O x T*C matrix. Candle's autograd takes the backward
+    /// through matmuls and the copies' adjoints, where candle's conv2d
+    /// backward would run an im2col with image-sized kernels and a naive
+    /// transposed convolution; a masked PixelCNN layer's zeroed taps cost
+    /// nothing. A 1x1 layer is the matmul alone.
+    pub fn forward_tapwise(&self, x: &Tensor, taps: u128) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let (k, p, o) = (self.k, self.cfg.padding, self.weight.dim(0)?);
+        if self.cfg.stride != 1 || h + 2 * p < k || w + 2 * p < k {
+            candle_core::bail!(
+                "a tap-wise convolution needs stride 1 and an input no smaller than the kernel"
+            );
+        }
+        let (ho, wo) = (h + 2 * p + 1 - k, w + 2 * p + 1 - k);
+        let kept: Vec<u32> = (0..(k * k) as u32)
+            .filter(|&t| taps >> t & 1 == 1)
+            .collect();
+        let weight = self.weight()?;
+        let (columns, matrix) = if k == 1 && p == 0 {
+            (x.reshape((b, c, h * w))?, weight.reshape((o, c))?)
+        } else {
+            let padded = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
+            let shifted = kept
+                .iter()
+                .map(|&t| {
+                    let t = t as usize;
+                    padded.narrow(2, t / k, ho)?.narrow(3, t % k, wo)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            // Tap-major: column row `t * C + c` is channel c at tap t.
+            let columns = Tensor::cat(&shifted, 1)?.reshape((b, kept.len() * c, ho * wo))?;
+            let index = Tensor::new(kept.as_slice(), x.device())?;
+            let matrix = weight
+                .reshape((o, c, k * k))?
+                .index_select(&index, 2)?
+                .transpose(1, 2)?
+                .reshape((o, kept.len() * c))?;
+            (columns, matrix)
+        };
+        let y = matrix.broadcast_left(b)?.matmul(&columns)?;
+        y.reshape((b, o, ho, wo))?
+            .broadcast_add(&self.bias.reshape((1, o, 1, 1))?)
+    }
+
     /// The same layer with `mask` (O x C x k x k of 0 and 1) on its weight.
     pub fn masked(mut self, mask: Tensor) -> candle_core::Result<Self> {
         if mask.dims() != self.weight.dims() {
@@ -205,6 +265,9 @@ impl Conv {
         count_flops(b * g.out_h() * g.out_w(), g.row_len(), o);
         if use_reference(x) {
             let x = if relu_input { x.relu()? } else { x.clone() };
+            if g.stride == 1 && use_tapwise(&x) {
+                return self.forward_tapwise(&x, g.taps);
+            }
             return self.forward_reference(&x);
         }
         let s = g.stride;
@@ -412,6 +475,7 @@ impl Module for ConvTranspose {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::reference::Kernels;
     use crate::models::vars::SeededVars;
     use candle_core::{Device, Var};
 
@@ -591,6 +655,105 @@ mod tests {
                 &format!("masked conv, {c_in} channels in, {c_out} out"),
             );
         }
+    }
+
+    /// A stride-1 layer through [`Conv::forward_tapwise`] with its own taps.
+    struct Tapwise<'a>(&'a Conv);
+
+    impl Module for Tapwise<'_> {
+        fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            self.0.forward_tapwise(x, self.0.taps)
+        }
+    }
+
+    impl WithReference for Tapwise<'_> {
+        fn reference(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            self.0.forward_reference(x)
+        }
+    }
+
+    /// A layer's forward with this thread's kernels set to `.0`.
+    struct InScope<'a, L>(Kernels, &'a L);
+
+    impl<L: WithReference> Module for InScope<'_, L> {
+        fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            crate::models::reference::with(self.0, || self.1.forward(x))
+        }
+    }
+
+    impl<L: WithReference> WithReference for InScope<'_, L> {
+        fn reference(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            self.1.reference(x)
+        }
+    }
+
+    /// The tap-wise path (a GPU's with `HAIC_GPU_CONV=taps`; here on the
+    /// CPU) equals candle's conv2d in value and gradients: 1x1, odd and
+    /// even kernels, padding below k / 2, a masked layer's kept taps, and
+    /// through `forward` / `forward_relu` when the thread asks for it.
+    #[test]
+    fn tapwise_convolutions_match_candle_forward_and_backward() {
+        let dev = Device::Cpu;
+        let tapwise = Kernels {
+            candle_convs: true,
+            tapwise_convs: true,
+            ..Kernels::default()
+        };
+        for (k, p, b, h, w, c, o) in [
+            (3, 1, 2, 7, 7, 2, 5),
+            (3, 0, 1, 6, 5, 6, 1),
+            (5, 2, 1, 4, 4, 3, 4),
+            (5, 1, 2, 7, 6, 1, 5),
+            (2, 0, 2, 5, 4, 2, 3),
+            (1, 0, 2, 5, 5, 6, 5),
+        ] {
+            let vars = SeededVars::new(1);
+            let conv = Conv::new(c, o, k, 1, p, vars.var_builder(&dev)).unwrap();
+            let x = input((b, c, h, w), 2);
+            let what = format!("tap-wise conv k{k} p{p}, {b}x{c}x{h}x{w} -> {o}");
+            compare(&Tapwise(&conv), &vars, &x, &what);
+            compare(
+                &InScope(tapwise, &conv),
+                &vars,
+                &x,
+                &format!("{what}, forward"),
+            );
+            compare(
+                &InScope(tapwise, &Relu(&conv)),
+                &vars,
+                &x,
+                &format!("{what}, fused ReLU"),
+            );
+        }
+        let x = input((1, 1, 3, 3), 1);
+        assert!(crate::models::reference::with(tapwise, || use_tapwise(
+            x.as_tensor()
+        )));
+        assert!(
+            !use_tapwise(x.as_tensor()),
+            "the CPU's default takes the kernels"
+        );
+
+        // A PixelCNN-like mask: rows above the centre and the centre row's
+        // left half, 12 of 25 taps, the others never multiplied.
+        let (k, c_in, c_out) = (5, 3, 4);
+        let m: Vec<f32> = (0..c_out * c_in * k * k)
+            .map(|i| {
+                let (ky, kx) = ((i / k) % k, i % k);
+                f32::from(u8::from(ky < 2 || (ky == 2 && kx < 2)))
+            })
+            .collect();
+        let vars = SeededVars::new(5);
+        let conv = Conv::new(c_in, c_out, k, 1, 2, vars.var_builder(&dev))
+            .unwrap()
+            .masked(Tensor::from_vec(m, (c_out, c_in, k, k), &dev).unwrap())
+            .unwrap();
+        compare(
+            &Tapwise(&conv),
+            &vars,
+            &input((2, c_in, 6, 6), 6),
+            "tap-wise masked conv",
+        );
     }
 
     #[test]

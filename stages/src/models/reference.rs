@@ -20,6 +20,9 @@ pub struct Kernels {
     pub all_masked_taps: bool,
     /// The PixelCNN's gates as candle's tanh, sigmoid, mul and adds.
     pub composed_gate: bool,
+    /// With `candle_convs`: stride-1 convolutions tap-wise, as a GPU runs
+    /// them with `HAIC_GPU_CONV=taps` (`Conv::forward_tapwise`).
+    pub tapwise_convs: bool,
 }
 
 thread_local! {
@@ -28,6 +31,7 @@ thread_local! {
             candle_convs: false,
             all_masked_taps: false,
             composed_gate: false,
+            tapwise_convs: false,
         })
     };
 }
