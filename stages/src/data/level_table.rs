@@ -568,15 +568,15 @@ impl BatchStream {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::data::code_table::{CodeMeta, CodeShardWriter};
 
-    fn code_table(dir: &Path, rows: i64, shard: usize) -> LevelTable {
+    pub(crate) fn code_table(dir: &Path, rows: i64, shard: usize) -> LevelTable {
         code_table_of(dir, (0..rows).map(|i| (i, [i as u16, 99])), shard)
     }
 
-    fn code_table_of(
+    pub(crate) fn code_table_of(
         dir: &Path,
         rows: impl Iterator<Item = (i64, [u16; 2])>,
         shard: usize,

@@ -14,6 +14,7 @@ pub mod idx;
 pub mod layout;
 pub mod level_table;
 pub mod parquet_read;
+pub mod prefetch;
 pub mod row_source;
 pub mod shuffle;
 pub mod table;

@@ -52,6 +52,7 @@ use crate::data::grid::write_grid;
 use crate::data::layout::{PIXEL_CHANNELS_FACT, fact, size_fact};
 use crate::data::level_table::InputKind;
 use crate::data::level_table::{BatchStream, Cursor, LevelTable, Rows, check_aligned};
+use crate::data::prefetch::Prefetched;
 use crate::device::device;
 use crate::error::Error;
 use crate::models::ar::{AR_FORMAT, ArInfo, ArModel, Sampling, upsample_factor};
@@ -305,7 +306,7 @@ struct Trainer<'a> {
     cfg: Config,
     model: ArModel,
     opt: AdamW,
-    stream: BatchStream,
+    stream: Prefetched,
     step: u64,
     validation: Validation,
 }
@@ -368,6 +369,7 @@ impl<'a> Trainer<'a> {
             Some(c) => BatchStream::paired(&table, c, "train", cfg.seed, Cursor::default())?,
             None => BatchStream::new(&table, "train", cfg.seed, Cursor::default())?,
         };
+        let stream = Prefetched::new(stream, cfg.batch_size);
         Ok(Trainer {
             validation: Validation {
                 ids_digest: ids_digest(&rows.ids),
@@ -386,7 +388,7 @@ impl<'a> Trainer<'a> {
     fn save_checkpoint(&self) -> Result<(), StageError> {
         let state = TrainState {
             step: self.step,
-            cursor: self.stream.cursor,
+            cursor: self.stream.cursor(),
             optimizer_steps: self.opt.steps,
         };
         let tensors = checkpoint::weights_and_moments(&self.model.vars, &self.opt);
@@ -402,7 +404,7 @@ impl<'a> Trainer<'a> {
             &mut self.opt,
             state.optimizer_steps,
         )?;
-        self.stream.cursor = state.cursor;
+        self.stream.seek(state.cursor)?;
         self.step = state.step;
         Ok(())
     }
@@ -580,7 +582,7 @@ impl Trainable for Trainer<'_> {
     }
 
     fn train_step(&mut self, total: u64) -> Result<StepReport, StageError> {
-        let (rows, condition) = self.stream.next_pair(self.cfg.batch_size)?;
+        let (rows, condition) = self.stream.next_pair()?;
         let batch = self.model.batch(&rows, condition.as_ref())?;
         let loss = self.model.loss(&batch).map_err(Error::candle("forward"))?;
         let nll = loss.to_scalar::<f32>().map_err(Error::candle("forward"))? as f64;

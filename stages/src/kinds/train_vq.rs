@@ -49,6 +49,7 @@ use crate::data::grid::write_grid;
 use crate::data::layout::{CODES_FACT, HEIGHT_FACT, WIDTH_FACT, fact, size_fact};
 use crate::data::level_table::InputKind;
 use crate::data::level_table::{BatchStream, Cursor, LevelTable, Rows};
+use crate::data::prefetch::Prefetched;
 use crate::device::device;
 use crate::error::Error;
 use crate::models::aux_decoder::AuxDecoderConfig;
@@ -285,7 +286,7 @@ struct Trainer<'a> {
     table: LevelTable,
     level: VqLevel,
     opt: AdamW,
-    stream: BatchStream,
+    stream: Prefetched,
     mask_rng: SplitMix64,
     reseed_rng: SplitMix64,
     step: u64,
@@ -305,7 +306,10 @@ impl<'a> Trainer<'a> {
         let validation =
             training::validation_rows_of(&table, &cfg.validation_split, cfg.validation_rows)?.0;
         Ok(Trainer {
-            stream: BatchStream::new(&table, "train", cfg.seed, Cursor::default())?,
+            stream: Prefetched::new(
+                BatchStream::new(&table, "train", cfg.seed, Cursor::default())?,
+                cfg.batch_size,
+            ),
             mask_rng: SplitMix64::stream(cfg.seed, "mask"),
             reseed_rng: SplitMix64::stream(cfg.seed, "reseed"),
             step: 0,
@@ -321,7 +325,7 @@ impl<'a> Trainer<'a> {
     fn save_checkpoint(&self) -> Result<(), StageError> {
         let state = TrainState {
             step: self.step,
-            cursor: self.stream.cursor,
+            cursor: self.stream.cursor(),
             mask_rng: self.mask_rng.0,
             reseed_rng: self.reseed_rng.0,
             optimizer_steps: self.opt.steps,
@@ -346,7 +350,7 @@ impl<'a> Trainer<'a> {
             state.optimizer_steps,
         )?;
         self.level.quantiser.load_state(&tensors, "quantiser.")?;
-        self.stream.cursor = state.cursor;
+        self.stream.seek(state.cursor)?;
         self.mask_rng = SplitMix64(state.mask_rng);
         self.reseed_rng = SplitMix64(state.reseed_rng);
         self.step = state.step;
@@ -543,7 +547,7 @@ impl Trainable for Trainer<'_> {
     }
 
     fn train_step(&mut self, total: u64) -> Result<StepReport, StageError> {
-        let rows = self.stream.next_batch(self.cfg.batch_size)?;
+        let (rows, _) = self.stream.next_pair()?;
         let batch = self.level.batch(&rows)?;
         let loss = self
             .level
