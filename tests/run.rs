@@ -507,6 +507,19 @@ fn json_events_describe_the_run_for_scripts() {
 }
 
 #[test]
+fn with_one_slot_the_longest_chain_goes_first() {
+    // `d` is ready from the start; `b` only once `a` is done. Served by
+    // arrival, `d` would run second and hold back the chain a -> b -> c;
+    // `c` and `d` are chains of one, so `d`, there first, goes before `c`.
+    let p = Project::new(CHAIN);
+    let out = p.run(&["--jobs", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows = p.query("SELECT stage FROM stage_runs ORDER BY id");
+    let order: Vec<&str> = rows.iter().filter_map(|r| r["stage"].as_str()).collect();
+    assert_eq!(order, ["a", "b", "d", "c"]);
+}
+
+#[test]
 fn a_killed_worker_fails_its_stage_and_resume_runs_it_again() {
     let p = Project::new(RESUMABLE);
     let mut driver = start_and_wait_for(&p, "running.flag", &[]);

@@ -266,6 +266,20 @@ fn topo_order(upstream: &[Vec<usize>], downstream: &[Vec<usize>]) -> Vec<usize> 
 }
 
 impl Graph {
+    /// For each stage, how many stages the longest chain from it to a last
+    /// stage holds, itself included: the local back-end starts the waiting
+    /// stage with the longest chain first, so that a long chain does not
+    /// wait behind a short branch that became ready earlier.
+    pub fn chain_lengths(&self) -> Vec<u32> {
+        let mut length = vec![1u32; self.order.len()];
+        for &i in self.order.iter().rev() {
+            if let Some(longest) = self.downstream[i].iter().map(|&d| length[d]).max() {
+                length[i] = longest + 1;
+            }
+        }
+        length
+    }
+
     /// The stages to consider for `targets` (names): those and all they need.
     /// No targets means every stage.
     pub fn select(&self, p: &Pipeline, targets: &[String]) -> Result<Vec<bool>> {
@@ -303,6 +317,26 @@ impl Graph {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chain_lengths_count_the_longest_way_to_a_last_stage() {
+        // prep -> vq1 -> codes1 -> vq2 -> decoder1; prep -> baseline; and
+        // codes1 -> decoder1 too.
+        let upstream = vec![vec![], vec![0], vec![1], vec![2], vec![2, 3], vec![0]];
+        let mut downstream = vec![Vec::new(); upstream.len()];
+        for (i, ups) in upstream.iter().enumerate() {
+            for &u in ups {
+                downstream[u].push(i);
+            }
+        }
+        let order = topo_order(&upstream, &downstream);
+        let g = Graph {
+            upstream,
+            downstream,
+            order,
+        };
+        assert_eq!(g.chain_lengths(), vec![5, 4, 3, 2, 1, 1]);
+    }
 
     #[test]
     fn hints_suggest_by_edit_distance_and_say_how_many_are_left_out() {

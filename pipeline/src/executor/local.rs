@@ -8,20 +8,26 @@
 //!
 //! Slots: `--jobs N` CPU slots (a stage takes `resources.cpus` of them, at most
 //! N), and one slot per GPU device for stages with `resources.gpus > 0`
-//! (`--gpus`, else every visible GPU: see [`super::gpus`]). A
+//! (`--gpus`, else every visible GPU: see [`super::gpus`]). Free CPU slots
+//! go to the waiting stage with the longest chain of stages after it
+//! (first come among equals), not to the one that has waited longest: a
+//! baseline ready from the start must not hold back the chain of a
+//! hierarchy whose next stage became ready later. A
 //! worker computes with as many threads as it holds CPU slots
 //! (`RAYON_NUM_THREADS`, unless the driver's environment sets it), so stages
 //! running side by side do not oversubscribe the cores.
 
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -54,8 +60,12 @@ impl Executor for LocalExecutor {
         "local"
     }
 
-    async fn reserve(&self, cpus: u32, gpus: u32) -> Result<Reservation> {
-        let slot = self.slots.acquire(cpus, gpus).await?;
+    fn expect(&self, priority: u32) {
+        self.slots.cpus.expect(priority);
+    }
+
+    async fn reserve(&self, cpus: u32, gpus: u32, priority: u32) -> Result<Reservation> {
+        let slot = self.slots.acquire(cpus, gpus, priority).await?;
         Ok(Reservation {
             device: slot.device.clone(),
             threads: slot.threads,
@@ -94,16 +104,158 @@ impl Executor for LocalExecutor {
     }
 }
 
+/// How long free slots are held for a stage expected to ask for them
+/// ([`Executor::expect`]) before they go to a lower one: its upstream's
+/// artifact is filed and its own key computed first.
+const EXPECT_HOLD: Duration = Duration::from_secs(5);
+
+/// CPU slots handed out by priority: the highest waiting first, first come
+/// among equals; the head of the queue waits until its share is free (a
+/// stage that needs every slot is not passed over for ever). Slots are
+/// also held, briefly, for a stage expected to ask (its upstream just
+/// finished) over lower ones already waiting.
+struct CpuPool {
+    state: Mutex<PoolState>,
+}
+
+struct PoolState {
+    free: u32,
+    arrivals: u64,
+    /// (highest priority first, arrival) -> (slots wanted, where to hand them).
+    waiting: BTreeMap<(Reverse<u32>, u64), (u32, oneshot::Sender<CpuPermit>)>,
+    /// Stages expected to ask: their priority, and until when to wait.
+    expected: Vec<(u32, Instant)>,
+}
+
+impl PoolState {
+    /// Whether an expected stage above `priority` still holds the slots
+    /// (expired expectations are forgotten).
+    fn held_above(&mut self, priority: u32) -> bool {
+        let now = Instant::now();
+        self.expected.retain(|&(_, until)| until > now);
+        self.expected.iter().any(|&(p, _)| p > priority)
+    }
+
+    /// An arrival of `priority` meets the highest expectation it reaches.
+    fn arrived(&mut self, priority: u32) {
+        let met = (0..self.expected.len())
+            .filter(|&i| self.expected[i].0 <= priority)
+            .max_by_key(|&i| self.expected[i].0);
+        if let Some(i) = met {
+            self.expected.swap_remove(i);
+        }
+    }
+}
+
+/// Held CPU slots; given back on drop.
+struct CpuPermit {
+    pool: Arc<CpuPool>,
+    slots: u32,
+}
+
+impl Drop for CpuPermit {
+    fn drop(&mut self) {
+        if self.slots > 0 {
+            self.pool.give_back(self.slots);
+        }
+    }
+}
+
+impl CpuPool {
+    fn new(slots: u32) -> Arc<CpuPool> {
+        Arc::new(CpuPool {
+            state: Mutex::new(PoolState {
+                free: slots,
+                arrivals: 0,
+                waiting: BTreeMap::new(),
+                expected: Vec::new(),
+            }),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        // The state stays consistent between statements: a panic elsewhere
+        // cannot leave it half-updated.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn acquire(self: &Arc<Self>, slots: u32, priority: u32) -> Result<CpuPermit> {
+        let handed = {
+            let mut s = self.state();
+            s.arrived(priority);
+            let (send, handed) = oneshot::channel();
+            let arrival = s.arrivals;
+            s.arrivals += 1;
+            s.waiting
+                .insert((Reverse(priority), arrival), (slots, send));
+            self.hand_out(&mut s);
+            handed
+        };
+        // A waiter dropped before its turn is skipped; one dropped after it
+        // drops the permit in the channel, which gives the slots back.
+        handed
+            .await
+            .map_err(|_| Error::Invalid("worker slots closed".into()))
+    }
+
+    /// A stage of `priority` is expected to ask soon: hold free slots for
+    /// it for [`EXPECT_HOLD`] over lower stages. Outside a runtime (no
+    /// timer to end the hold) nothing is held.
+    fn expect(self: &Arc<Self>, priority: u32) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        self.state()
+            .expected
+            .push((priority, Instant::now() + EXPECT_HOLD));
+        let pool = self.clone();
+        runtime.spawn(async move {
+            tokio::time::sleep(EXPECT_HOLD).await;
+            pool.give_back(0);
+        });
+    }
+
+    fn give_back(self: &Arc<Self>, slots: u32) {
+        let mut s = self.state();
+        s.free += slots;
+        self.hand_out(&mut s);
+    }
+
+    /// Hands free slots to the head of the queue while it fits and no
+    /// expected stage above it holds them.
+    fn hand_out(self: &Arc<Self>, s: &mut PoolState) {
+        while let Some((&(Reverse(priority), _), &(wanted, _))) = s.waiting.first_key_value() {
+            if wanted > s.free || s.held_above(priority) {
+                break;
+            }
+            let Some((_, (wanted, send))) = s.waiting.pop_first() else {
+                break;
+            };
+            s.free -= wanted;
+            let permit = CpuPermit {
+                pool: self.clone(),
+                slots: wanted,
+            };
+            if let Err(mut unclaimed) = send.send(permit) {
+                // The waiter is gone: the slots stay free (without the
+                // permit's drop, which would take this lock again).
+                unclaimed.slots = 0;
+                s.free += wanted;
+            }
+        }
+    }
+}
+
 /// CPU and GPU slots; a stage waits for its share.
 pub struct Slots {
-    cpus: Arc<Semaphore>,
+    cpus: Arc<CpuPool>,
     cpu_total: u32,
     gpus: Vec<(String, Arc<Semaphore>)>,
 }
 
 /// A held slot; released on drop.
 pub struct SlotGuard {
-    _cpu: Option<OwnedSemaphorePermit>,
+    _cpu: Option<CpuPermit>,
     _gpus: Vec<OwnedSemaphorePermit>,
     pub device: String,
     /// CPU slots held: the worker's compute threads.
@@ -114,7 +266,7 @@ impl Slots {
     pub fn new(jobs: u32, gpu_devices: Vec<String>) -> Slots {
         let jobs = jobs.max(1);
         Slots {
-            cpus: Arc::new(Semaphore::new(jobs as usize)),
+            cpus: CpuPool::new(jobs),
             cpu_total: jobs,
             gpus: gpu_devices
                 .into_iter()
@@ -127,8 +279,9 @@ impl Slots {
         self.gpus.len()
     }
 
-    /// Waits for `cpus` CPU slots and `gpus` GPU devices.
-    pub async fn acquire(&self, cpus: u32, gpus: u32) -> Result<SlotGuard> {
+    /// Waits for `cpus` CPU slots (the highest `priority` served first) and
+    /// `gpus` GPU devices.
+    pub async fn acquire(&self, cpus: u32, gpus: u32, priority: u32) -> Result<SlotGuard> {
         if gpus as usize > self.gpus.len() {
             return Err(Error::Invalid(format!(
                 "needs {gpus} GPU(s) but this driver has {} (pass --gpus, or run it on a cluster back-end)",
@@ -136,12 +289,7 @@ impl Slots {
             )));
         }
         let n = cpus.clamp(1, self.cpu_total);
-        let cpu = self
-            .cpus
-            .clone()
-            .acquire_many_owned(n)
-            .await
-            .map_err(|_| Error::Invalid("worker slots closed".into()))?;
+        let cpu = self.cpus.acquire(n, priority).await?;
         let mut held = Vec::new();
         let mut names = Vec::new();
         if gpus > 0 {
@@ -349,5 +497,110 @@ async fn stop_group(pid: u32, child: &mut tokio::process::Child) {
         unsafe {
             libc::kill(-(pid as i32), libc::SIGKILL);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(pool: &CpuPool) -> usize {
+        pool.state().waiting.len()
+    }
+
+    /// Waits (yielding) until `n` acquirers are queued.
+    async fn queued(pool: &CpuPool, n: usize) {
+        while waiting(pool) < n {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn free_slots_go_to_the_longest_chain_then_first_come() {
+        let pool = CpuPool::new(1);
+        let held = pool.acquire(1, 0).await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        // Arriving in this order; served by priority, ties by arrival.
+        for (name, priority) in [("baseline", 2), ("codes1", 6), ("tie", 2), ("vq2", 5)] {
+            let (mine, order) = (pool.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let permit = mine.acquire(1, priority).await.unwrap();
+                order.lock().unwrap().push(name);
+                drop(permit);
+            }));
+            queued(&pool, tasks.len()).await;
+        }
+        // A waiter that gives up before its turn is passed over.
+        let gone = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire(1, 9).await.map(|_| ()) })
+        };
+        queued(&pool, 5).await;
+        gone.abort();
+        let _ = gone.await;
+        drop(held);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["codes1", "vq2", "baseline", "tie"]);
+        let s = pool.state();
+        assert_eq!((s.free, s.waiting.len()), (1, 0), "every slot back");
+    }
+
+    #[tokio::test]
+    async fn a_freed_slot_waits_for_an_expected_longer_chain_until_the_hold_ends() {
+        let pool = CpuPool::new(1);
+        let held = pool.acquire(1, 0).await.unwrap();
+        let short = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire(1, 1).await.unwrap() })
+        };
+        queued(&pool, 1).await;
+        // The stage running finishes; its successor (a chain of 5) will ask.
+        pool.expect(5);
+        drop(held);
+        let free = pool.state().free;
+        assert_eq!((free, waiting(&pool)), (1, 1), "held for it");
+        let next = pool.acquire(1, 5).await.unwrap();
+        drop(next);
+        drop(short.await.unwrap());
+        // An expectation that is not met ends with its hold.
+        let held = pool.acquire(1, 0).await.unwrap();
+        pool.state().expected.push((7, Instant::now()));
+        let short = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire(1, 1).await.unwrap() })
+        };
+        queued(&pool, 1).await;
+        drop(held);
+        assert_eq!(short.await.unwrap().slots, 1);
+        assert!(pool.state().expected.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_head_of_the_queue_waits_for_its_share_and_is_not_passed_over() {
+        let pool = CpuPool::new(2);
+        let a = pool.acquire(1, 0).await.unwrap();
+        let b = pool.acquire(1, 0).await.unwrap();
+        let both = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire(2, 3).await.unwrap() })
+        };
+        queued(&pool, 1).await;
+        let one = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire(1, 1).await.unwrap() })
+        };
+        queued(&pool, 2).await;
+        drop(a);
+        // One slot free: the head needs two, so nobody starts yet.
+        assert_eq!(pool.state().free, 1);
+        assert_eq!(waiting(&pool), 2);
+        drop(b);
+        let both = both.await.unwrap();
+        assert_eq!(both.slots, 2);
+        drop(both);
+        assert_eq!(one.await.unwrap().slots, 1);
     }
 }

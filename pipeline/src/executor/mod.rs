@@ -28,8 +28,15 @@ pub trait Executor: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// Waits for room to run a stage needing `cpus` CPU slots and `gpus`
-    /// GPUs. A back-end that queues elsewhere (a cluster) answers at once.
-    async fn reserve(&self, cpus: u32, gpus: u32) -> Result<Reservation>;
+    /// GPUs; among stages waiting, the one of highest `priority` (the
+    /// longest chain of stages from it, `Graph::chain_lengths`) goes first.
+    /// A back-end that queues elsewhere (a cluster) answers at once.
+    async fn reserve(&self, cpus: u32, gpus: u32, priority: u32) -> Result<Reservation>;
+
+    /// A stage of `priority` will ask for room soon (the stage it waited
+    /// for just finished): a back-end with slots holds them for it briefly
+    /// rather than hand them to a lower stage already waiting.
+    fn expect(&self, _priority: u32) {}
 
     /// Starts the stage's worker.
     async fn launch(&self, launch: &Launch<'_>) -> Result<Box<dyn Launched + '_>>;

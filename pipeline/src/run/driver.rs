@@ -51,6 +51,8 @@ pub(super) struct Adopted {
 pub(super) struct Driver {
     pub(super) p: Pipeline,
     pub(super) g: Graph,
+    /// Per stage, its place in the queue for slots ([`Graph::chain_lengths`]).
+    pub(super) priority: Vec<u32>,
     pub(super) kinds: Arc<Kinds>,
     pub(super) ws: Workspace,
     pub(super) store: ArtifactStore,
@@ -190,6 +192,16 @@ impl Driver {
         }
         if pending.is_empty() {
             return Ok(());
+        }
+        // The stages ready at once ask for slots in whatever order their
+        // tasks start: have the slots wait for the longest chains first.
+        for &i in &pending {
+            if self.g.upstream[i]
+                .iter()
+                .all(|&u| self.outcome(u).is_some_and(|o| o.ok()))
+            {
+                self.executor.expect(self.priority[i]);
+            }
         }
 
         let mut table = NodeTable::new();
@@ -482,7 +494,7 @@ impl Driver {
     async fn run_worker(&self, i: usize, material: &KeyMaterial, key: &str) -> Result<StageStatus> {
         let st = &self.p.stages[i];
         let reserved = tokio::select! {
-            r = self.executor.reserve(st.resources.cpus, st.resources.gpus) => r,
+            r = self.executor.reserve(st.resources.cpus, st.resources.gpus, self.priority[i]) => r,
             _ = self.cancel.cancelled() => {
                 return Ok(self.record_unstarted(i, StageStatus::Skipped, Some("the run was stopped".into())).await);
             }
@@ -556,6 +568,9 @@ impl Driver {
             }
             Err(e) => Err(e),
         };
+        if end.is_ok() {
+            self.expect_successors(i);
+        }
         drop(reservation);
         if let Some(dev) = placed.lock().ok().and_then(|mut p| p.take()) {
             let _ = self.registry.set_device(id, &dev).await;
@@ -582,6 +597,24 @@ impl Driver {
             self.cancel.cancel();
         }
         Ok(status)
+    }
+
+    /// Tells the executor which stages after `i` become ready with it (their
+    /// other upstream stages are done), before `i`'s slot is freed: the slot
+    /// then waits for the longest of their chains rather than going to a
+    /// stage of a shorter one that has waited longer.
+    fn expect_successors(&self, i: usize) {
+        let Ok(outcomes) = self.outcomes.lock() else {
+            return;
+        };
+        for &t in &self.g.downstream[i] {
+            let ready = self.g.upstream[t]
+                .iter()
+                .all(|&u| u == i || outcomes[u].as_ref().is_some_and(Outcome::ok));
+            if ready {
+                self.executor.expect(self.priority[t]);
+            }
+        }
     }
 
     /// Records stage `i` as running (before anything is dispatched, so that

@@ -221,6 +221,7 @@ pub async fn run(
         fail_fast: opts.fail_fast,
         metrics: mtx,
         p,
+        priority: g.chain_lengths(),
         g,
         kinds,
         ws,

@@ -357,7 +357,7 @@ impl Executor for SlurmExecutor {
         "slurm"
     }
 
-    async fn reserve(&self, _cpus: u32, _gpus: u32) -> Result<Reservation> {
+    async fn reserve(&self, _cpus: u32, _gpus: u32, _priority: u32) -> Result<Reservation> {
         // Slurm queues the job; the worker reports where it ran.
         Ok(Reservation {
             device: "slurm".into(),
