@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Module, Tensor, Var};
 use stages::data::level_table::InputKind;
 use stages::data::level_table::{LevelTable, Rows};
 use stages::models::ar::{AR_FORMAT, ArInfo, CodeMapInfo};
@@ -19,6 +19,47 @@ use stages::rng::SplitMix64;
 
 /// The batch of the training benchmarks.
 pub const BATCH: usize = 64;
+
+/// The value after `name` on the command line.
+pub fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// Median seconds of `layer`'s forward and backward of `(y * r).sum()` for
+/// a fixed random r, on a random input of `shape` (the input's gradient
+/// included), over `reps` after 2 warm-ups, the device synchronised at the
+/// end of each.
+pub fn layer_seconds(
+    layer: &dyn Module,
+    shape: (usize, usize, usize, usize),
+    reps: usize,
+    rng: &mut SplitMix64,
+    dev: &Device,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    let n = shape.0 * shape.1 * shape.2 * shape.3;
+    let x: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+    let x = Var::from_vec(x, shape, dev)?;
+    let y = layer.forward(x.as_tensor())?;
+    let r: Vec<f32> = (0..y.elem_count()).map(|_| rng.normal() as f32).collect();
+    let r = Tensor::from_vec(r, y.shape(), dev)?;
+    let mut times = Vec::new();
+    for i in 0..reps + 2 {
+        let t = Instant::now();
+        let y = layer.forward(x.as_tensor())?;
+        let grads = (y * &r)?.sum_all()?.backward()?;
+        if grads.get(&x).is_none() {
+            return Err("no input gradient".into());
+        }
+        dev.synchronize()?;
+        if i >= 2 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(times))
+}
 
 /// The numbers on the command line, each in place of its default.
 pub fn numbers_or<const N: usize>(defaults: [usize; N]) -> [usize; N] {

@@ -15,13 +15,14 @@
 
 mod common;
 use common::{
-    BATCH, ar_info, matmul_peak, median, random_rows, tiny_level1, tiny_pixelcnn, vq_training,
+    BATCH, ar_info, arg, layer_seconds, matmul_peak, median, random_rows, tiny_level1,
+    tiny_pixelcnn, vq_training,
 };
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use candle_core::{Device, Module, Tensor, Var};
+use candle_core::{Device, Module, Tensor};
 use stages::models::ar::{ArModel, Sampling};
 use stages::models::aux_decoder::AuxKind;
 use stages::models::conv::{Conv, ConvTranspose, FORWARD_FLOPS};
@@ -157,38 +158,11 @@ fn ops(reps: usize) -> Res<()> {
         if only_op.as_deref().is_some_and(|o| !name.contains(o)) {
             continue;
         }
-        let x: Vec<f32> = (0..BATCH * c * h * w)
-            .map(|_| rng.normal() as f32)
-            .collect();
-        let x = Var::from_vec(x, (BATCH, c, h, w), &dev)?;
-        let y = layer.forward(x.as_tensor())?;
-        let r: Vec<f32> = (0..y.elem_count()).map(|_| rng.normal() as f32).collect();
-        let r = Tensor::from_vec(r, y.shape(), &dev)?;
-        let mut times = Vec::new();
-        for i in 0..reps + 2 {
-            let t = Instant::now();
-            let y = layer.forward(x.as_tensor())?;
-            let grads = (y * &r)?.sum_all()?.backward()?;
-            if grads.get(&x).is_none() {
-                return Err(format!("{name}: no input gradient").into());
-            }
-            if i >= 2 {
-                times.push(t.elapsed().as_secs_f64());
-            }
-        }
-        println!(
-            "{{\"impl\": \"candle\", \"op\": \"{name}\", \"seconds\": {:.6}}}",
-            median(times)
-        );
+        let seconds = layer_seconds(layer.as_ref(), (BATCH, c, h, w), reps, &mut rng, &dev)
+            .map_err(|e| format!("{name}: {e}"))?;
+        println!("{{\"impl\": \"candle\", \"op\": \"{name}\", \"seconds\": {seconds:.6}}}");
     }
     Ok(())
-}
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn main() -> Res<()> {

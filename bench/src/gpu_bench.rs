@@ -20,12 +20,12 @@
 //! two models alone (see [`ops`]).
 
 mod common;
-use common::median;
+use common::{arg, layer_seconds, median};
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{Device, Module, Tensor, Var};
+use candle_core::{Device, Module};
 use stages::data::level_table::{InputKind, LevelTable, Rows};
 use stages::kinds::{train_ar, train_vq};
 use stages::models::ar::{AR_FORMAT, ArInfo, ArModel, CodeMapInfo, Sampling};
@@ -47,13 +47,6 @@ struct Sizes {
     /// decoder1's code map: its side and codebook size.
     code_side: usize,
     codes: usize,
-}
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn count(name: &str, default: usize) -> Res<usize> {
@@ -327,28 +320,16 @@ fn ops(
         } else {
             Box::new(Conv::new(c, out, k, stride, pad, vars.var_builder(dev))?)
         };
-        let n = batch * c * side_in * side_in;
-        let x: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
-        let x = Var::from_vec(x, (batch, c, side_in, side_in), dev)?;
-        let y = layer.forward(x.as_tensor())?;
-        let r: Vec<f32> = (0..y.elem_count()).map(|_| rng.normal() as f32).collect();
-        let r = Tensor::from_vec(r, y.shape(), dev)?;
-        let mut times = Vec::new();
-        for i in 0..reps + 2 {
-            let t = Instant::now();
-            let y = layer.forward(x.as_tensor())?;
-            let grads = (y * &r)?.sum_all()?.backward()?;
-            if grads.get(&x).is_none() {
-                return Err(format!("{name}: no input gradient").into());
-            }
-            dev.synchronize()?;
-            if i >= 2 {
-                times.push(t.elapsed().as_secs_f64());
-            }
-        }
+        let seconds = layer_seconds(
+            layer.as_ref(),
+            (batch, c, side_in, side_in),
+            reps,
+            &mut rng,
+            dev,
+        )
+        .map_err(|e| format!("{name}: {e}"))?;
         println!(
-            "{{\"impl\": \"candle\", \"op\": \"{name}\", \"batch\": {batch}, \"seconds\": {:.6}}}",
-            median(times)
+            "{{\"impl\": \"candle\", \"op\": \"{name}\", \"batch\": {batch}, \"seconds\": {seconds:.6}}}"
         );
     }
     Ok(())
