@@ -156,14 +156,15 @@ pub fn ar_info(model: PixelCnnConfig, codes: bool, labels: bool) -> ArInfo {
     }
 }
 
-/// A level-1 table of 32x32x1 images (no rows: the benchmarks make their own).
-pub fn pixel_table() -> LevelTable {
+/// A level-1 table of `side` x `side` images of `channels` channels (no
+/// rows: the benchmarks make their own).
+pub fn pixel_table(channels: usize, side: usize) -> LevelTable {
     LevelTable {
         dir: "synthetic".into(),
-        input: InputKind::Pixels { channels: 1 },
-        height: 32,
-        width: 32,
-        values_per_row: 32 * 32,
+        input: InputKind::Pixels { channels },
+        height: side,
+        width: side,
+        values_per_row: side * side * channels,
         class_names: vec!["x".into()],
         splits: Default::default(),
         source_key: None,
@@ -188,7 +189,7 @@ pub fn vq_training(
     cfg: &LevelConfig,
     steps: usize,
 ) -> Result<(f64, u64, usize), Box<dyn std::error::Error>> {
-    let mut level = VqLevel::new(cfg, &pixel_table(), 0, &Device::Cpu)?;
+    let mut level = VqLevel::new(cfg, &pixel_table(1, 32), 0, &Device::Cpu)?;
     let mut opt = AdamW::new(level.trainable(), OptimConfig::default())?;
     let (mut rng, mut mask_rng) = (SplitMix64(1), SplitMix64(2));
     let (mut times, mut flops) = (Vec::new(), 0);

@@ -20,13 +20,13 @@
 //! two models alone (see [`ops`]).
 
 mod common;
-use common::{arg, layer_seconds, median};
+use common::{arg, layer_seconds, median, pixel_table, random_rows};
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{Device, Module};
-use stages::data::level_table::{InputKind, LevelTable, Rows};
+use stages::data::level_table::InputKind;
 use stages::kinds::{train_ar, train_vq};
 use stages::models::ar::{AR_FORMAT, ArInfo, ArModel, CodeMapInfo, Sampling};
 use stages::models::conv::{Conv, ConvTranspose};
@@ -53,29 +53,6 @@ fn count(name: &str, default: usize) -> Res<usize> {
     match arg(name) {
         Some(s) => Ok(s.parse().map_err(|_| format!("{name} {s}: not a count"))?),
         None => Ok(default),
-    }
-}
-
-fn random_rows(rng: &mut SplitMix64, n: usize, values: usize, below: u64) -> Rows {
-    Rows {
-        ids: (0..n as i64).collect(),
-        labels: (0..n).map(|_| rng.below(10) as i32).collect(),
-        values: (0..n * values).map(|_| rng.below(below) as u16).collect(),
-    }
-}
-
-fn table(s: &Sizes) -> LevelTable {
-    LevelTable {
-        dir: "synthetic".into(),
-        input: InputKind::Pixels {
-            channels: s.channels,
-        },
-        height: s.side,
-        width: s.side,
-        values_per_row: s.side * s.side * s.channels,
-        class_names: (0..10).map(|i| i.to_string()).collect(),
-        splits: Default::default(),
-        source_key: None,
     }
 }
 
@@ -112,7 +89,7 @@ fn report(model: &str, batch: usize, seconds: f64, extra: &str) {
 /// Median full training step of the VQ level (batch, forward, backward,
 /// AdamW with the stage's clipping, EMA update), after 2 warm-up steps.
 fn vq(cfg: &train_vq::Config, s: &Sizes, batch: usize, steps: usize, dev: &Device) -> Res<f64> {
-    let mut level = VqLevel::new(&cfg.level(), &table(s), 0, dev)?;
+    let mut level = VqLevel::new(&cfg.level(), &pixel_table(s.channels, s.side), 0, dev)?;
     let mut opt = AdamW::new(level.trainable(), cfg.optimizer.clone())?;
     let (mut rng, mut mask_rng) = (SplitMix64(1), SplitMix64(2));
     let mut times = Vec::new();
