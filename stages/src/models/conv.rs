@@ -195,12 +195,14 @@ impl Conv {
                 .collect::<candle_core::Result<Vec<_>>>()?;
             // Tap-major: column row `t * C + c` is channel c at tap t.
             let columns = Tensor::cat(&shifted, 1)?.reshape((b, kept.len() * c, ho * wo))?;
-            let index = Tensor::new(kept.as_slice(), x.device())?;
-            let matrix = weight
-                .reshape((o, c, k * k))?
-                .index_select(&index, 2)?
-                .transpose(1, 2)?
-                .reshape((o, kept.len() * c))?;
+            let per_tap = weight.reshape((o, c, k * k))?;
+            let per_tap = match &self.tap_index {
+                _ if taps == all_taps(k) => per_tap,
+                // The mask's taps, indexed on the device when it was set.
+                Some(index) if taps == self.taps => per_tap.index_select(index, 2)?,
+                _ => per_tap.index_select(&Tensor::new(kept.as_slice(), x.device())?, 2)?,
+            };
+            let matrix = per_tap.transpose(1, 2)?.reshape((o, kept.len() * c))?;
             (columns, matrix)
         };
         let y = matrix.broadcast_left(b)?.matmul(&columns)?;
