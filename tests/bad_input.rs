@@ -152,6 +152,24 @@ const STAGE_CASES: &[StageCase] = &[
         expect: &["stage `bad`", "pairs: must be at least 1"],
     },
     StageCase {
+        name: "bf16 on a stage that runs on the CPU",
+        stages: "  bad:\n    kind: train_ar\n    inputs: {table: prep}\n    params: {steps: 5, precision: bf16}\n",
+        setup: Setup::Smoke,
+        code: 2,
+        expect: &[
+            "stage `bad`",
+            "`precision: bf16` computes on a GPU",
+            "give the stage `resources: {gpus: 1}` or remove `precision`",
+        ],
+    },
+    StageCase {
+        name: "a precision that is not one",
+        stages: "  bad:\n    kind: train_vq\n    inputs: {table: prep}\n    params: {steps: 5, precision: fp16}\n",
+        setup: Setup::Smoke,
+        code: 2,
+        expect: &["stage `bad`", "unknown variant `fp16`, expected `f32` or `bf16`"],
+    },
+    StageCase {
         name: "a PixelCNN whose hidden channels do not split over RGB",
         stages: "  prep:\n    kind: preprocess\n    params: {source: {format: idx, train: {images: i.gz, labels: l.gz}}, transforms: {color: rgb}}\n  bad:\n    kind: train_ar\n    inputs: {table: prep}\n    params: {steps: 5, model: {hidden: 16}}\n",
         setup: Setup::Bare(nothing),

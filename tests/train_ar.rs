@@ -261,8 +261,9 @@ fn inputs_that_do_not_fit_fail_their_stage_with_what_to_do() {
     }
 }
 
-/// Params are resolved before they are keyed: writing a kind's default out,
-/// or changing how often a stage checkpoints or logs, leaves every stage
+/// Params are resolved before they are keyed: writing a kind's default out
+/// (`precision: f32`, an option added later, too), or changing how often a
+/// stage checkpoints or logs, leaves every stage
 /// cached; and the registry holds the values actually used.
 #[test]
 fn written_defaults_and_checkpoint_cadence_keep_stages_cached() {
@@ -284,7 +285,7 @@ fn written_defaults_and_checkpoint_cadence_keep_stages_cached() {
         )
         .replacen(
             "      validation_rows: 20\n",
-            "      validation_rows: 20\n      checkpoint_every: 3\n      log_every: 2\n",
+            "      validation_rows: 20\n      checkpoint_every: 3\n      log_every: 2\n      precision: f32\n",
             1,
         );
     assert_ne!(spelled, text);

@@ -14,6 +14,7 @@
 //!     temperature: 1.0             # or per input: {prior: 1.0, decoder1: 0.9}
 //!     seed: 0
 //!     batch_size: 50
+//!     precision: f32               # or bf16: convolutions in bf16 on a GPU (resources: {gpus: 1})
 //! ```
 //!
 //! Every position is drawn by the cached sampler ([`Sampling::Cached`]),
@@ -54,7 +55,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use pipeline::ParamError;
 use pipeline::spec::Stage;
 use pipeline::stage::{StageContext, StageError, StageKind};
@@ -67,10 +68,11 @@ use crate::data::grid::{write_grid, write_image};
 use crate::data::layout::{SAMPLES_CODES, SAMPLES_IMAGES, SAMPLES_SPLIT};
 use crate::data::level_table::{InputKind, LevelTable, Rows};
 use crate::data::table::{ShardWriter, TABLE_FORMAT, TableIndex, TableMeta};
-use crate::device::device;
+use crate::device::{at_precision, check_precision, device};
 use crate::error::Error;
 use crate::hierarchy::{check_chain, check_links, decoder_names};
 use crate::models::ar::{ArModel, Sampling};
+use crate::models::precision::Precision;
 use crate::rng::SplitMix64;
 
 pub struct SampleStage;
@@ -119,6 +121,9 @@ struct Config {
     /// With a `start` input: the split its rows come from (default `val`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     start_split: Option<String>,
+    /// `bf16`: convolutions in bf16 on a GPU ([`crate::models::precision`]).
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    precision: Precision,
 }
 
 fn all_classes() -> Classes {
@@ -237,6 +242,7 @@ impl StageKind for SampleStage {
 
     fn check(&self, stage: &Stage) -> Result<(), ParamError> {
         let cfg = parse_config(&stage.params)?;
+        check_precision(stage, cfg.precision)?;
         let err = |m: String| ParamError::new("inputs", m);
         let has = |name: &str| stage.inputs.contains_key(name);
         match (has("prior"), has("start")) {
@@ -284,180 +290,185 @@ impl StageKind for SampleStage {
         let cfg = parse_config(&crate::params::object(&ctx.job.params))
             .map_err(|e| Error::Params(e.message))?;
         let device = device(&ctx.job.device)?;
-        let names = decoder_names("sample", ctx.job.inputs.keys().cloned(), OTHERS, false)
-            .map_err(Error::Params)?;
-        // Chain reconstructions start from this code table instead of the prior.
-        let start_table = match ctx.job.inputs.contains_key("start") {
-            true => Some(LevelTable::open(ctx.input("start")?)?),
-            false => None,
-        };
-        // Top first: prior (unless starting from codes), decoderN, ..., decoder1.
-        let mut order: Vec<String> = match start_table {
-            Some(_) => Vec::new(),
-            None => vec!["prior".into()],
-        };
-        order.extend(names.iter().rev().cloned());
-        let models: Vec<ArModel> = order
-            .iter()
-            .map(|n| ArModel::load(ctx.input(n)?, &device).map_err(StageError::from))
-            .collect::<Result<_, _>>()?;
-        let links: Vec<(&str, &crate::models::ar::ArInfo)> = order
-            .iter()
-            .zip(&models)
-            .rev()
-            .map(|(n, m)| (n.as_str(), &m.info))
-            .collect();
-        let (class_names, start_rows) = match &start_table {
-            None => {
-                check_chain(&links)?;
-                let prior = &models[0].info;
-                if !prior.class_conditional {
-                    return Err(Error::Params(
+        at_precision(cfg.precision, &device, || draw(ctx, &cfg, &device))
+    }
+}
+
+/// The stage's work, at the precision its params ask for.
+fn draw(ctx: &StageContext, cfg: &Config, device: &Device) -> Result<(), StageError> {
+    let names = decoder_names("sample", ctx.job.inputs.keys().cloned(), OTHERS, false)
+        .map_err(Error::Params)?;
+    // Chain reconstructions start from this code table instead of the prior.
+    let start_table = match ctx.job.inputs.contains_key("start") {
+        true => Some(LevelTable::open(ctx.input("start")?)?),
+        false => None,
+    };
+    // Top first: prior (unless starting from codes), decoderN, ..., decoder1.
+    let mut order: Vec<String> = match start_table {
+        Some(_) => Vec::new(),
+        None => vec!["prior".into()],
+    };
+    order.extend(names.iter().rev().cloned());
+    let models: Vec<ArModel> = order
+        .iter()
+        .map(|n| ArModel::load(ctx.input(n)?, device).map_err(StageError::from))
+        .collect::<Result<_, _>>()?;
+    let links: Vec<(&str, &crate::models::ar::ArInfo)> = order
+        .iter()
+        .zip(&models)
+        .rev()
+        .map(|(n, m)| (n.as_str(), &m.info))
+        .collect();
+    let (class_names, start_rows) = match &start_table {
+        None => {
+            check_chain(&links)?;
+            let prior = &models[0].info;
+            if !prior.class_conditional {
+                return Err(Error::Params(
                         "inputs.prior: is not class-conditional; sampling draws samples per class, so train the prior with `class_conditional: true`".into(),
                     )
                     .into());
-                }
-                (prior.class_names.clone(), None)
             }
-            Some(table) => {
-                check_start_chain(&links, ctx.input_key("start")?)?;
-                (table.class_names.clone(), Some(table))
+            (prior.class_names.clone(), None)
+        }
+        Some(table) => {
+            check_start_chain(&links, ctx.input_key("start")?)?;
+            (table.class_names.clone(), Some(table))
+        }
+    };
+    let classes = cfg.class_indices(&class_names)?;
+    let labels: Vec<u32> = classes
+        .iter()
+        .flat_map(|&c| std::iter::repeat_n(c as u32, cfg.samples_per_class))
+        .collect();
+    let start_rows = match start_rows {
+        Some(table) => Some(rows_per_class(
+            table,
+            cfg.start_split.as_deref().unwrap_or("val"),
+            &classes,
+            cfg.samples_per_class,
+            &class_names,
+        )?),
+        None => None,
+    };
+    let total = labels.len();
+    let batches = total.div_ceil(cfg.batch_size);
+
+    // Resume from the finished batches.
+    let mut drawn = Drawn::new(&models);
+    if let Some(cp) = ctx.latest_checkpoint() {
+        drawn = Drawn::read(
+            &cp.dir,
+            &models,
+            (cp.step as usize * cfg.batch_size).min(total),
+        )?;
+        eprintln!("resuming after batch {} of {batches}", cp.step);
+    }
+    let resumed_rows = drawn.rows;
+    let mut seconds = vec![0f64; models.len()];
+    let started = Instant::now();
+    let first = drawn.rows.div_ceil(cfg.batch_size);
+    for b in first..batches {
+        let (start, end) = (b * cfg.batch_size, ((b + 1) * cfg.batch_size).min(total));
+        let n = end - start;
+        let mut rng = SplitMix64::stream(cfg.seed, &format!("batch {b}"));
+        let label_tensor = Tensor::from_slice(&labels[start..end], n, device)
+            .map_err(Error::candle("building the labels"))?;
+        let mut above: Option<Tensor> = match &start_rows {
+            Some(rows) => {
+                let per = rows.values.len() / rows.len().max(1);
+                let (ch, cw) = models[0]
+                    .info
+                    .condition
+                    .map(|c| (c.height, c.width))
+                    .ok_or_else(|| {
+                        Error::Params("inputs.start: the top decoder takes no code map".into())
+                    })?;
+                Some(code_maps(
+                    &rows.values[start * per..end * per],
+                    (n, ch, cw),
+                    device,
+                )?)
             }
-        };
-        let classes = cfg.class_indices(&class_names)?;
-        let labels: Vec<u32> = classes
-            .iter()
-            .flat_map(|&c| std::iter::repeat_n(c as u32, cfg.samples_per_class))
-            .collect();
-        let start_rows = match start_rows {
-            Some(table) => Some(rows_per_class(
-                table,
-                cfg.start_split.as_deref().unwrap_or("val"),
-                &classes,
-                cfg.samples_per_class,
-                &class_names,
-            )?),
             None => None,
         };
-        let total = labels.len();
-        let batches = total.div_ceil(cfg.batch_size);
-
-        // Resume from the finished batches.
-        let mut drawn = Drawn::new(&models);
-        if let Some(cp) = ctx.latest_checkpoint() {
-            drawn = Drawn::read(
-                &cp.dir,
-                &models,
-                (cp.step as usize * cfg.batch_size).min(total),
-            )?;
-            eprintln!("resuming after batch {} of {batches}", cp.step);
-        }
-        let resumed_rows = drawn.rows;
-        let mut seconds = vec![0f64; models.len()];
-        let started = Instant::now();
-        let first = drawn.rows.div_ceil(cfg.batch_size);
-        for b in first..batches {
-            let (start, end) = (b * cfg.batch_size, ((b + 1) * cfg.batch_size).min(total));
-            let n = end - start;
-            let mut rng = SplitMix64::stream(cfg.seed, &format!("batch {b}"));
-            let label_tensor = Tensor::from_slice(&labels[start..end], n, &device)
-                .map_err(Error::candle("building the labels"))?;
-            let mut above: Option<Tensor> = match &start_rows {
-                Some(rows) => {
-                    let per = rows.values.len() / rows.len().max(1);
-                    let (ch, cw) = models[0]
-                        .info
-                        .condition
-                        .map(|c| (c.height, c.width))
-                        .ok_or_else(|| {
-                            Error::Params("inputs.start: the top decoder takes no code map".into())
-                        })?;
-                    Some(code_maps(
-                        &rows.values[start * per..end * per],
-                        (n, ch, cw),
-                        &device,
-                    )?)
-                }
-                None => None,
-            };
-            for (l, (model, name)) in models.iter().zip(&order).enumerate() {
-                let t = Instant::now();
-                let values = model
-                    .sample(
-                        model.info.class_conditional.then_some(&label_tensor),
-                        above.as_ref(),
-                        n,
-                        cfg.temperature(name),
-                        &mut rng,
-                        Sampling::for_device(&device),
-                    )
-                    .map_err(Error::candle(&format!("sampling from `{name}`")))?;
-                seconds[l] += t.elapsed().as_secs_f64();
-                if let InputKind::Codes { .. } = model.info.target {
-                    let shape = (n, model.info.height, model.info.width);
-                    above = Some(code_maps(&values, shape, &device)?);
-                }
-                drawn.levels[l].extend_from_slice(&values);
+        for (l, (model, name)) in models.iter().zip(&order).enumerate() {
+            let t = Instant::now();
+            let values = model
+                .sample(
+                    model.info.class_conditional.then_some(&label_tensor),
+                    above.as_ref(),
+                    n,
+                    cfg.temperature(name),
+                    &mut rng,
+                    Sampling::for_device(device),
+                )
+                .map_err(Error::candle(&format!("sampling from `{name}`")))?;
+            seconds[l] += t.elapsed().as_secs_f64();
+            if let InputKind::Codes { .. } = model.info.target {
+                let shape = (n, model.info.height, model.info.width);
+                above = Some(code_maps(&values, shape, device)?);
             }
-            drawn.rows = end;
-            ctx.save_checkpoint((b + 1) as u64, |dir| drawn.write(dir))?;
-            ctx.progress(
-                end as u64,
-                total as u64,
-                Some(format!("batch {} of {batches}", b + 1)),
-            );
+            drawn.levels[l].extend_from_slice(&values);
         }
-        let elapsed = started.elapsed().as_secs_f64();
-
-        let out = ctx.out_dir();
-        write_outputs(
-            ctx,
-            out,
-            &cfg,
-            &models,
-            &order,
-            &drawn,
-            &labels,
-            &class_names,
-            &classes,
-        )?;
-        if let (Some(rows), true) = (&start_rows, ctx.job.inputs.contains_key("real")) {
-            write_chain_figure(ctx, out, &cfg, &drawn, models.len(), rows, &classes)?;
-        }
-        let new_rows = total - resumed_rows;
-        ctx.metric("sample.seconds", 0, elapsed);
-        if elapsed > 0.0 && new_rows > 0 {
-            ctx.metric("sample.images_per_s", 0, new_rows as f64 / elapsed);
-        }
-        for (name, s) in order.iter().zip(&seconds) {
-            ctx.metric(&format!("sample.seconds.{name}"), 0, *s);
-        }
-        // Timings and how much this attempt drew are metrics, never part of
-        // the artifact: its digest depends only on the stage's inputs.
-        ctx.metric("sample.sampled_now", 0, new_rows as f64);
-        let mut chain = order.clone();
-        if start_rows.is_some() {
-            chain.insert(0, "start".into());
-        }
-        let record = json!({
-            "chain": chain,
-            "start": start_rows.as_ref().map(|r| json!({
-                "split": cfg.start_split.as_deref().unwrap_or("val"),
-                "ids": r.ids,
-            })),
-            "classes": classes.iter().map(|&c| &class_names[c]).collect::<Vec<_>>(),
-            "samples_per_class": cfg.samples_per_class,
-            "samples": total,
-            "temperature": order.iter().map(|n| (n.clone(), json!(cfg.temperature(n)))).collect::<serde_json::Map<_, _>>(),
-            "seed": cfg.seed,
-            "batch_size": cfg.batch_size,
-        });
-        let path = out.join("sample.json");
-        std::fs::write(&path, serde_json::to_vec_pretty(&record)?)
-            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
-        eprintln!("sampled {total} images in {elapsed:.1} s");
-        Ok(())
+        drawn.rows = end;
+        ctx.save_checkpoint((b + 1) as u64, |dir| drawn.write(dir))?;
+        ctx.progress(
+            end as u64,
+            total as u64,
+            Some(format!("batch {} of {batches}", b + 1)),
+        );
     }
+    let elapsed = started.elapsed().as_secs_f64();
+
+    let out = ctx.out_dir();
+    write_outputs(
+        ctx,
+        out,
+        cfg,
+        &models,
+        &order,
+        &drawn,
+        &labels,
+        &class_names,
+        &classes,
+    )?;
+    if let (Some(rows), true) = (&start_rows, ctx.job.inputs.contains_key("real")) {
+        write_chain_figure(ctx, out, cfg, &drawn, models.len(), rows, &classes)?;
+    }
+    let new_rows = total - resumed_rows;
+    ctx.metric("sample.seconds", 0, elapsed);
+    if elapsed > 0.0 && new_rows > 0 {
+        ctx.metric("sample.images_per_s", 0, new_rows as f64 / elapsed);
+    }
+    for (name, s) in order.iter().zip(&seconds) {
+        ctx.metric(&format!("sample.seconds.{name}"), 0, *s);
+    }
+    // Timings and how much this attempt drew are metrics, never part of
+    // the artifact: its digest depends only on the stage's inputs.
+    ctx.metric("sample.sampled_now", 0, new_rows as f64);
+    let mut chain = order.clone();
+    if start_rows.is_some() {
+        chain.insert(0, "start".into());
+    }
+    let record = json!({
+        "chain": chain,
+        "start": start_rows.as_ref().map(|r| json!({
+            "split": cfg.start_split.as_deref().unwrap_or("val"),
+            "ids": r.ids,
+        })),
+        "classes": classes.iter().map(|&c| &class_names[c]).collect::<Vec<_>>(),
+        "samples_per_class": cfg.samples_per_class,
+        "samples": total,
+        "temperature": order.iter().map(|n| (n.clone(), json!(cfg.temperature(n)))).collect::<serde_json::Map<_, _>>(),
+        "seed": cfg.seed,
+        "batch_size": cfg.batch_size,
+    });
+    let path = out.join("sample.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&record)?)
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    eprintln!("sampled {total} images in {elapsed:.1} s");
+    Ok(())
 }
 
 /// `n` code maps of h x w (table values, row-major) as the tensor the

@@ -17,6 +17,7 @@
 //!     validate_every: 200            # on `validation_split` (default val), `validation_rows` of it spread over the classes
 //!     checkpoint_every: 100
 //!     reconstruct: {rows: 8, temperature: 1.0}   # with a code map: sample the rows given their own codes
+//!     precision: f32                 # or bf16: convolutions in bf16 on a GPU (resources: {gpus: 1})
 //! ```
 //!
 //! The codes come from the code table, so no gradient reaches an encoder.
@@ -53,12 +54,13 @@ use crate::data::layout::{PIXEL_CHANNELS_FACT, fact, size_fact};
 use crate::data::level_table::InputKind;
 use crate::data::level_table::{BatchStream, Cursor, LevelTable, Rows, check_aligned};
 use crate::data::prefetch::Prefetched;
-use crate::device::device;
+use crate::device::{at_precision, check_precision, device};
 use crate::error::Error;
 use crate::models::ar::{AR_FORMAT, ArInfo, ArModel, Sampling, upsample_factor};
 use crate::models::conv::MAX_KERNEL;
 use crate::models::optim::{AdamW, OptimConfig};
 use crate::models::pixelcnn::{PixelCnnConfig, bits_per_dim};
+use crate::models::precision::Precision;
 use crate::rng::SplitMix64;
 use crate::training::{self, Schedule, StepReport, Trainable, check_schedule};
 
@@ -88,6 +90,9 @@ pub struct Config {
     pub log_every: u64,
     #[serde(default)]
     pub reconstruct: ReconstructConfig,
+    /// `bf16`: convolutions in bf16 on a GPU ([`crate::models::precision`]).
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 /// Reconstruction by sampling (models with a code map only).
@@ -190,7 +195,7 @@ impl StageKind for TrainAr {
     }
 
     fn check(&self, stage: &Stage) -> Result<(), ParamError> {
-        parse_config(&stage.params)?;
+        check_precision(stage, parse_config(&stage.params)?.precision)?;
         if !stage.inputs.contains_key("table") {
             return Err(ParamError::new(
                 "inputs",
@@ -260,7 +265,9 @@ impl StageKind for TrainAr {
         let cfg = parse_config(&crate::params::object(&ctx.job.params))
             .map_err(|e| Error::Params(e.message))?;
         let device = device(&ctx.job.device)?;
-        Trainer::new(ctx, cfg, device)?.run()
+        at_precision(cfg.precision, &device.clone(), || {
+            Trainer::new(ctx, cfg, device)?.run()
+        })
     }
 }
 

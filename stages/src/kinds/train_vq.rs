@@ -17,6 +17,7 @@
 //!     optimizer: {lr: 3.0e-4, schedule: cosine, warmup_steps: 100, grad_clip: 1.0}
 //!     validate_every: 200           # on `validation_split` (default val), `validation_rows` of it spread over the classes
 //!     checkpoint_every: 100
+//!     precision: f32                # or bf16: convolutions in bf16 on a GPU (resources: {gpus: 1})
 //! ```
 //!
 //! Output: `model.safetensors` (encoder + codebook), `aux_decoder.safetensors`,
@@ -50,11 +51,12 @@ use crate::data::layout::{CODES_FACT, HEIGHT_FACT, WIDTH_FACT, fact, size_fact};
 use crate::data::level_table::InputKind;
 use crate::data::level_table::{BatchStream, Cursor, LevelTable, Rows};
 use crate::data::prefetch::Prefetched;
-use crate::device::device;
+use crate::device::{at_precision, check_precision, device};
 use crate::error::Error;
 use crate::models::aux_decoder::AuxDecoderConfig;
 use crate::models::encoder::EncoderConfig;
 use crate::models::optim::{AdamW, OptimConfig};
+use crate::models::precision::Precision;
 use crate::models::quantiser::{QuantiserConfig, usage};
 use crate::models::vq_level::{LevelConfig, Score, VqLevel};
 use crate::rng::SplitMix64;
@@ -89,6 +91,9 @@ pub struct Config {
     pub checkpoint_every: u64,
     #[serde(default = "training::log_every")]
     pub log_every: u64,
+    /// `bf16`: convolutions in bf16 on a GPU ([`crate::models::precision`]).
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 impl Config {
@@ -188,7 +193,7 @@ impl StageKind for TrainVq {
     }
 
     fn check(&self, stage: &Stage) -> Result<(), ParamError> {
-        parse_config(&stage.params)?;
+        check_precision(stage, parse_config(&stage.params)?.precision)?;
         if !stage.inputs.contains_key("table") {
             return Err(ParamError::new(
                 "inputs",
@@ -250,7 +255,9 @@ impl StageKind for TrainVq {
             .map_err(|e| Error::Params(e.message))?;
         let device = device(&ctx.job.device)?;
         let table = LevelTable::open(ctx.input("table")?)?;
-        Trainer::new(ctx, cfg, table, device)?.run()
+        at_precision(cfg.precision, &device.clone(), || {
+            Trainer::new(ctx, cfg, table, device)?.run()
+        })
     }
 }
 

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use candle_core::{Module, Tensor};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, Init, VarBuilder};
 
+use super::precision;
 use ops::{ConvOp, ConvTransposeOp};
 use space_to_depth::{BlockConv, BlockConvTranspose, SpaceToDepth};
 
@@ -156,9 +157,15 @@ impl Conv {
     }
 
     /// candle's own conv2d (non-CPU devices; the tests' reference).
+    /// (In bf16 on a GPU where asked: [`precision`].)
     pub fn forward_reference(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.conv2d(&self.weight()?, self.cfg.padding, self.cfg.stride, 1, 1)?;
-        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        let dt = precision::compute_dtype(x);
+        let weight = self.weight()?.to_dtype(dt)?;
+        let y = x
+            .to_dtype(dt)?
+            .conv2d(&weight, self.cfg.padding, self.cfg.stride, 1, 1)?;
+        y.broadcast_add(&self.bias.to_dtype(dt)?.reshape((1, (), 1, 1))?)?
+            .to_dtype(x.dtype())
     }
 
     /// A stride-1 layer as one batched matmul over the kept taps only
@@ -168,8 +175,11 @@ impl Conv {
     /// through matmuls and the copies' adjoints, where candle's conv2d
     /// backward would run an im2col with image-sized kernels and a naive
     /// transposed convolution; a masked PixelCNN layer's zeroed taps cost
-    /// nothing. A 1x1 layer is the matmul alone.
-    pub fn forward_tapwise(&self, x: &Tensor, taps: u128) -> candle_core::Result<Tensor> {
+    /// nothing. A 1x1 layer is the matmul alone. (In bf16 on a GPU where
+    /// asked: [`precision`].)
+    pub fn forward_tapwise(&self, input: &Tensor, taps: u128) -> candle_core::Result<Tensor> {
+        let dt = precision::compute_dtype(input);
+        let x = &input.to_dtype(dt)?;
         let (b, c, h, w) = x.dims4()?;
         let (k, p, o) = (self.k, self.cfg.padding, self.weight.dim(0)?);
         if self.cfg.stride != 1 || h + 2 * p < k || w + 2 * p < k {
@@ -181,7 +191,7 @@ impl Conv {
         let kept: Vec<u32> = (0..(k * k) as u32)
             .filter(|&t| taps >> t & 1 == 1)
             .collect();
-        let weight = self.weight()?;
+        let weight = self.weight()?.to_dtype(dt)?;
         let (columns, matrix) = if k == 1 && p == 0 {
             (x.reshape((b, c, h * w))?, weight.reshape((o, c))?)
         } else {
@@ -207,7 +217,8 @@ impl Conv {
         };
         let y = matrix.broadcast_left(b)?.matmul(&columns)?;
         y.reshape((b, o, ho, wo))?
-            .broadcast_add(&self.bias.reshape((1, o, 1, 1))?)
+            .broadcast_add(&self.bias.to_dtype(dt)?.reshape((1, o, 1, 1))?)?
+            .to_dtype(input.dtype())
     }
 
     /// The same layer with `mask` (O x C x k x k of 0 and 1) on its weight.
@@ -399,9 +410,19 @@ impl ConvTranspose {
         })
     }
 
+    /// candle's own conv_transpose2d (in bf16 on a GPU where asked:
+    /// [`precision`]).
     pub fn forward_reference(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.conv_transpose2d(&self.weight, self.cfg.padding, 0, self.cfg.stride, 1)?;
-        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        let dt = precision::compute_dtype(x);
+        let y = x.to_dtype(dt)?.conv_transpose2d(
+            &self.weight.to_dtype(dt)?,
+            self.cfg.padding,
+            0,
+            self.cfg.stride,
+            1,
+        )?;
+        y.broadcast_add(&self.bias.to_dtype(dt)?.reshape((1, (), 1, 1))?)?
+            .to_dtype(x.dtype())
     }
 }
 

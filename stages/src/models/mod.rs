@@ -24,6 +24,7 @@ pub mod masks;
 pub mod nearest;
 pub mod optim;
 pub mod pixelcnn;
+pub mod precision;
 pub mod quantiser;
 pub mod reference;
 pub mod vars;
