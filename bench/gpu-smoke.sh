@@ -9,6 +9,8 @@
 #                                      # (a default build; checks the script)
 #   HAIC_BIN=PATH bash bench/gpu-smoke.sh   # a binary built elsewhere, no
 #                                      # build (bench/gpu-stage.sh's)
+#   HAIC_GPU_SMOKE_PRECISION=bf16 ...  # the GPU run's training and sampling
+#                                      # stages with `precision: bf16`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(mktemp -d)
@@ -32,9 +34,18 @@ query="SELECT s.stage, s.device,
 FROM stage_runs s LEFT JOIN metric_summaries m ON m.stage_run_id = s.id
   AND m.name IN ('val.bits_per_dim', 'val.mse', 'val.accuracy', 'val.perplexity')
 WHERE s.status = 'succeeded' GROUP BY s.id ORDER BY s.id"
+# The smoke pipeline's stages that take `precision` (train_vq, train_ar, sample).
+gpu_set=()
+if [ -n "${HAIC_GPU_SMOKE_PRECISION:-}" ]; then
+  for stage in vq1 vq2 decoder1 decoder2 prior baseline ham_samples baseline_samples; do
+    gpu_set+=(-S "$stage.precision=$HAIC_GPU_SMOKE_PRECISION")
+  done
+fi
 for run in $runs; do
   start=$(date +%s.%N)
-  HAIC_WORKSPACE="$out/ws-$run" "$bin" run "$out/$run.yaml" >"$out/$run.log" 2>&1 ||
+  set_args=()
+  [ "$run" = gpu ] && set_args=("${gpu_set[@]}")
+  HAIC_WORKSPACE="$out/ws-$run" "$bin" run "$out/$run.yaml" "${set_args[@]}" >"$out/$run.log" 2>&1 ||
     { tail -20 "$out/$run.log"; exit 1; }
   end=$(date +%s.%N)
   echo "== $run: $(awk "BEGIN { printf \"%.1f\", $end - $start }") s in all"

@@ -12,18 +12,20 @@
 #   GPU_CHECK_TWINS=0 ...      # without the PyTorch twins
 # Parts, each on its own time limit so that one failing leaves the rest:
 #   smoke   the smoke pipeline on CPU, then on the GPU (bench/gpu-smoke.sh);
-#           again with HAIC_GPU_CONV=taps
+#           again with HAIC_GPU_CONV=taps, and with `precision: bf16`
 #   vq ar   a training step of imagenet128.yaml's vq1 / decoder1 in three
 #           candle variants (gpu-bench: candle's convolutions;
 #           gpu-bench-cudnn: through cuDNN; gpu-bench with
-#           HAIC_GPU_CONV=taps: stride-1 layers tap-wise) at batch 64,
-#           halved until it fits; then the PyTorch twin
+#           HAIC_GPU_CONV=taps: stride-1 layers tap-wise), each in f32 and
+#           bf16, at batch 64, halved until it fits; then the PyTorch twin
 #           (bench/torch_twin.py) in f32 and with bf16 autocast, at batch
 #           64 (and 16 for decoder1)
 #   sample  decoder1's sampler on 64 images, on-device against host
 #           drawing, each variant
 #   ops     each convolution shape of the two models alone (forward and
-#           backward), each variant and the twin: where a step's time goes
+#           backward), each variant and the twin, f32 and bf16: where a
+#           step's time goes
+# GPU_CHECK_PRECISIONS="f32" (default "f32 bf16") limits the precisions.
 # Every result is a JSON line in the output and in $OUT/gpu-check.log;
 # peak GPU memory is nvidia-smi's, polled every 0.2 s.
 set -euo pipefail
@@ -89,14 +91,19 @@ measured() {
 # tap-wise stride-1 convolutions (HAIC_GPU_CONV=taps, same binary).
 variants=("gpu-check/gpu-bench" "gpu-check/gpu-bench-cudnn" "env HAIC_GPU_CONV=taps gpu-check/gpu-bench")
 
-# Each variant at the largest batch of 64, 32, 16 that runs; then the twins.
+precisions=${GPU_CHECK_PRECISIONS:-f32 bf16}
+
+# Each variant and precision at the largest batch of 64, 32, 16 that runs;
+# then the twins.
 train() {
-  local part=$1 twin_batches=$2 v batch
+  local part=$1 twin_batches=$2 v p batch
   for v in "${variants[@]}"; do
-    for batch in 64 32 16; do
-      # shellcheck disable=SC2086 # $v is a command and its words
-      measured 150 $v --only "$part" --batch "$batch" --steps 3 && break
-      say "## $v --only $part at batch $batch did not run"
+    for p in $precisions; do
+      for batch in 64 32 16; do
+        # shellcheck disable=SC2086 # $v is a command and its words
+        measured 150 $v --only "$part" --batch "$batch" --steps 3 --precision "$p" && break
+        say "## $v --only $part --precision $p at batch $batch did not run"
+      done
     done
   done
   [ "${GPU_CHECK_TWINS:-1}" = 0 ] && return
@@ -113,22 +120,30 @@ for part in $parts; do
   case $part in
     smoke)
       HAIC_BIN=gpu-check/haic-pipe measured 240 bash bench/gpu-smoke.sh
-      HAIC_GPU_CONV=taps HAIC_BIN=gpu-check/haic-pipe measured 240 bash bench/gpu-smoke.sh ;;
+      HAIC_GPU_CONV=taps HAIC_BIN=gpu-check/haic-pipe measured 240 bash bench/gpu-smoke.sh
+      HAIC_GPU_SMOKE_PRECISION=bf16 HAIC_BIN=gpu-check/haic-pipe measured 240 bash bench/gpu-smoke.sh ;;
     vq) train vq "64" ;;
     ar) train ar "64 16" ;;
     sample)
       for v in "${variants[@]}"; do
         # shellcheck disable=SC2086
-        measured 150 $v --only sample --sample-images 64 --sample-rows 4
+        for p in $precisions; do
+          measured 150 $v --only sample --sample-images 64 --sample-rows 4 --precision "$p"
+        done
       done ;;
     ops)
       for v in "${variants[@]}"; do
         # shellcheck disable=SC2086
-        measured 150 $v --only ops --steps 3
+        for p in $precisions; do
+          measured 150 $v --only ops --steps 3 --precision "$p"
+        done
       done
-      [ "${GPU_CHECK_TWINS:-1}" = 0 ] ||
+      [ "${GPU_CHECK_TWINS:-1}" = 0 ] && continue
+      for p in $precisions; do
+        amp=(); [ "$p" = bf16 ] && amp=(--amp bf16)
         measured 120 python3 bench/torch_twin.py --pipeline pipelines/imagenet128.yaml \
-          --device cuda --only ops --steps 3 ;;
+          --device cuda --only ops --steps 3 "${amp[@]}"
+      done ;;
     *) say "unknown part $part" ;;
   esac
 done

@@ -311,10 +311,11 @@ def pipeline_models(path):
     return side, code_side, codes, vq, v["batch_size"], ar, d["batch_size"]
 
 
-def pipeline_ops(side, code_side, vq, ar, reps, device):
+def pipeline_ops(side, code_side, vq, ar, reps, device, amp=None):
     """gpu_bench.rs's `ops`: each convolution shape of vq1 (batch 64) and
     decoder1 (batch 16) alone, forward and backward with the input's
-    gradient, the median of `reps` after 2 warm-ups, synchronised."""
+    gradient, the median of `reps` after 2 warm-ups, synchronised; the
+    forward under bf16 autocast with `amp`."""
     h, r, a, ch, k = vq["hidden"], vq["res_hidden"], ar["hidden"], ar["cond_hidden"], ar["k"]
     specs = [
         (f"vq1 stem conv3x3 3->{h} at {side}", 64, (3, side), h, (3, 1, 1), False),
@@ -337,13 +338,16 @@ def pipeline_ops(side, code_side, vq, ar, reps, device):
             t = time.perf_counter()
             x.grad = None
             layer.zero_grad(set_to_none=True)
-            (layer(x) * rr).sum().backward()
+            with (torch.autocast("cuda", dtype=torch.bfloat16) if amp == "bf16"
+                  else contextlib.nullcontext()):
+                y = layer(x)
+            (y.float() * rr).sum().backward()
             if device != "cpu":
                 torch.cuda.synchronize()
             if i >= 2:
                 times.append(time.perf_counter() - t)
-        print(json.dumps({"impl": "torch", "op": name, "batch": batch,
-                          "seconds": statistics.median(times)}), flush=True)
+        print(json.dumps({"impl": "torch", "op": name, "precision": amp or "f32",
+                          "batch": batch, "seconds": statistics.median(times)}), flush=True)
         del layer, x, rr
 
 
@@ -368,7 +372,7 @@ def pipeline_bench(a):
         del model
 
     if a.only == "ops":
-        pipeline_ops(side, code_side, vq_sizes, ar_sizes, max(a.steps, 3), a.device)
+        pipeline_ops(side, code_side, vq_sizes, ar_sizes, max(a.steps, 3), a.device, a.amp)
         return
     if a.only in (None, "vq"):
         b = a.batch or vq_batch

@@ -6,7 +6,8 @@
 //! is the PyTorch side.
 //!
 //! `gpu-bench [--pipeline FILE] [--device cuda|cpu] [--only vq|ar|sample|ops]
-//!  [--batch N] [--steps N] [--sample-rows R] [--sample-images N]`
+//!  [--batch N] [--steps N] [--sample-rows R] [--sample-images N]
+//!  [--precision f32|bf16]`
 //!
 //! One JSON line per model: `seconds` (median step after warm-up, the
 //! device synchronised at its end; for sampling, one run), `throughput`
@@ -17,7 +18,8 @@
 //! (per row x the image's rows: a lower bound, since a later row's
 //! vertical band is up to `rows_above` rows tall, the first rows' are not).
 //! `--only ops` (only when asked for) times each convolution shape of the
-//! two models alone (see [`ops`]).
+//! two models alone (see [`ops`]). `--precision bf16` computes the
+//! convolutions in bf16 as the stages' `precision: bf16` does.
 
 mod common;
 use common::{arg, layer_seconds, median, pixel_table, random_rows};
@@ -31,6 +33,7 @@ use stages::kinds::{train_ar, train_vq};
 use stages::models::ar::{AR_FORMAT, ArInfo, ArModel, CodeMapInfo, Sampling};
 use stages::models::conv::{Conv, ConvTranspose};
 use stages::models::optim::AdamW;
+use stages::models::precision::{self, Precision};
 use stages::models::vars::SeededVars;
 use stages::models::vq_level::VqLevel;
 use stages::rng::SplitMix64;
@@ -79,9 +82,15 @@ fn ar_info(model: &train_ar::Config, s: &Sizes, height: usize) -> ArInfo {
     }
 }
 
+/// The precision this thread computes in, as a JSON string.
+fn precision_json() -> String {
+    serde_json::to_string(&precision::current()).unwrap_or_default()
+}
+
 fn report(model: &str, batch: usize, seconds: f64, extra: &str) {
     println!(
-        "{{\"impl\": \"candle\", \"model\": \"{model}\", \"batch\": {batch}, \"seconds\": {seconds:.6}, \"throughput\": {:.3}{extra}}}",
+        "{{\"impl\": \"candle\", \"model\": \"{model}\", \"precision\": {}, \"batch\": {batch}, \"seconds\": {seconds:.6}, \"throughput\": {:.3}{extra}}}",
+        precision_json(),
         batch as f64 / seconds
     );
 }
@@ -306,7 +315,8 @@ fn ops(
         )
         .map_err(|e| format!("{name}: {e}"))?;
         println!(
-            "{{\"impl\": \"candle\", \"op\": \"{name}\", \"batch\": {batch}, \"seconds\": {seconds:.6}}}"
+            "{{\"impl\": \"candle\", \"op\": \"{name}\", \"precision\": {}, \"batch\": {batch}, \"seconds\": {seconds:.6}}}",
+            precision_json()
         );
     }
     Ok(())
@@ -321,12 +331,25 @@ fn main() -> Res<()> {
         "cuda" => Device::new_cuda(0)?,
         other => return Err(format!("--device {other}: cpu or cuda").into()),
     };
+    let precision: Precision = match arg("--precision") {
+        Some(p) => serde_json::from_value(serde_json::Value::String(p.clone()))
+            .map_err(|_| format!("--precision {p}: f32 or bf16"))?,
+        None => Precision::F32,
+    };
+    if precision == Precision::Bf16 && dev.is_cpu() {
+        return Err("--precision bf16 computes on a GPU; the CPU's kernels are f32 only".into());
+    }
+    precision::with(precision, || measure(&pipeline, dev))
+}
+
+/// What `main` asked for, at this thread's precision.
+fn measure(pipeline: &std::path::Path, dev: Device) -> Res<()> {
     let steps = count("--steps", 5)?;
     let only = arg("--only");
     // `ops` runs only when asked for by name.
     let wanted = |m: &str| only.as_deref().is_none_or(|o| o == m);
 
-    let spec = pipeline::spec::load(&pipeline, &stages::all())?;
+    let spec = pipeline::spec::load(pipeline, &stages::all())?;
     let params = |name: &str| -> Res<&serde_json::Map<String, serde_json::Value>> {
         let i = spec
             .index
