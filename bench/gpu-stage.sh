@@ -7,16 +7,18 @@
 # runtime they link, in gpu-check/ (ignored by git; 32 MB, under the device
 # tool's 64 MiB), with gpu-check/run.sh. There, from the repository root
 # (the device tool: carry ["gpu-check"]):
-#   bash gpu-check/run.sh      # everything below, about 8 minutes
+#   bash gpu-check/run.sh      # smoke vq ar sample ops, about 8 minutes
 #   GPU_CHECK_PARTS="smoke vq" bash gpu-check/run.sh   # some parts
 #   GPU_CHECK_TWINS=0 ...      # without the PyTorch twins
+#   GPU_CHECK_CUDNN=1 ...      # the cuDNN build too (slower on an H200:
+#                              # docs/benchmarks.md; about 6 minutes more)
 # Parts, each on its own time limit so that one failing leaves the rest:
 #   smoke   the smoke pipeline on CPU, then on the GPU (bench/gpu-smoke.sh);
 #           again with HAIC_GPU_CONV=taps, and with `precision: bf16`
-#   vq ar   a training step of imagenet128.yaml's vq1 / decoder1 in three
-#           candle variants (gpu-bench: candle's convolutions;
-#           gpu-bench-cudnn: through cuDNN; gpu-bench with
-#           HAIC_GPU_CONV=taps: stride-1 layers tap-wise), each in f32 and
+#   vq ar   a training step of imagenet128.yaml's vq1 / decoder1 in two
+#           candle variants (gpu-bench: candle's convolutions; gpu-bench
+#           with HAIC_GPU_CONV=taps: stride-1 layers tap-wise; with
+#           GPU_CHECK_CUDNN=1 also gpu-bench-cudnn), each in f32 and
 #           bf16, at batch 64, halved until it fits; then the PyTorch twin
 #           (bench/torch_twin.py) in f32 and with bf16 autocast, at batch
 #           64 (and 16 for decoder1)
@@ -25,6 +27,10 @@
 #   ops     each convolution shape of the two models alone (forward and
 #           backward), each variant and the twin, f32 and bf16: where a
 #           step's time goes
+#   memory  (only when named) peak memory of a vq1 step at batch 8, 16,
+#           32 and a decoder1 step at 2, 4, 8, each variant and
+#           precision: the per-image slope and the fixed part, for a
+#           memory estimate at load time
 # GPU_CHECK_PRECISIONS="f32" (default "f32 bf16") limits the precisions.
 # Every result is a JSON line in the output and in $OUT/gpu-check.log;
 # peak GPU memory is nvidia-smi's, polled every 0.2 s.
@@ -87,9 +93,10 @@ measured() {
   return "$rc"
 }
 
-# The candle variants: candle's convolutions, through cuDNN, and the
-# tap-wise stride-1 convolutions (HAIC_GPU_CONV=taps, same binary).
-variants=("gpu-check/gpu-bench" "gpu-check/gpu-bench-cudnn" "env HAIC_GPU_CONV=taps gpu-check/gpu-bench")
+# The candle variants: candle's convolutions, the tap-wise stride-1
+# convolutions (HAIC_GPU_CONV=taps, same binary), and through cuDNN.
+variants=("gpu-check/gpu-bench" "env HAIC_GPU_CONV=taps gpu-check/gpu-bench")
+[ "${GPU_CHECK_CUDNN:-0}" = 1 ] && variants+=("gpu-check/gpu-bench-cudnn")
 
 precisions=${GPU_CHECK_PRECISIONS:-f32 bf16}
 
@@ -143,6 +150,19 @@ for part in $parts; do
         amp=(); [ "$p" = bf16 ] && amp=(--amp bf16)
         measured 120 python3 bench/torch_twin.py --pipeline pipelines/imagenet128.yaml \
           --device cuda --only ops --steps 3 "${amp[@]}"
+      done ;;
+    memory)
+      for v in "${variants[@]}"; do
+        for p in $precisions; do
+          for batch in 8 16 32; do
+            # shellcheck disable=SC2086
+            measured 90 $v --only vq --batch "$batch" --steps 1 --precision "$p"
+          done
+          for batch in 2 4 8; do
+            # shellcheck disable=SC2086
+            measured 90 $v --only ar --batch "$batch" --steps 1 --precision "$p"
+          done
+        done
       done ;;
     *) say "unknown part $part" ;;
   esac
