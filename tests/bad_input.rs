@@ -167,7 +167,10 @@ const STAGE_CASES: &[StageCase] = &[
         stages: "  bad:\n    kind: train_vq\n    inputs: {table: prep}\n    params: {steps: 5, precision: fp16}\n",
         setup: Setup::Smoke,
         code: 2,
-        expect: &["stage `bad`", "unknown variant `fp16`, expected `f32` or `bf16`"],
+        expect: &[
+            "stage `bad`",
+            "unknown variant `fp16`, expected `f32` or `bf16`",
+        ],
     },
     StageCase {
         name: "a PixelCNN whose hidden channels do not split over RGB",

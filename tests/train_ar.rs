@@ -306,3 +306,51 @@ fn written_defaults_and_checkpoint_cadence_keep_stages_cached() {
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("quantiser.decay"), "{text}");
 }
+
+/// A GPU stage whose training step cannot fit one GPU's memory (stated by
+/// HAIC_GPU_MEMORY_GIB here; on a GPU machine, read from the driver) is
+/// refused when the pipeline is read, naming the stage, its batch and the
+/// batch that fits; one that fits, or runs on the CPU, is not checked
+/// against it; an unreadable figure is an error that says what to write.
+#[test]
+fn a_training_step_too_large_for_the_gpu_is_refused_at_load() {
+    let pipeline = |gpus: u32| {
+        format!(
+            "stages:\n  prep:\n    kind: preprocess\n    params: {{source: {{format: cifar10, train: [c.bin]}}}}\n  big:\n    kind: train_ar\n    inputs: {{table: prep}}\n    resources: {{gpus: {gpus}}}\n    params: {{steps: 5, batch_size: 64, model: {{hidden: 126, layers: 16, kernel: 5}}}}\n"
+        )
+    };
+    let status = |p: &Project, gib: &str| {
+        p.cmd(&["status", "pipeline.yaml"])
+            .env("HAIC_GPU_MEMORY_GIB", gib)
+            .env_remove("HAIC_GPU_CONV")
+            .output()
+            .expect("running haic-pipe")
+    };
+    let p = Project::new(&pipeline(1));
+    // 32x32 CIFAR images: 0.41 GiB an image by the estimate, 26 GiB at 64.
+    let out = status(&p, "8");
+    assert_error(&out, 2, "pipeline.yaml:");
+    let err = stderr(&out);
+    for want in [
+        "stage `big`",
+        "batch_size 64 needs about 26 GiB of GPU memory a training step",
+        "more than one GPU's 8 GiB (HAIC_GPU_MEMORY_GIB=8)",
+        "lower it to 17 or less, or set `precision: bf16` (22 fit)",
+    ] {
+        assert!(err.contains(want), "missing `{want}` in:\n{err}");
+    }
+    // Status then reports the stages (stale: no data here), exit 1.
+    let fits = |out: &std::process::Output| {
+        out.status.code() == Some(1) && !stderr(out).contains("GPU memory")
+    };
+    assert!(fits(&status(&p, "40")), "26 GiB fit in 40");
+    let out = status(&p, "8G");
+    assert_error(
+        &out,
+        2,
+        "HAIC_GPU_MEMORY_GIB is `8G`: give the memory of one GPU in GiB",
+    );
+
+    let on_cpu = Project::new(&pipeline(0));
+    assert!(fits(&status(&on_cpu, "8")), "a CPU stage is not checked");
+}

@@ -1,4 +1,6 @@
-//! Which GPUs this machine offers to local worker slots, and their names.
+//! Which GPUs this machine offers to local worker slots, their names, and
+//! the memory stage kinds check their models against when a pipeline is
+//! read ([`gpu_memory`]).
 //!
 //! `CUDA_VISIBLE_DEVICES`, when set, is the list (its entries, ids or UUIDs,
 //! become `cuda:ENTRY` slots and go back into each worker's
@@ -35,6 +37,7 @@ type CuInit = unsafe extern "C" fn(u32) -> c_int;
 type CuDeviceGetCount = unsafe extern "C" fn(*mut c_int) -> c_int;
 type CuDeviceGet = unsafe extern "C" fn(*mut c_int, c_int) -> c_int;
 type CuDeviceGetName = unsafe extern "C" fn(*mut c_char, c_int, c_int) -> c_int;
+type CuDeviceTotalMem = unsafe extern "C" fn(*mut usize, c_int) -> c_int;
 
 /// The CUDA driver library, opened at run time (never closed: the driver
 /// keeps state for the life of the process).
@@ -101,6 +104,53 @@ pub fn gpu_name(ordinal: usize) -> Option<String> {
     Some(s.to_string_lossy().into_owned())
 }
 
+/// The variable that states the memory of the GPUs stages get, in GiB.
+pub const GPU_MEMORY_VAR: &str = "HAIC_GPU_MEMORY_GIB";
+
+/// The memory of one GPU a stage will get, in bytes, and where that figure
+/// comes from: `HAIC_GPU_MEMORY_GIB` when set (a Slurm cluster's GPUs, which
+/// the login node cannot see), else the smallest device the CUDA driver
+/// sees here; `None` with neither (a machine without GPUs). An unreadable
+/// variable is an error that says what to write.
+pub fn gpu_memory() -> Result<Option<(u64, String)>, String> {
+    if let Ok(v) = std::env::var(GPU_MEMORY_VAR) {
+        return stated_memory(&v).map(Some);
+    }
+    static LOCAL: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    Ok(LOCAL
+        .get_or_init(smallest_device_memory)
+        .map(|bytes| (bytes, "the smallest GPU here".to_string())))
+}
+
+/// `HAIC_GPU_MEMORY_GIB`'s value in bytes, and the source named.
+fn stated_memory(v: &str) -> Result<(u64, String), String> {
+    match v.trim().parse::<f64>() {
+        Ok(gib) if gib.is_finite() && gib > 0.0 => Ok((
+            (gib * (1u64 << 30) as f64) as u64,
+            format!("{GPU_MEMORY_VAR}={}", v.trim()),
+        )),
+        _ => Err(format!(
+            "{GPU_MEMORY_VAR} is `{v}`: give the memory of one GPU in GiB, e.g. {GPU_MEMORY_VAR}=80"
+        )),
+    }
+}
+
+/// The smallest total memory of the devices the driver sees, if any.
+fn smallest_device_memory() -> Option<u64> {
+    let d = Driver::open()?;
+    let get: CuDeviceGet = d.symbol(c"cuDeviceGet")?;
+    let total: CuDeviceTotalMem = d.symbol(c"cuDeviceTotalMem_v2")?;
+    (0..driver_device_count())
+        .filter_map(|ordinal| {
+            let mut dev: c_int = 0;
+            let mut bytes: usize = 0;
+            // SAFETY: each call writes one int / one size_t.
+            let ok = unsafe { get(&mut dev, ordinal as c_int) == 0 && total(&mut bytes, dev) == 0 };
+            ok.then_some(bytes as u64)
+        })
+        .min()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,12 +166,29 @@ mod tests {
     }
 
     #[test]
+    fn the_stated_gpu_memory_is_gib_or_an_error_that_says_so() {
+        assert_eq!(
+            stated_memory(" 80 ").unwrap(),
+            (80 << 30, "HAIC_GPU_MEMORY_GIB=80".to_string())
+        );
+        assert_eq!(stated_memory("0.5").unwrap().0, 1 << 29);
+        for bad in ["", "80G", "-1", "0", "inf", "NaN"] {
+            let e = stated_memory(bad).unwrap_err();
+            assert!(
+                e.contains("in GiB, e.g. HAIC_GPU_MEMORY_GIB=80"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn a_machine_without_a_driver_has_no_gpus() {
         // This machine (and CI) has no libcuda: the lookup must say so
         // quietly, not fail. On a GPU machine it counts them.
         if Driver::open().is_none() {
             assert_eq!(driver_device_count(), 0);
             assert_eq!(gpu_name(0), None);
+            assert_eq!(smallest_device_memory(), None);
         }
     }
 }

@@ -43,6 +43,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 use pipeline::ParamError;
+use pipeline::executor::gpus::gpu_memory;
 use pipeline::spec::Stage;
 use pipeline::stage::{StageContext, StageError, StageKind};
 use serde::{Deserialize, Serialize};
@@ -216,7 +217,8 @@ impl StageKind for TrainAr {
     }
 
     /// The model against its inputs: hidden channels the pixel channels
-    /// divide, and a code map the target is 2^s times larger than.
+    /// divide, a training step that fits the GPU, and a code map the
+    /// target is 2^s times larger than.
     fn check_inputs(
         &self,
         stage: &Stage,
@@ -225,6 +227,9 @@ impl StageKind for TrainAr {
         let cfg = parse_config(&stage.params)?;
         if let Some(c) = fact(inputs.get("table"), PIXEL_CHANNELS_FACT) {
             check_hidden(stage, &cfg, c)?;
+        }
+        if let Some((h, w)) = size_fact(inputs.get("table")) {
+            check_gpu_memory(stage, &cfg, h * w)?;
         }
         let Some(condition) = inputs.get("condition") else {
             return Ok(());
@@ -269,6 +274,55 @@ impl StageKind for TrainAr {
             Trainer::new(ctx, cfg, device)?.run()
         })
     }
+}
+
+/// A stage on a GPU whose training step would not fit one GPU's memory
+/// ([`gpu_memory`]) at its batch, by [`PixelCnnConfig::gpu_bytes_per_image`],
+/// fails when the pipeline is read, not at its first step after the
+/// levels below it trained. Not with `HAIC_GPU_CONV` set: the estimate is
+/// of candle's own convolutions.
+fn check_gpu_memory(stage: &Stage, cfg: &Config, pixels: usize) -> Result<(), ParamError> {
+    if stage.resources.gpus == 0 || std::env::var_os("HAIC_GPU_CONV").is_some() {
+        return Ok(());
+    }
+    let Some((budget, source)) = gpu_memory().map_err(|m| ParamError::new("resources", m))? else {
+        return Ok(());
+    };
+    let m = &cfg.model;
+    let per_image = m.gpu_bytes_per_image(pixels, cfg.precision);
+    let need = per_image * cfg.batch_size as f64;
+    if need <= budget as f64 {
+        return Ok(());
+    }
+    let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
+    // The batch to suggest leaves a tenth of the GPU to what the estimate
+    // leaves out (the allocator's fragments, the CUDA context): decoder1's
+    // batch 32 failed on an H200 at 137 of its 140 GiB.
+    let fitting = |per_image: f64| (0.9 * budget as f64 / per_image).floor() as usize;
+    let fix = match fitting(per_image) {
+        0 => "even one image does not fit: make the model smaller (`model.hidden`, `layers` or `kernel`)".to_string(),
+        n => format!("lower it to {n} or less"),
+    };
+    let bf16 = match cfg.precision {
+        Precision::F32 => match fitting(m.gpu_bytes_per_image(pixels, Precision::Bf16)) {
+            n if n > fitting(per_image) => format!(", or set `precision: bf16` ({n} fit)"),
+            _ => String::new(),
+        },
+        Precision::Bf16 => String::new(),
+    };
+    Err(ParamError::new(
+        "params.batch_size",
+        format!(
+            "batch_size {} needs about {:.0} GiB of GPU memory a training step ({:.2} GiB an image: hidden {}, {} layers, kernel {} on {pixels} positions, estimated from a step measured on an H200, docs/benchmarks.md), more than one GPU's {:.0} GiB ({source}): {fix}{bf16}",
+            cfg.batch_size,
+            gib(need),
+            gib(per_image),
+            m.hidden,
+            m.layers,
+            m.kernel,
+            gib(budget as f64),
+        ),
+    ))
 }
 
 /// The PixelCNN gives each of the `c` pixel channels an equal group of

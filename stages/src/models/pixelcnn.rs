@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use super::categorical::categorical_nll_of_conv;
 use super::conv::{Conv, ConvTranspose};
 use super::encoder::{InputEmbedding, ResBlock};
+use super::precision::Precision;
 use crate::data::level_table::InputKind;
 
 mod gate;
@@ -57,6 +58,36 @@ impl Default for PixelCnnConfig {
             cond_hidden: 64,
             cond_res_blocks: 2,
         }
+    }
+}
+
+/// One measured training step the GPU memory estimate scales from: an
+/// H200, imagenet128.yaml's decoder1 (hidden 126, 16 layers, kernel 5, on
+/// 128x128 pixels) at batch 16 with candle's own convolutions, peak
+/// nvidia-smi MiB in f32 and in bf16 (docs/benchmarks.md, second run).
+const MEASURED_STEP: (usize, usize, usize, usize, usize) = (126, 16, 5, 128 * 128, 16);
+const MEASURED_MIB_F32: f64 = 106_769.0;
+const MEASURED_MIB_BF16: f64 = 83_919.0;
+
+impl PixelCnnConfig {
+    /// The GPU memory of a training step, in bytes an image, on `pixels`
+    /// positions: candle's own convolutions keep an im2col buffer of each
+    /// layer's k x k taps for every position and hidden channel, so it
+    /// grows as pixels x hidden x layers x k^2. Scaled from one measured
+    /// step ([`MEASURED_STEP`]; its whole peak counted per image, which
+    /// errs high by the weights' share); other shapes are an
+    /// extrapolation, and other convolution paths (`HAIC_GPU_CONV`) are
+    /// not covered.
+    pub fn gpu_bytes_per_image(&self, pixels: usize, precision: Precision) -> f64 {
+        let (hidden, layers, k, measured_pixels, batch) = MEASURED_STEP;
+        let mib = match precision {
+            Precision::F32 => MEASURED_MIB_F32,
+            Precision::Bf16 => MEASURED_MIB_BF16,
+        };
+        let per_unit = mib * (1u64 << 20) as f64
+            / batch as f64
+            / (measured_pixels * hidden * layers * k * k) as f64;
+        per_unit * (pixels * self.hidden * self.layers * self.kernel * self.kernel) as f64
     }
 }
 
@@ -355,6 +386,48 @@ mod tests {
     use crate::models::reference::{self, Kernels};
     use crate::models::vars::SeededVars;
     use crate::rng::SplitMix64;
+
+    /// The estimate gives back the measured step it scales from, grows
+    /// as pixels x hidden x layers x k^2, and says that batch 32 of
+    /// decoder1 does not fit an H200's 143,771 MiB, as it did not there.
+    #[test]
+    fn the_gpu_memory_estimate_scales_from_its_measured_step() {
+        let decoder1 = PixelCnnConfig {
+            hidden: 126,
+            layers: 16,
+            kernel: 5,
+            ..PixelCnnConfig::default()
+        };
+        let mib = |bytes: f64| bytes / (1u64 << 20) as f64;
+        let pixels = 128 * 128;
+        let f32_step = mib(16.0 * decoder1.gpu_bytes_per_image(pixels, Precision::F32));
+        let bf16_step = mib(16.0 * decoder1.gpu_bytes_per_image(pixels, Precision::Bf16));
+        assert!((f32_step - 106_769.0).abs() < 1e-6, "{f32_step}");
+        assert!((bf16_step - 83_919.0).abs() < 1e-6, "{bf16_step}");
+        assert!(mib(32.0 * decoder1.gpu_bytes_per_image(pixels, Precision::F32)) > 143_771.0);
+
+        let base = decoder1.gpu_bytes_per_image(32 * 32, Precision::F32);
+        let scaled = |cfg: PixelCnnConfig, pixels: usize| {
+            cfg.gpu_bytes_per_image(pixels, Precision::F32) / base
+        };
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(close(scaled(decoder1.clone(), 64 * 32), 2.0));
+        let wider = PixelCnnConfig {
+            hidden: 252,
+            ..decoder1.clone()
+        };
+        assert!(close(scaled(wider, 32 * 32), 2.0));
+        let shallower = PixelCnnConfig {
+            layers: 8,
+            ..decoder1.clone()
+        };
+        assert!(close(scaled(shallower, 32 * 32), 0.5));
+        let smaller_kernel = PixelCnnConfig {
+            kernel: 3,
+            ..decoder1.clone()
+        };
+        assert!(close(scaled(smaller_kernel, 32 * 32), 9.0 / 25.0));
+    }
     use candle_core::Device;
     use candle_core::Var;
 
