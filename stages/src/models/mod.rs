@@ -30,6 +30,24 @@ pub mod reference;
 pub mod vars;
 pub mod vq_level;
 
+/// Runs `f` with this thread's `key` set to `value`, then restores the
+/// previous value (on a panic too): the scoped per-thread choices of
+/// [`reference`] and [`precision`].
+fn with_thread_choice<T: Copy + 'static, R>(
+    key: &'static std::thread::LocalKey<std::cell::Cell<T>>,
+    value: T,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore<T: Copy + 'static>(&'static std::thread::LocalKey<std::cell::Cell<T>>, T);
+    impl<T: Copy + 'static> Drop for Restore<T> {
+        fn drop(&mut self) {
+            self.0.with(|c| c.set(self.1));
+        }
+    }
+    let _restore = Restore(key, key.with(|c| c.replace(value)));
+    f()
+}
+
 /// The f32 values of a contiguous CPU tensor, for the CPU kernels of
 /// `CustomOp`s; `op` names the kernel in the error.
 pub(crate) fn contiguous_f32<'a>(

@@ -41,14 +41,7 @@ pub fn current() -> Precision {
 /// Runs `f` with `precision` on this thread, then restores the previous
 /// choice (on a panic too).
 pub fn with<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
-    struct Restore(Precision);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            CURRENT.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(CURRENT.with(|c| c.replace(precision)));
-    f()
+    super::with_thread_choice(&CURRENT, precision, f)
 }
 
 /// The dtype a convolution of `x` computes in: bf16 where this thread

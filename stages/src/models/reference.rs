@@ -44,14 +44,7 @@ pub fn current() -> Kernels {
 /// Runs `f` with `kernels` on this thread, then restores the previous
 /// choice (on a panic too).
 pub fn with<R>(kernels: Kernels, f: impl FnOnce() -> R) -> R {
-    struct Restore(Kernels);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            CURRENT.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(CURRENT.with(|c| c.replace(kernels)));
-    f()
+    super::with_thread_choice(&CURRENT, kernels, f)
 }
 
 #[cfg(test)]
