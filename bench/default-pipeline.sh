@@ -11,6 +11,7 @@ ws=${2:-$(mktemp -d)/ws}
 cargo build --release --quiet
 bin=target/release/haic-pipe
 rm -rf "$ws"
+mkdir -p "$(dirname "$ws")"
 start=$(date +%s.%N)
 "$bin" run "$pipeline" --workspace "$ws" --jobs 2 > "$ws.log" 2>&1 || { tail -20 "$ws.log"; exit 1; }
 end=$(date +%s.%N)
