@@ -279,10 +279,11 @@ impl StageKind for TrainAr {
 /// A stage on a GPU whose training step would not fit one GPU's memory
 /// ([`gpu_memory`]) at its batch, by [`PixelCnnConfig::gpu_bytes_per_image`],
 /// fails when the pipeline is read, not at its first step after the
-/// levels below it trained. Not with `HAIC_GPU_CONV` set: the estimate is
-/// of candle's own convolutions.
+/// levels below it trained. Not with `HAIC_GPU_CONV=taps`: the estimate
+/// is of candle's own convolutions.
 fn check_gpu_memory(stage: &Stage, cfg: &Config, pixels: usize) -> Result<(), ParamError> {
-    if stage.resources.gpus == 0 || std::env::var_os("HAIC_GPU_CONV").is_some() {
+    let tapwise = std::env::var("HAIC_GPU_CONV").as_deref() == Ok("taps");
+    if stage.resources.gpus == 0 || tapwise {
         return Ok(());
     }
     let Some((budget, source)) = gpu_memory().map_err(|m| ParamError::new("resources", m))? else {
