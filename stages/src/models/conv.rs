@@ -12,7 +12,8 @@
 //!
 //! Layers keep PyTorch's weight layout and names (`weight` O x C x k x k,
 //! `bias`); on other devices than the CPU they call candle's own ops (the
-//! reference the tests compare against).
+//! reference the tests compare against), in bf16 where the stage asks
+//! ([`super::precision`]).
 
 mod direct;
 mod implicit;
