@@ -195,14 +195,7 @@ impl Driver {
         }
         // The stages ready at once ask for slots in whatever order their
         // tasks start: have the slots wait for the longest chains first.
-        for &i in &pending {
-            if self.g.upstream[i]
-                .iter()
-                .all(|&u| self.outcome(u).is_some_and(|o| o.ok()))
-            {
-                self.executor.expect(self.priority[i]);
-            }
-        }
+        self.expect_ready(pending.iter().copied(), None);
 
         let mut table = NodeTable::new();
         let mut dag = DagGraph::new();
@@ -604,13 +597,19 @@ impl Driver {
     /// then waits for the longest of their chains rather than going to a
     /// stage of a shorter one that has waited longer.
     fn expect_successors(&self, i: usize) {
+        self.expect_ready(self.g.downstream[i].iter().copied(), Some(i));
+    }
+
+    /// Tells the executor to expect those of `stages` whose upstream stages
+    /// have all succeeded (`finishing` counted as done).
+    fn expect_ready(&self, stages: impl Iterator<Item = usize>, finishing: Option<usize>) {
         let Ok(outcomes) = self.outcomes.lock() else {
             return;
         };
-        for &t in &self.g.downstream[i] {
+        for t in stages {
             let ready = self.g.upstream[t]
                 .iter()
-                .all(|&u| u == i || outcomes[u].as_ref().is_some_and(Outcome::ok));
+                .all(|&u| Some(u) == finishing || outcomes[u].as_ref().is_some_and(Outcome::ok));
             if ready {
                 self.executor.expect(self.priority[t]);
             }
