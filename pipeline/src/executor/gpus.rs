@@ -71,16 +71,22 @@ impl Driver {
 
 /// How many devices the CUDA driver sees; 0 without a driver.
 fn driver_device_count() -> usize {
-    let Some(d) = Driver::open() else { return 0 };
-    let Some(count) = d.symbol::<CuDeviceGetCount>(c"cuDeviceGetCount") else {
-        return 0;
-    };
-    let mut n: c_int = 0;
-    // SAFETY: writes one int.
-    if unsafe { count(&mut n) } != 0 {
-        return 0;
+    Driver::open().map_or(0, |d| d.device_count())
+}
+
+impl Driver {
+    /// How many devices this driver sees (0 if it cannot say).
+    fn device_count(&self) -> usize {
+        let Some(count) = self.symbol::<CuDeviceGetCount>(c"cuDeviceGetCount") else {
+            return 0;
+        };
+        let mut n: c_int = 0;
+        // SAFETY: writes one int.
+        if unsafe { count(&mut n) } != 0 {
+            return 0;
+        }
+        n.max(0) as usize
     }
-    n.max(0) as usize
 }
 
 /// The name of device `ordinal` as this process sees it ("NVIDIA H200"),
@@ -140,7 +146,7 @@ fn smallest_device_memory() -> Option<u64> {
     let d = Driver::open()?;
     let get: CuDeviceGet = d.symbol(c"cuDeviceGet")?;
     let total: CuDeviceTotalMem = d.symbol(c"cuDeviceTotalMem_v2")?;
-    (0..driver_device_count())
+    (0..d.device_count())
         .filter_map(|ordinal| {
             let mut dev: c_int = 0;
             let mut bytes: usize = 0;
