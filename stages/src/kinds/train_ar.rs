@@ -58,7 +58,7 @@ use crate::data::prefetch::Prefetched;
 use crate::device::{at_precision, check_precision, device};
 use crate::error::Error;
 use crate::models::ar::{AR_FORMAT, ArInfo, ArModel, Sampling, upsample_factor};
-use crate::models::conv::MAX_KERNEL;
+use crate::models::conv::{MAX_KERNEL, tapwise_on_gpu};
 use crate::models::optim::{AdamW, OptimConfig};
 use crate::models::pixelcnn::{PixelCnnConfig, bits_per_dim};
 use crate::models::precision::Precision;
@@ -282,8 +282,7 @@ impl StageKind for TrainAr {
 /// levels below it trained. Not with `HAIC_GPU_CONV=taps`: the estimate
 /// is of candle's own convolutions.
 fn check_gpu_memory(stage: &Stage, cfg: &Config, pixels: usize) -> Result<(), ParamError> {
-    let tapwise = std::env::var("HAIC_GPU_CONV").as_deref() == Ok("taps");
-    if stage.resources.gpus == 0 || tapwise {
+    if stage.resources.gpus == 0 || tapwise_on_gpu() {
         return Ok(());
     }
     let Some((budget, source)) = gpu_memory().map_err(|m| ParamError::new("resources", m))? else {

@@ -45,11 +45,17 @@ fn use_reference(x: &Tensor) -> bool {
 /// GPU; it changes rounding only, so it is not in the stage key), on the
 /// CPU where this thread asked for it.
 fn use_tapwise(x: &Tensor) -> bool {
-    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     match x.device().is_cpu() {
         true => super::reference::current().tapwise_convs,
-        false => *FROM_ENV.get_or_init(|| std::env::var("HAIC_GPU_CONV").as_deref() == Ok("taps")),
+        false => tapwise_on_gpu(),
     }
+}
+
+/// Whether this process runs stride-1 GPU convolutions tap-wise
+/// (`HAIC_GPU_CONV=taps`), read once.
+pub fn tapwise_on_gpu() -> bool {
+    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FROM_ENV.get_or_init(|| std::env::var("HAIC_GPU_CONV").as_deref() == Ok("taps"))
 }
 
 fn count_flops(rows: usize, inner: usize, cols: usize) {
