@@ -20,7 +20,8 @@ q() { "$bin" registry --workspace "$ws" query "$1" --format table; }
 q "SELECT r.stage, s.name, round(s.last_value, 4) AS value
    FROM metric_summaries s JOIN stage_runs r ON r.id = s.stage_run_id
    WHERE s.name IN ('val.bits_per_dim', 'bound.bits_per_dim', 'baseline.bits_per_dim', 'val.psnr',
-                    'val.mse', 'val.perplexity', 'val.accuracy', 'val.reconstruction_psnr')
+                    'val.mse', 'val.perplexity', 'val.accuracy', 'val.reconstruction_psnr',
+                    'val.reconstruction_psnr_lo', 'val.reconstruction_psnr_hi')
       OR s.name LIKE 'eval.%'
    ORDER BY r.stage, s.name"
 q "SELECT stage, round(julianday(finished_at) * 86400 - julianday(started_at) * 86400, 1) AS seconds

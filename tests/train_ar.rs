@@ -77,6 +77,11 @@ fn the_smoke_pipeline_trains_the_hierarchy_and_the_bound_adds_its_terms() {
     // Reconstructions by sampling given the codes.
     let psnr = get("decoder1", "val.reconstruction_psnr");
     assert!(psnr > 0.0 && psnr.is_finite());
+    let (lo, hi) = (
+        get("decoder1", "val.reconstruction_psnr_lo"),
+        get("decoder1", "val.reconstruction_psnr_hi"),
+    );
+    assert!(lo <= psnr && psnr <= hi && lo < hi, "{lo} {psnr} {hi}");
     let accuracy = get("decoder2", "val.reconstruction_accuracy");
     assert!((0.0..=1.0).contains(&accuracy));
     let d1 = p.artifact_data("stage", "decoder1");
