@@ -411,6 +411,44 @@ fn bad_params_are_refused_before_anything_runs() {
     );
 }
 
+/// A GPU level whose training step cannot fit one GPU's memory (stated by
+/// HAIC_GPU_MEMORY_GIB) is refused when the pipeline is read, naming the
+/// stage, its batch and the batches that fit, as an AR model's is
+/// (tests/train_ar.rs); one that fits is not.
+#[test]
+fn a_level_too_large_for_the_gpu_is_refused_at_load() {
+    let pipeline = |batch: usize| {
+        format!(
+            "stages:\n  prep:\n    kind: preprocess\n    params: {{source: {{format: cifar10, train: [c.bin]}}}}\n  vq1:\n    kind: train_vq\n    inputs: {{table: prep}}\n    resources: {{gpus: 1}}\n    params: {{steps: 5, batch_size: {batch}, encoder: {{hidden: 128}}, decoder: {{hidden: 128}}}}\n"
+        )
+    };
+    let status = |p: &Project| {
+        p.cmd(&["status", "pipeline.yaml"])
+            .env("HAIC_GPU_MEMORY_GIB", "8")
+            .env_remove("HAIC_GPU_CONV")
+            .output()
+            .expect("running haic-pipe")
+    };
+    // 32x32 CIFAR images, hidden 128 + 128: 39.9 MiB an image by the
+    // estimate (11.1 in bf16), 20 GiB at 512.
+    let out = status(&Project::new(&pipeline(512)));
+    assert_error(&out, 2, "pipeline.yaml:");
+    let err = stderr(&out);
+    for want in [
+        "stage `vq1`",
+        "batch_size 512 needs about 20 GiB of GPU memory a training step",
+        "encoder hidden 128 and decoder hidden 128 on 1024 positions",
+        "more than one GPU's 8 GiB (HAIC_GPU_MEMORY_GIB=8)",
+        "lower it to 184 or less, or set `precision: bf16` (663 fit)",
+    ] {
+        assert!(err.contains(want), "missing `{want}` in:\n{err}");
+    }
+    // 184 images fit: status reports the stages (stale, no data), exit 1.
+    let out = status(&Project::new(&pipeline(184)));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("GPU memory"), "{}", stderr(&out));
+}
+
 /// The weights read back with the Python `safetensors` package and the code
 /// table with pyarrow (where `HAIC_PYARROW_PYTHON` names a Python with both).
 #[test]

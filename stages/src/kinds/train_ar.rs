@@ -44,7 +44,6 @@ use std::time::Instant;
 
 use candle_core::Device;
 use pipeline::ParamError;
-use pipeline::executor::gpus::gpu_memory;
 use pipeline::spec::Stage;
 use pipeline::stage::{StageContext, StageError, StageKind};
 use serde::{Deserialize, Serialize};
@@ -56,10 +55,10 @@ use crate::data::layout::{PIXEL_CHANNELS_FACT, fact, size_fact};
 use crate::data::level_table::InputKind;
 use crate::data::level_table::{BatchStream, Cursor, LevelTable, Rows, check_aligned};
 use crate::data::prefetch::Prefetched;
-use crate::device::{at_precision, check_precision, device};
+use crate::device::{StepMemory, at_precision, check_gpu_batch, check_precision, device};
 use crate::error::Error;
 use crate::models::ar::{AR_FORMAT, ArInfo, ArModel, Sampling, upsample_factor};
-use crate::models::conv::{MAX_KERNEL, tapwise_on_gpu};
+use crate::models::conv::MAX_KERNEL;
 use crate::models::optim::{AdamW, OptimConfig};
 use crate::models::pixelcnn::{PixelCnnConfig, bits_per_dim};
 use crate::models::precision::Precision;
@@ -278,53 +277,19 @@ impl StageKind for TrainAr {
     }
 }
 
-/// A stage on a GPU whose training step would not fit one GPU's memory
-/// ([`gpu_memory`]) at its batch, by [`PixelCnnConfig::gpu_bytes_per_image`],
-/// fails when the pipeline is read, not at its first step after the
-/// levels below it trained. Not with `HAIC_GPU_CONV=taps`: the estimate
-/// is of candle's own convolutions.
+/// [`check_gpu_batch`] by [`PixelCnnConfig::gpu_bytes_per_image`].
 fn check_gpu_memory(stage: &Stage, cfg: &Config, pixels: usize) -> Result<(), ParamError> {
-    if stage.resources.gpus == 0 || tapwise_on_gpu() {
-        return Ok(());
-    }
-    let Some((budget, source)) = gpu_memory().map_err(|m| ParamError::new("resources", m))? else {
-        return Ok(());
-    };
     let m = &cfg.model;
-    let per_image = m.gpu_bytes_per_image(pixels, cfg.precision);
-    let need = per_image * cfg.batch_size as f64;
-    if need <= budget as f64 {
-        return Ok(());
-    }
-    let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
-    // The batch to suggest leaves a tenth of the GPU to what the estimate
-    // leaves out (the allocator's fragments, the CUDA context): decoder1's
-    // batch 32 failed on an H200 at 137 of its 140 GiB.
-    let fitting = |per_image: f64| (0.9 * budget as f64 / per_image).floor() as usize;
-    let fix = match fitting(per_image) {
-        0 => "even one image does not fit: make the model smaller (`model.hidden`, `layers` or `kernel`)".to_string(),
-        n => format!("lower it to {n} or less"),
-    };
-    let bf16 = match cfg.precision {
-        Precision::F32 => match fitting(m.gpu_bytes_per_image(pixels, Precision::Bf16)) {
-            n if n > fitting(per_image) => format!(", or set `precision: bf16` ({n} fit)"),
-            _ => String::new(),
-        },
-        Precision::Bf16 => String::new(),
-    };
-    Err(ParamError::new(
-        "params.batch_size",
-        format!(
-            "batch_size {} needs about {:.0} GiB of GPU memory a training step ({:.2} GiB an image: hidden {}, {} layers, kernel {} on {pixels} positions, estimated from a step measured on an H200, docs/benchmarks.md), more than one GPU's {:.0} GiB ({source}): {fix}{bf16}",
-            cfg.batch_size,
-            gib(need),
-            gib(per_image),
-            m.hidden,
-            m.layers,
-            m.kernel,
-            gib(budget as f64),
+    let per_image = |precision| m.gpu_bytes_per_image(pixels, precision);
+    let step = StepMemory {
+        per_image: &per_image,
+        model: format!(
+            "hidden {}, {} layers, kernel {} on {pixels} positions",
+            m.hidden, m.layers, m.kernel
         ),
-    ))
+        shrink: "`model.hidden`, `layers` or `kernel`",
+    };
+    check_gpu_batch(stage, cfg.batch_size, cfg.precision, step)
 }
 
 /// The PixelCNN gives each of the `c` pixel channels an equal group of

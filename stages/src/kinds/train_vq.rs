@@ -51,7 +51,7 @@ use crate::data::layout::{CODES_FACT, HEIGHT_FACT, WIDTH_FACT, fact, size_fact};
 use crate::data::level_table::InputKind;
 use crate::data::level_table::{BatchStream, Cursor, LevelTable, Rows};
 use crate::data::prefetch::Prefetched;
-use crate::device::{at_precision, check_precision, device};
+use crate::device::{StepMemory, at_precision, check_gpu_batch, check_precision, device};
 use crate::error::Error;
 use crate::models::aux_decoder::AuxDecoderConfig;
 use crate::models::encoder::EncoderConfig;
@@ -224,7 +224,8 @@ impl StageKind for TrainVq {
         serde_json::Value::Object(facts)
     }
 
-    /// The encoder's downsampling must divide the input's sides.
+    /// The encoder's downsampling must divide the input's sides, and a
+    /// GPU step must fit one GPU ([`check_gpu_batch`]).
     fn check_inputs(
         &self,
         stage: &Stage,
@@ -234,7 +235,7 @@ impl StageKind for TrainVq {
         let Some((h, w)) = size_fact(inputs.get("table")) else {
             return Ok(());
         };
-        code_map_size(h, w, cfg.encoder.downsample).map(|_| ()).map_err(|most| {
+        code_map_size(h, w, cfg.encoder.downsample).map_err(|most| {
             let from = stage.inputs.get("table").map_or("", String::as_str);
             let s = cfg.encoder.downsample;
             let what = match fact(inputs.get("table"), CODES_FACT) {
@@ -247,7 +248,19 @@ impl StageKind for TrainVq {
                     "encoder.downsample is {s}: the code map would be {h}x{w} / 2^{s}, but input `table` (stage `{from}`) holds {h}x{w} {what}, which 2^{s} does not divide into a grid of at least 1x1; use downsample {most} or less"
                 ),
             )
-        })
+        })?;
+        let level = cfg.level();
+        let positions = h * w;
+        let per_image = |precision| level.gpu_bytes_per_image(positions, precision);
+        let step = StepMemory {
+            per_image: &per_image,
+            model: format!(
+                "encoder hidden {} and decoder hidden {} on {positions} positions",
+                level.encoder.hidden, level.decoder.hidden
+            ),
+            shrink: "`encoder.hidden` or `decoder.hidden`",
+        };
+        check_gpu_batch(stage, cfg.batch_size, cfg.precision, step)
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {

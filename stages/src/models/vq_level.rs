@@ -17,6 +17,7 @@ use crate::models::aux_decoder::{
     output_layout,
 };
 use crate::models::encoder::{Encoder, EncoderConfig};
+use crate::models::precision::Precision;
 use crate::models::quantiser::{Quantiser, QuantiserConfig};
 use crate::models::vars::SeededVars;
 use crate::rng::SplitMix64;
@@ -34,6 +35,35 @@ pub struct LevelConfig {
     pub quantiser: QuantiserConfig,
     #[serde(default)]
     pub decoder: AuxDecoderConfig,
+}
+
+/// One measured training step the VQ memory estimate scales from: an
+/// H200, imagenet128.yaml's vq1 (encoder and `ff` decoder of hidden 128,
+/// on 128x128 pixels) at batch 64 with candle's own convolutions, peak
+/// nvidia-smi MiB in f32 and in bf16 (docs/benchmarks.md, second run).
+const MEASURED_STEP: (usize, usize, usize) = (128 + 128, 128 * 128, 64);
+const MEASURED_MIB_F32: f64 = 40_881.0;
+const MEASURED_MIB_BF16: f64 = 11_377.0;
+
+impl LevelConfig {
+    /// The GPU memory of a training step, in bytes an image, on the
+    /// input's `positions`: the encoder's and decoder's layers nearest the
+    /// input, which run at the input's resolution and hold the largest
+    /// activations and im2col buffers, grow as positions times the sum of
+    /// `encoder.hidden` and `decoder.hidden`. Scaled from one measured step ([`MEASURED_STEP`],
+    /// its whole peak counted per image, which errs high); residual blocks,
+    /// which run at the code map's resolution, are not counted, and other
+    /// shapes are an extrapolation.
+    pub fn gpu_bytes_per_image(&self, positions: usize, precision: Precision) -> f64 {
+        let (width, measured_positions, batch) = MEASURED_STEP;
+        let mib = match precision {
+            Precision::F32 => MEASURED_MIB_F32,
+            Precision::Bf16 => MEASURED_MIB_BF16,
+        };
+        let per_unit =
+            mib * (1u64 << 20) as f64 / batch as f64 / (measured_positions * width) as f64;
+        per_unit * (positions * (self.encoder.hidden + self.decoder.hidden)) as f64
+    }
 }
 
 /// `level.json`: what a trained level reads and writes.
@@ -439,5 +469,37 @@ impl Score {
     /// The mean per scored value (0 when nothing was scored).
     pub fn mean(&self) -> f64 {
         self.value / self.scored.max(1.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The estimate gives back the measured step it scales from and grows
+    /// with the positions and the two stacks' width.
+    #[test]
+    fn the_gpu_memory_estimate_scales_from_its_measured_step() {
+        let mut vq1 = LevelConfig::default();
+        vq1.encoder.hidden = 128;
+        vq1.decoder.hidden = 128;
+        let mib = |bytes: f64| bytes / (1u64 << 20) as f64;
+        let pixels = 128 * 128;
+        let f32_step = mib(64.0 * vq1.gpu_bytes_per_image(pixels, Precision::F32));
+        let bf16_step = mib(64.0 * vq1.gpu_bytes_per_image(pixels, Precision::Bf16));
+        assert!((f32_step - 40_881.0).abs() < 1e-6, "{f32_step}");
+        assert!((bf16_step - 11_377.0).abs() < 1e-6, "{bf16_step}");
+        let base = vq1.gpu_bytes_per_image(pixels, Precision::F32);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9 * b;
+        assert!(close(
+            vq1.gpu_bytes_per_image(2 * pixels, Precision::F32),
+            2.0 * base
+        ));
+        let mut narrower = vq1.clone();
+        narrower.decoder.hidden = 64;
+        assert!(close(
+            narrower.gpu_bytes_per_image(pixels, Precision::F32),
+            0.75 * base
+        ));
     }
 }
