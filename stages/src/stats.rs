@@ -30,29 +30,53 @@ fn percentile_interval(values: &mut [f64]) -> (f64, f64) {
     (at(0.025), at(0.975))
 }
 
-/// The fraction of `hits` that are true, with a bootstrap interval over
-/// the items.
-pub fn proportion(hits: &[bool], resamples: usize, seed: u64) -> Estimate {
-    let n = hits.len();
-    let value = hits.iter().filter(|h| **h).count() as f64 / n.max(1) as f64;
-    if n == 0 || resamples == 0 {
+/// `statistic` recomputed on `resamples` draws of `n` item indices with
+/// replacement, from the random stream `name` of `seed` (none when there
+/// is nothing to draw).
+fn bootstrap_draws(
+    n: usize,
+    resamples: usize,
+    (seed, name): (u64, &str),
+    mut statistic: impl FnMut(&[usize]) -> f64,
+) -> Vec<f64> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut rng = SplitMix64::stream(seed, name);
+    let mut picks = vec![0usize; n];
+    (0..resamples)
+        .map(|_| {
+            for p in picks.iter_mut() {
+                *p = rng.below(n as u64) as usize;
+            }
+            statistic(&picks)
+        })
+        .collect()
+}
+
+/// `value` with the percentile interval of its bootstrap `draws`.
+fn percentile_estimate(value: f64, mut draws: Vec<f64>) -> Estimate {
+    if draws.is_empty() {
         return Estimate {
             value,
             lo: value,
             hi: value,
         };
     }
-    let mut rng = SplitMix64::stream(seed, "bootstrap proportion");
-    let mut draws: Vec<f64> = (0..resamples)
-        .map(|_| {
-            let k = (0..n)
-                .filter(|_| hits[rng.below(n as u64) as usize])
-                .count();
-            k as f64 / n as f64
-        })
-        .collect();
     let (lo, hi) = percentile_interval(&mut draws);
     Estimate { value, lo, hi }
+}
+
+/// The fraction of `hits` that are true, with a bootstrap interval over
+/// the items.
+pub fn proportion(hits: &[bool], resamples: usize, seed: u64) -> Estimate {
+    let n = hits.len();
+    let fraction = |count: usize| count as f64 / n.max(1) as f64;
+    let value = fraction(hits.iter().filter(|h| **h).count());
+    let draws = bootstrap_draws(n, resamples, (seed, "bootstrap proportion"), |picks| {
+        fraction(picks.iter().filter(|&&i| hits[i]).count())
+    });
+    percentile_estimate(value, draws)
 }
 
 /// PSNR (peak 1) of the mean of per-item squared errors `mse`, with a
@@ -62,19 +86,10 @@ pub fn psnr(mse: &[f64], resamples: usize, seed: u64) -> Estimate {
     let n = mse.len();
     let of_mean = |sum: f64| 10.0 * (n.max(1) as f64 / sum.max(1e-12)).log10();
     let value = of_mean(mse.iter().sum());
-    if n == 0 || resamples == 0 {
-        return Estimate {
-            value,
-            lo: value,
-            hi: value,
-        };
-    }
-    let mut rng = SplitMix64::stream(seed, "bootstrap psnr");
-    let mut draws: Vec<f64> = (0..resamples)
-        .map(|_| of_mean((0..n).map(|_| mse[rng.below(n as u64) as usize]).sum()))
-        .collect();
-    let (lo, hi) = percentile_interval(&mut draws);
-    Estimate { value, lo, hi }
+    let draws = bootstrap_draws(n, resamples, (seed, "bootstrap psnr"), |picks| {
+        of_mean(picks.iter().map(|&i| mse[i]).sum())
+    });
+    percentile_estimate(value, draws)
 }
 
 /// Mean and covariance (divided by n - 1) of `n` row vectors of `dim`.
@@ -136,20 +151,12 @@ pub fn frechet_distance(a: &[f32], b: &[f32], dim: usize, resamples: usize, seed
     let (na, nb) = (a.len() / dim.max(1), b.len() / dim.max(1));
     let reference = moments(b, dim, |i| i, nb);
     let value = frechet_of(&moments(a, dim, |i| i, na), &reference);
-    if na == 0 || resamples == 0 {
-        return Estimate {
-            value,
-            lo: value,
-            hi: value,
-        };
+    let draws = bootstrap_draws(na, resamples, (seed, "bootstrap frechet"), |picks| {
+        frechet_of(&moments(a, dim, |i| picks[i], na), &reference)
+    });
+    if draws.is_empty() {
+        return percentile_estimate(value, draws);
     }
-    let mut rng = SplitMix64::stream(seed, "bootstrap frechet");
-    let mut draws: Vec<f64> = (0..resamples)
-        .map(|_| {
-            let picks: Vec<usize> = (0..na).map(|_| rng.below(na as u64) as usize).collect();
-            frechet_of(&moments(a, dim, |i| picks[i], na), &reference)
-        })
-        .collect();
     // A resample repeats rows, which narrows the fitted covariance and
     // inflates the distance: the draws sit above the value (for real
     // images against real images, entirely). The percentile interval is
@@ -157,11 +164,11 @@ pub fn frechet_distance(a: &[f32], b: &[f32], dim: usize, resamples: usize, seed
     // mean minus the value; Efron & Tibshirani 1993, ch. 10) and kept
     // non-negative.
     let bias = draws.iter().sum::<f64>() / draws.len() as f64 - value;
-    let (lo, hi) = percentile_interval(&mut draws);
+    let e = percentile_estimate(value, draws);
     Estimate {
         value,
-        lo: (lo - bias).max(0.0),
-        hi: (hi - bias).max(0.0),
+        lo: (e.lo - bias).max(0.0),
+        hi: (e.hi - bias).max(0.0),
     }
 }
 
