@@ -7,18 +7,23 @@
 # runtime they link, in gpu-check/ (ignored by git; 32 MB, under the device
 # tool's 64 MiB), with gpu-check/run.sh. There, from the repository root
 # (the device tool: carry ["gpu-check"]):
-#   bash gpu-check/run.sh      # smoke vq ar sample ops, about 8 minutes
-#   GPU_CHECK_PARTS="smoke vq" bash gpu-check/run.sh   # some parts
+#   bash gpu-check/run.sh      # smoke vq ar sample ops: more than one
+#                              # call's 10 minutes with three variants
+#   GPU_CHECK_PARTS="smoke vq ar" bash gpu-check/run.sh   # about 6 minutes
+#   GPU_CHECK_PARTS="sample ops" bash gpu-check/run.sh    # then these
+#   (by the part times of the runs in docs/device-checks/)
 #   GPU_CHECK_TWINS=0 ...      # without the PyTorch twins
 #   GPU_CHECK_CUDNN=1 ...      # the cuDNN build too (slower on an H200:
 #                              # docs/benchmarks.md; about 6 minutes more)
 # Parts, each on its own time limit so that one failing leaves the rest:
 #   smoke   the smoke pipeline on CPU, then on the GPU (bench/gpu-smoke.sh);
-#           again with HAIC_GPU_CONV=taps, and with `precision: bf16`
-#   vq ar   a training step of imagenet128.yaml's vq1 / decoder1 in two
+#           again with HAIC_GPU_CONV=gemm, and with `precision: bf16`
+#   vq ar   a training step of imagenet128.yaml's vq1 / decoder1 in three
 #           candle variants (gpu-bench: candle's convolutions; gpu-bench
-#           with HAIC_GPU_CONV=taps: stride-1 layers tap-wise; with
-#           GPU_CHECK_CUDNN=1 also gpu-bench-cudnn), each in f32 and
+#           with HAIC_GPU_CONV=taps: stride-1 layers tap-wise, autograd's
+#           backward; with HAIC_GPU_CONV=gemm: tap-wise with their own
+#           adjoint, columns not kept; with GPU_CHECK_CUDNN=1 also
+#           gpu-bench-cudnn), each in f32 and
 #           bf16, at batch 64, halved until it fits; then the PyTorch twin
 #           (bench/torch_twin.py) in f32 and with bf16 autocast, at batch
 #           64 (and 16 for decoder1)
@@ -94,8 +99,10 @@ measured() {
 }
 
 # The candle variants: candle's convolutions, the tap-wise stride-1
-# convolutions (HAIC_GPU_CONV=taps, same binary), and through cuDNN.
-variants=("gpu-check/gpu-bench" "env HAIC_GPU_CONV=taps gpu-check/gpu-bench")
+# convolutions with autograd's backward (HAIC_GPU_CONV=taps, same binary)
+# and with their own (HAIC_GPU_CONV=gemm), and through cuDNN.
+variants=("gpu-check/gpu-bench" "env HAIC_GPU_CONV=taps gpu-check/gpu-bench"
+  "env HAIC_GPU_CONV=gemm gpu-check/gpu-bench")
 [ "${GPU_CHECK_CUDNN:-0}" = 1 ] && variants+=("gpu-check/gpu-bench-cudnn")
 
 precisions=${GPU_CHECK_PRECISIONS:-f32 bf16}
@@ -127,7 +134,7 @@ for part in $parts; do
   case $part in
     smoke)
       HAIC_BIN=gpu-check/haic-pipe measured 240 bash bench/gpu-smoke.sh
-      HAIC_GPU_CONV=taps HAIC_BIN=gpu-check/haic-pipe measured 240 bash bench/gpu-smoke.sh
+      HAIC_GPU_CONV=gemm HAIC_BIN=gpu-check/haic-pipe measured 240 bash bench/gpu-smoke.sh
       HAIC_GPU_SMOKE_PRECISION=bf16 HAIC_BIN=gpu-check/haic-pipe measured 240 bash bench/gpu-smoke.sh ;;
     vq) train vq "64" ;;
     ar) train ar "64 16" ;;

@@ -7,7 +7,7 @@
 //!
 //! `gpu-bench [--pipeline FILE] [--device cuda|cpu] [--only vq|ar|sample|ops]
 //!  [--batch N] [--steps N] [--sample-rows R] [--sample-images N]
-//!  [--precision f32|bf16]`
+//!  [--precision f32|bf16] [--conv candle|taps|gemm]`
 //!
 //! One JSON line per model: `seconds` (median step after warm-up, the
 //! device synchronised at its end; for sampling, one run), `throughput`
@@ -19,7 +19,11 @@
 //! vertical band is up to `rows_above` rows tall, the first rows' are not).
 //! `--only ops` (only when asked for) times each convolution shape of the
 //! two models alone (see [`ops`]). `--precision bf16` computes the
-//! convolutions in bf16 as the stages' `precision: bf16` does.
+//! convolutions in bf16 as the stages' `precision: bf16` does. On a GPU
+//! `HAIC_GPU_CONV` picks the convolutions; on the CPU `--conv` runs the
+//! same paths in place of the project's kernels (candle's conv2d, tap-wise
+//! with autograd, tap-wise with their own adjoint), to compare them here,
+//! and the last line gives the process's peak resident memory.
 
 mod common;
 use common::{arg, layer_seconds, median, pixel_table, random_rows};
@@ -34,6 +38,7 @@ use stages::models::ar::{AR_FORMAT, ArInfo, ArModel, CodeMapInfo, Sampling};
 use stages::models::conv::{Conv, ConvTranspose};
 use stages::models::optim::AdamW;
 use stages::models::precision::{self, Precision};
+use stages::models::reference::{self, Kernels};
 use stages::models::vars::SeededVars;
 use stages::models::vq_level::VqLevel;
 use stages::rng::SplitMix64;
@@ -339,7 +344,44 @@ fn main() -> Res<()> {
     if precision == Precision::Bf16 && dev.is_cpu() {
         return Err("--precision bf16 computes on a GPU; the CPU's kernels are f32 only".into());
     }
-    precision::with(precision, || measure(&pipeline, dev))
+    let kernels = match (arg("--conv").as_deref(), dev.is_cpu()) {
+        (None, _) => Kernels::default(),
+        (Some(_), false) => return Err("--conv is for the CPU; on a GPU set HAIC_GPU_CONV".into()),
+        (Some(path), true) => {
+            let candle = Kernels {
+                candle_convs: true,
+                ..Kernels::default()
+            };
+            let tapwise = Kernels {
+                tapwise_convs: true,
+                ..candle
+            };
+            match path {
+                "candle" => candle,
+                "taps" => tapwise,
+                "gemm" => Kernels {
+                    tapwise_adjoint: true,
+                    ..tapwise
+                },
+                other => return Err(format!("--conv {other}: candle, taps or gemm").into()),
+            }
+        }
+    };
+    reference::with(kernels, || {
+        precision::with(precision, || measure(&pipeline, dev))
+    })?;
+    if let Some(peak) = peak_resident_mib() {
+        println!("{{\"peak_resident_mib\": {peak}}}");
+    }
+    Ok(())
+}
+
+/// This process's peak resident memory (`VmHWM`, Linux), MiB.
+fn peak_resident_mib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
 }
 
 /// What `main` asked for, at this thread's precision.

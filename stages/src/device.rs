@@ -58,7 +58,7 @@ pub struct StepMemory<'a> {
 /// its first step after the stages below it trained: the error names
 /// `params.batch_size`, the estimate and the batch that fits (and the one
 /// `precision: bf16` would fit). Not checked on the CPU, without a known
-/// GPU memory, or with `HAIC_GPU_CONV=taps`: the estimates are of candle's
+/// GPU memory, or with `HAIC_GPU_CONV=taps` or `gemm`: the estimates are of candle's
 /// own convolutions.
 pub fn check_gpu_batch(
     stage: &Stage,

@@ -19,6 +19,7 @@ mod direct;
 mod implicit;
 mod ops;
 mod space_to_depth;
+pub mod tapwise;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -28,6 +29,7 @@ use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, Init, VarBuilder};
 use super::precision;
 use ops::{ConvOp, ConvTransposeOp};
 use space_to_depth::{BlockConv, BlockConvTranspose, SpaceToDepth};
+use tapwise::{Taps, TapwiseConv};
 
 /// Multiply-add FLOPs (2 per MAC) of the forward matmuls of every
 /// convolution since the start, for benchmarks that report a FLOP rate.
@@ -51,11 +53,56 @@ fn use_tapwise(x: &Tensor) -> bool {
     }
 }
 
-/// Whether this process runs stride-1 GPU convolutions tap-wise
-/// (`HAIC_GPU_CONV=taps`), read once.
+/// Whether a tap-wise convolution takes [`TapwiseConv`]'s own backward:
+/// off the CPU with `HAIC_GPU_CONV=gemm`, on the CPU where this thread
+/// asked for it.
+fn tapwise_adjoint(x: &Tensor) -> bool {
+    match x.device().is_cpu() {
+        true => super::reference::current().tapwise_adjoint,
+        false => gpu_conv() == GpuConv::TapwiseAdjoint,
+    }
+}
+
+/// How stride-1 convolutions run off the CPU (`HAIC_GPU_CONV`): candle's
+/// conv2d (unset), tap-wise with candle's autograd (`taps`), or tap-wise
+/// with their own adjoint (`gemm`). Experiments until measured on a GPU:
+/// they change rounding only, so they are not in the stage key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuConv {
+    Candle,
+    Tapwise,
+    TapwiseAdjoint,
+}
+
+/// This process's [`GpuConv`], read once (an unknown value is candle's,
+/// with a warning).
+pub fn gpu_conv() -> GpuConv {
+    static FROM_ENV: std::sync::OnceLock<GpuConv> = std::sync::OnceLock::new();
+    *FROM_ENV.get_or_init(|| match std::env::var("HAIC_GPU_CONV").as_deref() {
+        Ok("taps") => GpuConv::Tapwise,
+        Ok("gemm") => GpuConv::TapwiseAdjoint,
+        Ok("") | Err(_) => GpuConv::Candle,
+        Ok(other) => {
+            eprintln!(
+                "warning: HAIC_GPU_CONV={other} is neither `taps` nor `gemm`: candle's convolutions"
+            );
+            GpuConv::Candle
+        }
+    })
+}
+
+/// Whether this process runs stride-1 GPU convolutions tap-wise.
 pub fn tapwise_on_gpu() -> bool {
-    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FROM_ENV.get_or_init(|| std::env::var("HAIC_GPU_CONV").as_deref() == Ok("taps"))
+    gpu_conv() != GpuConv::Candle
+}
+
+/// `x` itself where contiguous from the start of its storage, else a copy
+/// that is (what [`TapwiseConv`]'s forward reads).
+fn from_start(x: &Tensor) -> candle_core::Result<Tensor> {
+    match x.layout().contiguous_offsets() {
+        Some((0, _)) => Ok(x.clone()),
+        _ => x.force_contiguous(),
+    }
 }
 
 fn count_flops(rows: usize, inner: usize, cols: usize) {
@@ -175,56 +222,37 @@ impl Conv {
             .to_dtype(x.dtype())
     }
 
-    /// A stride-1 layer as one batched matmul over the kept taps only
-    /// (`taps`, bit `ky * k + kx`): the padded input's shifted copies, one
-    /// per tap, stacked as (B, T*C, H*W) columns, times the weight's kept
-    /// taps as an O x T*C matrix. Candle's autograd takes the backward
-    /// through matmuls and the copies' adjoints, where candle's conv2d
-    /// backward would run an im2col with image-sized kernels and a naive
-    /// transposed convolution; a masked PixelCNN layer's zeroed taps cost
-    /// nothing. A 1x1 layer is the matmul alone. (In bf16 on a GPU where
-    /// asked: [`precision`].)
+    /// A stride-1 layer as gemms over the kept taps only (`taps`, bit
+    /// `ky * k + kx`; [`tapwise`]), where candle's conv2d backward would run
+    /// an im2col with image-sized kernels and a naive transposed
+    /// convolution. The backward is candle's autograd through the copies
+    /// and the matmul, or, where this thread or `HAIC_GPU_CONV=gemm` asks
+    /// for it, [`TapwiseConv`]'s own. (In bf16 on a GPU where asked:
+    /// [`precision`].)
     pub fn forward_tapwise(&self, input: &Tensor, taps: u128) -> candle_core::Result<Tensor> {
-        let dt = precision::compute_dtype(input);
-        let x = &input.to_dtype(dt)?;
-        let (b, c, h, w) = x.dims4()?;
-        let (k, p, o) = (self.k, self.cfg.padding, self.weight.dim(0)?);
-        if self.cfg.stride != 1 || h + 2 * p < k || w + 2 * p < k {
-            candle_core::bail!(
-                "a tap-wise convolution needs stride 1 and an input no smaller than the kernel"
-            );
+        if self.cfg.stride != 1 {
+            candle_core::bail!("a tap-wise convolution needs stride 1");
         }
-        let (ho, wo) = (h + 2 * p + 1 - k, w + 2 * p + 1 - k);
-        let kept: Vec<u32> = (0..(k * k) as u32)
-            .filter(|&t| taps >> t & 1 == 1)
-            .collect();
+        let dt = precision::compute_dtype(input);
+        let x = input.to_dtype(dt)?;
+        let bits = taps;
+        let mut taps = Taps::from_bits(self.k, self.cfg.padding, bits);
+        if bits == self.taps {
+            // The mask's taps, indexed on the device when it was set.
+            taps.index = self.tap_index.clone();
+        }
         let weight = self.weight()?.to_dtype(dt)?;
-        let (columns, matrix) = if k == 1 && p == 0 {
-            (x.reshape((b, c, h * w))?, weight.reshape((o, c))?)
-        } else {
-            let padded = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
-            let shifted = kept
-                .iter()
-                .map(|&t| {
-                    let t = t as usize;
-                    padded.narrow(2, t / k, ho)?.narrow(3, t % k, wo)
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            // Tap-major: column row `t * C + c` is channel c at tap t.
-            let columns = Tensor::cat(&shifted, 1)?.reshape((b, kept.len() * c, ho * wo))?;
-            let per_tap = weight.reshape((o, c, k * k))?;
-            let per_tap = match &self.tap_index {
-                _ if taps == all_taps(k) => per_tap,
-                // The mask's taps, indexed on the device when it was set.
-                Some(index) if taps == self.taps => per_tap.index_select(index, 2)?,
-                _ => per_tap.index_select(&Tensor::new(kept.as_slice(), x.device())?, 2)?,
-            };
-            let matrix = per_tap.transpose(1, 2)?.reshape((o, kept.len() * c))?;
-            (columns, matrix)
+        let y = match tapwise_adjoint(&x) && taps.adjoint_applies() {
+            true => {
+                let op = TapwiseConv {
+                    taps,
+                    column_bytes: tapwise::COLUMN_BYTES,
+                };
+                from_start(&x)?.apply_op2(&from_start(&weight)?, op)?
+            }
+            false => taps.apply(&x, &taps.matrix(&weight)?)?,
         };
-        let y = matrix.broadcast_left(b)?.matmul(&columns)?;
-        y.reshape((b, o, ho, wo))?
-            .broadcast_add(&self.bias.to_dtype(dt)?.reshape((1, o, 1, 1))?)?
+        y.broadcast_add(&self.bias.to_dtype(dt)?.reshape((1, (), 1, 1))?)?
             .to_dtype(input.dtype())
     }
 
@@ -717,10 +745,11 @@ mod tests {
         }
     }
 
-    /// The tap-wise path (a GPU's with `HAIC_GPU_CONV=taps`; here on the
-    /// CPU) equals candle's conv2d in value and gradients: 1x1, odd and
-    /// even kernels, padding below k / 2, a masked layer's kept taps, and
-    /// through `forward` / `forward_relu` when the thread asks for it.
+    /// The tap-wise paths (a GPU's with `HAIC_GPU_CONV=taps` and `gemm`;
+    /// here on the CPU) equal candle's conv2d in value and gradients: 1x1,
+    /// odd and even kernels, padding below k / 2 and above k - 1 (where
+    /// the adjoint leaves the backward to autograd), a masked layer's kept
+    /// taps, and through `forward` / `forward_relu` when the thread asks.
     #[test]
     fn tapwise_convolutions_match_candle_forward_and_backward() {
         let dev = Device::Cpu;
@@ -729,31 +758,39 @@ mod tests {
             tapwise_convs: true,
             ..Kernels::default()
         };
+        let adjoint = Kernels {
+            tapwise_adjoint: true,
+            ..tapwise
+        };
         for (k, p, b, h, w, c, o) in [
             (3, 1, 2, 7, 7, 2, 5),
             (3, 0, 1, 6, 5, 6, 1),
             (5, 2, 1, 4, 4, 3, 4),
             (5, 1, 2, 7, 6, 1, 5),
             (2, 0, 2, 5, 4, 2, 3),
+            (2, 1, 2, 5, 4, 2, 3),
             (1, 0, 2, 5, 5, 6, 5),
+            (1, 1, 2, 4, 3, 2, 3),
         ] {
             let vars = SeededVars::new(1);
             let conv = Conv::new(c, o, k, 1, p, vars.var_builder(&dev)).unwrap();
             let x = input((b, c, h, w), 2);
-            let what = format!("tap-wise conv k{k} p{p}, {b}x{c}x{h}x{w} -> {o}");
-            compare(&Tapwise(&conv), &vars, &x, &what);
-            compare(
-                &InScope(tapwise, &conv),
-                &vars,
-                &x,
-                &format!("{what}, forward"),
-            );
-            compare(
-                &InScope(tapwise, &Relu(&conv)),
-                &vars,
-                &x,
-                &format!("{what}, fused ReLU"),
-            );
+            for (kernels, path) in [(tapwise, "autograd"), (adjoint, "adjoint")] {
+                let what = format!("tap-wise conv ({path}) k{k} p{p}, {b}x{c}x{h}x{w} -> {o}");
+                compare(&InScope(kernels, &Tapwise(&conv)), &vars, &x, &what);
+                compare(
+                    &InScope(kernels, &conv),
+                    &vars,
+                    &x,
+                    &format!("{what}, forward"),
+                );
+                compare(
+                    &InScope(kernels, &Relu(&conv)),
+                    &vars,
+                    &x,
+                    &format!("{what}, fused ReLU"),
+                );
+            }
         }
         let x = input((1, 1, 3, 3), 1);
         assert!(crate::models::reference::with(tapwise, || use_tapwise(
@@ -778,12 +815,59 @@ mod tests {
             .unwrap()
             .masked(Tensor::from_vec(m, (c_out, c_in, k, k), &dev).unwrap())
             .unwrap();
+        for (kernels, path) in [(tapwise, "autograd"), (adjoint, "adjoint")] {
+            compare(
+                &InScope(kernels, &Tapwise(&conv)),
+                &vars,
+                &input((2, c_in, 6, 6), 6),
+                &format!("tap-wise masked conv ({path})"),
+            );
+        }
+    }
+
+    /// The adjoint's columns a chunk of images at a time: a budget of two
+    /// images' columns splits 5 images 2 + 2 + 1, forward and backward,
+    /// with the same values and gradients as candle's conv2d.
+    #[test]
+    fn the_tapwise_adjoint_in_chunks_matches_candle() {
+        let dev = Device::Cpu;
+        let (k, c, o, side) = (3, 2, 4, 5);
+        let m: Vec<f32> = (0..o * c * k * k)
+            .map(|i| f32::from(u8::from((i % (k * k)) < 4)))
+            .collect();
+        let vars = SeededVars::new(8);
+        let conv = Conv::new(c, o, k, 1, 1, vars.var_builder(&dev))
+            .unwrap()
+            .masked(Tensor::from_vec(m, (o, c, k, k), &dev).unwrap())
+            .unwrap();
+        let two_images = 2 * 4 * c * side * side * 4;
         compare(
-            &Tapwise(&conv),
+            &Chunked(&conv, two_images),
             &vars,
-            &input((2, c_in, 6, 6), 6),
-            "tap-wise masked conv",
+            &input((5, c, side, side), 3),
+            "tap-wise adjoint in chunks of 2 images",
         );
+    }
+
+    /// A layer through [`TapwiseConv`] with a column budget of `.1` bytes.
+    struct Chunked<'a>(&'a Conv, usize);
+
+    impl Module for Chunked<'_> {
+        fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            let conv = self.0;
+            let op = TapwiseConv {
+                taps: Taps::from_bits(conv.k, conv.cfg.padding, conv.taps),
+                column_bytes: self.1,
+            };
+            x.apply_op2(&conv.weight()?, op)?
+                .broadcast_add(&conv.bias.reshape((1, (), 1, 1))?)
+        }
+    }
+
+    impl WithReference for Chunked<'_> {
+        fn reference(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            self.0.forward_reference(x)
+        }
     }
 
     #[test]

@@ -23,6 +23,9 @@ pub struct Kernels {
     /// With `candle_convs`: stride-1 convolutions tap-wise, as a GPU runs
     /// them with `HAIC_GPU_CONV=taps` (`Conv::forward_tapwise`).
     pub tapwise_convs: bool,
+    /// With `tapwise_convs`: their own backward, as a GPU runs them with
+    /// `HAIC_GPU_CONV=gemm` (`conv::tapwise::TapwiseConv`).
+    pub tapwise_adjoint: bool,
 }
 
 thread_local! {
@@ -32,6 +35,7 @@ thread_local! {
             all_masked_taps: false,
             composed_gate: false,
             tapwise_convs: false,
+            tapwise_adjoint: false,
         })
     };
 }
