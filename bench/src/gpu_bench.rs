@@ -15,8 +15,8 @@
 //! of a batch on decoder1's target size: `seconds_per_row` (on-device
 //! drawing, one transfer per row) beside `host_seconds_per_row` (every
 //! value drawn on the host: one transfer per value), and `image_seconds`
-//! (per row x the image's rows: a lower bound, since a later row's
-//! vertical band is up to `rows_above` rows tall, the first rows' are not).
+//! (per row x the image's rows: every row runs the vertical stack on the
+//! same few cached rows, so the first rows stand for the rest).
 //! `--only ops` (only when asked for) times each convolution shape of the
 //! two models alone (see [`ops`]). `--precision bf16` computes the
 //! convolutions in bf16 as the stages' `precision: bf16` does. On a GPU

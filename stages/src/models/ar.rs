@@ -311,22 +311,14 @@ impl ArModel {
         let mut probs = vec![0f64; k];
         for y in 0..h {
             if let Some(inc) = &mut cached {
-                inc.start_row(y, &self.band(&chw, n, y)?)?;
+                inc.start_row(y, &self.input_row(&chw, n, y.saturating_sub(1))?)?;
             }
             for x in 0..w {
                 for ch in 0..c {
                     let logits = match &mut cached {
                         Some(inc) => {
-                            let row: Vec<u32> = chw
-                                .chunks_exact(h * w)
-                                .flat_map(|p| &p[y * w..(y + 1) * w])
-                                .copied()
-                                .collect();
-                            inc.logits(x, &self.input_tensor(&row, n, 1, w)?)?.narrow(
-                                1,
-                                ch * k,
-                                k,
-                            )?
+                            inc.logits(x, &self.input_row(&chw, n, y)?)?
+                                .narrow(1, ch * k, k)?
                         }
                         None => self
                             .net
@@ -354,20 +346,14 @@ impl ArModel {
         Ok(self.table_layout(&chw, n))
     }
 
-    /// The rows the incremental sampler needs to start row `y`: those
-    /// above it its receptive field reaches, and `y`, of `n` CHW images.
-    fn band(&self, chw: &[u32], n: usize, y: usize) -> candle_core::Result<Tensor> {
+    /// Row `y` of `n` CHW images, as the network's input.
+    fn input_row(&self, chw: &[u32], n: usize, y: usize) -> candle_core::Result<Tensor> {
         let (c, h, w) = (self.info.channels(), self.info.height, self.info.width);
-        let y0 = y.saturating_sub(self.net.rows_above());
-        let band = y + 1 - y0;
-        let mut values = vec![0u32; n * c * band * w];
-        for (dst, src) in values
-            .chunks_exact_mut(band * w)
-            .zip(chw.chunks_exact(h * w))
-        {
-            dst.copy_from_slice(&src[y0 * w..(y + 1) * w]);
+        let mut values = vec![0u32; n * c * w];
+        for (dst, src) in values.chunks_exact_mut(w).zip(chw.chunks_exact(h * w)) {
+            dst.copy_from_slice(&src[y * w..(y + 1) * w]);
         }
-        self.input_tensor(&values, n, band, w)
+        self.input_tensor(&values, n, 1, w)
     }
 
     /// CHW values of `n` rows -> table layout (HWC pixels, row-major codes).
@@ -412,14 +398,17 @@ impl ArModel {
         let mut inc = Incremental::new(&self.net, labels, cond)?;
         let mut chw = vec![0u32; n * c * h * w];
         let mut noise = vec![0f32; w * c * n * k];
+        let zeros = self.input_tensor(&vec![0u32; n * c * w], n, 1, w)?;
+        // The row above, as drawn on the device (row 0: not read).
+        let mut row = zeros.clone();
         for y in 0..h {
-            inc.start_row(y, &self.band(&chw, n, y)?)?;
+            inc.start_row(y, &row)?;
             // The row's noise, one upload: (position, image, class).
             for g in noise.iter_mut() {
                 *g = gumbel(rng);
             }
             let noise_t = Tensor::from_slice(&noise, (w * c, n, k), &self.device)?;
-            let mut row = self.input_tensor(&vec![0u32; n * c * w], n, 1, w)?;
+            row = zeros.clone();
             let mut drawn = Vec::with_capacity(w * c);
             for x in 0..w {
                 for ch in 0..c {

@@ -626,14 +626,27 @@ mod tests {
     }
 
     /// The incremental computation's logits at every position equal the
-    /// whole network's.
+    /// whole network's, for kernels of 3 and 5, on images taller than the
+    /// rows a position sees above it.
     #[test]
     fn incremental_logits_equal_the_whole_networks() {
+        for cfg in [
+            small(3),
+            PixelCnnConfig {
+                kernel: 5,
+                ..small(2)
+            },
+        ] {
+            incremental_logits_equal_the_whole_networks_for(&cfg);
+        }
+    }
+
+    fn incremental_logits_equal_the_whole_networks_for(cfg: &PixelCnnConfig) {
         let dev = Device::Cpu;
-        let (c, h, w, n) = (3, 6, 6, 4);
+        let (c, h, w, n) = (3, 7, 6, 4);
         let vars = SeededVars::new(8);
         let model = PixelCnn::new(
-            &small(3),
+            cfg,
             InputKind::Pixels { channels: c },
             Conditioning {
                 labels: Some(2),
@@ -655,8 +668,7 @@ mod tests {
         let mut inc = incremental::Incremental::new(&model, Some(&label), Some(&cond)).unwrap();
         let mut worst = 0f32;
         for y in 0..h {
-            let y0 = y.saturating_sub(model.rows_above());
-            inc.start_row(y, &x.narrow(2, y0, y + 1 - y0).unwrap())
+            inc.start_row(y, &x.narrow(2, y.saturating_sub(1), 1).unwrap())
                 .unwrap();
             for xx in 0..w {
                 let row = x.narrow(2, y, 1).unwrap();
@@ -671,7 +683,17 @@ mod tests {
                 worst = worst.max(crate::models::max_abs_diff(&got, &want));
             }
         }
-        assert!(worst == 0.0, "the incremental logits differ by {worst}");
+        assert!(
+            worst == 0.0,
+            "kernel {}: the incremental logits differ by {worst}",
+            cfg.kernel
+        );
+        assert!(model.rows_above() < h);
+        let again = inc.start_row(2, &x.narrow(2, 1, 1).unwrap());
+        assert!(
+            again.is_err_and(|e| e.to_string().contains("rows go in order")),
+            "a row out of order is refused"
+        );
     }
 
     #[test]

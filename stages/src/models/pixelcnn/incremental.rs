@@ -4,14 +4,21 @@
 //! PixelCNN).
 //!
 //! - The vertical stack at row y sees input rows < y only, so it runs once
-//!   per row, on the band of rows its receptive field covers; each layer's
-//!   pre-activation at row y is kept (and `v_to_h` of it, which the
-//!   horizontal stack adds).
+//!   per row: each layer computes its row y from the last `k / 2 + 1` rows
+//!   of the layer below (the input's rows < y for the first), which are
+//!   cached as they are computed, so a row costs each layer a window of
+//!   `k / 2 + 1` rows, not the whole band of rows its receptive field
+//!   covers. Each layer's pre-activation at row y is kept (and `v_to_h` of
+//!   it, which the horizontal stack adds).
 //! - The horizontal stack at (y, x) sees columns <= x of row y: each
 //!   layer's input columns are cached once final (drawn in full), and a
 //!   new position runs every layer only on the columns not final yet (x,
 //!   and x - 1 whose last channel was drawn after its logits) and the
 //!   `k / 2` cached ones left of them.
+//! - The label's and the code map's terms of each layer are computed for
+//!   the current row when it starts: for whole images they would be (n,
+//!   2h, H, W) a layer (by count, 17 GB for 64 images of 128x128 through
+//!   imagenet128.yaml's decoder1).
 //!
 //! The logits equal [`PixelCnn::forward`]'s at that position bit for bit
 //! (same weights, same taps, and the convolutions sum each output in the
@@ -24,9 +31,10 @@ use super::{PixelCnn, gate};
 
 pub struct Incremental<'a> {
     net: &'a PixelCnn,
-    /// Per layer: the label and code-map terms every gated layer adds,
-    /// (n, 2h, 1, 1) or (n, 2h, H, W).
-    extra: Vec<Option<Tensor>>,
+    /// The labels u32 (n,) and the conditioning features (n, cond_hidden,
+    /// H, W): each row's terms are computed from them when it starts.
+    labels: Option<Tensor>,
+    cond: Option<Tensor>,
     /// Per layer, at the current row: `v_to_h` of the vertical stack's
     /// pre-activation (n, 2h, 1, W), and the extra term (n, 2h, 1, W | 1).
     v_to_h: Vec<Tensor>,
@@ -36,6 +44,12 @@ pub struct Incremental<'a> {
     /// last position asked for).
     columns: Vec<Vec<Tensor>>,
     final_columns: usize,
+    /// The vertical stack's last rows, oldest first: `below[0]` the input's
+    /// (embedded) final rows, `below[l + 1]` layer l's gated output, each
+    /// row (n, c, 1, W); what the next row's windows read.
+    below: Vec<Vec<Tensor>>,
+    /// The row `start_row` expects next.
+    next_row: usize,
 }
 
 impl<'a> Incremental<'a> {
@@ -51,61 +65,65 @@ impl<'a> Incremental<'a> {
                 "PixelCNN: the code map must be given exactly when the model was built for one"
             );
         }
-        let extra = net
-            .layers
-            .iter()
-            .map(|layer| layer.extra(labels, cond))
-            .collect::<candle_core::Result<_>>()?;
         Ok(Incremental {
             net,
-            extra,
+            labels: labels.cloned(),
+            cond: cond.cloned(),
             v_to_h: Vec::new(),
             extra_row: Vec::new(),
             columns: Vec::new(),
             final_columns: 0,
+            below: vec![Vec::new(); net.layers.len() + 1],
+            next_row: 0,
         })
     }
 
-    /// The extra term of `layer` on rows `y0..y0 + rows`.
-    fn extra_rows(
-        &self,
-        layer: usize,
-        y0: usize,
-        rows: usize,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(match &self.extra[layer] {
-            Some(e) if e.dim(2)? > 1 => Some(e.narrow(2, y0, rows)?),
-            other => other.clone(),
-        })
-    }
-
-    /// Starts row `y`. `band`: the input (pixels f32 (n, C, r, W), codes
-    /// u32 (n, r, W)) on rows `y + 1 - r ..= y` with r = min(y, rows_above)
-    /// + 1; row y itself is not read.
-    pub fn start_row(&mut self, y: usize, band: &Tensor) -> candle_core::Result<()> {
-        let rows = band.dim(if band.rank() == 4 { 2 } else { 1 })?;
-        if rows != y.min(self.net.rows_above()) + 1 {
+    /// Starts row `y` (rows in order from 0). `above`: the input on row
+    /// `y - 1` (pixels f32 (n, C, 1, W), codes u32 (n, 1, W)), final now;
+    /// for row 0, a row of that shape whose values are not read.
+    pub fn start_row(&mut self, y: usize, above: &Tensor) -> candle_core::Result<()> {
+        if y != self.next_row {
             candle_core::bail!(
-                "incremental sampling: row {y} needs a band of {} rows, got {rows}",
-                y.min(self.net.rows_above()) + 1
+                "incremental sampling: row {y} started where row {} was next (rows go in order)",
+                self.next_row
             );
         }
-        let y0 = y + 1 - rows;
-        let mut v = self.net.input.forward(band)?;
+        let half = self.net.kernel / 2;
+        let input = self.net.input.forward(above)?;
+        // Row y of the input is not final; the first layer's mask (A) reads
+        // no tap of it, so zeros stand in.
+        let unread = input.zeros_like()?;
+        if y > 0 {
+            keep_last(&mut self.below[0], input, half);
+        }
+        // The conditioning terms of row y only: a whole image's would be
+        // (n, 2h, H, W) for every layer at once.
+        let cond_row = match &self.cond {
+            Some(c) => Some(c.narrow(2, y, 1)?),
+            None => None,
+        };
         self.v_to_h.clear();
         self.extra_row.clear();
         for (l, layer) in self.net.layers.iter().enumerate() {
-            let mut v_pre = layer.vertical.forward(&v)?;
-            let last = v_pre.narrow(2, rows - 1, 1)?;
-            self.v_to_h.push(layer.v_to_h.forward(&last)?);
-            self.extra_row.push(self.extra_rows(l, y, 1)?);
-            if let Some(e) = self.extra_rows(l, y0, rows)? {
-                v_pre = v_pre.broadcast_add(&e)?;
+            let mut window = self.below[l].clone();
+            if l == 0 {
+                window.push(unread.clone());
             }
-            v = gate(&v_pre)?;
+            let window = Tensor::cat(&window, 2)?;
+            let rows = window.dim(2)?;
+            let v_pre = layer.vertical.forward(&window)?.narrow(2, rows - 1, 1)?;
+            self.v_to_h.push(layer.v_to_h.forward(&v_pre)?);
+            let extra = layer.extra(self.labels.as_ref(), cond_row.as_ref())?;
+            let v_pre = match &extra {
+                Some(e) => v_pre.broadcast_add(e)?,
+                None => v_pre,
+            };
+            self.extra_row.push(extra);
+            keep_last(&mut self.below[l + 1], gate(&v_pre)?, half + 1);
         }
         self.columns = vec![Vec::new(); self.net.layers.len()];
         self.final_columns = 0;
+        self.next_row = y + 1;
         Ok(())
     }
 
@@ -159,5 +177,13 @@ impl<'a> Incremental<'a> {
             .out2
             .forward_relu(&self.net.out1.forward_relu(&h)?)?;
         out.flatten_from(1)
+    }
+}
+
+/// Appends `row` to `rows`, keeping the last `keep`.
+fn keep_last(rows: &mut Vec<Tensor>, row: Tensor, keep: usize) {
+    rows.push(row);
+    if rows.len() > keep {
+        rows.drain(..rows.len() - keep);
     }
 }
