@@ -242,7 +242,10 @@ impl Conv {
             taps.index = self.tap_index.clone();
         }
         let weight = self.weight()?.to_dtype(dt)?;
-        let y = match tapwise_adjoint(&x) && taps.adjoint_applies() {
+        // Nothing to take a gradient of (a frozen layer on a sampled
+        // input): the op's copies would buy nothing.
+        let needs_grad = x.track_op() || weight.track_op();
+        let y = match needs_grad && tapwise_adjoint(&x) && taps.adjoint_applies() {
             true => {
                 let op = TapwiseConv {
                     taps,
@@ -278,6 +281,27 @@ impl Conv {
         self.tap_index = Some(Tensor::new(kept, mask.device())?);
         self.mask = Some(mask);
         Ok(self)
+    }
+
+    /// The same layer for inference, where each layer runs once a position
+    /// (a sampler): the mask multiplied in and the weight and bias cast to
+    /// `dtype` once, outside the graph, instead of at every call. The
+    /// values it computes are the layer's.
+    pub fn frozen(&self, dtype: candle_core::DType) -> candle_core::Result<Conv> {
+        Ok(Conv {
+            weight: self.weight()?.to_dtype(dtype)?.detach(),
+            bias: self.bias.to_dtype(dtype)?.detach(),
+            k: self.k,
+            cfg: self.cfg,
+            mask: None,
+            taps: self.taps,
+            tap_index: self.tap_index.clone(),
+        })
+    }
+
+    /// Where the layer's weight is.
+    pub fn weight_device(&self) -> &candle_core::Device {
+        self.weight.device()
     }
 
     fn weight(&self) -> candle_core::Result<Tensor> {
@@ -535,7 +559,7 @@ mod tests {
     use super::*;
     use crate::models::reference::Kernels;
     use crate::models::vars::SeededVars;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     fn input(shape: (usize, usize, usize, usize), seed: u64) -> Var {
         let mut r = crate::rng::SplitMix64(seed);
@@ -847,6 +871,50 @@ mod tests {
             &input((5, c, side, side), 3),
             "tap-wise adjoint in chunks of 2 images",
         );
+    }
+
+    /// A frozen layer computes the layer's values, with the kernels and
+    /// each GPU path (candle's, tap-wise, tap-wise with the adjoint, which
+    /// a frozen layer on an untracked input skips), and nothing of it is
+    /// tracked.
+    #[test]
+    fn a_frozen_layer_computes_the_layers_values() {
+        let dev = Device::Cpu;
+        let (k, c, o) = (5, 3, 4);
+        let m: Vec<f32> = (0..o * c * k * k)
+            .map(|i| f32::from(u8::from((i % (k * k)) < 12)))
+            .collect();
+        let vars = SeededVars::new(4);
+        let conv = Conv::new(c, o, k, 1, 2, vars.var_builder(&dev))
+            .unwrap()
+            .masked(Tensor::from_vec(m, (o, c, k, k), &dev).unwrap())
+            .unwrap();
+        let x = input((2, c, 6, 5), 7).as_tensor().detach();
+        let candle = Kernels {
+            candle_convs: true,
+            ..Kernels::default()
+        };
+        let taps = Kernels {
+            tapwise_convs: true,
+            ..candle
+        };
+        let adjoint = Kernels {
+            tapwise_adjoint: true,
+            ..taps
+        };
+        for kernels in [Kernels::default(), candle, taps, adjoint] {
+            let (want, got) = crate::models::reference::with(kernels, || {
+                let frozen = conv.frozen(DType::F32).unwrap();
+                (conv.forward(&x).unwrap(), frozen.forward(&x).unwrap())
+            });
+            assert!(!got.track_op(), "{kernels:?}: tracked");
+            let d = crate::models::max_abs_diff(&got, &want);
+            assert!(d == 0.0, "{kernels:?}: differs by {d}");
+        }
+        // (bf16 computes on a GPU only; the weights are cast once.)
+        let bf16 = conv.frozen(DType::BF16).unwrap();
+        assert_eq!(bf16.weight().unwrap().dtype(), DType::BF16);
+        assert_eq!(bf16.bias.dtype(), DType::BF16);
     }
 
     /// A layer through [`TapwiseConv`] with a column budget of `.1` bytes.

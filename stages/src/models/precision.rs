@@ -48,10 +48,15 @@ pub fn with<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
 /// asked for it and candle's ops compute it (on a GPU, or on the CPU where
 /// the thread takes the reference path, as tests do), else `x`'s own.
 pub fn compute_dtype(x: &Tensor) -> DType {
-    let candle_ops = !x.device().is_cpu() || super::reference::current().candle_convs;
+    compute_dtype_on(x.device(), x.dtype())
+}
+
+/// [`compute_dtype`] of a `dtype` tensor on `device`.
+pub fn compute_dtype_on(device: &candle_core::Device, dtype: DType) -> DType {
+    let candle_ops = !device.is_cpu() || super::reference::current().candle_convs;
     match current() {
         Precision::Bf16 if candle_ops => DType::BF16,
-        _ => x.dtype(),
+        _ => dtype,
     }
 }
 

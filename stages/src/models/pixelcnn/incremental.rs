@@ -25,12 +25,26 @@
 //! same order whatever the number of positions computed with it; tested
 //! here and, through the samples drawn, in `train_ar::model`).
 
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 
 use super::{PixelCnn, gate};
+use crate::models::conv::Conv;
+use crate::models::precision;
+
+/// A gated layer's convolutions, frozen ([`Conv::frozen`]).
+struct FrozenLayer {
+    vertical: Conv,
+    horizontal: Conv,
+    v_to_h: Conv,
+    h_out: Conv,
+}
 
 pub struct Incremental<'a> {
     net: &'a PixelCnn,
+    /// The network's convolutions, frozen for the positions to come: per
+    /// layer, then the two output layers.
+    layers: Vec<FrozenLayer>,
+    out: [Conv; 2],
     /// The labels u32 (n,) and the conditioning features (n, cond_hidden,
     /// H, W): each row's terms are computed from them when it starts.
     labels: Option<Tensor>,
@@ -65,8 +79,24 @@ impl<'a> Incremental<'a> {
                 "PixelCNN: the code map must be given exactly when the model was built for one"
             );
         }
+        // The dtype the convolutions compute in on this device and thread.
+        let dtype = precision::compute_dtype_on(net.out1.weight_device(), DType::F32);
+        let layers = net
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(FrozenLayer {
+                    vertical: l.vertical.frozen(dtype)?,
+                    horizontal: l.horizontal.frozen(dtype)?,
+                    v_to_h: l.v_to_h.frozen(dtype)?,
+                    h_out: l.h_out.frozen(dtype)?,
+                })
+            })
+            .collect::<candle_core::Result<_>>()?;
         Ok(Incremental {
             net,
+            layers,
+            out: [net.out1.frozen(dtype)?, net.out2.frozen(dtype)?],
             labels: labels.cloned(),
             cond: cond.cloned(),
             v_to_h: Vec::new(),
@@ -111,8 +141,9 @@ impl<'a> Incremental<'a> {
             }
             let window = Tensor::cat(&window, 2)?;
             let rows = window.dim(2)?;
-            let v_pre = layer.vertical.forward(&window)?.narrow(2, rows - 1, 1)?;
-            self.v_to_h.push(layer.v_to_h.forward(&v_pre)?);
+            let frozen = &self.layers[l];
+            let v_pre = frozen.vertical.forward(&window)?.narrow(2, rows - 1, 1)?;
+            self.v_to_h.push(frozen.v_to_h.forward(&v_pre)?);
             let extra = layer.extra(self.labels.as_ref(), cond_row.as_ref())?;
             let v_pre = match &extra {
                 Some(e) => v_pre.broadcast_add(e)?,
@@ -154,7 +185,8 @@ impl<'a> Incremental<'a> {
             }
             let window = Tensor::cat(&window, 3)?;
             let m = window.dim(3)?;
-            let mut h_pre = (layer
+            let frozen = &self.layers[l];
+            let mut h_pre = (frozen
                 .horizontal
                 .forward(&window)?
                 .narrow(3, m - fresh, fresh)?
@@ -167,15 +199,13 @@ impl<'a> Incremental<'a> {
                 };
                 h_pre = h_pre.broadcast_add(&e)?;
             }
-            let h_new = layer.h_out.forward(&gate(&h_pre)?)?;
+            let h_new = frozen.h_out.forward(&gate(&h_pre)?)?;
             h = if layer.residual { (h + h_new)? } else { h_new };
         }
         self.final_columns = x;
         let h = h.narrow(3, fresh - 1, 1)?;
-        let out = self
-            .net
-            .out2
-            .forward_relu(&self.net.out1.forward_relu(&h)?)?;
+        let [out1, out2] = &self.out;
+        let out = out2.forward_relu(&out1.forward_relu(&h)?)?;
         out.flatten_from(1)
     }
 }
