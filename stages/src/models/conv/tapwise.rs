@@ -194,9 +194,16 @@ pub struct TapwiseConv {
 }
 
 impl TapwiseConv {
-    fn forward(&self, x: Tensor, weight: Tensor) -> candle_core::Result<Tensor> {
+    /// The forward on copies of the input's and the weight's storages
+    /// (with their layouts): the output's storage.
+    fn forward_on(
+        &self,
+        (x, lx): (Storage, &Layout),
+        (weight, lw): (Storage, &Layout),
+    ) -> candle_core::Result<(Storage, Shape)> {
+        let (x, weight) = (detached_copy(x, lx)?, detached_copy(weight, lw)?);
         let matrix = self.taps.matrix(&weight)?;
-        self.taps.apply_chunked(&x, &matrix, self.column_bytes)
+        owned_storage(&self.taps.apply_chunked(&x, &matrix, self.column_bytes)?)
     }
 }
 
@@ -241,9 +248,8 @@ impl CustomOp2 for TapwiseConv {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = detached_copy(Storage::Cpu(s1.try_clone(l1)?), l1)?;
-        let w = detached_copy(Storage::Cpu(s2.try_clone(l2)?), l2)?;
-        match owned_storage(&self.forward(x, w)?)? {
+        let x = Storage::Cpu(s1.try_clone(l1)?);
+        match self.forward_on((x, l1), (Storage::Cpu(s2.try_clone(l2)?), l2))? {
             (Storage::Cpu(s), shape) => Ok((s, shape)),
             _ => candle_core::bail!("a tap-wise convolution left the CPU"),
         }
@@ -256,9 +262,8 @@ impl CustomOp2 for TapwiseConv {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let x = detached_copy(Storage::Cuda(s1.try_clone(l1)?), l1)?;
-        let w = detached_copy(Storage::Cuda(s2.try_clone(l2)?), l2)?;
-        match owned_storage(&self.forward(x, w)?)? {
+        let x = Storage::Cuda(s1.try_clone(l1)?);
+        match self.forward_on((x, l1), (Storage::Cuda(s2.try_clone(l2)?), l2))? {
             (Storage::Cuda(s), shape) => Ok((s, shape)),
             _ => candle_core::bail!("a tap-wise convolution left the GPU"),
         }
