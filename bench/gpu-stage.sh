@@ -20,8 +20,9 @@
 #           again with HAIC_GPU_CONV=gemm, and with `precision: bf16`
 #   vq ar   a training step of imagenet128.yaml's vq1 / decoder1 in three
 #           candle variants (gpu-bench: candle's convolutions; gpu-bench
-#           with HAIC_GPU_CONV=taps: stride-1 layers tap-wise, autograd's
-#           backward; with HAIC_GPU_CONV=gemm: tap-wise with their own
+#           with HAIC_GPU_CONV=taps: stride-1 layers tap-wise, strided and
+#           transposed ones over blocks, autograd's backward; with
+#           HAIC_GPU_CONV=gemm: tap-wise with their own
 #           adjoint, columns not kept; with GPU_CHECK_CUDNN=1 also
 #           gpu-bench-cudnn), each in f32 and
 #           bf16, at batch 64, halved until it fits; then the PyTorch twin
@@ -98,9 +99,10 @@ measured() {
   return "$rc"
 }
 
-# The candle variants: candle's convolutions, the tap-wise stride-1
-# convolutions with autograd's backward (HAIC_GPU_CONV=taps, same binary)
-# and with their own (HAIC_GPU_CONV=gemm), and through cuDNN.
+# The candle variants: candle's convolutions, the tap-wise convolutions
+# (stride 1; strided and transposed over blocks) with autograd's backward
+# (HAIC_GPU_CONV=taps, same binary) and with their own
+# (HAIC_GPU_CONV=gemm), and through cuDNN.
 variants=("gpu-check/gpu-bench" "env HAIC_GPU_CONV=taps gpu-check/gpu-bench"
   "env HAIC_GPU_CONV=gemm gpu-check/gpu-bench")
 [ "${GPU_CHECK_CUDNN:-0}" = 1 ] && variants+=("gpu-check/gpu-bench-cudnn")

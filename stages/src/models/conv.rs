@@ -41,8 +41,10 @@ fn use_reference(x: &Tensor) -> bool {
     !x.device().is_cpu() || super::reference::current().candle_convs
 }
 
-/// Whether a stride-1 convolution that takes candle's ops runs tap-wise
-/// ([`Conv::forward_tapwise`]) rather than through candle's conv2d: off
+/// Whether a convolution that takes candle's ops runs tap-wise rather than
+/// through candle's conv2d or conv_transpose2d (stride 1:
+/// [`Conv::forward_tapwise`]; a kernel a multiple of its stride:
+/// [`Conv::forward_strided_tapwise`], [`ConvTranspose::forward_tapwise`]): off
 /// the CPU when `HAIC_GPU_CONV=taps` (an experiment until measured on a
 /// GPU; it changes rounding only, so it is not in the stage key), on the
 /// CPU where this thread asked for it.
@@ -63,9 +65,9 @@ fn tapwise_adjoint(x: &Tensor) -> bool {
     }
 }
 
-/// How stride-1 convolutions run off the CPU (`HAIC_GPU_CONV`): candle's
-/// conv2d (unset), tap-wise with candle's autograd (`taps`), or tap-wise
-/// with their own adjoint (`gemm`). Experiments until measured on a GPU:
+/// How convolutions run off the CPU (`HAIC_GPU_CONV`): candle's conv2d
+/// and conv_transpose2d (unset), tap-wise with candle's autograd
+/// (`taps`), or tap-wise with their own adjoint (`gemm`). Experiments until measured on a GPU:
 /// they change rounding only, so they are not in the stage key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GpuConv {
@@ -91,7 +93,7 @@ pub fn gpu_conv() -> GpuConv {
     })
 }
 
-/// Whether this process runs stride-1 GPU convolutions tap-wise.
+/// Whether this process runs GPU convolutions tap-wise.
 pub fn tapwise_on_gpu() -> bool {
     gpu_conv() != GpuConv::Candle
 }
@@ -102,6 +104,26 @@ fn from_start(x: &Tensor) -> candle_core::Result<Tensor> {
     match x.layout().contiguous_offsets() {
         Some((0, _)) => Ok(x.clone()),
         _ => x.force_contiguous(),
+    }
+}
+
+/// `x` (B, C, H, W) convolved with `weight` (O, C, k, k) at `taps`, stride
+/// 1 and no bias, in their dtype: through [`TapwiseConv`]'s adjoint where
+/// this thread or `HAIC_GPU_CONV=gemm` asks for it and something tracks a
+/// gradient, else candle's autograd (or nothing to take a gradient of: a
+/// frozen layer on a sampled input, where the op's copies would buy
+/// nothing).
+fn tapwise(x: &Tensor, weight: &Tensor, taps: Taps) -> candle_core::Result<Tensor> {
+    let needs_grad = x.track_op() || weight.track_op();
+    match needs_grad && tapwise_adjoint(x) && taps.adjoint_applies() {
+        true => {
+            let op = TapwiseConv {
+                taps,
+                column_bytes: tapwise::COLUMN_BYTES,
+            };
+            from_start(x)?.apply_op2(&from_start(weight)?, op)
+        }
+        false => taps.apply(x, &taps.matrix(weight)?),
     }
 }
 
@@ -234,27 +256,49 @@ impl Conv {
             candle_core::bail!("a tap-wise convolution needs stride 1");
         }
         let dt = precision::compute_dtype(input);
-        let x = input.to_dtype(dt)?;
         let bits = taps;
         let mut taps = Taps::from_bits(self.k, self.cfg.padding, bits);
         if bits == self.taps {
             // The mask's taps, indexed on the device when it was set.
             taps.index = self.tap_index.clone();
         }
-        let weight = self.weight()?.to_dtype(dt)?;
-        // Nothing to take a gradient of (a frozen layer on a sampled
-        // input): the op's copies would buy nothing.
-        let needs_grad = x.track_op() || weight.track_op();
-        let y = match needs_grad && tapwise_adjoint(&x) && taps.adjoint_applies() {
-            true => {
-                let op = TapwiseConv {
-                    taps,
-                    column_bytes: tapwise::COLUMN_BYTES,
-                };
-                from_start(&x)?.apply_op2(&from_start(&weight)?, op)?
-            }
-            false => taps.apply(&x, &taps.matrix(&weight)?)?,
-        };
+        let y = tapwise(&input.to_dtype(dt)?, &self.weight()?.to_dtype(dt)?, taps)?;
+        y.broadcast_add(&self.bias.to_dtype(dt)?.reshape((1, (), 1, 1))?)?
+            .to_dtype(input.dtype())
+    }
+
+    /// A strided layer whose kernel is a multiple of its stride s (a VQ
+    /// encoder's downsampling) tap-wise, where candle's conv2d would run
+    /// its backward: the padded input's s x s blocks as channels, then a
+    /// stride-1 layer of k / s taps a side over them
+    /// ([`weight_over_blocks`], as the CPU kernels' `space_to_depth`).
+    pub fn forward_strided_tapwise(&self, input: &Tensor) -> candle_core::Result<Tensor> {
+        let (k, s, p) = (self.k, self.cfg.stride, self.cfg.padding);
+        if s < 2 || !k.is_multiple_of(s) || self.mask.is_some() {
+            candle_core::bail!(
+                "a strided tap-wise convolution needs an unmasked kernel a multiple of its stride ({k} by {s})"
+            );
+        }
+        let (b, c, h, w) = input.dims4()?;
+        if h + 2 * p < k || w + 2 * p < k {
+            candle_core::bail!("a {h}x{w} input is smaller than the {k}x{k} kernel (padding {p})");
+        }
+        let kb = k / s;
+        // Blocks that feed an output; a last row or column past them does not.
+        let hs = (h + 2 * p - k) / s + kb;
+        let ws = (w + 2 * p - k) / s + kb;
+        let dt = precision::compute_dtype(input);
+        let blocks = input
+            .to_dtype(dt)?
+            .pad_with_zeros(2, p, p)?
+            .pad_with_zeros(3, p, p)?
+            .narrow(2, 0, hs * s)?
+            .narrow(3, 0, ws * s)?
+            .reshape((b, c, hs, s, ws, s))?
+            .permute((0, 1, 3, 5, 2, 4))?
+            .reshape((b, c * s * s, hs, ws))?;
+        let weight = weight_over_blocks(&self.weight()?, s)?.to_dtype(dt)?;
+        let y = tapwise(&blocks, &weight, Taps::from_bits(kb, 0, all_taps(kb)))?;
         y.broadcast_add(&self.bias.to_dtype(dt)?.reshape((1, (), 1, 1))?)?
             .to_dtype(input.dtype())
     }
@@ -337,8 +381,13 @@ impl Conv {
         count_flops(b * g.out_h() * g.out_w(), g.row_len(), o);
         if use_reference(x) {
             let x = if relu_input { x.relu()? } else { x.clone() };
-            if g.stride == 1 && use_tapwise(&x) {
-                return self.forward_tapwise(&x, g.taps);
+            if use_tapwise(&x) {
+                if g.stride == 1 {
+                    return self.forward_tapwise(&x, g.taps);
+                }
+                if self.k.is_multiple_of(g.stride) && self.mask.is_none() {
+                    return self.forward_strided_tapwise(&x);
+                }
             }
             return self.forward_reference(&x);
         }
@@ -483,6 +532,51 @@ impl ConvTranspose {
         y.broadcast_add(&self.bias.to_dtype(dt)?.reshape((1, (), 1, 1))?)?
             .to_dtype(x.dtype())
     }
+
+    /// A layer whose kernel is a multiple of its stride s (a decoder's
+    /// upsampling) tap-wise, where candle's conv_transpose2d is a direct
+    /// kernel and its backward runs conv2d's: the adjoint of a stride-1
+    /// layer over s x s blocks of the output. Over the blocks it is a
+    /// stride-1 layer of k / s taps a side on the input, padded by
+    /// k / s - 1, with the blocks' weight's taps mirrored; its s * s
+    /// channels an output channel are then put back in place as blocks and
+    /// the padding cut.
+    pub fn forward_tapwise(&self, input: &Tensor) -> candle_core::Result<Tensor> {
+        let (k, s, p) = (self.k, self.cfg.stride, self.cfg.padding);
+        if s < 2 || !k.is_multiple_of(s) {
+            candle_core::bail!(
+                "a tap-wise transposed convolution needs a kernel a multiple of its stride ({k} by {s})"
+            );
+        }
+        let (b, c_in, h, w) = input.dims4()?;
+        let c_out = self.weight.dim(1)?;
+        // The output before the padding is cut.
+        let (full_h, full_w) = (h * s + k - s, w * s + k - s);
+        if h == 0 || w == 0 || full_h <= 2 * p || full_w <= 2 * p {
+            candle_core::bail!("conv_transpose: a {h}x{w} input gives an empty output");
+        }
+        let (kb, kk) = (k / s, (k / s) * (k / s));
+        let dt = precision::compute_dtype(input);
+        let mirror: Vec<u32> = (0..kk as u32).rev().collect();
+        let mirror = Tensor::new(mirror.as_slice(), input.device())?;
+        // (C_in, C_out*s*s, kb, kb) -> (C_out*s*s, C_in, kb, kb), mirrored.
+        let weight = weight_over_blocks(&self.weight, s)?
+            .transpose(0, 1)?
+            .reshape((c_out * s * s, c_in, kk))?
+            .index_select(&mirror, 2)?
+            .reshape((c_out * s * s, c_in, kb, kb))?
+            .to_dtype(dt)?;
+        let taps = Taps::from_bits(kb, kb - 1, all_taps(kb));
+        let (hb, wb) = (h + kb - 1, w + kb - 1);
+        let y = tapwise(&input.to_dtype(dt)?, &weight, taps)?
+            .reshape((b, c_out, s, s, hb, wb))?
+            .permute((0, 1, 4, 2, 5, 3))?
+            .reshape((b, c_out, hb * s, wb * s))?
+            .narrow(2, p, full_h - 2 * p)?
+            .narrow(3, p, full_w - 2 * p)?;
+        y.broadcast_add(&self.bias.to_dtype(dt)?.reshape((1, (), 1, 1))?)?
+            .to_dtype(input.dtype())
+    }
 }
 
 impl ConvTranspose {
@@ -511,6 +605,9 @@ impl ConvTranspose {
         count_flops(b * h * w, c_in, g.row_len());
         if use_reference(x) {
             let x = if relu_input { x.relu()? } else { x.clone() };
+            if s > 1 && k.is_multiple_of(s) && use_tapwise(&x) {
+                return self.forward_tapwise(&x);
+            }
             return self.forward_reference(&x);
         }
         if s > 1 && k.is_multiple_of(s) && k > s {
@@ -769,6 +866,22 @@ mod tests {
         }
     }
 
+    /// The two tap-wise paths as a thread asks for them, with their names.
+    const TAPWISE_PATHS: [(Kernels, &str); 2] = {
+        let tapwise = Kernels {
+            candle_convs: true,
+            all_masked_taps: false,
+            composed_gate: false,
+            tapwise_convs: true,
+            tapwise_adjoint: false,
+        };
+        let adjoint = Kernels {
+            tapwise_adjoint: true,
+            ..tapwise
+        };
+        [(tapwise, "autograd"), (adjoint, "adjoint")]
+    };
+
     /// The tap-wise paths (a GPU's with `HAIC_GPU_CONV=taps` and `gemm`;
     /// here on the CPU) equal candle's conv2d in value and gradients: 1x1,
     /// odd and even kernels, padding below k / 2 and above k - 1 (where
@@ -777,15 +890,7 @@ mod tests {
     #[test]
     fn tapwise_convolutions_match_candle_forward_and_backward() {
         let dev = Device::Cpu;
-        let tapwise = Kernels {
-            candle_convs: true,
-            tapwise_convs: true,
-            ..Kernels::default()
-        };
-        let adjoint = Kernels {
-            tapwise_adjoint: true,
-            ..tapwise
-        };
+        let (tapwise, _) = TAPWISE_PATHS[0];
         for (k, p, b, h, w, c, o) in [
             (3, 1, 2, 7, 7, 2, 5),
             (3, 0, 1, 6, 5, 6, 1),
@@ -799,7 +904,7 @@ mod tests {
             let vars = SeededVars::new(1);
             let conv = Conv::new(c, o, k, 1, p, vars.var_builder(&dev)).unwrap();
             let x = input((b, c, h, w), 2);
-            for (kernels, path) in [(tapwise, "autograd"), (adjoint, "adjoint")] {
+            for (kernels, path) in TAPWISE_PATHS {
                 let what = format!("tap-wise conv ({path}) k{k} p{p}, {b}x{c}x{h}x{w} -> {o}");
                 compare(&InScope(kernels, &Tapwise(&conv)), &vars, &x, &what);
                 compare(
@@ -839,13 +944,82 @@ mod tests {
             .unwrap()
             .masked(Tensor::from_vec(m, (c_out, c_in, k, k), &dev).unwrap())
             .unwrap();
-        for (kernels, path) in [(tapwise, "autograd"), (adjoint, "adjoint")] {
+        for (kernels, path) in TAPWISE_PATHS {
             compare(
                 &InScope(kernels, &Tapwise(&conv)),
                 &vars,
                 &input((2, c_in, 6, 6), 6),
                 &format!("tap-wise masked conv ({path})"),
             );
+        }
+    }
+
+    /// Strided and transposed layers whose kernel is a multiple of the
+    /// stride (a VQ level's down- and upsampling), tap-wise over blocks,
+    /// equal candle's conv2d and conv_transpose2d in value and gradients,
+    /// with candle's autograd and with the adjoint: the VQ levels' k4 s2
+    /// p1, a kernel equal to the stride, stride 3, odd sizes whose last
+    /// row and column feed no output. (Not every such size: for k2 s2 on
+    /// a side of 5, or k6 s3 p1 on 8, candle's conv2d backward fails, its
+    /// input gradient a row short.)
+    #[test]
+    fn strided_and_transposed_tapwise_convolutions_match_candle() {
+        let dev = Device::Cpu;
+        for (k, s, p, b, h, w) in [
+            (4, 2, 1, 2, 8, 8),
+            (4, 2, 1, 1, 7, 9),
+            (4, 2, 0, 1, 9, 9),
+            (2, 2, 0, 2, 6, 4),
+            (6, 3, 1, 2, 7, 10),
+        ] {
+            for (c, o) in [(2, 5), (6, 1)] {
+                let (down_vars, up_vars) = (SeededVars::new(1), SeededVars::new(2));
+                let conv = Conv::new(c, o, k, s, p, down_vars.var_builder(&dev)).unwrap();
+                let up = ConvTranspose::new(c, o, k, s, p, up_vars.var_builder(&dev)).unwrap();
+                let x = input((b, c, h, w), 2);
+                for (kernels, path) in TAPWISE_PATHS {
+                    let what = format!("tap-wise ({path}) k{k} s{s} p{p}, {b}x{c}x{h}x{w} -> {o}");
+                    let (down, transposed) =
+                        (format!("conv {what}"), format!("conv_transpose {what}"));
+                    compare(&InScope(kernels, &Blocks(&conv)), &down_vars, &x, &down);
+                    compare(&InScope(kernels, &Blocks(&up)), &up_vars, &x, &transposed);
+                    // The same through `forward` and `forward_relu`.
+                    compare(&InScope(kernels, &conv), &down_vars, &x, &down);
+                    compare(
+                        &InScope(kernels, &Relu(&up)),
+                        &up_vars,
+                        &x,
+                        &format!("{transposed}, fused ReLU"),
+                    );
+                }
+            }
+        }
+    }
+
+    /// A strided or transposed layer through its tap-wise path over blocks.
+    struct Blocks<'a, L>(&'a L);
+
+    impl Module for Blocks<'_, Conv> {
+        fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            self.0.forward_strided_tapwise(x)
+        }
+    }
+
+    impl WithReference for Blocks<'_, Conv> {
+        fn reference(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            self.0.forward_reference(x)
+        }
+    }
+
+    impl Module for Blocks<'_, ConvTranspose> {
+        fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            self.0.forward_tapwise(x)
+        }
+    }
+
+    impl WithReference for Blocks<'_, ConvTranspose> {
+        fn reference(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            self.0.forward_reference(x)
         }
     }
 

@@ -20,8 +20,9 @@ pub struct Kernels {
     pub all_masked_taps: bool,
     /// The PixelCNN's gates as candle's tanh, sigmoid, mul and adds.
     pub composed_gate: bool,
-    /// With `candle_convs`: stride-1 convolutions tap-wise, as a GPU runs
-    /// them with `HAIC_GPU_CONV=taps` (`Conv::forward_tapwise`).
+    /// With `candle_convs`: convolutions tap-wise (stride 1, and strided
+    /// or transposed ones whose kernel is a multiple of the stride), as a
+    /// GPU runs them with `HAIC_GPU_CONV=taps` (`Conv::forward_tapwise`).
     pub tapwise_convs: bool,
     /// With `tapwise_convs`: their own backward, as a GPU runs them with
     /// `HAIC_GPU_CONV=gemm` (`conv::tapwise::TapwiseConv`).

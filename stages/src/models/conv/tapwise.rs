@@ -2,7 +2,10 @@
 //! candle's conv2d is the alternative (a GPU with `HAIC_GPU_CONV`): the
 //! padded input's shifted copies, one per kept tap, stacked as (B, T*C,
 //! H*W) columns, times the weight's kept taps as an O x T*C matrix; a
-//! masked PixelCNN layer's zeroed taps cost nothing.
+//! masked PixelCNN layer's zeroed taps cost nothing. (Strided and
+//! transposed layers whose kernel is a multiple of the stride reach it
+//! over blocks of their input or output: `Conv::forward_strided_tapwise`,
+//! `ConvTranspose::forward_tapwise`.)
 //!
 //! Two backward passes:
 //! - `taps`: candle's autograd through the copies and the matmul. It keeps
