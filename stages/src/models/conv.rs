@@ -488,6 +488,10 @@ pub struct ConvTranspose {
     bias: Tensor,
     k: usize,
     cfg: ConvTranspose2dConfig,
+    /// The taps of k/s x k/s blocks in reverse (u32, on the weight's
+    /// device) for [`ConvTranspose::forward_tapwise`]: uploaded once, as a
+    /// copy from the host waits for the device's queue.
+    block_mirror: Tensor,
 }
 
 impl ConvTranspose {
@@ -506,9 +510,12 @@ impl ConvTranspose {
             lo: -bound,
             up: bound,
         };
+        let block_taps = (k / stride.max(1)).pow(2) as u32;
+        let mirror: Vec<u32> = (0..block_taps).rev().collect();
         Ok(ConvTranspose {
             weight: vb.get_with_hints((c_in, c_out, k, k), "weight", init)?,
             bias: vb.get_with_hints(c_out, "bias", init)?,
+            block_mirror: Tensor::new(mirror.as_slice(), vb.device())?,
             k,
             cfg: ConvTranspose2dConfig {
                 padding: pad,
@@ -557,13 +564,11 @@ impl ConvTranspose {
         }
         let (kb, kk) = (k / s, (k / s) * (k / s));
         let dt = precision::compute_dtype(input);
-        let mirror: Vec<u32> = (0..kk as u32).rev().collect();
-        let mirror = Tensor::new(mirror.as_slice(), input.device())?;
         // (C_in, C_out*s*s, kb, kb) -> (C_out*s*s, C_in, kb, kb), mirrored.
         let weight = weight_over_blocks(&self.weight, s)?
             .transpose(0, 1)?
             .reshape((c_out * s * s, c_in, kk))?
-            .index_select(&mirror, 2)?
+            .index_select(&self.block_mirror, 2)?
             .reshape((c_out * s * s, c_in, kb, kb))?
             .to_dtype(dt)?;
         let taps = Taps::from_bits(kb, kb - 1, all_taps(kb));
