@@ -35,7 +35,7 @@ use candle_core::{Device, Module};
 use stages::data::level_table::InputKind;
 use stages::kinds::{train_ar, train_vq};
 use stages::models::ar::{AR_FORMAT, ArInfo, ArModel, CodeMapInfo, Sampling};
-use stages::models::conv::{Conv, ConvTranspose};
+use stages::models::conv::{Conv, ConvTranspose, GpuConv};
 use stages::models::optim::AdamW;
 use stages::models::precision::{self, Precision};
 use stages::models::reference::{self, Kernels};
@@ -347,25 +347,12 @@ fn main() -> Res<()> {
     let kernels = match (arg("--conv").as_deref(), dev.is_cpu()) {
         (None, _) => Kernels::default(),
         (Some(_), false) => return Err("--conv is for the CPU; on a GPU set HAIC_GPU_CONV".into()),
-        (Some(path), true) => {
-            let candle = Kernels {
-                candle_convs: true,
-                ..Kernels::default()
-            };
-            let tapwise = Kernels {
-                tapwise_convs: true,
-                ..candle
-            };
-            match path {
-                "candle" => candle,
-                "taps" => tapwise,
-                "gemm" => Kernels {
-                    tapwise_adjoint: true,
-                    ..tapwise
-                },
-                other => return Err(format!("--conv {other}: candle, taps or gemm").into()),
-            }
-        }
+        (Some(path), true) => Kernels::gpu_convs(match path {
+            "candle" => GpuConv::Candle,
+            "taps" => GpuConv::Tapwise,
+            "gemm" => GpuConv::TapwiseAdjoint,
+            other => return Err(format!("--conv {other}: candle, taps or gemm").into()),
+        }),
     };
     reference::with(kernels, || {
         precision::with(precision, || measure(&pipeline, dev))

@@ -872,20 +872,10 @@ mod tests {
     }
 
     /// The two tap-wise paths as a thread asks for them, with their names.
-    const TAPWISE_PATHS: [(Kernels, &str); 2] = {
-        let tapwise = Kernels {
-            candle_convs: true,
-            all_masked_taps: false,
-            composed_gate: false,
-            tapwise_convs: true,
-            tapwise_adjoint: false,
-        };
-        let adjoint = Kernels {
-            tapwise_adjoint: true,
-            ..tapwise
-        };
-        [(tapwise, "autograd"), (adjoint, "adjoint")]
-    };
+    const TAPWISE_PATHS: [(Kernels, &str); 2] = [
+        (Kernels::gpu_convs(GpuConv::Tapwise), "autograd"),
+        (Kernels::gpu_convs(GpuConv::TapwiseAdjoint), "adjoint"),
+    ];
 
     /// The tap-wise paths (a GPU's with `HAIC_GPU_CONV=taps` and `gemm`;
     /// here on the CPU) equal candle's conv2d in value and gradients: 1x1,
@@ -1069,19 +1059,11 @@ mod tests {
             .masked(Tensor::from_vec(m, (o, c, k, k), &dev).unwrap())
             .unwrap();
         let x = input((2, c, 6, 5), 7).as_tensor().detach();
-        let candle = Kernels {
-            candle_convs: true,
-            ..Kernels::default()
-        };
-        let taps = Kernels {
-            tapwise_convs: true,
-            ..candle
-        };
-        let adjoint = Kernels {
-            tapwise_adjoint: true,
-            ..taps
-        };
-        for kernels in [Kernels::default(), candle, taps, adjoint] {
+        let gpu_paths = [GpuConv::Candle, GpuConv::Tapwise, GpuConv::TapwiseAdjoint];
+        for kernels in [Kernels::default()]
+            .into_iter()
+            .chain(gpu_paths.map(Kernels::gpu_convs))
+        {
             let (want, got) = crate::models::reference::with(kernels, || {
                 let frozen = conv.frozen(DType::F32).unwrap();
                 (conv.forward(&x).unwrap(), frozen.forward(&x).unwrap())

@@ -10,6 +10,8 @@
 
 use std::cell::Cell;
 
+use super::conv::GpuConv;
+
 /// The reference paths to take instead of the kernels; the default takes
 /// none.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -27,6 +29,21 @@ pub struct Kernels {
     /// With `tapwise_convs`: their own backward, as a GPU runs them with
     /// `HAIC_GPU_CONV=gemm` (`conv::tapwise::TapwiseConv`).
     pub tapwise_adjoint: bool,
+}
+
+impl Kernels {
+    /// What a GPU computes with `conv` (`HAIC_GPU_CONV`), for the CPU to
+    /// take the same paths: candle's convolutions, tap-wise, or tap-wise
+    /// with their own adjoint.
+    pub const fn gpu_convs(conv: GpuConv) -> Kernels {
+        Kernels {
+            candle_convs: true,
+            all_masked_taps: false,
+            composed_gate: false,
+            tapwise_convs: !matches!(conv, GpuConv::Candle),
+            tapwise_adjoint: matches!(conv, GpuConv::TapwiseAdjoint),
+        }
+    }
 }
 
 thread_local! {
