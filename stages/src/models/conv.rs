@@ -841,19 +841,25 @@ mod tests {
         }
     }
 
-    /// A stride-1 layer through [`Conv::forward_tapwise`] with its own taps.
-    struct Tapwise<'a>(&'a Conv);
+    /// A layer through one of its tap-wise paths (`.1`), candle's op
+    /// beside it.
+    struct Via<'a, L>(&'a L, fn(&L, &Tensor) -> candle_core::Result<Tensor>);
 
-    impl Module for Tapwise<'_> {
+    impl<L> Module for Via<'_, L> {
         fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-            self.0.forward_tapwise(x, self.0.taps)
+            (self.1)(self.0, x)
         }
     }
 
-    impl WithReference for Tapwise<'_> {
+    impl<L: WithReference> WithReference for Via<'_, L> {
         fn reference(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-            self.0.forward_reference(x)
+            self.0.reference(x)
         }
+    }
+
+    /// A stride-1 layer through [`Conv::forward_tapwise`] with its own taps.
+    fn stride1_tapwise(conv: &Conv) -> Via<'_, Conv> {
+        Via(conv, |c, x| c.forward_tapwise(x, c.taps))
     }
 
     /// A layer's forward with this thread's kernels set to `.0`.
@@ -901,7 +907,7 @@ mod tests {
             let x = input((b, c, h, w), 2);
             for (kernels, path) in TAPWISE_PATHS {
                 let what = format!("tap-wise conv ({path}) k{k} p{p}, {b}x{c}x{h}x{w} -> {o}");
-                compare(&InScope(kernels, &Tapwise(&conv)), &vars, &x, &what);
+                compare(&InScope(kernels, &stride1_tapwise(&conv)), &vars, &x, &what);
                 compare(
                     &InScope(kernels, &conv),
                     &vars,
@@ -941,7 +947,7 @@ mod tests {
             .unwrap();
         for (kernels, path) in TAPWISE_PATHS {
             compare(
-                &InScope(kernels, &Tapwise(&conv)),
+                &InScope(kernels, &stride1_tapwise(&conv)),
                 &vars,
                 &input((2, c_in, 6, 6), 6),
                 &format!("tap-wise masked conv ({path})"),
@@ -976,8 +982,18 @@ mod tests {
                     let what = format!("tap-wise ({path}) k{k} s{s} p{p}, {b}x{c}x{h}x{w} -> {o}");
                     let (down, transposed) =
                         (format!("conv {what}"), format!("conv_transpose {what}"));
-                    compare(&InScope(kernels, &Blocks(&conv)), &down_vars, &x, &down);
-                    compare(&InScope(kernels, &Blocks(&up)), &up_vars, &x, &transposed);
+                    compare(
+                        &InScope(kernels, &Via(&conv, Conv::forward_strided_tapwise)),
+                        &down_vars,
+                        &x,
+                        &down,
+                    );
+                    compare(
+                        &InScope(kernels, &Via(&up, ConvTranspose::forward_tapwise)),
+                        &up_vars,
+                        &x,
+                        &transposed,
+                    );
                     // The same through `forward` and `forward_relu`.
                     compare(&InScope(kernels, &conv), &down_vars, &x, &down);
                     compare(
@@ -988,33 +1004,6 @@ mod tests {
                     );
                 }
             }
-        }
-    }
-
-    /// A strided or transposed layer through its tap-wise path over blocks.
-    struct Blocks<'a, L>(&'a L);
-
-    impl Module for Blocks<'_, Conv> {
-        fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-            self.0.forward_strided_tapwise(x)
-        }
-    }
-
-    impl WithReference for Blocks<'_, Conv> {
-        fn reference(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-            self.0.forward_reference(x)
-        }
-    }
-
-    impl Module for Blocks<'_, ConvTranspose> {
-        fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-            self.0.forward_tapwise(x)
-        }
-    }
-
-    impl WithReference for Blocks<'_, ConvTranspose> {
-        fn reference(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-            self.0.forward_reference(x)
         }
     }
 
