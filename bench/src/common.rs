@@ -211,3 +211,11 @@ pub fn vq_training(
     }
     Ok((median(times), flops, level.vars.parameter_count()))
 }
+
+/// The peak resident memory (`VmHWM`, Linux) of process `pid` ("self" for
+/// this one), KiB; `None` where it cannot be read.
+pub fn peak_resident_kib(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}

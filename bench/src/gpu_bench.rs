@@ -357,18 +357,10 @@ fn main() -> Res<()> {
     reference::with(kernels, || {
         precision::with(precision, || measure(&pipeline, dev))
     })?;
-    if let Some(peak) = peak_resident_mib() {
-        println!("{{\"peak_resident_mib\": {peak}}}");
+    if let Some(peak) = common::peak_resident_kib("self") {
+        println!("{{\"peak_resident_mib\": {}}}", peak / 1024);
     }
     Ok(())
-}
-
-/// This process's peak resident memory (`VmHWM`, Linux), MiB.
-fn peak_resident_mib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024)
 }
 
 /// What `main` asked for, at this thread's precision.

@@ -36,14 +36,7 @@ fn get(addr: &str, target: &str) -> Result<(u16, usize), Box<dyn std::error::Err
 }
 
 fn peak_rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    common::peak_resident_kib(&pid.to_string()).map_or(f64::NAN, |kib| kib as f64 / 1024.0)
 }
 
 #[tokio::main]
