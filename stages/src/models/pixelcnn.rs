@@ -121,19 +121,31 @@ impl GatedLayer {
         labels: Option<&Tensor>,
         cond: Option<&Tensor>,
     ) -> candle_core::Result<Option<Tensor>> {
-        let mut extra: Option<Tensor> = None;
-        if let (Some(e), Some(l)) = (&self.label, labels) {
-            extra = Some(e.forward(l)?.unsqueeze(2)?.unsqueeze(3)?);
-        }
-        if let (Some(c), Some(f)) = (&self.cond, cond) {
-            let m = c.forward(f)?;
-            extra = Some(match extra {
-                Some(e) => m.broadcast_add(&e)?,
-                None => m,
-            });
-        }
-        Ok(extra)
+        extra_term(self.label.as_ref(), self.cond.as_ref(), labels, cond)
     }
+}
+
+/// A gated layer's extra term from its label embedding and its `cond`
+/// layer (the layer's own or, for sampling, a frozen copy): the label's
+/// (B, 2h, 1, 1) plus the code map's (B, 2h, H, W), whichever are given.
+fn extra_term(
+    label: Option<&Embedding>,
+    cond_layer: Option<&Conv>,
+    labels: Option<&Tensor>,
+    cond: Option<&Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    let mut extra: Option<Tensor> = None;
+    if let (Some(e), Some(l)) = (label, labels) {
+        extra = Some(e.forward(l)?.unsqueeze(2)?.unsqueeze(3)?);
+    }
+    if let (Some(c), Some(f)) = (cond_layer, cond) {
+        let m = c.forward(f)?;
+        extra = Some(match extra {
+            Some(e) => m.broadcast_add(&e)?,
+            None => m,
+        });
+    }
+    Ok(extra)
 }
 
 /// The conditioning stack: a code map -> features at the target resolution.

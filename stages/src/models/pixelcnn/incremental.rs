@@ -27,7 +27,7 @@
 
 use candle_core::{DType, Module, Tensor};
 
-use super::{PixelCnn, gate};
+use super::{PixelCnn, extra_term, gate};
 use crate::models::conv::Conv;
 use crate::models::precision;
 
@@ -37,6 +37,8 @@ struct FrozenLayer {
     horizontal: Conv,
     v_to_h: Conv,
     h_out: Conv,
+    /// The code map's 1x1 layer, if the network has one.
+    cond: Option<Conv>,
 }
 
 pub struct Incremental<'a> {
@@ -90,6 +92,7 @@ impl<'a> Incremental<'a> {
                     horizontal: l.horizontal.frozen(dtype)?,
                     v_to_h: l.v_to_h.frozen(dtype)?,
                     h_out: l.h_out.frozen(dtype)?,
+                    cond: l.cond.as_ref().map(|c| c.frozen(dtype)).transpose()?,
                 })
             })
             .collect::<candle_core::Result<_>>()?;
@@ -144,7 +147,12 @@ impl<'a> Incremental<'a> {
             let frozen = &self.layers[l];
             let v_pre = frozen.vertical.forward(&window)?.narrow(2, rows - 1, 1)?;
             self.v_to_h.push(frozen.v_to_h.forward(&v_pre)?);
-            let extra = layer.extra(self.labels.as_ref(), cond_row.as_ref())?;
+            let extra = extra_term(
+                layer.label.as_ref(),
+                frozen.cond.as_ref(),
+                self.labels.as_ref(),
+                cond_row.as_ref(),
+            )?;
             let v_pre = match &extra {
                 Some(e) => v_pre.broadcast_add(e)?,
                 None => v_pre,
