@@ -13,7 +13,9 @@
 #   GPU_CHECK_PARTS="sample ops" bash gpu-check/run.sh    # then these
 #   (by the part times of the runs in docs/device-checks/)
 #   GPU_CHECK_TWINS=0 ...      # without the PyTorch twins
-#   GPU_CHECK_CUDNN=1 ...      # the cuDNN build too (slower on an H200:
+#   GPU_CHECK_VARIANTS="gemm taps" ...  # only these candle variants
+#                              # (default "plain taps gemm"; "cudnn", the
+#                              # cuDNN build, is slower on an H200:
 #                              # docs/benchmarks.md; about 6 minutes more)
 # Parts, each on its own time limit so that one failing leaves the rest:
 #   smoke   the smoke pipeline on CPU, then on the GPU (bench/gpu-smoke.sh);
@@ -23,8 +25,8 @@
 #           with HAIC_GPU_CONV=taps: stride-1 layers tap-wise, strided and
 #           transposed ones over blocks, autograd's backward; with
 #           HAIC_GPU_CONV=gemm: tap-wise with their own
-#           adjoint, columns not kept; with GPU_CHECK_CUDNN=1 also
-#           gpu-bench-cudnn), each in f32 and
+#           adjoint, columns not kept; the variants plain, taps and
+#           gemm; cudnn, gpu-bench-cudnn, when named), each in f32 and
 #           bf16, at batch 64, halved until it fits; then the PyTorch twin
 #           (bench/torch_twin.py) in f32 and with bf16 autocast, at batch
 #           64 (and 16 for decoder1)
@@ -66,6 +68,20 @@ cd "$(dirname "$0")/.."
 log=${OUT:-/tmp}/gpu-check.log
 : >"$log"
 say() { echo "$@" | tee -a "$log"; }
+# The candle variants: candle's convolutions, the tap-wise convolutions
+# (stride 1; strided and transposed over blocks) with autograd's backward
+# (HAIC_GPU_CONV=taps, same binary) and with their own
+# (HAIC_GPU_CONV=gemm), and through cuDNN: those GPU_CHECK_VARIANTS
+# names (checked before anything is unpacked).
+variants=()
+for name in ${GPU_CHECK_VARIANTS:-plain taps gemm}; do
+  case $name in
+    plain) variants+=("gpu-check/gpu-bench") ;;
+    taps | gemm) variants+=("env HAIC_GPU_CONV=$name gpu-check/gpu-bench") ;;
+    cudnn) variants+=("gpu-check/gpu-bench-cudnn") ;;
+    *) say "GPU_CHECK_VARIANTS: unknown variant $name (plain, taps, gemm or cudnn)"; exit 2 ;;
+  esac
+done
 for packed in gpu-check/*.xz; do
   python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1] + ".xz"), open(sys.argv[1], "wb"))' "${packed%.xz}"
   chmod +x "${packed%.xz}"
@@ -98,14 +114,6 @@ measured() {
   rm -f "$mem"
   return "$rc"
 }
-
-# The candle variants: candle's convolutions, the tap-wise convolutions
-# (stride 1; strided and transposed over blocks) with autograd's backward
-# (HAIC_GPU_CONV=taps, same binary) and with their own
-# (HAIC_GPU_CONV=gemm), and through cuDNN.
-variants=("gpu-check/gpu-bench" "env HAIC_GPU_CONV=taps gpu-check/gpu-bench"
-  "env HAIC_GPU_CONV=gemm gpu-check/gpu-bench")
-[ "${GPU_CHECK_CUDNN:-0}" = 1 ] && variants+=("gpu-check/gpu-bench-cudnn")
 
 precisions=${GPU_CHECK_PRECISIONS:-f32 bf16}
 
