@@ -670,6 +670,31 @@ mod tests {
         Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
     }
 
+    /// A `k x k` stride-1 layer (padding `pad`, weights from `seed`)
+    /// masked to its first `kept` taps in raster order, every channel
+    /// pair alike; with its variables. 12 of a 5x5 kernel's are a
+    /// PixelCNN's: the rows above the centre and the centre row's left
+    /// half.
+    fn masked_conv(
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        pad: usize,
+        kept: usize,
+        seed: u64,
+    ) -> (Conv, SeededVars) {
+        let dev = Device::Cpu;
+        let m: Vec<f32> = (0..c_out * c_in * k * k)
+            .map(|i| f32::from(u8::from(i % (k * k) < kept)))
+            .collect();
+        let vars = SeededVars::new(seed);
+        let conv = Conv::new(c_in, c_out, k, 1, pad, vars.var_builder(&dev))
+            .unwrap()
+            .masked(Tensor::from_vec(m, (c_out, c_in, k, k), &dev).unwrap())
+            .unwrap();
+        (conv, vars)
+    }
+
     /// Within 1e-5 of the largest magnitude of `b` (relative).
     fn close(a: &Tensor, b: &Tensor, what: &str) {
         assert_eq!(a.dims(), b.dims(), "{what}");
@@ -811,25 +836,13 @@ mod tests {
 
     #[test]
     fn a_mask_that_zeroes_whole_taps_skips_them_and_matches_candle() {
-        let dev = Device::Cpu;
         let k = 5;
         // Direct kernels for 1 -> 4 and 6 -> 1, columns for 3 -> 4,
         // implicit for 6 -> 4.
         for (c_in, c_out) in [(1, 4), (6, 1), (3, 4), (6, 4)] {
             // Rows above the centre, and the centre row's left half: 12 of
             // 25 taps.
-            let mut m = vec![0f32; c_out * c_in * k * k];
-            for (i, v) in m.iter_mut().enumerate() {
-                let (ky, kx) = ((i / k) % k, i % k);
-                if ky < 2 || (ky == 2 && kx < 2) {
-                    *v = 1.0;
-                }
-            }
-            let vars = SeededVars::new(5);
-            let conv = Conv::new(c_in, c_out, k, 1, 2, vars.var_builder(&dev))
-                .unwrap()
-                .masked(Tensor::from_vec(m, (c_out, c_in, k, k), &dev).unwrap())
-                .unwrap();
+            let (conv, vars) = masked_conv(c_in, c_out, k, 2, 12, 5);
             assert_eq!(conv.taps.count_ones(), 12);
             let x = input((2, c_in, 6, 6), 6);
             compare(
@@ -934,17 +947,7 @@ mod tests {
         // A PixelCNN-like mask: rows above the centre and the centre row's
         // left half, 12 of 25 taps, the others never multiplied.
         let (k, c_in, c_out) = (5, 3, 4);
-        let m: Vec<f32> = (0..c_out * c_in * k * k)
-            .map(|i| {
-                let (ky, kx) = ((i / k) % k, i % k);
-                f32::from(u8::from(ky < 2 || (ky == 2 && kx < 2)))
-            })
-            .collect();
-        let vars = SeededVars::new(5);
-        let conv = Conv::new(c_in, c_out, k, 1, 2, vars.var_builder(&dev))
-            .unwrap()
-            .masked(Tensor::from_vec(m, (c_out, c_in, k, k), &dev).unwrap())
-            .unwrap();
+        let (conv, vars) = masked_conv(c_in, c_out, k, 2, 12, 5);
         for (kernels, path) in TAPWISE_PATHS {
             compare(
                 &InScope(kernels, &stride1_tapwise(&conv)),
@@ -1012,16 +1015,8 @@ mod tests {
     /// with the same values and gradients as candle's conv2d.
     #[test]
     fn the_tapwise_adjoint_in_chunks_matches_candle() {
-        let dev = Device::Cpu;
         let (k, c, o, side) = (3, 2, 4, 5);
-        let m: Vec<f32> = (0..o * c * k * k)
-            .map(|i| f32::from(u8::from((i % (k * k)) < 4)))
-            .collect();
-        let vars = SeededVars::new(8);
-        let conv = Conv::new(c, o, k, 1, 1, vars.var_builder(&dev))
-            .unwrap()
-            .masked(Tensor::from_vec(m, (o, c, k, k), &dev).unwrap())
-            .unwrap();
+        let (conv, vars) = masked_conv(c, o, k, 1, 4, 8);
         let two_images = 2 * 4 * c * side * side * 4;
         compare(
             &Chunked(&conv, two_images),
@@ -1037,16 +1032,8 @@ mod tests {
     /// tracked.
     #[test]
     fn a_frozen_layer_computes_the_layers_values() {
-        let dev = Device::Cpu;
         let (k, c, o) = (5, 3, 4);
-        let m: Vec<f32> = (0..o * c * k * k)
-            .map(|i| f32::from(u8::from((i % (k * k)) < 12)))
-            .collect();
-        let vars = SeededVars::new(4);
-        let conv = Conv::new(c, o, k, 1, 2, vars.var_builder(&dev))
-            .unwrap()
-            .masked(Tensor::from_vec(m, (o, c, k, k), &dev).unwrap())
-            .unwrap();
+        let (conv, _) = masked_conv(c, o, k, 2, 12, 4);
         let x = input((2, c, 6, 5), 7).as_tensor().detach();
         let gpu_paths = [GpuConv::Candle, GpuConv::Tapwise, GpuConv::TapwiseAdjoint];
         for kernels in [Kernels::default()]
