@@ -226,10 +226,7 @@ fn detached_copy(storage: Storage, layout: &Layout) -> candle_core::Result<Tenso
 
 /// `y`'s values as a storage of its own, contiguous from the start.
 fn owned_storage(y: &Tensor) -> candle_core::Result<(Storage, Shape)> {
-    let y = match y.layout().contiguous_offsets() {
-        Some((0, _)) => y.clone(),
-        _ => y.force_contiguous()?,
-    };
+    let y = super::from_start(y)?;
     let (storage, layout) = y.storage_and_layout();
     let copy = match &*storage {
         Storage::Cpu(s) => Storage::Cpu(s.try_clone(layout)?),
