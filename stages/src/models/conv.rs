@@ -98,6 +98,14 @@ pub fn tapwise_on_gpu() -> bool {
     gpu_conv() != GpuConv::Candle
 }
 
+/// Whether a layer of kernel `k` and stride `s` runs over s x s blocks
+/// (as a stride-1 layer of k / s taps a side): strided, the kernel a
+/// multiple of the stride. The dispatch to that path and the path itself
+/// both ask this, so that they agree.
+fn over_blocks(k: usize, s: usize) -> bool {
+    s > 1 && k.is_multiple_of(s)
+}
+
 /// `x` itself where contiguous from the start of its storage, else a copy
 /// that is (what [`TapwiseConv`]'s forward reads).
 fn from_start(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -274,7 +282,7 @@ impl Conv {
     /// ([`weight_over_blocks`], as the CPU kernels' `space_to_depth`).
     pub fn forward_strided_tapwise(&self, input: &Tensor) -> candle_core::Result<Tensor> {
         let (k, s, p) = (self.k, self.cfg.stride, self.cfg.padding);
-        if s < 2 || !k.is_multiple_of(s) || self.mask.is_some() {
+        if !over_blocks(k, s) || self.mask.is_some() {
             candle_core::bail!(
                 "a strided tap-wise convolution needs an unmasked kernel a multiple of its stride ({k} by {s})"
             );
@@ -385,14 +393,14 @@ impl Conv {
                 if g.stride == 1 {
                     return self.forward_tapwise(&x, g.taps);
                 }
-                if self.k.is_multiple_of(g.stride) && self.mask.is_none() {
+                if over_blocks(self.k, g.stride) && self.mask.is_none() {
                     return self.forward_strided_tapwise(&x);
                 }
             }
             return self.forward_reference(&x);
         }
         let s = g.stride;
-        if s > 1 && self.k.is_multiple_of(s) && self.k > s && g.taps == all_taps(self.k) {
+        if over_blocks(self.k, s) && self.k > s && g.taps == all_taps(self.k) {
             return self.strided_as_blocks(x, g, relu_input);
         }
         let wm = match &self.tap_index {
@@ -550,7 +558,7 @@ impl ConvTranspose {
     /// the padding cut.
     pub fn forward_tapwise(&self, input: &Tensor) -> candle_core::Result<Tensor> {
         let (k, s, p) = (self.k, self.cfg.stride, self.cfg.padding);
-        if s < 2 || !k.is_multiple_of(s) {
+        if !over_blocks(k, s) {
             candle_core::bail!(
                 "a tap-wise transposed convolution needs a kernel a multiple of its stride ({k} by {s})"
             );
@@ -610,12 +618,12 @@ impl ConvTranspose {
         count_flops(b * h * w, c_in, g.row_len());
         if use_reference(x) {
             let x = if relu_input { x.relu()? } else { x.clone() };
-            if s > 1 && k.is_multiple_of(s) && use_tapwise(&x) {
+            if over_blocks(k, s) && use_tapwise(&x) {
                 return self.forward_tapwise(&x);
             }
             return self.forward_reference(&x);
         }
-        if s > 1 && k.is_multiple_of(s) && k > s {
+        if over_blocks(k, s) && k > s {
             // The adjoint of a stride-1 convolution over s x s blocks of
             // the output, the blocks then put back in place.
             let kb = k / s;
