@@ -45,8 +45,7 @@ fn use_reference(x: &Tensor) -> bool {
 /// through candle's conv2d or conv_transpose2d (stride 1:
 /// [`Conv::forward_tapwise`]; a kernel a multiple of its stride:
 /// [`Conv::forward_strided_tapwise`], [`ConvTranspose::forward_tapwise`]): off
-/// the CPU when `HAIC_GPU_CONV=taps` (an experiment until measured on a
-/// GPU; it changes rounding only, so it is not in the stage key), on the
+/// the CPU when `HAIC_GPU_CONV` is `taps` or `gemm` ([`gpu_conv`]), on the
 /// CPU where this thread asked for it.
 fn use_tapwise(x: &Tensor) -> bool {
     match x.device().is_cpu() {
